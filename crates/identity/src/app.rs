@@ -1,0 +1,748 @@
+//! Identity's use cases. Each write is one transaction; mails are queued in it (outbox).
+
+use std::sync::Arc;
+
+use argon2::Argon2;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use chrono::{DateTime, Utc};
+use deadpool_postgres::Pool;
+use keyshare_runtime::auth::{Caller, Claims, Principal};
+use keyshare_runtime::clock::SharedClock;
+use keyshare_runtime::crypto::{constant_time_eq, random_token, sha256};
+use keyshare_runtime::mail::{self, Mail, OutboxWaker};
+use keyshare_runtime::page::{self, PageRequest};
+use rand::rngs::OsRng;
+use uuid::Uuid;
+
+use crate::config::Config;
+use crate::domain::{
+    Account, DisplayName, Email, Member, NewPassword, OrgRole, Organization, Page, ServiceAccount,
+    TokenGrant,
+};
+use crate::error::{Error, Result};
+use crate::keys::{self, SigningKeys};
+use crate::store;
+
+/// How long an email verification token works.
+const VERIFICATION_TTL: chrono::Duration = chrono::Duration::hours(24);
+
+/// Identity's use cases, shared by every call.
+pub struct Identity {
+    pool: Pool,
+    clock: SharedClock,
+    config: Config,
+    keys: Arc<SigningKeys>,
+    outbox: OutboxWaker,
+    /// A real argon2 hash verified when the email is unknown, so a login for an unknown email
+    /// takes as long as one with a wrong password.
+    dummy_hash: String,
+}
+
+impl Identity {
+    pub fn new(
+        pool: Pool,
+        clock: SharedClock,
+        config: Config,
+        keys: Arc<SigningKeys>,
+        outbox: OutboxWaker,
+    ) -> Self {
+        let dummy_hash = hash_password_blocking("keyshare-timing-equaliser").unwrap_or_default();
+        Self {
+            pool,
+            clock,
+            config,
+            keys,
+            outbox,
+            dummy_hash,
+        }
+    }
+
+    fn now(&self) -> DateTime<Utc> {
+        self.clock.now()
+    }
+
+    // --- Accounts ---
+
+    pub async fn sign_up(
+        &self,
+        email: Email,
+        display_name: DisplayName,
+        password: NewPassword,
+    ) -> Result<Account> {
+        let password_hash = hash_password(password.expose().to_owned()).await?;
+        let now = self.now();
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let account = store::insert_account(
+            &tx,
+            Uuid::now_v7(),
+            email.as_str(),
+            &email.normalized(),
+            display_name.as_str(),
+            &password_hash,
+            now,
+        )
+        .await
+        .map_err(|e| {
+            if e.unique_violation().is_some() {
+                Error::EmailTaken
+            } else {
+                e.into()
+            }
+        })?;
+        self.queue_verification(&tx, &account, now).await?;
+        tx.commit().await?;
+        self.outbox.wake();
+        tracing::info!(account = %account.id, "account created");
+        Ok(account)
+    }
+
+    async fn queue_verification(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        account: &Account,
+        now: DateTime<Utc>,
+    ) -> Result<()> {
+        let token = random_token(32);
+        store::insert_verification(
+            tx,
+            &sha256(token.as_bytes()),
+            account.id,
+            now,
+            now + VERIFICATION_TTL,
+        )
+        .await?;
+        let link = format!("{}/verify-email?token={token}", self.config.public_url);
+        let body = format!(
+            "Hello {name},\n\nConfirm your email address for Keyshare by opening this link:\n\n{link}\n\n\
+             Or pass this token to VerifyEmail:\n\n{token}\n\n\
+             The link works once and expires in 24 hours. If you did not sign up, ignore this mail.\n",
+            name = account.display_name
+        );
+        let mail = Mail {
+            to: account.email.clone(),
+            subject: "Verify your Keyshare email address".into(),
+            body,
+            topic: Some(format!("accounts/{}", account.id)),
+        };
+        mail::enqueue(tx, "identity", &mail).await?;
+        Ok(())
+    }
+
+    pub async fn verify_email(&self, token: &str) -> Result<Account> {
+        let now = self.now();
+        let hash = sha256(token.trim().as_bytes());
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let verification = store::lock_verification(&tx, &hash)
+            .await?
+            .ok_or(Error::VerificationTokenInvalid)?;
+        if verification.used || verification.expires_at <= now {
+            return Err(Error::VerificationTokenInvalid);
+        }
+        store::use_verification(&tx, &hash, verification.account_id, now).await?;
+        let account = store::account_by_id(&tx, verification.account_id)
+            .await?
+            .ok_or(Error::VerificationTokenInvalid)?;
+        tx.commit().await?;
+        Ok(account)
+    }
+
+    pub async fn resend_verification(&self, email: Email) -> Result<()> {
+        let now = self.now();
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        if let Some(found) = store::credentials_by_email(&tx, &email.normalized()).await?
+            && !found.account.email_verified
+        {
+            self.queue_verification(&tx, &found.account, now).await?;
+        }
+        tx.commit().await?;
+        self.outbox.wake();
+        Ok(())
+    }
+
+    pub async fn login(&self, email: Email, password: String) -> Result<(TokenGrant, Account)> {
+        let normalized = email.normalized();
+        let now = self.now();
+        let client = self.pool.get().await?;
+        if let Some(until) = store::locked_until(&client, &normalized).await?
+            && until > now
+        {
+            let retry_after = (until - now).to_std().unwrap_or_default();
+            return Err(Error::Throttled { retry_after });
+        }
+        let found = store::credentials_by_email(&client, &normalized).await?;
+        let hash = found
+            .as_ref()
+            .map_or(self.dummy_hash.clone(), |f| f.password_hash.clone());
+        let matches = verify_password(password, hash).await? && found.is_some();
+        let Some(found) = found.filter(|_| matches) else {
+            store::record_login_failure(
+                &client,
+                &normalized,
+                now,
+                chrono::Duration::from_std(self.config.login_window).unwrap_or_default(),
+                self.config.login_max_failures,
+                chrono::Duration::from_std(self.config.login_lockout).unwrap_or_default(),
+            )
+            .await?;
+            tracing::info!("login failed");
+            return Err(Error::InvalidCredentials);
+        };
+        store::clear_login_failures(&client, &normalized).await?;
+        drop(client);
+        if self.config.require_verified_email && !found.account.email_verified {
+            return Err(Error::EmailNotVerified);
+        }
+        let session_id = Uuid::now_v7();
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        store::insert_session(&tx, session_id, found.account.id, now).await?;
+        let grant = self
+            .issue_account_grant(&tx, found.account.id, session_id, now)
+            .await?;
+        tx.commit().await?;
+        tracing::info!(account = %found.account.id, session = %session_id, "logged in");
+        Ok((grant, found.account))
+    }
+
+    async fn issue_account_grant(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        account_id: Uuid,
+        session_id: Uuid,
+        now: DateTime<Utc>,
+    ) -> Result<TokenGrant> {
+        let refresh_token = random_token(32);
+        let refresh_expires_at = now + duration(self.config.refresh_token_ttl);
+        store::insert_refresh_token(
+            tx,
+            &sha256(refresh_token.as_bytes()),
+            session_id,
+            now,
+            refresh_expires_at,
+        )
+        .await?;
+        let mut grant = self
+            .sign(
+                format!("accounts/{account_id}"),
+                Some(session_id),
+                None,
+                false,
+                now,
+            )
+            .await?;
+        grant.refresh_token = Some(refresh_token);
+        grant.refresh_expires_at = Some(refresh_expires_at);
+        Ok(grant)
+    }
+
+    async fn sign(
+        &self,
+        sub: String,
+        session_id: Option<Uuid>,
+        org: Option<Uuid>,
+        internal: bool,
+        now: DateTime<Utc>,
+    ) -> Result<TokenGrant> {
+        let expires = now + duration(self.config.access_token_ttl);
+        let claims = Claims {
+            iss: self.config.tokens.issuer.clone(),
+            aud: self.config.tokens.audience.clone(),
+            sub,
+            exp: expires.timestamp(),
+            nbf: now.timestamp(),
+            iat: now.timestamp(),
+            jti: Uuid::new_v4().to_string(),
+            sid: session_id.map(|s| s.to_string()),
+            org: org.map(|o| o.to_string()),
+            internal,
+        };
+        let signer = self.keys.signer().await?;
+        let access_token = signer.sign(&claims).map_err(Error::Internal)?;
+        Ok(TokenGrant {
+            access_token,
+            access_expires_at: expires,
+            refresh_token: None,
+            refresh_expires_at: None,
+        })
+    }
+
+    pub async fn refresh(&self, refresh_token: &str) -> Result<TokenGrant> {
+        let now = self.now();
+        let hash = sha256(refresh_token.trim().as_bytes());
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let token = store::lock_refresh_token(&tx, &hash)
+            .await?
+            .ok_or(Error::RefreshTokenInvalid)?;
+        if token.used {
+            // A used token presented again means two holders: end the session for both.
+            store::revoke_session(&tx, token.session_id, now, "refresh token reuse").await?;
+            tx.commit().await?;
+            tracing::warn!(session = %token.session_id, "refresh token reused; session ended");
+            return Err(Error::RefreshTokenReused);
+        }
+        if token.session_revoked || token.expires_at <= now {
+            return Err(Error::RefreshTokenInvalid);
+        }
+        store::use_refresh_token(&tx, &hash, now).await?;
+        let grant = self
+            .issue_account_grant(&tx, token.account_id, token.session_id, now)
+            .await?;
+        tx.commit().await?;
+        Ok(grant)
+    }
+
+    pub async fn logout(&self, refresh_token: &str) -> Result<()> {
+        let now = self.now();
+        let hash = sha256(refresh_token.trim().as_bytes());
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let token = store::lock_refresh_token(&tx, &hash)
+            .await?
+            .ok_or(Error::RefreshTokenInvalid)?;
+        store::revoke_session(&tx, token.session_id, now, "logout").await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The caller as an account whose session is still live. Identity checks the session on
+    /// every call, so a logout or password change takes effect here at once; other services
+    /// rely on the access token's short lifetime.
+    pub async fn require_account(&self, caller: &Caller) -> Result<Uuid> {
+        let Principal::Account { id } = caller.principal else {
+            return Err(Error::PermissionDenied("only accounts may do this"));
+        };
+        let client = self.pool.get().await?;
+        if let Some(session) = caller.session_id
+            && !store::session_is_live(&client, session).await?
+        {
+            return Err(Error::SessionEnded);
+        }
+        Ok(id)
+    }
+
+    /// A service account caller that has not been deleted since its token was issued.
+    async fn require_live_service_account(&self, caller: &Caller) -> Result<()> {
+        if let Principal::ServiceAccount { id, .. } = caller.principal {
+            let client = self.pool.get().await?;
+            if !store::service_account_is_live(&client, id).await? {
+                return Err(Error::Unauthenticated);
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn get_account(&self, caller: &Caller, id: Option<Uuid>) -> Result<Account> {
+        let me = self.require_account(caller).await?;
+        if id.is_some_and(|id| id != me) {
+            return Err(Error::NotFound("account"));
+        }
+        let client = self.pool.get().await?;
+        store::account_by_id(&client, me)
+            .await?
+            .ok_or(Error::NotFound("account"))
+    }
+
+    pub async fn update_account(
+        &self,
+        caller: &Caller,
+        id: Option<Uuid>,
+        display_name: Option<DisplayName>,
+    ) -> Result<Account> {
+        let me = self.require_account(caller).await?;
+        if id.is_some_and(|id| id != me) {
+            return Err(Error::NotFound("account"));
+        }
+        let client = self.pool.get().await?;
+        match display_name {
+            Some(name) => store::set_display_name(&client, me, name.as_str(), self.now()).await?,
+            None => store::account_by_id(&client, me).await?,
+        }
+        .ok_or(Error::NotFound("account"))
+    }
+
+    pub async fn change_password(
+        &self,
+        caller: &Caller,
+        current: String,
+        new: NewPassword,
+    ) -> Result<u64> {
+        let me = self.require_account(caller).await?;
+        let client = self.pool.get().await?;
+        let hash = store::password_hash(&client, me)
+            .await?
+            .ok_or(Error::NotFound("account"))?;
+        drop(client);
+        if !verify_password(current, hash).await? {
+            return Err(Error::WrongPassword);
+        }
+        let new_hash = hash_password(new.expose().to_owned()).await?;
+        let now = self.now();
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        store::set_password_hash(&tx, me, &new_hash, now).await?;
+        let revoked = store::revoke_other_sessions(&tx, me, caller.session_id, now).await?;
+        tx.commit().await?;
+        Ok(revoked)
+    }
+
+    // --- Organizations ---
+
+    pub async fn create_organization(
+        &self,
+        caller: &Caller,
+        display_name: DisplayName,
+    ) -> Result<Organization> {
+        let me = self.require_account(caller).await?;
+        let now = self.now();
+        let id = Uuid::now_v7();
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        store::insert_organization(&tx, id, display_name.as_str(), me, now).await?;
+        store::insert_member(&tx, id, me, OrgRole::Owner, None, now).await?;
+        tx.commit().await?;
+        Ok(Organization {
+            id,
+            display_name: display_name.as_str().to_owned(),
+            created_at: now,
+            caller_role: Some(OrgRole::Owner),
+        })
+    }
+
+    /// The caller's role in `org`. Internal services and the organization's own service
+    /// accounts see it as readers; anyone else gets NOT_FOUND, so existence does not leak.
+    async fn role_in(&self, caller: &Caller, org: Uuid) -> Result<OrgRole> {
+        match caller.principal {
+            Principal::Account { .. } => {
+                let me = self.require_account(caller).await?;
+                let client = self.pool.get().await?;
+                store::member_role(&client, org, me)
+                    .await?
+                    .ok_or(Error::NotFound("organization"))
+            }
+            Principal::ServiceAccount { internal: true, .. } => Ok(OrgRole::Reader),
+            Principal::ServiceAccount { organization, .. } if organization == Some(org) => {
+                self.require_live_service_account(caller).await?;
+                Ok(OrgRole::Reader)
+            }
+            Principal::ServiceAccount { .. } => Err(Error::NotFound("organization")),
+        }
+    }
+
+    async fn require_owner(&self, caller: &Caller, org: Uuid) -> Result<Uuid> {
+        let role = self.role_in(caller, org).await?;
+        match (role, caller.account_id()) {
+            (OrgRole::Owner, Some(me)) => Ok(me),
+            _ => Err(Error::PermissionDenied(
+                "only organization owners may do this",
+            )),
+        }
+    }
+
+    pub async fn get_organization(&self, caller: &Caller, org: Uuid) -> Result<Organization> {
+        let role = self.role_in(caller, org).await?;
+        let client = self.pool.get().await?;
+        let mut organization = store::organization(&client, org)
+            .await?
+            .ok_or(Error::NotFound("organization"))?;
+        organization.caller_role = caller.account_id().map(|_| role);
+        Ok(organization)
+    }
+
+    pub async fn list_organizations(
+        &self,
+        caller: &Caller,
+        page: PageRequest,
+    ) -> Result<Page<Organization>> {
+        let me = self.require_account(caller).await?;
+        let scope = format!("organizations:{me}");
+        let after = page
+            .after
+            .as_deref()
+            .map(page::parse_time_id_cursor)
+            .transpose()?;
+        let client = self.pool.get().await?;
+        let mut rows = store::organizations_of(&client, me, after, page.size as i64 + 1).await?;
+        let next_page_token = page::next_token(&mut rows, page.size, &scope, |(o, at)| {
+            page::time_id_cursor(*at, o.id)
+        });
+        Ok(Page {
+            items: rows.into_iter().map(|(o, _)| o).collect(),
+            next_page_token,
+        })
+    }
+
+    pub async fn list_members(
+        &self,
+        caller: &Caller,
+        org: Uuid,
+        page: PageRequest,
+    ) -> Result<Page<Member>> {
+        self.role_in(caller, org).await?;
+        let after = page
+            .after
+            .as_deref()
+            .map(page::parse_time_id_cursor)
+            .transpose()?;
+        let client = self.pool.get().await?;
+        let mut rows = store::members(&client, org, after, page.size as i64 + 1).await?;
+        let scope = format!("organizations/{org}/members");
+        let next_page_token = page::next_token(&mut rows, page.size, &scope, |m| {
+            page::time_id_cursor(m.created_at, m.account_id)
+        });
+        Ok(Page {
+            items: rows,
+            next_page_token,
+        })
+    }
+
+    pub async fn get_member(&self, caller: &Caller, org: Uuid, account: Uuid) -> Result<Member> {
+        self.role_in(caller, org).await?;
+        let client = self.pool.get().await?;
+        store::member(&client, org, account)
+            .await?
+            .ok_or(Error::NotFound("member"))
+    }
+
+    pub async fn set_member_role(
+        &self,
+        caller: &Caller,
+        org: Uuid,
+        account: Uuid,
+        role: OrgRole,
+    ) -> Result<Member> {
+        self.require_owner(caller, org).await?;
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        store::lock_organization(&tx, org).await?;
+        let current = store::member_role(&tx, org, account)
+            .await?
+            .ok_or(Error::NotFound("member"))?;
+        if current == OrgRole::Owner
+            && role != OrgRole::Owner
+            && store::count_owners(&tx, org).await? <= 1
+        {
+            return Err(Error::LastOwner);
+        }
+        store::set_member_role(&tx, org, account, role).await?;
+        let member = store::member(&tx, org, account)
+            .await?
+            .ok_or(Error::NotFound("member"))?;
+        tx.commit().await?;
+        Ok(member)
+    }
+
+    /// Owners remove anyone, a member may leave, and internal services remove on behalf of a
+    /// revoked invitation.
+    pub async fn remove_member(&self, caller: &Caller, org: Uuid, account: Uuid) -> Result<()> {
+        let role = self.role_in(caller, org).await?;
+        let allowed =
+            caller.is_internal() || role == OrgRole::Owner || caller.account_id() == Some(account);
+        if !allowed {
+            return Err(Error::PermissionDenied(
+                "only organization owners may remove members",
+            ));
+        }
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        store::lock_organization(&tx, org).await?;
+        let current = store::member_role(&tx, org, account)
+            .await?
+            .ok_or(Error::NotFound("member"))?;
+        if current == OrgRole::Owner && store::count_owners(&tx, org).await? <= 1 {
+            return Err(Error::LastOwner);
+        }
+        store::delete_member(&tx, org, account).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Internal: grants a membership for an accepted invitation, once per invitation.
+    pub async fn add_member(
+        &self,
+        caller: &Caller,
+        org: Uuid,
+        account: Uuid,
+        role: OrgRole,
+        invitation_id: &str,
+    ) -> Result<Member> {
+        require_internal(caller)?;
+        let now = self.now();
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        if !store::lock_organization(&tx, org).await? {
+            return Err(Error::NotFound("organization"));
+        }
+        if store::account_by_id(&tx, account).await?.is_none() {
+            return Err(Error::NotFound("account"));
+        }
+        match store::membership_of_invitation(&tx, invitation_id).await? {
+            Some(existing) if existing == (org, account) => {}
+            Some(_) => return Err(Error::InvitationConflict(invitation_id.to_owned())),
+            None => {
+                store::insert_member(&tx, org, account, role, Some(invitation_id), now).await?;
+            }
+        }
+        let member = store::member(&tx, org, account)
+            .await?
+            .ok_or(Error::NotFound("member"))?;
+        tx.commit().await?;
+        Ok(member)
+    }
+
+    // --- Service accounts ---
+
+    pub async fn create_service_account(
+        &self,
+        caller: &Caller,
+        org: Uuid,
+        display_name: DisplayName,
+    ) -> Result<(ServiceAccount, String)> {
+        self.require_owner(caller, org).await?;
+        let id = Uuid::now_v7();
+        let client_id = format!("sa-{}", id.simple());
+        let secret = random_token(32);
+        let client = self.pool.get().await?;
+        let account = store::insert_service_account(
+            &client,
+            id,
+            org,
+            display_name.as_str(),
+            &client_id,
+            &sha256(secret.as_bytes()),
+            self.now(),
+        )
+        .await?;
+        Ok((account, secret))
+    }
+
+    pub async fn list_service_accounts(
+        &self,
+        caller: &Caller,
+        org: Uuid,
+        page: PageRequest,
+    ) -> Result<Page<ServiceAccount>> {
+        self.require_owner(caller, org).await?;
+        let after = page
+            .after
+            .as_deref()
+            .map(page::parse_time_id_cursor)
+            .transpose()?;
+        let client = self.pool.get().await?;
+        let mut rows = store::service_accounts(&client, org, after, page.size as i64 + 1).await?;
+        let scope = format!("organizations/{org}/serviceAccounts");
+        let next_page_token = page::next_token(&mut rows, page.size, &scope, |s| {
+            page::time_id_cursor(s.created_at, s.id)
+        });
+        Ok(Page {
+            items: rows,
+            next_page_token,
+        })
+    }
+
+    pub async fn delete_service_account(&self, caller: &Caller, org: Uuid, id: Uuid) -> Result<()> {
+        self.require_owner(caller, org).await?;
+        let client = self.pool.get().await?;
+        if !store::delete_service_account(&client, org, id, self.now()).await? {
+            return Err(Error::NotFound("service account"));
+        }
+        Ok(())
+    }
+
+    pub async fn issue_service_account_token(
+        &self,
+        client_id: &str,
+        secret: &str,
+    ) -> Result<TokenGrant> {
+        let client = self.pool.get().await?;
+        let found = store::service_account_by_client_id(&client, client_id.trim()).await?;
+        drop(client);
+        let presented = sha256(secret.as_bytes());
+        let Some((account, stored, internal)) =
+            found.filter(|(_, stored, _)| constant_time_eq(stored, &presented))
+        else {
+            return Err(Error::InvalidClientCredentials);
+        };
+        let _ = stored;
+        self.sign(
+            format!("serviceAccounts/{}", account.id),
+            None,
+            account.organization_id,
+            internal,
+            self.now(),
+        )
+        .await
+    }
+
+    /// Creates or updates Keyshare's own service accounts from configuration.
+    pub async fn provision_internal_clients(&self) -> Result<()> {
+        let client = self.pool.get().await?;
+        for (name, secret) in &self.config.internal_clients {
+            store::upsert_internal_client(&client, name, &sha256(secret.as_bytes()), self.now())
+                .await?;
+        }
+        Ok(())
+    }
+
+    // --- For other services ---
+
+    pub async fn lookup_account(&self, caller: &Caller, email: Email) -> Result<Account> {
+        require_internal(caller)?;
+        let client = self.pool.get().await?;
+        store::verified_account_by_email(&client, &email.normalized())
+            .await?
+            .ok_or(Error::NotFound("account"))
+    }
+
+    pub async fn public_keys(&self) -> Result<Vec<keyshare_runtime::auth::PublicKeyMaterial>> {
+        let client = self.pool.get().await?;
+        Ok(keys::public_keys(&client, self.now()).await?)
+    }
+}
+
+fn require_internal(caller: &Caller) -> Result<()> {
+    if caller.is_internal() {
+        Ok(())
+    } else {
+        Err(Error::PermissionDenied(
+            "only Keyshare services may do this",
+        ))
+    }
+}
+
+fn duration(d: std::time::Duration) -> chrono::Duration {
+    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+}
+
+fn hash_password_blocking(password: &str) -> Result<String> {
+    let salt = SaltString::generate(&mut OsRng);
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|hash| hash.to_string())
+        .map_err(|e| Error::Internal(format!("hashing password: {e}")))
+}
+
+/// argon2id with the crate's defaults (19 MiB, 2 passes): on a blocking thread, as it is meant
+/// to be slow.
+async fn hash_password(password: String) -> Result<String> {
+    tokio::task::spawn_blocking(move || hash_password_blocking(&password))
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))?
+}
+
+async fn verify_password(password: String, hash: String) -> Result<bool> {
+    tokio::task::spawn_blocking(move || {
+        PasswordHash::new(&hash)
+            .map(|parsed| {
+                Argon2::default()
+                    .verify_password(password.as_bytes(), &parsed)
+                    .is_ok()
+            })
+            .unwrap_or(false)
+    })
+    .await
+    .map_err(|e| Error::Internal(e.to_string()))
+}

@@ -1,0 +1,636 @@
+//! The gRPC adapter: parse the request into domain input, call the use case, map the result.
+//! The only module that knows protobuf types.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use keyshare_proto::identity::v1 as pb;
+use keyshare_runtime::auth::{self, Caller};
+use keyshare_runtime::error::InvalidInput;
+use keyshare_runtime::page::PageRequest;
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::app::Identity;
+use crate::domain::{
+    self, Account, DisplayName, Email, Member, NewPassword, OrgRole, Organization, ServiceAccount,
+    TokenGrant,
+};
+use crate::error::Error;
+
+/// Implements `keyshare.identity.v1.IdentityService`.
+pub struct IdentityGrpc {
+    app: Arc<Identity>,
+}
+
+impl IdentityGrpc {
+    pub fn new(app: Arc<Identity>) -> Self {
+        Self { app }
+    }
+}
+
+type Reply<T> = Result<Response<T>, Status>;
+
+/// Runs a handler body in a span named after the use case, mapping domain errors to status.
+async fn handle<T>(name: &'static str, body: impl Future<Output = Result<T, Error>>) -> Reply<T> {
+    body.instrument(tracing::info_span!("identity", otel.name = name))
+        .await
+        .map(Response::new)
+        .map_err(Status::from)
+}
+
+fn caller<T>(request: &Request<T>) -> Result<Caller, Status> {
+    auth::caller(request)
+}
+
+#[tonic::async_trait]
+impl pb::identity_service_server::IdentityService for IdentityGrpc {
+    async fn create_account(
+        &self,
+        request: Request<pb::CreateAccountRequest>,
+    ) -> Reply<pb::CreateAccountResponse> {
+        let r = request.into_inner();
+        handle("identity.create_account", async {
+            let mut errors = InvalidInput::default();
+            let email = errors.check(Email::parse(&r.email, "email"));
+            let name = errors.check(DisplayName::parse(&r.display_name, "display_name"));
+            let password = errors.check(NewPassword::parse(&r.password, "password"));
+            errors.finish()?;
+            let (Some(email), Some(name), Some(password)) = (email, name, password) else {
+                unreachable!()
+            };
+            let account = self.app.sign_up(email, name, password).await?;
+            Ok(pb::CreateAccountResponse {
+                account: Some(account_pb(account)),
+            })
+        })
+        .await
+    }
+
+    async fn verify_email(
+        &self,
+        request: Request<pb::VerifyEmailRequest>,
+    ) -> Reply<pb::VerifyEmailResponse> {
+        let r = request.into_inner();
+        handle("identity.verify_email", async {
+            let token = required(&r.token, "token")?;
+            let account = self.app.verify_email(token).await?;
+            Ok(pb::VerifyEmailResponse {
+                account: Some(account_pb(account)),
+            })
+        })
+        .await
+    }
+
+    async fn resend_verification_email(
+        &self,
+        request: Request<pb::ResendVerificationEmailRequest>,
+    ) -> Reply<pb::ResendVerificationEmailResponse> {
+        let r = request.into_inner();
+        handle("identity.resend_verification_email", async {
+            self.app
+                .resend_verification(Email::parse(&r.email, "email")?)
+                .await?;
+            Ok(pb::ResendVerificationEmailResponse {})
+        })
+        .await
+    }
+
+    async fn login(&self, request: Request<pb::LoginRequest>) -> Reply<pb::LoginResponse> {
+        let r = request.into_inner();
+        handle("identity.login", async {
+            let mut errors = InvalidInput::default();
+            let email = errors.check(Email::parse(&r.email, "email"));
+            errors.check(required(&r.password, "password").map_err(only_input));
+            errors.finish()?;
+            let Some(email) = email else { unreachable!() };
+            let (grant, account) = self.app.login(email, r.password).await?;
+            Ok(pb::LoginResponse {
+                grant: Some(grant_pb(grant)),
+                account: Some(account_pb(account)),
+            })
+        })
+        .await
+    }
+
+    async fn refresh_token(
+        &self,
+        request: Request<pb::RefreshTokenRequest>,
+    ) -> Reply<pb::RefreshTokenResponse> {
+        let r = request.into_inner();
+        handle("identity.refresh_token", async {
+            let grant = self
+                .app
+                .refresh(required(&r.refresh_token, "refresh_token")?)
+                .await?;
+            Ok(pb::RefreshTokenResponse {
+                grant: Some(grant_pb(grant)),
+            })
+        })
+        .await
+    }
+
+    async fn logout(&self, request: Request<pb::LogoutRequest>) -> Reply<pb::LogoutResponse> {
+        let r = request.into_inner();
+        handle("identity.logout", async {
+            self.app
+                .logout(required(&r.refresh_token, "refresh_token")?)
+                .await?;
+            Ok(pb::LogoutResponse {})
+        })
+        .await
+    }
+
+    async fn get_account(
+        &self,
+        request: Request<pb::GetAccountRequest>,
+    ) -> Reply<pb::GetAccountResponse> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        handle("identity.get_account", async {
+            let id = account_name(&r.name, "name")?;
+            let account = self.app.get_account(&caller, id).await?;
+            Ok(pb::GetAccountResponse {
+                account: Some(account_pb(account)),
+            })
+        })
+        .await
+    }
+
+    async fn update_account(
+        &self,
+        request: Request<pb::UpdateAccountRequest>,
+    ) -> Reply<pb::UpdateAccountResponse> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        handle("identity.update_account", async {
+            let account = r
+                .account
+                .ok_or_else(|| InvalidInput::field("account", "is required"))?;
+            let id = account_name(&account.name, "account.name")?;
+            let paths = update_paths(r.update_mask, &["display_name"])?;
+            let display_name = if paths.iter().any(|p| p == "display_name") {
+                Some(DisplayName::parse(
+                    &account.display_name,
+                    "account.display_name",
+                )?)
+            } else {
+                None
+            };
+            let account = self.app.update_account(&caller, id, display_name).await?;
+            Ok(pb::UpdateAccountResponse {
+                account: Some(account_pb(account)),
+            })
+        })
+        .await
+    }
+
+    async fn change_password(
+        &self,
+        request: Request<pb::ChangePasswordRequest>,
+    ) -> Reply<pb::ChangePasswordResponse> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        handle("identity.change_password", async {
+            let mut errors = InvalidInput::default();
+            errors.check(required(&r.current_password, "current_password").map_err(only_input));
+            let new = errors.check(NewPassword::parse(&r.new_password, "new_password"));
+            errors.finish()?;
+            let Some(new) = new else { unreachable!() };
+            let revoked = self
+                .app
+                .change_password(&caller, r.current_password, new)
+                .await?;
+            Ok(pb::ChangePasswordResponse {
+                revoked_sessions: i32::try_from(revoked).unwrap_or(i32::MAX),
+            })
+        })
+        .await
+    }
+
+    async fn create_organization(
+        &self,
+        request: Request<pb::CreateOrganizationRequest>,
+    ) -> Reply<pb::CreateOrganizationResponse> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        handle("identity.create_organization", async {
+            let org = r
+                .organization
+                .ok_or_else(|| InvalidInput::field("organization", "is required"))?;
+            let name = DisplayName::parse(&org.display_name, "organization.display_name")?;
+            let org = self.app.create_organization(&caller, name).await?;
+            Ok(pb::CreateOrganizationResponse {
+                organization: Some(organization_pb(org)),
+            })
+        })
+        .await
+    }
+
+    async fn get_organization(
+        &self,
+        request: Request<pb::GetOrganizationRequest>,
+    ) -> Reply<pb::GetOrganizationResponse> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        handle("identity.get_organization", async {
+            let org = domain::parse_name(&r.name, "organizations", "name")?;
+            let org = self.app.get_organization(&caller, org).await?;
+            Ok(pb::GetOrganizationResponse {
+                organization: Some(organization_pb(org)),
+            })
+        })
+        .await
+    }
+
+    async fn list_organizations(
+        &self,
+        request: Request<pb::ListOrganizationsRequest>,
+    ) -> Reply<pb::ListOrganizationsResponse> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        handle("identity.list_organizations", async {
+            let scope = format!("organizations:{}", caller.account_id().unwrap_or_default());
+            let page = PageRequest::parse(r.page_size, &r.page_token, &scope)?;
+            let page = self.app.list_organizations(&caller, page).await?;
+            Ok(pb::ListOrganizationsResponse {
+                organizations: page.items.into_iter().map(organization_pb).collect(),
+                next_page_token: page.next_page_token,
+            })
+        })
+        .await
+    }
+
+    async fn list_organization_members(
+        &self,
+        request: Request<pb::ListOrganizationMembersRequest>,
+    ) -> Reply<pb::ListOrganizationMembersResponse> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        handle("identity.list_organization_members", async {
+            let mut errors = InvalidInput::default();
+            let org = errors.check(domain::parse_name(&r.parent, "organizations", "parent"));
+            let page = org.and_then(|org| {
+                errors.check(PageRequest::parse(
+                    r.page_size,
+                    &r.page_token,
+                    &format!("organizations/{org}/members"),
+                ))
+            });
+            if org.is_none() {
+                errors.check(PageRequest::parse(r.page_size, "", ""));
+            }
+            errors.finish()?;
+            let (Some(org), Some(page)) = (org, page) else {
+                unreachable!()
+            };
+            let page = self.app.list_members(&caller, org, page).await?;
+            Ok(pb::ListOrganizationMembersResponse {
+                members: page.items.into_iter().map(member_pb).collect(),
+                next_page_token: page.next_page_token,
+            })
+        })
+        .await
+    }
+
+    async fn get_organization_member(
+        &self,
+        request: Request<pb::GetOrganizationMemberRequest>,
+    ) -> Reply<pb::GetOrganizationMemberResponse> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        handle("identity.get_organization_member", async {
+            let (org, account) = domain::parse_child_name(&r.name, "members", "name")?;
+            let member = self.app.get_member(&caller, org, account).await?;
+            Ok(pb::GetOrganizationMemberResponse {
+                member: Some(member_pb(member)),
+            })
+        })
+        .await
+    }
+
+    async fn update_organization_member(
+        &self,
+        request: Request<pb::UpdateOrganizationMemberRequest>,
+    ) -> Reply<pb::UpdateOrganizationMemberResponse> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        handle("identity.update_organization_member", async {
+            let member = r
+                .member
+                .ok_or_else(|| InvalidInput::field("member", "is required"))?;
+            let mut errors = InvalidInput::default();
+            let name = errors.check(domain::parse_child_name(
+                &member.name,
+                "members",
+                "member.name",
+            ));
+            let paths = errors.check(update_paths(r.update_mask, &["role"]));
+            let role = errors.check(org_role(member.role, "member.role"));
+            errors.finish()?;
+            let (Some((org, account)), Some(_), Some(role)) = (name, paths, role) else {
+                unreachable!()
+            };
+            let member = self
+                .app
+                .set_member_role(&caller, org, account, role)
+                .await?;
+            Ok(pb::UpdateOrganizationMemberResponse {
+                member: Some(member_pb(member)),
+            })
+        })
+        .await
+    }
+
+    async fn delete_organization_member(
+        &self,
+        request: Request<pb::DeleteOrganizationMemberRequest>,
+    ) -> Reply<pb::DeleteOrganizationMemberResponse> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        handle("identity.delete_organization_member", async {
+            let (org, account) = domain::parse_child_name(&r.name, "members", "name")?;
+            self.app.remove_member(&caller, org, account).await?;
+            Ok(pb::DeleteOrganizationMemberResponse {})
+        })
+        .await
+    }
+
+    async fn add_organization_member(
+        &self,
+        request: Request<pb::AddOrganizationMemberRequest>,
+    ) -> Reply<pb::AddOrganizationMemberResponse> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        handle("identity.add_organization_member", async {
+            let mut errors = InvalidInput::default();
+            let org = errors.check(domain::parse_name(&r.parent, "organizations", "parent"));
+            let account = errors.check(domain::parse_name(&r.account, "accounts", "account"));
+            let role = errors.check(org_role(r.role, "role"));
+            errors.check(required(&r.invitation_id, "invitation_id").map_err(only_input));
+            if r.invitation_id.len() > 200 {
+                errors.0.push(keyshare_runtime::error::FieldViolation::new(
+                    "invitation_id",
+                    "must be at most 200 characters",
+                ));
+            }
+            errors.finish()?;
+            let (Some(org), Some(account), Some(role)) = (org, account, role) else {
+                unreachable!()
+            };
+            let member = self
+                .app
+                .add_member(&caller, org, account, role, &r.invitation_id)
+                .await?;
+            Ok(pb::AddOrganizationMemberResponse {
+                member: Some(member_pb(member)),
+            })
+        })
+        .await
+    }
+
+    async fn create_service_account(
+        &self,
+        request: Request<pb::CreateServiceAccountRequest>,
+    ) -> Reply<pb::CreateServiceAccountResponse> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        handle("identity.create_service_account", async {
+            let mut errors = InvalidInput::default();
+            let org = errors.check(domain::parse_name(&r.parent, "organizations", "parent"));
+            let display = r
+                .service_account
+                .map(|s| s.display_name)
+                .unwrap_or_default();
+            let name = errors.check(DisplayName::parse(&display, "service_account.display_name"));
+            errors.finish()?;
+            let (Some(org), Some(name)) = (org, name) else {
+                unreachable!()
+            };
+            let (account, secret) = self.app.create_service_account(&caller, org, name).await?;
+            Ok(pb::CreateServiceAccountResponse {
+                service_account: Some(service_account_pb(account)),
+                client_secret: secret,
+            })
+        })
+        .await
+    }
+
+    async fn list_service_accounts(
+        &self,
+        request: Request<pb::ListServiceAccountsRequest>,
+    ) -> Reply<pb::ListServiceAccountsResponse> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        handle("identity.list_service_accounts", async {
+            let org = domain::parse_name(&r.parent, "organizations", "parent")?;
+            let page = PageRequest::parse(
+                r.page_size,
+                &r.page_token,
+                &format!("organizations/{org}/serviceAccounts"),
+            )?;
+            let page = self.app.list_service_accounts(&caller, org, page).await?;
+            Ok(pb::ListServiceAccountsResponse {
+                service_accounts: page.items.into_iter().map(service_account_pb).collect(),
+                next_page_token: page.next_page_token,
+            })
+        })
+        .await
+    }
+
+    async fn delete_service_account(
+        &self,
+        request: Request<pb::DeleteServiceAccountRequest>,
+    ) -> Reply<pb::DeleteServiceAccountResponse> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        handle("identity.delete_service_account", async {
+            let (org, id) = domain::parse_child_name(&r.name, "serviceAccounts", "name")?;
+            self.app.delete_service_account(&caller, org, id).await?;
+            Ok(pb::DeleteServiceAccountResponse {})
+        })
+        .await
+    }
+
+    async fn issue_service_account_token(
+        &self,
+        request: Request<pb::IssueServiceAccountTokenRequest>,
+    ) -> Reply<pb::IssueServiceAccountTokenResponse> {
+        let r = request.into_inner();
+        handle("identity.issue_service_account_token", async {
+            let mut errors = InvalidInput::default();
+            errors.check(required(&r.client_id, "client_id").map_err(only_input));
+            errors.check(required(&r.client_secret, "client_secret").map_err(only_input));
+            errors.finish()?;
+            let grant = self
+                .app
+                .issue_service_account_token(&r.client_id, &r.client_secret)
+                .await?;
+            Ok(pb::IssueServiceAccountTokenResponse {
+                grant: Some(grant_pb(grant)),
+            })
+        })
+        .await
+    }
+
+    async fn lookup_account(
+        &self,
+        request: Request<pb::LookupAccountRequest>,
+    ) -> Reply<pb::LookupAccountResponse> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        handle("identity.lookup_account", async {
+            let account = self
+                .app
+                .lookup_account(&caller, Email::parse(&r.email, "email")?)
+                .await?;
+            Ok(pb::LookupAccountResponse {
+                account: Some(account_pb(account)),
+            })
+        })
+        .await
+    }
+
+    async fn list_public_keys(
+        &self,
+        _request: Request<pb::ListPublicKeysRequest>,
+    ) -> Reply<pb::ListPublicKeysResponse> {
+        handle("identity.list_public_keys", async {
+            let keys = self.app.public_keys().await?;
+            Ok(pb::ListPublicKeysResponse {
+                keys: keys
+                    .into_iter()
+                    .map(|k| pb::PublicKey {
+                        kid: k.kid,
+                        algorithm: "EdDSA".into(),
+                        public_key: k.public_key.to_vec(),
+                        retire_time: k.retire_at.map(timestamp),
+                    })
+                    .collect(),
+            })
+        })
+        .await
+    }
+}
+
+fn required<'a>(value: &'a str, field: &str) -> Result<&'a str, Error> {
+    if value.trim().is_empty() {
+        Err(InvalidInput::field(field, "is required").into())
+    } else {
+        Ok(value)
+    }
+}
+
+fn only_input(e: Error) -> InvalidInput {
+    match e {
+        Error::InvalidInput(input) => input,
+        other => InvalidInput::field("request", other.to_string()),
+    }
+}
+
+/// `accounts/me` → `None` (the caller); `accounts/{id}` → `Some(id)`.
+fn account_name(raw: &str, field: &str) -> Result<Option<Uuid>, InvalidInput> {
+    if raw == "accounts/me" {
+        Ok(None)
+    } else {
+        domain::parse_name(raw, "accounts", field).map(Some)
+    }
+}
+
+/// The paths of an update mask, each one of `allowed`. An empty mask means every allowed path.
+fn update_paths(
+    mask: Option<prost_types::FieldMask>,
+    allowed: &[&str],
+) -> Result<Vec<String>, InvalidInput> {
+    let paths = mask.map(|m| m.paths).unwrap_or_default();
+    if paths.is_empty() {
+        return Ok(allowed.iter().map(|p| (*p).to_owned()).collect());
+    }
+    match paths.iter().find(|p| !allowed.contains(&p.as_str())) {
+        Some(bad) => Err(InvalidInput::field(
+            "update_mask",
+            format!("{bad} cannot be updated; allowed: {}", allowed.join(", ")),
+        )),
+        None => Ok(paths),
+    }
+}
+
+fn org_role(value: i32, field: &str) -> Result<OrgRole, InvalidInput> {
+    match pb::OrganizationRole::try_from(value) {
+        Ok(pb::OrganizationRole::Owner) => Ok(OrgRole::Owner),
+        Ok(pb::OrganizationRole::Reader) => Ok(OrgRole::Reader),
+        _ => Err(InvalidInput::field(
+            field,
+            "must be ORGANIZATION_ROLE_OWNER or ORGANIZATION_ROLE_READER",
+        )),
+    }
+}
+
+fn role_pb(role: OrgRole) -> i32 {
+    match role {
+        OrgRole::Owner => pb::OrganizationRole::Owner as i32,
+        OrgRole::Reader => pb::OrganizationRole::Reader as i32,
+    }
+}
+
+fn timestamp(at: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: at.timestamp(),
+        nanos: at.timestamp_subsec_nanos() as i32,
+    }
+}
+
+fn account_pb(a: Account) -> pb::Account {
+    pb::Account {
+        name: format!("accounts/{}", a.id),
+        email: a.email,
+        display_name: a.display_name,
+        email_verified: a.email_verified,
+        create_time: Some(timestamp(a.created_at)),
+    }
+}
+
+fn grant_pb(g: TokenGrant) -> pb::TokenGrant {
+    pb::TokenGrant {
+        access_token: g.access_token,
+        access_token_expire_time: Some(timestamp(g.access_expires_at)),
+        refresh_token: g.refresh_token.unwrap_or_default(),
+        refresh_token_expire_time: g.refresh_expires_at.map(timestamp),
+    }
+}
+
+fn organization_pb(o: Organization) -> pb::Organization {
+    pb::Organization {
+        name: format!("organizations/{}", o.id),
+        display_name: o.display_name,
+        create_time: Some(timestamp(o.created_at)),
+        caller_role: o.caller_role.map_or(0, role_pb),
+    }
+}
+
+fn member_pb(m: Member) -> pb::OrganizationMember {
+    pb::OrganizationMember {
+        name: format!(
+            "organizations/{}/members/{}",
+            m.organization_id, m.account_id
+        ),
+        account: format!("accounts/{}", m.account_id),
+        email: m.email,
+        display_name: m.display_name,
+        role: role_pb(m.role),
+        create_time: Some(timestamp(m.created_at)),
+    }
+}
+
+fn service_account_pb(s: ServiceAccount) -> pb::ServiceAccount {
+    pb::ServiceAccount {
+        name: match s.organization_id {
+            Some(org) => format!("organizations/{org}/serviceAccounts/{}", s.id),
+            None => format!("serviceAccounts/{}", s.id),
+        },
+        display_name: s.display_name,
+        client_id: s.client_id,
+        create_time: Some(timestamp(s.created_at)),
+    }
+}

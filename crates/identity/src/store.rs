@@ -1,0 +1,683 @@
+//! Every SQL statement identity runs. Functions take any client or transaction, so use cases
+//! compose them into one transaction per write.
+
+use chrono::{DateTime, Utc};
+use keyshare_runtime::db::{DbError, GenericClient};
+use tokio_postgres::Row;
+use uuid::Uuid;
+
+use crate::domain::{Account, Member, OrgRole, Organization, ServiceAccount};
+
+type Result<T> = std::result::Result<T, DbError>;
+
+const ACCOUNT_COLUMNS: &str = "id, email, display_name, email_verified_at IS NOT NULL, created_at";
+
+fn account(row: &Row) -> Account {
+    Account {
+        id: row.get(0),
+        email: row.get(1),
+        display_name: row.get(2),
+        email_verified: row.get(3),
+        created_at: row.get(4),
+    }
+}
+
+/// An account with what login needs.
+pub struct Credentials {
+    pub account: Account,
+    pub password_hash: String,
+}
+
+pub async fn insert_account(
+    c: &impl GenericClient,
+    id: Uuid,
+    email: &str,
+    email_normalized: &str,
+    display_name: &str,
+    password_hash: &str,
+    now: DateTime<Utc>,
+) -> Result<Account> {
+    let row = c
+        .query_one(
+            &format!(
+                "INSERT INTO identity.accounts (id, email, email_normalized, display_name, password_hash, created_at, updated_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $6) RETURNING {ACCOUNT_COLUMNS}"
+            ),
+            &[&id, &email, &email_normalized, &display_name, &password_hash, &now],
+        )
+        .await?;
+    Ok(account(&row))
+}
+
+pub async fn account_by_id(c: &impl GenericClient, id: Uuid) -> Result<Option<Account>> {
+    let row = c
+        .query_opt(
+            &format!("SELECT {ACCOUNT_COLUMNS} FROM identity.accounts WHERE id = $1"),
+            &[&id],
+        )
+        .await?;
+    Ok(row.as_ref().map(account))
+}
+
+pub async fn credentials_by_email(
+    c: &impl GenericClient,
+    email_normalized: &str,
+) -> Result<Option<Credentials>> {
+    let row = c
+        .query_opt(
+            &format!("SELECT {ACCOUNT_COLUMNS}, password_hash FROM identity.accounts WHERE email_normalized = $1"),
+            &[&email_normalized],
+        )
+        .await?;
+    Ok(row.map(|row| Credentials {
+        account: account(&row),
+        password_hash: row.get(5),
+    }))
+}
+
+pub async fn password_hash(c: &impl GenericClient, id: Uuid) -> Result<Option<String>> {
+    let row = c
+        .query_opt(
+            "SELECT password_hash FROM identity.accounts WHERE id = $1",
+            &[&id],
+        )
+        .await?;
+    Ok(row.map(|r| r.get(0)))
+}
+
+pub async fn set_password_hash(
+    c: &impl GenericClient,
+    id: Uuid,
+    hash: &str,
+    now: DateTime<Utc>,
+) -> Result<()> {
+    c.execute(
+        "UPDATE identity.accounts SET password_hash = $2, updated_at = $3 WHERE id = $1",
+        &[&id, &hash, &now],
+    )
+    .await?;
+    Ok(())
+}
+
+pub async fn set_display_name(
+    c: &impl GenericClient,
+    id: Uuid,
+    name: &str,
+    now: DateTime<Utc>,
+) -> Result<Option<Account>> {
+    let row = c
+        .query_opt(
+            &format!(
+                "UPDATE identity.accounts SET display_name = $2, updated_at = $3 WHERE id = $1 RETURNING {ACCOUNT_COLUMNS}"
+            ),
+            &[&id, &name, &now],
+        )
+        .await?;
+    Ok(row.as_ref().map(account))
+}
+
+pub async fn verified_account_by_email(
+    c: &impl GenericClient,
+    email_normalized: &str,
+) -> Result<Option<Account>> {
+    let row = c
+        .query_opt(
+            &format!(
+                "SELECT {ACCOUNT_COLUMNS} FROM identity.accounts
+                 WHERE email_normalized = $1 AND email_verified_at IS NOT NULL"
+            ),
+            &[&email_normalized],
+        )
+        .await?;
+    Ok(row.as_ref().map(account))
+}
+
+pub async fn insert_verification(
+    c: &impl GenericClient,
+    token_hash: &[u8],
+    account_id: Uuid,
+    now: DateTime<Utc>,
+    expires_at: DateTime<Utc>,
+) -> Result<()> {
+    c.execute(
+        "INSERT INTO identity.email_verifications (token_hash, account_id, created_at, expires_at) VALUES ($1, $2, $3, $4)",
+        &[&token_hash, &account_id, &now, &expires_at],
+    )
+    .await?;
+    Ok(())
+}
+
+/// A verification token row, locked for the rest of the transaction.
+pub struct Verification {
+    pub account_id: Uuid,
+    pub expires_at: DateTime<Utc>,
+    pub used: bool,
+}
+
+pub async fn lock_verification(
+    c: &impl GenericClient,
+    token_hash: &[u8],
+) -> Result<Option<Verification>> {
+    let row = c
+        .query_opt(
+            "SELECT account_id, expires_at, used_at IS NOT NULL FROM identity.email_verifications
+             WHERE token_hash = $1 FOR UPDATE",
+            &[&token_hash],
+        )
+        .await?;
+    Ok(row.map(|r| Verification {
+        account_id: r.get(0),
+        expires_at: r.get(1),
+        used: r.get(2),
+    }))
+}
+
+pub async fn use_verification(
+    c: &impl GenericClient,
+    token_hash: &[u8],
+    account_id: Uuid,
+    now: DateTime<Utc>,
+) -> Result<()> {
+    c.execute(
+        "UPDATE identity.email_verifications SET used_at = $2 WHERE token_hash = $1",
+        &[&token_hash, &now],
+    )
+    .await?;
+    c.execute(
+        "UPDATE identity.accounts SET email_verified_at = COALESCE(email_verified_at, $2), updated_at = $2 WHERE id = $1",
+        &[&account_id, &now],
+    )
+    .await?;
+    Ok(())
+}
+
+// --- Login throttling ---
+
+/// When the email is locked out until, if it is.
+pub async fn locked_until(
+    c: &impl GenericClient,
+    email_normalized: &str,
+) -> Result<Option<DateTime<Utc>>> {
+    let row = c
+        .query_opt(
+            "SELECT locked_until FROM identity.login_throttle WHERE email_normalized = $1",
+            &[&email_normalized],
+        )
+        .await?;
+    Ok(row.and_then(|r| r.get(0)))
+}
+
+/// Counts a failed login; locks the email once `max_failures` happen within `window`.
+pub async fn record_login_failure(
+    c: &impl GenericClient,
+    email_normalized: &str,
+    now: DateTime<Utc>,
+    window: chrono::Duration,
+    max_failures: i32,
+    lockout: chrono::Duration,
+) -> Result<()> {
+    c.execute(
+        "INSERT INTO identity.login_throttle AS t (email_normalized, failures, window_started_at)
+         VALUES ($1, 1, $2)
+         ON CONFLICT (email_normalized) DO UPDATE SET
+            failures = CASE WHEN t.window_started_at < $2 - make_interval(secs => $3) THEN 1 ELSE t.failures + 1 END,
+            window_started_at = CASE WHEN t.window_started_at < $2 - make_interval(secs => $3) THEN $2 ELSE t.window_started_at END,
+            locked_until = CASE
+                WHEN t.window_started_at >= $2 - make_interval(secs => $3) AND t.failures + 1 >= $4 THEN $2 + make_interval(secs => $5)
+                ELSE t.locked_until END",
+        &[&email_normalized, &now, &seconds(window), &max_failures, &seconds(lockout)],
+    )
+    .await?;
+    Ok(())
+}
+
+fn seconds(d: chrono::Duration) -> f64 {
+    d.num_milliseconds() as f64 / 1000.0
+}
+
+pub async fn clear_login_failures(c: &impl GenericClient, email_normalized: &str) -> Result<()> {
+    c.execute(
+        "DELETE FROM identity.login_throttle WHERE email_normalized = $1",
+        &[&email_normalized],
+    )
+    .await?;
+    Ok(())
+}
+
+// --- Sessions and refresh tokens ---
+
+pub async fn insert_session(
+    c: &impl GenericClient,
+    id: Uuid,
+    account_id: Uuid,
+    now: DateTime<Utc>,
+) -> Result<()> {
+    c.execute(
+        "INSERT INTO identity.sessions (id, account_id, created_at) VALUES ($1, $2, $3)",
+        &[&id, &account_id, &now],
+    )
+    .await?;
+    Ok(())
+}
+
+pub async fn insert_refresh_token(
+    c: &impl GenericClient,
+    token_hash: &[u8],
+    session_id: Uuid,
+    now: DateTime<Utc>,
+    expires_at: DateTime<Utc>,
+) -> Result<()> {
+    c.execute(
+        "INSERT INTO identity.refresh_tokens (token_hash, session_id, issued_at, expires_at) VALUES ($1, $2, $3, $4)",
+        &[&token_hash, &session_id, &now, &expires_at],
+    )
+    .await?;
+    Ok(())
+}
+
+/// A refresh token and its session, locked for the rest of the transaction.
+pub struct RefreshToken {
+    pub session_id: Uuid,
+    pub account_id: Uuid,
+    pub expires_at: DateTime<Utc>,
+    pub used: bool,
+    pub session_revoked: bool,
+}
+
+pub async fn lock_refresh_token(
+    c: &impl GenericClient,
+    token_hash: &[u8],
+) -> Result<Option<RefreshToken>> {
+    let row = c
+        .query_opt(
+            "SELECT r.session_id, s.account_id, r.expires_at, r.used_at IS NOT NULL, s.revoked_at IS NOT NULL
+             FROM identity.refresh_tokens r JOIN identity.sessions s ON s.id = r.session_id
+             WHERE r.token_hash = $1 FOR UPDATE OF r, s",
+            &[&token_hash],
+        )
+        .await?;
+    Ok(row.map(|r| RefreshToken {
+        session_id: r.get(0),
+        account_id: r.get(1),
+        expires_at: r.get(2),
+        used: r.get(3),
+        session_revoked: r.get(4),
+    }))
+}
+
+pub async fn use_refresh_token(
+    c: &impl GenericClient,
+    token_hash: &[u8],
+    now: DateTime<Utc>,
+) -> Result<()> {
+    c.execute(
+        "UPDATE identity.refresh_tokens SET used_at = $2 WHERE token_hash = $1",
+        &[&token_hash, &now],
+    )
+    .await?;
+    Ok(())
+}
+
+pub async fn revoke_session(
+    c: &impl GenericClient,
+    id: Uuid,
+    now: DateTime<Utc>,
+    reason: &str,
+) -> Result<()> {
+    c.execute(
+        "UPDATE identity.sessions SET revoked_at = COALESCE(revoked_at, $2), revoked_reason = COALESCE(revoked_reason, $3)
+         WHERE id = $1",
+        &[&id, &now, &reason],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Ends every live session of the account except `keep`; returns how many ended.
+pub async fn revoke_other_sessions(
+    c: &impl GenericClient,
+    account_id: Uuid,
+    keep: Option<Uuid>,
+    now: DateTime<Utc>,
+) -> Result<u64> {
+    c.execute(
+        "UPDATE identity.sessions SET revoked_at = $3, revoked_reason = 'password changed'
+         WHERE account_id = $1 AND revoked_at IS NULL AND id IS DISTINCT FROM $2",
+        &[&account_id, &keep, &now],
+    )
+    .await
+    .map_err(DbError::from)
+}
+
+pub async fn session_is_live(c: &impl GenericClient, id: Uuid) -> Result<bool> {
+    let row = c
+        .query_opt(
+            "SELECT revoked_at IS NULL FROM identity.sessions WHERE id = $1",
+            &[&id],
+        )
+        .await?;
+    Ok(row.is_some_and(|r| r.get(0)))
+}
+
+// --- Organizations ---
+
+pub async fn insert_organization(
+    c: &impl GenericClient,
+    id: Uuid,
+    display_name: &str,
+    creator: Uuid,
+    now: DateTime<Utc>,
+) -> Result<()> {
+    c.execute(
+        "INSERT INTO identity.organizations (id, display_name, created_by, created_at) VALUES ($1, $2, $3, $4)",
+        &[&id, &display_name, &creator, &now],
+    )
+    .await?;
+    Ok(())
+}
+
+pub async fn organization(c: &impl GenericClient, id: Uuid) -> Result<Option<Organization>> {
+    let row = c
+        .query_opt(
+            "SELECT id, display_name, created_at FROM identity.organizations WHERE id = $1",
+            &[&id],
+        )
+        .await?;
+    Ok(row.map(|r| Organization {
+        id: r.get(0),
+        display_name: r.get(1),
+        created_at: r.get(2),
+        caller_role: None,
+    }))
+}
+
+/// Locks the organization row: membership changes of one organization run one at a time, so
+/// "at least one owner" cannot be broken by two concurrent demotions.
+pub async fn lock_organization(c: &impl GenericClient, id: Uuid) -> Result<bool> {
+    Ok(c.query_opt(
+        "SELECT 1 FROM identity.organizations WHERE id = $1 FOR UPDATE",
+        &[&id],
+    )
+    .await?
+    .is_some())
+}
+
+/// Organizations of an account, ordered by membership time then id, after a cursor.
+pub async fn organizations_of(
+    c: &impl GenericClient,
+    account_id: Uuid,
+    after: Option<(DateTime<Utc>, Uuid)>,
+    limit: i64,
+) -> Result<Vec<(Organization, DateTime<Utc>)>> {
+    let (after_at, after_id) = after.unzip();
+    let rows = c
+        .query(
+            "SELECT o.id, o.display_name, o.created_at, m.role, m.created_at
+             FROM identity.organization_members m JOIN identity.organizations o ON o.id = m.organization_id
+             WHERE m.account_id = $1 AND ($2::timestamptz IS NULL OR (m.created_at, o.id) > ($2, $3))
+             ORDER BY m.created_at, o.id LIMIT $4",
+            &[&account_id, &after_at, &after_id, &limit],
+        )
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let role: String = r.get(3);
+            let org = Organization {
+                id: r.get(0),
+                display_name: r.get(1),
+                created_at: r.get(2),
+                caller_role: Some(OrgRole::from_db(&role)),
+            };
+            (org, r.get(4))
+        })
+        .collect())
+}
+
+const MEMBER_COLUMNS: &str =
+    "m.organization_id, m.account_id, a.email, a.display_name, m.role, m.created_at";
+
+fn member_row(row: &Row) -> Member {
+    let role: String = row.get(4);
+    Member {
+        organization_id: row.get(0),
+        account_id: row.get(1),
+        email: row.get(2),
+        display_name: row.get(3),
+        role: OrgRole::from_db(&role),
+        created_at: row.get(5),
+    }
+}
+
+pub async fn member_role(
+    c: &impl GenericClient,
+    org: Uuid,
+    account: Uuid,
+) -> Result<Option<OrgRole>> {
+    let row = c
+        .query_opt(
+            "SELECT role FROM identity.organization_members WHERE organization_id = $1 AND account_id = $2",
+            &[&org, &account],
+        )
+        .await?;
+    Ok(row.map(|r| OrgRole::from_db(r.get::<_, &str>(0))))
+}
+
+pub async fn member(c: &impl GenericClient, org: Uuid, account: Uuid) -> Result<Option<Member>> {
+    let row = c
+        .query_opt(
+            &format!(
+                "SELECT {MEMBER_COLUMNS} FROM identity.organization_members m
+                 JOIN identity.accounts a ON a.id = m.account_id
+                 WHERE m.organization_id = $1 AND m.account_id = $2"
+            ),
+            &[&org, &account],
+        )
+        .await?;
+    Ok(row.as_ref().map(member_row))
+}
+
+pub async fn members(
+    c: &impl GenericClient,
+    org: Uuid,
+    after: Option<(DateTime<Utc>, Uuid)>,
+    limit: i64,
+) -> Result<Vec<Member>> {
+    let (after_at, after_id) = after.unzip();
+    let rows = c
+        .query(
+            &format!(
+                "SELECT {MEMBER_COLUMNS} FROM identity.organization_members m
+                 JOIN identity.accounts a ON a.id = m.account_id
+                 WHERE m.organization_id = $1 AND ($2::timestamptz IS NULL OR (m.created_at, m.account_id) > ($2, $3))
+                 ORDER BY m.created_at, m.account_id LIMIT $4"
+            ),
+            &[&org, &after_at, &after_id, &limit],
+        )
+        .await?;
+    Ok(rows.iter().map(member_row).collect())
+}
+
+/// Adds a membership; with an invitation id, a second call with the same id adds nothing.
+/// Returns false when the account was already a member (the existing membership is kept).
+pub async fn insert_member(
+    c: &impl GenericClient,
+    org: Uuid,
+    account: Uuid,
+    role: OrgRole,
+    invitation_id: Option<&str>,
+    now: DateTime<Utc>,
+) -> Result<bool> {
+    let inserted = c
+        .execute(
+            "INSERT INTO identity.organization_members (organization_id, account_id, role, invitation_id, created_at)
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (organization_id, account_id) DO NOTHING",
+            &[&org, &account, &role.as_str(), &invitation_id, &now],
+        )
+        .await?;
+    Ok(inserted == 1)
+}
+
+/// The membership an invitation granted, if any: (organization, account).
+pub async fn membership_of_invitation(
+    c: &impl GenericClient,
+    invitation_id: &str,
+) -> Result<Option<(Uuid, Uuid)>> {
+    let row = c
+        .query_opt(
+            "SELECT organization_id, account_id FROM identity.organization_members WHERE invitation_id = $1",
+            &[&invitation_id],
+        )
+        .await?;
+    Ok(row.map(|r| (r.get(0), r.get(1))))
+}
+
+pub async fn count_owners(c: &impl GenericClient, org: Uuid) -> Result<i64> {
+    let row = c
+        .query_one(
+            "SELECT count(*) FROM identity.organization_members WHERE organization_id = $1 AND role = 'owner'",
+            &[&org],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+pub async fn set_member_role(
+    c: &impl GenericClient,
+    org: Uuid,
+    account: Uuid,
+    role: OrgRole,
+) -> Result<()> {
+    c.execute(
+        "UPDATE identity.organization_members SET role = $3 WHERE organization_id = $1 AND account_id = $2",
+        &[&org, &account, &role.as_str()],
+    )
+    .await?;
+    Ok(())
+}
+
+pub async fn delete_member(c: &impl GenericClient, org: Uuid, account: Uuid) -> Result<()> {
+    c.execute(
+        "DELETE FROM identity.organization_members WHERE organization_id = $1 AND account_id = $2",
+        &[&org, &account],
+    )
+    .await?;
+    Ok(())
+}
+
+// --- Service accounts ---
+
+const SA_COLUMNS: &str = "id, organization_id, display_name, client_id, created_at";
+
+fn service_account(row: &Row) -> ServiceAccount {
+    ServiceAccount {
+        id: row.get(0),
+        organization_id: row.get(1),
+        display_name: row.get(2),
+        client_id: row.get(3),
+        created_at: row.get(4),
+    }
+}
+
+pub async fn insert_service_account(
+    c: &impl GenericClient,
+    id: Uuid,
+    org: Uuid,
+    display_name: &str,
+    client_id: &str,
+    secret_hash: &[u8],
+    now: DateTime<Utc>,
+) -> Result<ServiceAccount> {
+    let row = c
+        .query_one(
+            &format!(
+                "INSERT INTO identity.service_accounts (id, organization_id, display_name, client_id, secret_hash, created_at)
+                 VALUES ($1, $2, $3, $4, $5, $6) RETURNING {SA_COLUMNS}"
+            ),
+            &[&id, &org, &display_name, &client_id, &secret_hash, &now],
+        )
+        .await?;
+    Ok(service_account(&row))
+}
+
+/// Creates or updates one of Keyshare's own service accounts (client id = service name).
+pub async fn upsert_internal_client(
+    c: &impl GenericClient,
+    client_id: &str,
+    secret_hash: &[u8],
+    now: DateTime<Utc>,
+) -> Result<()> {
+    c.execute(
+        "INSERT INTO identity.service_accounts AS s (id, organization_id, display_name, client_id, secret_hash, internal, created_at)
+         VALUES ($1, NULL, $2, $2, $3, TRUE, $4)
+         ON CONFLICT (client_id) DO UPDATE SET secret_hash = EXCLUDED.secret_hash, deleted_at = NULL
+         WHERE s.internal",
+        &[&Uuid::now_v7(), &client_id, &secret_hash, &now],
+    )
+    .await?;
+    Ok(())
+}
+
+/// A live service account by client id, with its secret hash and whether it is internal.
+pub async fn service_account_by_client_id(
+    c: &impl GenericClient,
+    client_id: &str,
+) -> Result<Option<(ServiceAccount, Vec<u8>, bool)>> {
+    let row = c
+        .query_opt(
+            &format!(
+                "SELECT {SA_COLUMNS}, secret_hash, internal FROM identity.service_accounts
+                 WHERE client_id = $1 AND deleted_at IS NULL"
+            ),
+            &[&client_id],
+        )
+        .await?;
+    Ok(row.map(|r| (service_account(&r), r.get(5), r.get(6))))
+}
+
+pub async fn service_account_is_live(c: &impl GenericClient, id: Uuid) -> Result<bool> {
+    let row = c
+        .query_opt(
+            "SELECT deleted_at IS NULL FROM identity.service_accounts WHERE id = $1",
+            &[&id],
+        )
+        .await?;
+    Ok(row.is_some_and(|r| r.get(0)))
+}
+
+pub async fn service_accounts(
+    c: &impl GenericClient,
+    org: Uuid,
+    after: Option<(DateTime<Utc>, Uuid)>,
+    limit: i64,
+) -> Result<Vec<ServiceAccount>> {
+    let (after_at, after_id) = after.unzip();
+    let rows = c
+        .query(
+            &format!(
+                "SELECT {SA_COLUMNS} FROM identity.service_accounts
+                 WHERE organization_id = $1 AND deleted_at IS NULL
+                   AND ($2::timestamptz IS NULL OR (created_at, id) > ($2, $3))
+                 ORDER BY created_at, id LIMIT $4"
+            ),
+            &[&org, &after_at, &after_id, &limit],
+        )
+        .await?;
+    Ok(rows.iter().map(service_account).collect())
+}
+
+pub async fn delete_service_account(
+    c: &impl GenericClient,
+    org: Uuid,
+    id: Uuid,
+    now: DateTime<Utc>,
+) -> Result<bool> {
+    let n = c
+        .execute(
+            "UPDATE identity.service_accounts SET deleted_at = $3
+             WHERE organization_id = $1 AND id = $2 AND deleted_at IS NULL",
+            &[&org, &id, &now],
+        )
+        .await?;
+    Ok(n == 1)
+}

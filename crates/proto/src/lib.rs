@@ -1,0 +1,13 @@
+//! Generated protobuf and gRPC code for the Keyshare APIs.
+//!
+//! Only the services' gRPC adapter modules should depend on these types; domain code converts
+//! at the boundary.
+
+/// Encoded `FileDescriptorSet` of every Keyshare proto, for server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("keyshare_descriptor");
+
+pub mod identity {
+    pub mod v1 {
+        tonic::include_proto!("keyshare.identity.v1");
+    }
+}

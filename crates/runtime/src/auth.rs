@@ -1,0 +1,695 @@
+//! Access tokens: what they claim, how identity signs them, and how every service verifies them.
+//!
+//! Tokens are JWTs signed with Ed25519 (`alg: EdDSA`) and carry a `kid`. Verification pins the
+//! algorithm and checks `exp`, `nbf`, `iss` and `aud` against the service's clock. Public keys come
+//! from a [`KeySource`] (identity's own database, or identity's `ListPublicKeys` for everyone else)
+//! and are fetched again when a token names a key not seen yet, so a signing-key rotation needs
+//! no restart anywhere.
+//!
+//! [`AuthLayer`] runs verification once per call and leaves the outcome in the request's
+//! extensions; handlers ask for the caller with [`caller`].
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use tonic::{Code, Status};
+use uuid::Uuid;
+
+use crate::clock::SharedClock;
+use crate::error;
+
+/// Domain used in `ErrorInfo` for authentication failures.
+pub const AUTH_DOMAIN: &str = "auth.keyshare.dev";
+/// Leeway for `exp` and `nbf`, to absorb clock skew between replicas.
+pub const CLOCK_SKEW: Duration = Duration::from_secs(30);
+/// Shortest interval between two key fetches caused by unknown `kid`s, so a flood of forged
+/// tokens cannot turn into a flood of calls to identity.
+const UNKNOWN_KID_REFETCH: Duration = Duration::from_secs(5);
+
+/// Who is calling.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Principal {
+    /// A person, `accounts/{id}`.
+    Account { id: Uuid },
+    /// A machine identity, `organizations/{org}/serviceAccounts/{id}`, or one of Keyshare's own
+    /// services (`internal`), which may call the RPCs other services need.
+    ServiceAccount {
+        id: Uuid,
+        organization: Option<Uuid>,
+        internal: bool,
+    },
+}
+
+/// The authenticated caller of an RPC.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller {
+    pub principal: Principal,
+    /// The login session an account's token belongs to.
+    pub session_id: Option<Uuid>,
+}
+
+impl Caller {
+    /// The account id, if the caller is a person.
+    pub fn account_id(&self) -> Option<Uuid> {
+        match self.principal {
+            Principal::Account { id } => Some(id),
+            Principal::ServiceAccount { .. } => None,
+        }
+    }
+
+    /// Whether the caller is one of Keyshare's own services.
+    pub fn is_internal(&self) -> bool {
+        matches!(
+            self.principal,
+            Principal::ServiceAccount { internal: true, .. }
+        )
+    }
+
+    /// The subject as written in tokens and logs (never secret).
+    pub fn subject(&self) -> String {
+        match &self.principal {
+            Principal::Account { id } => format!("accounts/{id}"),
+            Principal::ServiceAccount { id, .. } => format!("serviceAccounts/{id}"),
+        }
+    }
+}
+
+/// The claims of a Keyshare access token.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Claims {
+    pub iss: String,
+    pub aud: String,
+    /// `accounts/{id}` or `serviceAccounts/{id}`.
+    pub sub: String,
+    pub exp: i64,
+    pub nbf: i64,
+    pub iat: i64,
+    pub jti: String,
+    /// Session id, for account tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sid: Option<String>,
+    /// Organization of a service account.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub org: Option<String>,
+    /// Set for Keyshare's own service accounts.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub internal: bool,
+}
+
+impl Claims {
+    fn caller(&self) -> Result<Caller, AuthError> {
+        let parse = |s: &str| Uuid::parse_str(s).map_err(|_| AuthError::Invalid);
+        let session_id = self.sid.as_deref().map(parse).transpose()?;
+        let principal = if let Some(id) = self.sub.strip_prefix("accounts/") {
+            Principal::Account { id: parse(id)? }
+        } else if let Some(id) = self.sub.strip_prefix("serviceAccounts/") {
+            let organization = self.org.as_deref().map(parse).transpose()?;
+            Principal::ServiceAccount {
+                id: parse(id)?,
+                organization,
+                internal: self.internal,
+            }
+        } else {
+            return Err(AuthError::Invalid);
+        };
+        Ok(Caller {
+            principal,
+            session_id,
+        })
+    }
+}
+
+/// Why a token was not accepted. The messages are safe to return: they never include the token.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("authentication required")]
+    Missing,
+    #[error("access token is malformed or its signature is invalid")]
+    Invalid,
+    #[error("access token must be signed with EdDSA")]
+    Algorithm,
+    #[error("access token is signed by an unknown key")]
+    UnknownKey,
+    #[error("access token has expired")]
+    Expired,
+    #[error("access token is not valid yet")]
+    NotYetValid,
+    #[error("access token was issued for another issuer or audience")]
+    WrongAudience,
+    #[error("token verification keys are unavailable")]
+    KeysUnavailable,
+}
+
+impl AuthError {
+    fn reason(&self) -> &'static str {
+        match self {
+            AuthError::Missing => "UNAUTHENTICATED",
+            AuthError::Invalid => "TOKEN_INVALID",
+            AuthError::Algorithm => "TOKEN_ALGORITHM",
+            AuthError::UnknownKey => "TOKEN_UNKNOWN_KEY",
+            AuthError::Expired => "TOKEN_EXPIRED",
+            AuthError::NotYetValid => "TOKEN_NOT_YET_VALID",
+            AuthError::WrongAudience => "TOKEN_AUDIENCE",
+            AuthError::KeysUnavailable => "KEYS_UNAVAILABLE",
+        }
+    }
+}
+
+impl From<AuthError> for Status {
+    fn from(e: AuthError) -> Self {
+        let code = match e {
+            AuthError::KeysUnavailable => Code::Unavailable,
+            _ => Code::Unauthenticated,
+        };
+        error::status(code, AUTH_DOMAIN, e.reason(), e.to_string())
+    }
+}
+
+/// A public key that verifies tokens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PublicKeyMaterial {
+    pub kid: String,
+    /// Raw 32-byte Ed25519 public key.
+    pub public_key: [u8; 32],
+    /// After this, tokens signed by the key are no longer accepted.
+    pub retire_at: Option<DateTime<Utc>>,
+}
+
+/// Where a verifier gets its public keys.
+pub trait KeySource: Send + Sync + 'static {
+    fn fetch(
+        &self,
+    ) -> Pin<Box<dyn Future<Output = Result<Vec<PublicKeyMaterial>, String>> + Send + '_>>;
+}
+
+/// Issuer and audience every token must name.
+#[derive(Clone, Debug)]
+pub struct TokenPolicy {
+    pub issuer: String,
+    pub audience: String,
+}
+
+impl TokenPolicy {
+    pub fn from_env(env: &crate::config::Env) -> Self {
+        Self {
+            issuer: env
+                .get("KEYSHARE_JWT_ISSUER")
+                .unwrap_or_else(|| "keyshare-identity".into()),
+            audience: env
+                .get("KEYSHARE_JWT_AUDIENCE")
+                .unwrap_or_else(|| "keyshare".into()),
+        }
+    }
+}
+
+struct KeyEntry {
+    key: DecodingKey,
+    retire_at: Option<DateTime<Utc>>,
+}
+
+struct KeyCache {
+    keys: HashMap<String, KeyEntry>,
+    fetched_at: Option<Instant>,
+    last_unknown_fetch: Option<Instant>,
+}
+
+/// Verifies access tokens against a cached, refreshable set of public keys.
+pub struct TokenVerifier {
+    source: Box<dyn KeySource>,
+    policy: TokenPolicy,
+    clock: SharedClock,
+    refresh_every: Duration,
+    // A std lock, never held across an await: lookups copy what they need and release it.
+    cache: RwLock<KeyCache>,
+    // Serialises fetches so concurrent calls with a new kid cause one fetch, not many.
+    fetching: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for TokenVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenVerifier")
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TokenVerifier {
+    pub fn new(source: impl KeySource, policy: TokenPolicy, clock: SharedClock) -> Arc<Self> {
+        Arc::new(Self {
+            source: Box::new(source),
+            policy,
+            clock,
+            refresh_every: Duration::from_secs(300),
+            cache: RwLock::new(KeyCache {
+                keys: HashMap::new(),
+                fetched_at: None,
+                last_unknown_fetch: None,
+            }),
+            fetching: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// Verifies a bearer token and returns who it authenticates.
+    pub async fn verify(&self, token: &str) -> Result<Caller, AuthError> {
+        let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::Invalid)?;
+        if header.alg != Algorithm::EdDSA {
+            return Err(AuthError::Algorithm);
+        }
+        let kid = header.kid.ok_or(AuthError::Invalid)?;
+        let key = match self.lookup(&kid)? {
+            Some(key) => key,
+            None => {
+                self.refresh(true).await?;
+                self.lookup(&kid)?.ok_or(AuthError::UnknownKey)?
+            }
+        };
+        let mut validation = Validation::new(Algorithm::EdDSA);
+        validation.set_issuer(&[&self.policy.issuer]);
+        validation.set_audience(&[&self.policy.audience]);
+        validation.set_required_spec_claims(&["exp", "nbf", "iss", "aud", "sub"]);
+        // Time is checked below against the service clock, which tests can move.
+        validation.validate_exp = false;
+        validation.validate_nbf = false;
+        let claims = jsonwebtoken::decode::<Claims>(token, &key, &validation)
+            .map_err(|e| match e.kind() {
+                jsonwebtoken::errors::ErrorKind::InvalidAudience
+                | jsonwebtoken::errors::ErrorKind::InvalidIssuer => AuthError::WrongAudience,
+                _ => AuthError::Invalid,
+            })?
+            .claims;
+        let now = self.clock.now().timestamp();
+        let skew = CLOCK_SKEW.as_secs() as i64;
+        if claims.exp + skew <= now {
+            return Err(AuthError::Expired);
+        }
+        if claims.nbf - skew > now {
+            return Err(AuthError::NotYetValid);
+        }
+        claims.caller()
+    }
+
+    /// The key for `kid`, if known and not retired. Triggers a periodic refresh when stale.
+    fn lookup(&self, kid: &str) -> Result<Option<DecodingKey>, AuthError> {
+        let cache = self
+            .cache
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if cache.fetched_at.is_none() {
+            return Ok(None);
+        }
+        let now = self.clock.now();
+        Ok(cache
+            .keys
+            .get(kid)
+            .filter(|entry| entry.retire_at.is_none_or(|retire| retire > now))
+            .map(|entry| entry.key.clone()))
+    }
+
+    /// Fetches the keys again. With `unknown_kid`, at most once per few seconds.
+    pub async fn refresh(&self, unknown_kid: bool) -> Result<(), AuthError> {
+        let _guard = self.fetching.lock().await;
+        {
+            let cache = self
+                .cache
+                .read()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let recently =
+                |at: Option<Instant>, within: Duration| at.is_some_and(|t| t.elapsed() < within);
+            if unknown_kid && recently(cache.last_unknown_fetch, UNKNOWN_KID_REFETCH) {
+                return Ok(());
+            }
+            if !unknown_kid && recently(cache.fetched_at, self.refresh_every / 2) {
+                return Ok(());
+            }
+        }
+        let fetched = self.source.fetch().await;
+        let mut cache = self
+            .cache
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if unknown_kid {
+            cache.last_unknown_fetch = Some(Instant::now());
+        }
+        match fetched {
+            Ok(keys) => {
+                cache.keys = keys
+                    .into_iter()
+                    .map(|k| {
+                        let entry = KeyEntry {
+                            key: DecodingKey::from_ed_der(&k.public_key),
+                            retire_at: k.retire_at,
+                        };
+                        (k.kid, entry)
+                    })
+                    .collect();
+                cache.fetched_at = Some(Instant::now());
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "fetching token verification keys failed");
+                if cache.fetched_at.is_none() {
+                    Err(AuthError::KeysUnavailable)
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    /// Refreshes the keys periodically until the process ends, so retired keys are dropped and
+    /// new ones are known before the first token that uses them.
+    pub fn spawn_refresh(self: &Arc<Self>) {
+        let verifier = Arc::downgrade(self);
+        let every = self.refresh_every;
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(every);
+            loop {
+                ticker.tick().await;
+                let Some(verifier) = verifier.upgrade() else {
+                    return;
+                };
+                let _ = verifier.refresh(false).await;
+            }
+        });
+    }
+}
+
+/// Signs access tokens with one Ed25519 key.
+#[derive(Clone)]
+pub struct TokenSigner {
+    kid: String,
+    key: EncodingKey,
+}
+
+impl std::fmt::Debug for TokenSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenSigner")
+            .field("kid", &self.kid)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TokenSigner {
+    /// From a PKCS#8 DER private key.
+    pub fn from_pkcs8(kid: impl Into<String>, pkcs8_der: &[u8]) -> Self {
+        Self {
+            kid: kid.into(),
+            key: EncodingKey::from_ed_der(pkcs8_der),
+        }
+    }
+
+    pub fn kid(&self) -> &str {
+        &self.kid
+    }
+
+    pub fn sign(&self, claims: &Claims) -> Result<String, String> {
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = Some(self.kid.clone());
+        jsonwebtoken::encode(&header, claims, &self.key).map_err(|e| e.to_string())
+    }
+}
+
+/// Outcome of authentication, left in the request extensions by [`AuthLayer`].
+#[derive(Clone, Debug)]
+pub struct Authentication(pub Result<Caller, AuthError>);
+
+/// The authenticated caller of a request, or UNAUTHENTICATED.
+pub fn caller<T>(request: &tonic::Request<T>) -> Result<Caller, Status> {
+    match request.extensions().get::<Authentication>() {
+        Some(Authentication(Ok(caller))) => Ok(caller.clone()),
+        Some(Authentication(Err(e))) => Err(e.clone().into()),
+        None => Err(AuthError::Missing.into()),
+    }
+}
+
+/// Tower layer that verifies `authorization: Bearer …` on every call. Calls without the header
+/// pass through unauthenticated (some RPCs, like login, need no token); handlers decide.
+#[derive(Clone, Debug)]
+pub struct AuthLayer {
+    verifier: Arc<TokenVerifier>,
+}
+
+impl AuthLayer {
+    pub fn new(verifier: Arc<TokenVerifier>) -> Self {
+        Self { verifier }
+    }
+}
+
+impl<S> tower::Layer<S> for AuthLayer {
+    type Service = AuthService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        AuthService {
+            inner,
+            verifier: self.verifier.clone(),
+        }
+    }
+}
+
+/// The service [`AuthLayer`] produces.
+#[derive(Clone, Debug)]
+pub struct AuthService<S> {
+    inner: S,
+    verifier: Arc<TokenVerifier>,
+}
+
+impl<S, B> tower::Service<http::Request<B>> for AuthService<S>
+where
+    S: tower::Service<http::Request<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        // The ready inner service goes into the future; a fresh clone stays for the next call.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let verifier = self.verifier.clone();
+        let token = request
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .map(
+                |value| match value.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")) {
+                    Some(token) => Ok(token.trim().to_owned()),
+                    None => Err(AuthError::Invalid),
+                },
+            );
+        Box::pin(async move {
+            if let Some(token) = token {
+                let outcome = match token {
+                    Ok(token) => verifier.verify(&token).await,
+                    Err(e) => Err(e),
+                };
+                if let Ok(caller) = &outcome {
+                    tracing::Span::current().record("caller", caller.subject());
+                }
+                request.extensions_mut().insert(Authentication(outcome));
+            }
+            inner.call(request).await
+        })
+    }
+}
+
+/// Keys fetched from identity's `ListPublicKeys`, for every service but identity itself.
+#[derive(Clone, Debug)]
+pub struct IdentityKeySource {
+    channel: tonic::transport::Channel,
+}
+
+impl IdentityKeySource {
+    pub fn new(channel: tonic::transport::Channel) -> Self {
+        Self { channel }
+    }
+}
+
+impl KeySource for IdentityKeySource {
+    fn fetch(
+        &self,
+    ) -> Pin<Box<dyn Future<Output = Result<Vec<PublicKeyMaterial>, String>> + Send + '_>> {
+        use keyshare_proto::identity::v1 as pb;
+        Box::pin(async move {
+            let mut client =
+                pb::identity_service_client::IdentityServiceClient::new(self.channel.clone());
+            let response = client
+                .list_public_keys(crate::telemetry::traced(pb::ListPublicKeysRequest {}))
+                .await
+                .map_err(|status| format!("identity ListPublicKeys: {}", status.code()))?;
+            response
+                .into_inner()
+                .keys
+                .into_iter()
+                .map(|key| {
+                    let public_key: [u8; 32] = key
+                        .public_key
+                        .as_slice()
+                        .try_into()
+                        .map_err(|_| format!("key {} is not 32 bytes", key.kid))?;
+                    let retire_at = key.retire_time.and_then(|t| {
+                        DateTime::<Utc>::from_timestamp(t.seconds, t.nanos.max(0) as u32)
+                    });
+                    Ok(PublicKeyMaterial {
+                        kid: key.kid,
+                        public_key,
+                        retire_at,
+                    })
+                })
+                .collect()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ed25519_dalek::SigningKey;
+    use ed25519_dalek::pkcs8::EncodePrivateKey;
+    use rand::rngs::OsRng;
+
+    use super::*;
+    use crate::clock::ManualClock;
+
+    struct Fixed(Vec<PublicKeyMaterial>);
+
+    impl KeySource for Fixed {
+        fn fetch(
+            &self,
+        ) -> Pin<Box<dyn Future<Output = Result<Vec<PublicKeyMaterial>, String>> + Send + '_>>
+        {
+            let keys = self.0.clone();
+            Box::pin(async move { Ok(keys) })
+        }
+    }
+
+    fn keypair(kid: &str) -> (TokenSigner, PublicKeyMaterial) {
+        let key = SigningKey::generate(&mut OsRng);
+        let der = key.to_pkcs8_der().unwrap();
+        let signer = TokenSigner::from_pkcs8(kid, der.as_bytes());
+        let public = PublicKeyMaterial {
+            kid: kid.into(),
+            public_key: key.verifying_key().to_bytes(),
+            retire_at: None,
+        };
+        (signer, public)
+    }
+
+    fn claims(now: i64) -> Claims {
+        Claims {
+            iss: "keyshare-identity".into(),
+            aud: "keyshare".into(),
+            sub: format!("accounts/{}", Uuid::new_v4()),
+            exp: now + 600,
+            nbf: now,
+            iat: now,
+            jti: Uuid::new_v4().to_string(),
+            sid: Some(Uuid::new_v4().to_string()),
+            org: None,
+            internal: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn verification_table() {
+        use base64::Engine as _;
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+
+        let clock = ManualClock::new();
+        let (signer, public) = keypair("k1");
+        let (stranger, _) = keypair("k1");
+        let policy = TokenPolicy {
+            issuer: "keyshare-identity".into(),
+            audience: "keyshare".into(),
+        };
+        let verifier = TokenVerifier::new(Fixed(vec![public]), policy, clock.clone());
+        let now = Utc::now().timestamp();
+        let good = signer.sign(&claims(now)).unwrap();
+        assert!(verifier.verify(&good).await.is_ok());
+
+        let mut wrong_aud = claims(now);
+        wrong_aud.aud = "other".into();
+        let mut expired = claims(now);
+        expired.exp = now - 120;
+        let mut future = claims(now);
+        future.nbf = now + 3600;
+        let (head, rest) = good.split_once('.').unwrap();
+        let (_, sig) = rest.split_once('.').unwrap();
+        let mut forged_claims = claims(now);
+        forged_claims.sub = format!("accounts/{}", Uuid::new_v4());
+        let tampered = format!(
+            "{head}.{}.{sig}",
+            B64.encode(serde_json::to_vec(&forged_claims).unwrap())
+        );
+        let none_alg = format!(
+            "{}.{}.",
+            B64.encode(br#"{"alg":"none","typ":"JWT","kid":"k1"}"#),
+            B64.encode(serde_json::to_vec(&claims(now)).unwrap())
+        );
+        let hs256 = jsonwebtoken::encode(
+            &Header {
+                kid: Some("k1".into()),
+                ..Header::new(Algorithm::HS256)
+            },
+            &claims(now),
+            &EncodingKey::from_secret(b"secret"),
+        )
+        .unwrap();
+        let (unknown, _) = keypair("k9");
+
+        let cases: Vec<(&str, String, AuthError)> = vec![
+            (
+                "wrong audience",
+                signer.sign(&wrong_aud).unwrap(),
+                AuthError::WrongAudience,
+            ),
+            (
+                "expired",
+                signer.sign(&expired).unwrap(),
+                AuthError::Expired,
+            ),
+            (
+                "not yet valid",
+                signer.sign(&future).unwrap(),
+                AuthError::NotYetValid,
+            ),
+            ("tampered payload", tampered, AuthError::Invalid),
+            ("alg none", none_alg, AuthError::Invalid),
+            ("hs256", hs256, AuthError::Algorithm),
+            (
+                "unknown kid",
+                unknown.sign(&claims(now)).unwrap(),
+                AuthError::UnknownKey,
+            ),
+            (
+                "known kid, other key",
+                stranger.sign(&claims(now)).unwrap(),
+                AuthError::Invalid,
+            ),
+            ("garbage", "not.a.token".into(), AuthError::Invalid),
+        ];
+        for (name, token, expected) in cases {
+            assert_eq!(
+                verifier.verify(&token).await.unwrap_err(),
+                expected,
+                "{name}"
+            );
+        }
+
+        clock.advance(chrono::Duration::minutes(11));
+        assert_eq!(
+            verifier.verify(&good).await.unwrap_err(),
+            AuthError::Expired
+        );
+    }
+}

@@ -1,0 +1,207 @@
+//! Configuration from environment variables, checked once at start.
+//!
+//! Every accessor names the variable in its error, so a misconfigured deployment stops with a
+//! message an operator can act on.
+
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// A missing or malformed configuration value.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration: {var}: {reason}")]
+pub struct ConfigError {
+    /// The environment variable at fault.
+    pub var: String,
+    /// What is wrong with it (never its value: it may be a secret).
+    pub reason: String,
+}
+
+impl ConfigError {
+    pub fn new(var: &str, reason: impl Into<String>) -> Self {
+        Self {
+            var: var.to_owned(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Reads configuration from a source of variables: the process environment, or a map in tests.
+#[derive(Clone, Debug, Default)]
+pub struct Env {
+    overrides: Option<std::collections::HashMap<String, String>>,
+}
+
+impl Env {
+    /// The process environment.
+    pub fn process() -> Self {
+        Self { overrides: None }
+    }
+
+    /// A fixed set of variables, for tests and tools; the process environment is not read.
+    pub fn from_pairs<I, K, V>(pairs: I) -> Self
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: Into<String>,
+        V: Into<String>,
+    {
+        Self {
+            overrides: Some(
+                pairs
+                    .into_iter()
+                    .map(|(k, v)| (k.into(), v.into()))
+                    .collect(),
+            ),
+        }
+    }
+
+    /// The raw value, if set and not empty.
+    pub fn get(&self, var: &str) -> Option<String> {
+        let value = match &self.overrides {
+            Some(map) => map.get(var).cloned(),
+            None => std::env::var(var).ok(),
+        };
+        value.filter(|v| !v.trim().is_empty())
+    }
+
+    /// A value that must be set.
+    pub fn required(&self, var: &str) -> Result<String, ConfigError> {
+        self.get(var)
+            .ok_or_else(|| ConfigError::new(var, "is required but not set"))
+    }
+
+    /// A value parsed with `FromStr`, or `default` when unset.
+    pub fn parse_or<T>(&self, var: &str, default: T) -> Result<T, ConfigError>
+    where
+        T: FromStr,
+        T::Err: std::fmt::Display,
+    {
+        match self.get(var) {
+            None => Ok(default),
+            Some(raw) => raw
+                .trim()
+                .parse()
+                .map_err(|e: T::Err| ConfigError::new(var, format!("cannot be parsed: {e}"))),
+        }
+    }
+
+    /// A socket address such as `0.0.0.0:50051`.
+    pub fn addr_or(&self, var: &str, default: &str) -> Result<SocketAddr, ConfigError> {
+        let raw = self.get(var).unwrap_or_else(|| default.to_owned());
+        raw.trim()
+            .parse()
+            .map_err(|_| ConfigError::new(var, "must be an address such as 0.0.0.0:50051"))
+    }
+
+    /// A duration given in whole seconds; zero is refused.
+    pub fn secs_or(&self, var: &str, default: u64) -> Result<Duration, ConfigError> {
+        let secs: u64 = self.parse_or(var, default)?;
+        if secs == 0 {
+            return Err(ConfigError::new(
+                var,
+                "must be a positive number of seconds",
+            ));
+        }
+        Ok(Duration::from_secs(secs))
+    }
+
+    /// `true`/`false` (also `1`/`0`, `yes`/`no`).
+    pub fn bool_or(&self, var: &str, default: bool) -> Result<bool, ConfigError> {
+        match self.get(var).map(|v| v.trim().to_ascii_lowercase()) {
+            None => Ok(default),
+            Some(v) if matches!(v.as_str(), "true" | "1" | "yes") => Ok(true),
+            Some(v) if matches!(v.as_str(), "false" | "0" | "no") => Ok(false),
+            Some(_) => Err(ConfigError::new(var, "must be true or false")),
+        }
+    }
+}
+
+/// Settings every service shares.
+#[derive(Clone, Debug)]
+pub struct CommonConfig {
+    /// Service name, used in traces, metrics and logs.
+    pub service: &'static str,
+    /// gRPC listen address (`KEYSHARE_LISTEN_ADDR`).
+    pub listen_addr: SocketAddr,
+    /// Prometheus `/metrics` listen address (`KEYSHARE_METRICS_ADDR`).
+    pub metrics_addr: SocketAddr,
+    /// PostgreSQL connection string (`DATABASE_URL`).
+    pub database_url: String,
+    /// Connections in the pool (`KEYSHARE_DB_POOL_SIZE`).
+    pub db_pool_size: usize,
+    /// Longest a single call may run (`KEYSHARE_CALL_TIMEOUT_SECS`).
+    pub call_timeout: Duration,
+    /// Calls served at once before new ones wait (`KEYSHARE_MAX_CONCURRENT_CALLS`).
+    pub max_concurrent_calls: usize,
+    /// Longest a graceful shutdown waits for in-flight calls (`KEYSHARE_SHUTDOWN_GRACE_SECS`).
+    pub shutdown_grace: Duration,
+}
+
+impl CommonConfig {
+    /// Reads the shared settings; `default_port` is the service's gRPC port.
+    pub fn from_env(
+        env: &Env,
+        service: &'static str,
+        default_port: u16,
+    ) -> Result<Self, ConfigError> {
+        let pool_size: usize = env.parse_or("KEYSHARE_DB_POOL_SIZE", 16)?;
+        if pool_size == 0 {
+            return Err(ConfigError::new(
+                "KEYSHARE_DB_POOL_SIZE",
+                "must be at least 1",
+            ));
+        }
+        let max_calls: usize = env.parse_or("KEYSHARE_MAX_CONCURRENT_CALLS", 1024)?;
+        if max_calls == 0 {
+            return Err(ConfigError::new(
+                "KEYSHARE_MAX_CONCURRENT_CALLS",
+                "must be at least 1",
+            ));
+        }
+        Ok(Self {
+            service,
+            listen_addr: env.addr_or("KEYSHARE_LISTEN_ADDR", &format!("0.0.0.0:{default_port}"))?,
+            metrics_addr: env.addr_or(
+                "KEYSHARE_METRICS_ADDR",
+                &format!("0.0.0.0:{}", default_port - 50051 + 9051),
+            )?,
+            database_url: env.required("DATABASE_URL")?,
+            db_pool_size: pool_size,
+            call_timeout: env.secs_or("KEYSHARE_CALL_TIMEOUT_SECS", 30)?,
+            max_concurrent_calls: max_calls,
+            shutdown_grace: env.secs_or("KEYSHARE_SHUTDOWN_GRACE_SECS", 30)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_and_bad_values_name_the_variable() {
+        let env = Env::from_pairs([("KEYSHARE_LISTEN_ADDR", "not-an-address")]);
+        let err = CommonConfig::from_env(&env, "test", 50051).unwrap_err();
+        assert_eq!(err.var, "KEYSHARE_LISTEN_ADDR");
+
+        let env = Env::from_pairs::<_, String, String>([]);
+        let err = CommonConfig::from_env(&env, "test", 50051).unwrap_err();
+        assert_eq!(err.var, "DATABASE_URL");
+        assert!(err.to_string().contains("DATABASE_URL"));
+
+        let env = Env::from_pairs([
+            ("DATABASE_URL", "postgres://x"),
+            ("KEYSHARE_CALL_TIMEOUT_SECS", "0"),
+        ]);
+        let err = CommonConfig::from_env(&env, "test", 50051).unwrap_err();
+        assert_eq!(err.var, "KEYSHARE_CALL_TIMEOUT_SECS");
+    }
+
+    #[test]
+    fn defaults_follow_the_service_port() {
+        let env = Env::from_pairs([("DATABASE_URL", "postgres://x")]);
+        let config = CommonConfig::from_env(&env, "test", 50053).unwrap();
+        assert_eq!(config.listen_addr.port(), 50053);
+        assert_eq!(config.metrics_addr.port(), 9053);
+    }
+}

@@ -1,0 +1,132 @@
+//! PostgreSQL access shared by every service: the connection pool, embedded migrations applied
+//! at start (safe with several replicas starting at once), and SQLSTATE classification.
+
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::NoTls;
+use tokio_postgres::error::SqlState;
+
+pub use deadpool_postgres::{GenericClient, Object as Connection, Transaction};
+
+/// A database failure, classified so stores can map it to a domain error.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("database pool: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("database: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error("database migration: {0}")]
+    Migration(#[from] refinery::Error),
+    #[error("database configuration: {0}")]
+    Config(String),
+}
+
+impl DbError {
+    /// The SQLSTATE, when the server returned one.
+    pub fn sql_state(&self) -> Option<&SqlState> {
+        match self {
+            DbError::Postgres(e) => e.code(),
+            _ => None,
+        }
+    }
+
+    /// The constraint a unique violation hit, if that is what happened.
+    pub fn unique_violation(&self) -> Option<&str> {
+        match self {
+            DbError::Postgres(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+                e.as_db_error().and_then(|db| db.constraint())
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether the transaction lost a serialization race and may simply be retried.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self.sql_state(),
+            Some(&SqlState::T_R_SERIALIZATION_FAILURE) | Some(&SqlState::T_R_DEADLOCK_DETECTED)
+        )
+    }
+
+    /// Whether the database could not be reached at all (as opposed to refusing a statement).
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            DbError::Pool(_) => true,
+            DbError::Postgres(e) => e.is_closed() || e.code().is_none(),
+            _ => false,
+        }
+    }
+}
+
+/// Builds the connection pool. Connections are made lazily, so a database that is briefly down
+/// at start only delays the first call.
+pub fn pool(database_url: &str, max_size: usize) -> Result<Pool, DbError> {
+    let config: tokio_postgres::Config = database_url
+        .parse()
+        .map_err(|_| DbError::Config("DATABASE_URL is not a valid PostgreSQL URL".into()))?;
+    let manager = Manager::from_config(
+        config,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(max_size)
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(Duration::from_secs(5)))
+        .create_timeout(Some(Duration::from_secs(5)))
+        .recycle_timeout(Some(Duration::from_secs(5)))
+        .build()
+        .map_err(|e| DbError::Config(e.to_string()))
+}
+
+/// Applies the service's embedded migrations to its own schema.
+///
+/// A session-level advisory lock keyed by the schema serialises replicas that start together:
+/// the first applies the migrations, the others wait and then find nothing left to do.
+pub async fn migrate(
+    database_url: &str,
+    schema: &str,
+    runner: refinery::Runner,
+) -> Result<(), DbError> {
+    if !schema.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
+        return Err(DbError::Config(format!(
+            "schema name {schema:?} is not a plain identifier"
+        )));
+    }
+    let (mut client, connection) = tokio_postgres::connect(database_url, NoTls).await?;
+    let connection = tokio::spawn(connection);
+    let lock_key = advisory_key(schema);
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&lock_key])
+        .await?;
+    let result = async {
+        client
+            .batch_execute(&format!(
+                "CREATE SCHEMA IF NOT EXISTS {schema}; SET search_path TO {schema}"
+            ))
+            .await?;
+        runner.run_async(&mut client).await?;
+        Ok::<_, DbError>(())
+    }
+    .await;
+    // Closing the connection releases the lock even if unlocking fails.
+    let _ = client
+        .execute("SELECT pg_advisory_unlock($1)", &[&lock_key])
+        .await;
+    drop(client);
+    let _ = connection.await;
+    result
+}
+
+/// A stable 64-bit key for an advisory lock (FNV-1a of the name).
+pub fn advisory_key(name: &str) -> i64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in b"keyshare:".iter().chain(name.as_bytes()) {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash as i64
+}

@@ -1,0 +1,386 @@
+//! Transactional email outbox, shared by every service that sends mail.
+//!
+//! A mail is a row in the service's own `outbox` table, inserted in the same transaction as the
+//! change that caused it, so a change never commits without its mail and a rolled-back change
+//! never mails. A background worker delivers pending rows over SMTP (lettre) or, when no SMTP
+//! server is configured, as `.eml` files in a spool directory. Failed sends are retried with
+//! exponential backoff; permanent refusals are marked failed. Delivery state (attempts, last
+//! error, delivered or failed time) stays on the row. Once delivered, the body (which may hold a
+//! single-use token) is erased.
+//!
+//! Rows are claimed with `FOR UPDATE SKIP LOCKED` and a lease, so replicas share the work and a
+//! crashed worker's rows are picked up again when the lease ends. Delivery is at least once: a
+//! crash between the SMTP server accepting a mail and the row being marked can send it twice.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lettre::message::Mailbox;
+use lettre::message::header::ContentType;
+use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+use tokio::sync::Notify;
+
+use crate::config::{ConfigError, Env};
+use crate::db::{DbError, GenericClient};
+
+/// A mail to send.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Mail {
+    pub to: String,
+    pub subject: String,
+    pub body: String,
+    /// What the mail is about (e.g. `invitations/…`), to find its delivery state later.
+    pub topic: Option<String>,
+}
+
+impl std::fmt::Debug for Mail {
+    // The body can carry a token: never print it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mail")
+            .field("subject", &self.subject)
+            .field("topic", &self.topic)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The DDL of the outbox table in `schema`, for a service's migrations.
+pub fn outbox_ddl(schema: &str) -> String {
+    format!(
+        "CREATE TABLE {schema}.outbox (
+            id BIGSERIAL PRIMARY KEY,
+            recipient TEXT NOT NULL,
+            subject TEXT NOT NULL,
+            body TEXT NOT NULL,
+            topic TEXT,
+            created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+            attempts INT NOT NULL DEFAULT 0,
+            next_attempt_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+            locked_until TIMESTAMPTZ,
+            delivered_at TIMESTAMPTZ,
+            failed_at TIMESTAMPTZ,
+            last_error TEXT
+        );
+        CREATE INDEX outbox_pending ON {schema}.outbox (next_attempt_at)
+            WHERE delivered_at IS NULL AND failed_at IS NULL;
+        CREATE INDEX outbox_topic ON {schema}.outbox (topic) WHERE topic IS NOT NULL;"
+    )
+}
+
+/// Queues `mail` in the caller's transaction. Returns the outbox row id.
+pub async fn enqueue(
+    client: &impl GenericClient,
+    schema: &str,
+    mail: &Mail,
+) -> Result<i64, DbError> {
+    let row = client
+        .query_one(
+            &format!("INSERT INTO {schema}.outbox (recipient, subject, body, topic) VALUES ($1, $2, $3, $4) RETURNING id"),
+            &[&mail.to, &mail.subject, &mail.body, &mail.topic],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// Delivery state of the newest mail about a topic.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeliveryState {
+    Pending {
+        attempts: i32,
+        last_error: Option<String>,
+    },
+    Delivered,
+    Failed {
+        last_error: Option<String>,
+    },
+}
+
+/// Reads the delivery state of the newest mail about `topic`.
+pub async fn delivery_state(
+    client: &impl GenericClient,
+    schema: &str,
+    topic: &str,
+) -> Result<Option<DeliveryState>, DbError> {
+    let row = client
+        .query_opt(
+            &format!(
+                "SELECT attempts, last_error, delivered_at IS NOT NULL, failed_at IS NOT NULL
+                 FROM {schema}.outbox WHERE topic = $1 ORDER BY id DESC LIMIT 1"
+            ),
+            &[&topic],
+        )
+        .await?;
+    Ok(row.map(|row| {
+        let (attempts, last_error, delivered, failed): (i32, Option<String>, bool, bool) =
+            (row.get(0), row.get(1), row.get(2), row.get(3));
+        if delivered {
+            DeliveryState::Delivered
+        } else if failed {
+            DeliveryState::Failed { last_error }
+        } else {
+            DeliveryState::Pending {
+                attempts,
+                last_error,
+            }
+        }
+    }))
+}
+
+/// Where mail goes.
+#[derive(Clone)]
+enum Transport {
+    Smtp(AsyncSmtpTransport<Tokio1Executor>),
+    Spool(PathBuf),
+}
+
+/// Outbox settings from the environment.
+#[derive(Clone)]
+pub struct MailConfig {
+    transport: Transport,
+    from: Mailbox,
+    retry_max: Duration,
+    poll_interval: Duration,
+}
+
+impl std::fmt::Debug for MailConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let transport = match &self.transport {
+            Transport::Smtp(_) => "smtp".to_owned(),
+            Transport::Spool(dir) => format!("spool:{}", dir.display()),
+        };
+        f.debug_struct("MailConfig")
+            .field("transport", &transport)
+            .field("from", &self.from.to_string())
+            .finish()
+    }
+}
+
+impl MailConfig {
+    /// `KEYSHARE_SMTP_URL` (e.g. `smtp://user:pass@host:587?tls=required`; unset: spool files),
+    /// `KEYSHARE_MAIL_SPOOL_DIR`, `KEYSHARE_MAIL_FROM`, `KEYSHARE_MAIL_RETRY_MAX_SECS`,
+    /// `KEYSHARE_MAIL_POLL_SECS`.
+    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        let transport = match env.get("KEYSHARE_SMTP_URL") {
+            Some(url) => Transport::Smtp(
+                AsyncSmtpTransport::<Tokio1Executor>::from_url(&url)
+                    // The URL may hold credentials: say what is wrong without echoing it.
+                    .map_err(|_| {
+                        ConfigError::new(
+                            "KEYSHARE_SMTP_URL",
+                            "must be a URL such as smtp://host:25",
+                        )
+                    })?
+                    .timeout(Some(Duration::from_secs(10)))
+                    .build(),
+            ),
+            None => Transport::Spool(PathBuf::from(
+                env.get("KEYSHARE_MAIL_SPOOL_DIR")
+                    .unwrap_or_else(|| "var/mail".into()),
+            )),
+        };
+        let from = env
+            .get("KEYSHARE_MAIL_FROM")
+            .unwrap_or_else(|| "Keyshare <no-reply@keyshare.localhost>".into())
+            .parse()
+            .map_err(|_| {
+                ConfigError::new(
+                    "KEYSHARE_MAIL_FROM",
+                    "must be an address such as Keyshare <no-reply@example.com>",
+                )
+            })?;
+        Ok(Self {
+            transport,
+            from,
+            retry_max: env.secs_or("KEYSHARE_MAIL_RETRY_MAX_SECS", 300)?,
+            poll_interval: env.secs_or("KEYSHARE_MAIL_POLL_SECS", 2)?,
+        })
+    }
+
+    /// Where mail goes, for the start-up log line.
+    pub fn describe(&self) -> String {
+        match &self.transport {
+            Transport::Smtp(_) => "smtp".into(),
+            Transport::Spool(dir) => format!("files in {}", dir.display()),
+        }
+    }
+}
+
+/// Wakes the outbox worker after a mail was committed, so delivery does not wait for the poll.
+#[derive(Clone, Debug, Default)]
+pub struct OutboxWaker(Arc<Notify>);
+
+impl OutboxWaker {
+    pub fn wake(&self) {
+        self.0.notify_one();
+    }
+}
+
+/// The delivery worker of one service's outbox.
+pub struct OutboxWorker {
+    pool: deadpool_postgres::Pool,
+    schema: &'static str,
+    config: MailConfig,
+    waker: OutboxWaker,
+}
+
+const BATCH: i64 = 16;
+const LEASE_SECS: f64 = 60.0;
+
+impl OutboxWorker {
+    pub fn new(pool: deadpool_postgres::Pool, schema: &'static str, config: MailConfig) -> Self {
+        Self {
+            pool,
+            schema,
+            config,
+            waker: OutboxWaker::default(),
+        }
+    }
+
+    pub fn waker(&self) -> OutboxWaker {
+        self.waker.clone()
+    }
+
+    /// Runs until the task is dropped or aborted.
+    pub fn spawn(self) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            loop {
+                match self.deliver_batch().await {
+                    Ok(n) if n as i64 == BATCH => continue,
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, schema = self.schema, "outbox delivery round failed")
+                    }
+                }
+                tokio::select! {
+                    () = self.waker.0.notified() => {}
+                    () = tokio::time::sleep(self.config.poll_interval) => {}
+                }
+            }
+        })
+    }
+
+    /// Claims and delivers one batch of due mails; returns how many were claimed.
+    pub async fn deliver_batch(&self) -> Result<usize, DbError> {
+        let schema = self.schema;
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                &format!(
+                    "UPDATE {schema}.outbox
+                     SET locked_until = now() + make_interval(secs => $2), attempts = attempts + 1
+                     WHERE id IN (
+                        SELECT id FROM {schema}.outbox
+                        WHERE delivered_at IS NULL AND failed_at IS NULL AND next_attempt_at <= now()
+                          AND (locked_until IS NULL OR locked_until < now())
+                        ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
+                     RETURNING id, recipient, subject, body, attempts"
+                ),
+                &[&BATCH, &LEASE_SECS],
+            )
+            .await?;
+        drop(client);
+        let claimed = rows.len();
+        for row in rows {
+            let (id, recipient, subject, body, attempts): (i64, String, String, String, i32) =
+                (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+            let outcome = self.send(id, &recipient, subject, body).await;
+            let client = self.pool.get().await?;
+            match outcome {
+                Ok(()) => {
+                    client
+                        .execute(
+                            &format!(
+                                "UPDATE {schema}.outbox SET delivered_at = now(), locked_until = NULL,
+                                 body = '', last_error = NULL WHERE id = $1"
+                            ),
+                            &[&id],
+                        )
+                        .await?;
+                    tracing::info!(outbox_id = id, schema, "mail delivered");
+                }
+                Err(SendError { permanent, message }) => {
+                    let backoff = self.backoff(attempts);
+                    let sql = if permanent {
+                        format!(
+                            "UPDATE {schema}.outbox SET failed_at = now(), locked_until = NULL, last_error = $2 WHERE id = $1"
+                        )
+                    } else {
+                        format!(
+                            "UPDATE {schema}.outbox SET locked_until = NULL, last_error = $2,
+                             next_attempt_at = now() + make_interval(secs => $3) WHERE id = $1"
+                        )
+                    };
+                    let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = if permanent {
+                        vec![&id, &message]
+                    } else {
+                        vec![&id, &message, &backoff]
+                    };
+                    client.execute(&sql, &params).await?;
+                    tracing::warn!(outbox_id = id, schema, attempts, permanent, error = %message, "mail not delivered");
+                }
+            }
+        }
+        Ok(claimed)
+    }
+
+    fn backoff(&self, attempts: i32) -> f64 {
+        let exponent = attempts.clamp(1, 20) - 1;
+        (2f64.powi(exponent)).min(self.config.retry_max.as_secs_f64())
+    }
+
+    async fn send(
+        &self,
+        id: i64,
+        recipient: &str,
+        subject: String,
+        body: String,
+    ) -> Result<(), SendError> {
+        let to: Mailbox = recipient.parse().map_err(|_| SendError {
+            permanent: true,
+            message: "recipient address is not valid".into(),
+        })?;
+        let message = Message::builder()
+            .from(self.config.from.clone())
+            .to(to)
+            .subject(subject)
+            .header(ContentType::TEXT_PLAIN)
+            .body(body)
+            .map_err(|e| SendError {
+                permanent: true,
+                message: format!("building message: {e}"),
+            })?;
+        match &self.config.transport {
+            Transport::Smtp(smtp) => smtp.send(message).await.map(|_| ()).map_err(|e| SendError {
+                permanent: e.is_permanent(),
+                message: format!("smtp: {}", smtp_error_summary(&e)),
+            }),
+            Transport::Spool(dir) => {
+                tokio::fs::create_dir_all(dir)
+                    .await
+                    .map_err(|e| SendError {
+                        permanent: false,
+                        message: format!("spool directory: {e}"),
+                    })?;
+                let path = dir.join(format!("{}-{id}.eml", self.schema));
+                tokio::fs::write(&path, message.formatted())
+                    .await
+                    .map_err(|e| SendError {
+                        permanent: false,
+                        message: format!("spool file: {e}"),
+                    })
+            }
+        }
+    }
+}
+
+struct SendError {
+    permanent: bool,
+    message: String,
+}
+
+// lettre's errors describe the SMTP exchange (status codes, connection problems), never the
+// message content; keep them short.
+fn smtp_error_summary(e: &lettre::transport::smtp::Error) -> String {
+    let text = e.to_string();
+    text.chars().take(200).collect()
+}

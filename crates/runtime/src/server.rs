@@ -1,0 +1,379 @@
+//! The gRPC server every service runs: its routes plus health and reflection, behind the same
+//! tower stack (request id → span and metrics → concurrency limit → authentication → per-call
+//! timeout), with graceful shutdown.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use http_body::{Body, Frame, SizeHint};
+use tokio::net::TcpListener;
+use tonic::service::Routes;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+use tower::ServiceBuilder;
+use tower::limit::GlobalConcurrencyLimitLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tracing::Instrument;
+
+use crate::auth::{AuthLayer, TokenVerifier};
+use crate::config::CommonConfig;
+use crate::metrics::Metrics;
+
+/// Tells health checkers whether the service can take calls.
+#[derive(Clone)]
+pub struct Readiness {
+    reporter: HealthReporter,
+    service_name: &'static str,
+}
+
+impl std::fmt::Debug for Readiness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Readiness")
+            .field("service_name", &self.service_name)
+            .finish()
+    }
+}
+
+impl Readiness {
+    /// SERVING or NOT_SERVING, for the whole server (`""`) and the named service alike.
+    pub async fn set(&self, serving: bool) {
+        let status = if serving {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        self.reporter.set_service_status("", status).await;
+        self.reporter
+            .set_service_status(self.service_name, status)
+            .await;
+    }
+}
+
+/// What a service hands to [`serve`].
+pub struct ServeOptions {
+    pub config: CommonConfig,
+    /// Fully qualified gRPC service name, e.g. `keyshare.identity.v1.IdentityService`.
+    pub grpc_service_name: &'static str,
+    pub metrics: Arc<Metrics>,
+    pub verifier: Arc<TokenVerifier>,
+    /// Whether the service is ready as soon as it listens. Services that must load state first
+    /// (the authorizer's first snapshot) pass `false` and call [`Readiness::set`] later.
+    pub ready_on_start: bool,
+}
+
+/// A bound listener with its health reporter, before serving starts.
+pub struct Bound {
+    listener: TcpListener,
+    readiness: Readiness,
+    routes: Routes,
+}
+
+/// Binds the listen address (port 0 picks a free port) and prepares health reporting.
+pub async fn bind(
+    config: &CommonConfig,
+    grpc_service_name: &'static str,
+) -> std::io::Result<Bound> {
+    let listener = TcpListener::bind(config.listen_addr).await?;
+    let (reporter, health) = tonic_health::server::health_reporter();
+    let readiness = Readiness {
+        reporter,
+        service_name: grpc_service_name,
+    };
+    readiness.set(false).await;
+    Ok(Bound {
+        listener,
+        readiness,
+        routes: Routes::new(health),
+    })
+}
+
+impl Bound {
+    pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    pub fn readiness(&self) -> Readiness {
+        self.readiness.clone()
+    }
+
+    /// Serves `routes` until `shutdown` completes, then reports NOT_SERVING, stops accepting
+    /// connections and lets in-flight calls finish (at most `shutdown_grace`).
+    pub async fn serve(
+        self,
+        options: ServeOptions,
+        add_services: impl FnOnce(Routes) -> Routes,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServeError> {
+        let Bound {
+            listener,
+            readiness,
+            routes,
+        } = self;
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(keyshare_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| ServeError::Reflection(e.to_string()))?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(keyshare_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
+            .map_err(|e| ServeError::Reflection(e.to_string()))?;
+        let routes = add_services(routes)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha);
+
+        let layers = ServiceBuilder::new()
+            .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+            .layer(PropagateRequestIdLayer::x_request_id())
+            .layer(ObserveLayer {
+                metrics: options.metrics.clone(),
+            })
+            .layer(GlobalConcurrencyLimitLayer::new(
+                options.config.max_concurrent_calls,
+            ))
+            .layer(AuthLayer::new(options.verifier.clone()));
+
+        if options.ready_on_start {
+            readiness.set(true).await;
+        }
+        let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
+        let drain_readiness = readiness.clone();
+        let signal = async move {
+            shutdown.await;
+            // Health checkers see NOT_SERVING before the listener closes, so load balancers
+            // stop routing new calls here while in-flight ones finish.
+            drain_readiness.set(false).await;
+            tracing::info!("shutting down: draining in-flight calls");
+            let _ = stopping_tx.send(());
+        };
+        let server = Server::builder()
+            .timeout(options.config.call_timeout)
+            .layer(layers)
+            .add_routes(routes)
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                signal,
+            );
+        let grace = options.config.shutdown_grace;
+        let drained = async move {
+            if stopping_rx.await.is_ok() {
+                tokio::time::sleep(grace).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            result = server => result.map_err(|e| ServeError::Transport(e.to_string())),
+            () = drained => {
+                tracing::warn!(grace_secs = grace.as_secs(), "calls still running after the shutdown grace period");
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The server could not start or stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("reflection: {0}")]
+    Reflection(String),
+    #[error("transport: {0}")]
+    Transport(String),
+}
+
+/// Completes on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stopping only when killed");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("received SIGTERM"),
+        _ = int.recv() => tracing::info!("received SIGINT"),
+    }
+}
+
+/// Opens a span per call (parented on the caller's trace context), and records the call's
+/// latency and status code when its response ends.
+#[derive(Clone, Debug)]
+struct ObserveLayer {
+    metrics: Arc<Metrics>,
+}
+
+impl<S> tower::Layer<S> for ObserveLayer {
+    type Service = Observe<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Observe {
+            inner,
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Observe<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for Observe<S>
+where
+    S: tower::Service<http::Request<ReqBody>, Response = http::Response<ResBody>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    ReqBody: Send + 'static,
+{
+    type Response = http::Response<ObservedBody<ResBody>>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let method = request.uri().path().to_owned();
+        let request_id = request
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let span = tracing::info_span!(
+            "grpc.server",
+            otel.name = %method.trim_start_matches('/'),
+            otel.kind = "server",
+            rpc.system = "grpc",
+            rpc.method = %method,
+            request_id = %request_id,
+            caller = tracing::field::Empty,
+            rpc.grpc.status_code = tracing::field::Empty,
+        );
+        crate::telemetry::set_parent_from_headers(&span, request.headers());
+        let recorder = Recorder {
+            metrics: self.metrics.clone(),
+            method,
+            start: Instant::now(),
+            span: span.clone(),
+        };
+        let future = inner.call(request).instrument(span);
+        Box::pin(async move {
+            let response = future.await?;
+            // Errors that end a call before any message put grpc-status in the headers;
+            // everything else puts it in the trailers, seen when the body ends.
+            let header_code = response.headers().get("grpc-status").map(grpc_code);
+            let (parts, body) = response.into_parts();
+            let mut body = ObservedBody {
+                inner: body,
+                recorder: Some(recorder),
+            };
+            if let Some(code) = header_code {
+                body.finish(code);
+            }
+            Ok(http::Response::from_parts(parts, body))
+        })
+    }
+}
+
+fn grpc_code(value: &http::HeaderValue) -> tonic::Code {
+    value
+        .to_str()
+        .ok()
+        .and_then(|s| s.parse::<i32>().ok())
+        .map(tonic::Code::from_i32)
+        .unwrap_or(tonic::Code::Unknown)
+}
+
+struct Recorder {
+    metrics: Arc<Metrics>,
+    method: String,
+    start: Instant,
+    span: tracing::Span,
+}
+
+impl Recorder {
+    fn finish(self, code: tonic::Code) {
+        // Unknown paths would give metrics unbounded label values.
+        let method = if code == tonic::Code::Unimplemented {
+            "unknown"
+        } else {
+            self.method.as_str()
+        };
+        self.span.record("rpc.grpc.status_code", code as i32);
+        self.metrics
+            .record_call(method, code, self.start.elapsed().as_secs_f64());
+    }
+}
+
+/// A response body that records its call when the trailers pass or the body is dropped.
+struct ObservedBody<B> {
+    inner: B,
+    recorder: Option<Recorder>,
+}
+
+impl<B> ObservedBody<B> {
+    fn finish(&mut self, code: tonic::Code) {
+        if let Some(recorder) = self.recorder.take() {
+            recorder.finish(code);
+        }
+    }
+}
+
+impl<B> Drop for ObservedBody<B> {
+    fn drop(&mut self) {
+        // The client went away before the trailers were sent.
+        self.finish(tonic::Code::Cancelled);
+    }
+}
+
+impl<B: Body + Unpin> Body for ObservedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let poll = Pin::new(&mut self.inner).poll_frame(cx);
+        match &poll {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(code) = frame
+                    .trailers_ref()
+                    .and_then(|t| t.get("grpc-status"))
+                    .map(grpc_code)
+                {
+                    self.finish(code);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => self.finish(tonic::Code::Internal),
+            Poll::Ready(None) => self.finish(tonic::Code::Ok),
+            Poll::Pending => {}
+        }
+        poll
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// How long a client waits to connect to another Keyshare service.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);

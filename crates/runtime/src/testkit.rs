@@ -1,0 +1,327 @@
+//! Test support: a fresh PostgreSQL database per test, a real SMTP server (aiosmtpd) that keeps
+//! what it receives, and lookup of the tools `scripts/test` installs.
+//!
+//! Failures here panic with a message saying what is missing: tests never skip silently.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("workspace root")
+}
+
+/// A tool installed by `scripts/test` (grpcurl, buf, the venv's python).
+pub fn tool(name: &str) -> PathBuf {
+    let dir = std::env::var_os("KEYSHARE_TOOLS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join(".venv/bin"));
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/test, which installs the test tools",
+        path.display()
+    );
+    path
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `probe` until it returns `Some`, or panics after `deadline` naming `what`.
+pub async fn eventually<T, F, Fut>(what: &str, deadline: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        assert!(
+            start.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn admin_url() -> String {
+    std::env::var("KEYSHARE_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// A database created for one test and dropped when the value is dropped.
+#[derive(Debug)]
+pub struct TestDatabase {
+    pub url: String,
+    name: String,
+}
+
+impl TestDatabase {
+    pub async fn create() -> Self {
+        let admin = admin_url();
+        let name = format!("ks_test_{}", uuid::Uuid::new_v4().simple());
+        let (client, connection) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("PostgreSQL is not reachable at KEYSHARE_TEST_DATABASE_URL ({e}); scripts/test starts it"));
+        tokio::spawn(connection);
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+        let mut config: tokio_postgres::Config = admin.parse().unwrap();
+        config.dbname(&name);
+        let url = rebuild_url(&admin, &name);
+        Self { url, name }
+    }
+}
+
+fn rebuild_url(admin: &str, dbname: &str) -> String {
+    // postgres://user@host:port/db?params → same with another db.
+    let (base, query) = admin
+        .split_once('?')
+        .map_or((admin, None), |(b, q)| (b, Some(q)));
+    let prefix = base.rsplit_once('/').map_or(base, |(p, _)| p);
+    match query {
+        Some(q) => format!("{prefix}/{dbname}?{q}"),
+        None => format!("{prefix}/{dbname}"),
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        let admin = admin_url();
+        // Drop runs outside any runtime guarantee; use a private one on a plain thread.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            runtime.block_on(async move {
+                let (client, connection) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
+                    .await
+                    .ok()?;
+                tokio::spawn(connection);
+                client
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await
+                    .ok()
+            })
+        })
+        .join();
+    }
+}
+
+/// A mail as the SMTP server received it.
+#[derive(Clone, Debug)]
+pub struct ReceivedMail {
+    pub to: String,
+    pub subject: String,
+    pub body: String,
+}
+
+/// A real SMTP server (aiosmtpd) that stores every mail in a maildir.
+#[derive(Debug)]
+pub struct SmtpServer {
+    child: Option<Child>,
+    pub port: u16,
+    maildir: tempfile::TempDir,
+}
+
+impl SmtpServer {
+    pub async fn start() -> Self {
+        let maildir = tempfile::tempdir().unwrap();
+        let mut server = Self {
+            child: None,
+            port: free_port(),
+            maildir,
+        };
+        server.launch().await;
+        server
+    }
+
+    async fn launch(&mut self) {
+        let child = Command::new(tool("python"))
+            .args([
+                "-m",
+                "aiosmtpd",
+                "-n",
+                "-l",
+                &format!("127.0.0.1:{}", self.port),
+                "-c",
+                "aiosmtpd.handlers.Mailbox",
+            ])
+            .arg(self.maildir.path().join("mail"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start aiosmtpd");
+        self.child = Some(child);
+        let port = self.port;
+        eventually(
+            "the SMTP server to listen",
+            Duration::from_secs(20),
+            || async move {
+                tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .ok()
+                    .map(|_| ())
+            },
+        )
+        .await;
+    }
+
+    /// `smtp://127.0.0.1:PORT` for `KEYSHARE_SMTP_URL`.
+    pub fn url(&self) -> String {
+        format!("smtp://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the server (mail already received stays readable).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port.
+    pub async fn restart(&mut self) {
+        self.stop();
+        self.launch().await;
+    }
+
+    /// Every mail received so far.
+    pub fn received(&self) -> Vec<ReceivedMail> {
+        let mut mails = Vec::new();
+        for sub in ["new", "cur"] {
+            let Ok(entries) = std::fs::read_dir(self.maildir.path().join("mail").join(sub)) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                if let Ok(raw) = std::fs::read_to_string(entry.path()) {
+                    mails.push(parse_mail(&raw));
+                }
+            }
+        }
+        mails
+    }
+
+    /// Waits until at least `count` mails to `to` arrived, and returns them.
+    pub async fn wait_for(&self, to: &str, count: usize) -> Vec<ReceivedMail> {
+        let to = to.to_ascii_lowercase();
+        eventually(
+            &format!("{count} mail(s) to {to}"),
+            Duration::from_secs(30),
+            || {
+                let mails: Vec<_> = self
+                    .received()
+                    .into_iter()
+                    .filter(|m| m.to.to_ascii_lowercase().contains(&to))
+                    .collect();
+                async move { (mails.len() >= count).then_some(mails) }
+            },
+        )
+        .await
+    }
+}
+
+impl Drop for SmtpServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn parse_mail(raw: &str) -> ReceivedMail {
+    let raw = raw.replace("\r\n", "\n");
+    let (head, body) = raw.split_once("\n\n").unwrap_or((&raw, ""));
+    // Unfold continuation lines before reading headers.
+    let head = head.replace("\n ", " ").replace("\n\t", " ");
+    let header = |name: &str| {
+        head.lines()
+            .find_map(|line| {
+                let (key, value) = line.split_once(':')?;
+                key.eq_ignore_ascii_case(name)
+                    .then(|| value.trim().to_owned())
+            })
+            .unwrap_or_default()
+    };
+    let body = match header("Content-Transfer-Encoding")
+        .to_ascii_lowercase()
+        .as_str()
+    {
+        "quoted-printable" => decode_quoted_printable(body),
+        "base64" => {
+            let compact: String = body.split_whitespace().collect();
+            String::from_utf8_lossy(
+                &base64::engine::general_purpose::STANDARD
+                    .decode(compact)
+                    .unwrap_or_default(),
+            )
+            .into_owned()
+        }
+        _ => body.to_owned(),
+    };
+    ReceivedMail {
+        to: header("To"),
+        subject: header("Subject"),
+        body,
+    }
+}
+
+fn decode_quoted_printable(text: &str) -> String {
+    let mut out = Vec::new();
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'=' if bytes.get(i + 1) == Some(&b'\n') => i += 2,
+            b'=' if i + 2 < bytes.len() => {
+                match u8::from_str_radix(
+                    std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"),
+                    16,
+                ) {
+                    Ok(byte) => out.push(byte),
+                    Err(_) => out.extend_from_slice(&bytes[i..i + 3]),
+                }
+                i += 3;
+            }
+            byte => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn urls_keep_their_parameters() {
+        assert_eq!(
+            super::rebuild_url("postgres://u@h:1/postgres", "x"),
+            "postgres://u@h:1/x"
+        );
+        assert_eq!(
+            super::rebuild_url("postgres://u@h/postgres?sslmode=disable", "x"),
+            "postgres://u@h/x?sslmode=disable"
+        );
+    }
+}
