@@ -63,10 +63,17 @@ CREATE TABLE identity.organization_members (
     organization_id UUID NOT NULL REFERENCES identity.organizations (id) ON DELETE CASCADE,
     account_id UUID NOT NULL REFERENCES identity.accounts (id) ON DELETE CASCADE,
     role TEXT NOT NULL CHECK (role IN ('owner', 'reader')),
-    -- The invitation that granted this membership: a retried grant finds it here.
-    invitation_id TEXT UNIQUE,
     created_at TIMESTAMPTZ NOT NULL,
     PRIMARY KEY (organization_id, account_id)
+);
+-- Memberships granted for accepted invitations. Kept after the membership is removed, so a
+-- retried grant neither adds a second membership nor brings back a revoked one.
+CREATE TABLE identity.organization_grants (
+    invitation_id TEXT PRIMARY KEY,
+    organization_id UUID NOT NULL REFERENCES identity.organizations (id) ON DELETE CASCADE,
+    account_id UUID NOT NULL REFERENCES identity.accounts (id) ON DELETE CASCADE,
+    role TEXT NOT NULL,
+    created_at TIMESTAMPTZ NOT NULL
 );
 CREATE INDEX organization_members_account ON identity.organization_members (account_id);
 CREATE INDEX organization_members_page ON identity.organization_members (organization_id, created_at, account_id);

@@ -402,7 +402,7 @@ impl Identity {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         store::insert_organization(&tx, id, display_name.as_str(), me, now).await?;
-        store::insert_member(&tx, id, me, OrgRole::Owner, None, now).await?;
+        store::insert_member(&tx, id, me, OrgRole::Owner, now).await?;
         tx.commit().await?;
         Ok(Organization {
             id,
@@ -579,11 +579,18 @@ impl Identity {
         if store::account_by_id(&tx, account).await?.is_none() {
             return Err(Error::NotFound("account"));
         }
-        match store::membership_of_invitation(&tx, invitation_id).await? {
-            Some(existing) if existing == (org, account) => {}
+        match store::grant_of_invitation(&tx, invitation_id).await? {
+            // A retry: answer with the membership the first call made, unless it was removed
+            // since, which a retry must not undo.
+            Some(existing) if existing == (org, account) => {
+                return store::member(&tx, org, account)
+                    .await?
+                    .ok_or(Error::GrantRevoked);
+            }
             Some(_) => return Err(Error::InvitationConflict(invitation_id.to_owned())),
             None => {
-                store::insert_member(&tx, org, account, role, Some(invitation_id), now).await?;
+                store::insert_grant(&tx, invitation_id, org, account, role, now).await?;
+                store::insert_member(&tx, org, account, role, now).await?;
             }
         }
         let member = store::member(&tx, org, account)

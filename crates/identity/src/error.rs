@@ -41,6 +41,8 @@ pub enum Error {
     LastOwner,
     #[error("invitation {0} already granted a different membership")]
     InvitationConflict(String),
+    #[error("the membership this invitation granted has since been removed")]
+    GrantRevoked,
     #[error("the current password is incorrect")]
     WrongPassword,
     #[error("database unavailable: {0}")]
@@ -106,6 +108,7 @@ impl From<Error> for Status {
             Error::InvitationConflict(_) => {
                 simple(Code::FailedPrecondition, "INVITATION_CONFLICT", &e)
             }
+            Error::GrantRevoked => simple(Code::FailedPrecondition, "GRANT_REVOKED", &e),
             Error::WrongPassword => simple(Code::PermissionDenied, "WRONG_PASSWORD", &e),
             Error::Unavailable(cause) => error::unavailable(DOMAIN, &cause),
             Error::Internal(cause) => error::internal(DOMAIN, &cause),

@@ -498,34 +498,51 @@ pub async fn members(
     Ok(rows.iter().map(member_row).collect())
 }
 
-/// Adds a membership; with an invitation id, a second call with the same id adds nothing.
-/// Returns false when the account was already a member (the existing membership is kept).
+/// Adds a membership. Returns false when the account was already a member (the existing
+/// membership is kept).
 pub async fn insert_member(
     c: &impl GenericClient,
     org: Uuid,
     account: Uuid,
     role: OrgRole,
-    invitation_id: Option<&str>,
     now: DateTime<Utc>,
 ) -> Result<bool> {
     let inserted = c
         .execute(
-            "INSERT INTO identity.organization_members (organization_id, account_id, role, invitation_id, created_at)
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (organization_id, account_id) DO NOTHING",
-            &[&org, &account, &role.as_str(), &invitation_id, &now],
+            "INSERT INTO identity.organization_members (organization_id, account_id, role, created_at)
+             VALUES ($1, $2, $3, $4) ON CONFLICT (organization_id, account_id) DO NOTHING",
+            &[&org, &account, &role.as_str(), &now],
         )
         .await?;
     Ok(inserted == 1)
 }
 
-/// The membership an invitation granted, if any: (organization, account).
-pub async fn membership_of_invitation(
+/// Records that an invitation granted a membership.
+pub async fn insert_grant(
+    c: &impl GenericClient,
+    invitation_id: &str,
+    org: Uuid,
+    account: Uuid,
+    role: OrgRole,
+    now: DateTime<Utc>,
+) -> Result<()> {
+    c.execute(
+        "INSERT INTO identity.organization_grants (invitation_id, organization_id, account_id, role, created_at)
+         VALUES ($1, $2, $3, $4, $5)",
+        &[&invitation_id, &org, &account, &role.as_str(), &now],
+    )
+    .await?;
+    Ok(())
+}
+
+/// What an invitation granted, if anything: (organization, account).
+pub async fn grant_of_invitation(
     c: &impl GenericClient,
     invitation_id: &str,
 ) -> Result<Option<(Uuid, Uuid)>> {
     let row = c
         .query_opt(
-            "SELECT organization_id, account_id FROM identity.organization_members WHERE invitation_id = $1",
+            "SELECT organization_id, account_id FROM identity.organization_grants WHERE invitation_id = $1",
             &[&invitation_id],
         )
         .await?;

@@ -263,6 +263,9 @@ impl TokenVerifier {
             return Err(AuthError::Algorithm);
         }
         let kid = header.kid.ok_or(AuthError::Invalid)?;
+        if !self.has_fetched() {
+            self.refresh(false).await?;
+        }
         let key = match self.lookup(&kid)? {
             Some(key) => key,
             None => {
@@ -293,6 +296,14 @@ impl TokenVerifier {
             return Err(AuthError::NotYetValid);
         }
         claims.caller()
+    }
+
+    fn has_fetched(&self) -> bool {
+        self.cache
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .fetched_at
+            .is_some()
     }
 
     /// The key for `kid`, if known and not retired. Triggers a periodic refresh when stale.

@@ -1,0 +1,207 @@
+//! Test harness: identity started in-process on port 0 against a database made for the test.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::sync::Arc;
+
+use keyshare_identity::Config;
+use keyshare_proto::identity::v1 as pb;
+use keyshare_proto::identity::v1::identity_service_client::IdentityServiceClient;
+use keyshare_runtime::clock::ManualClock;
+use keyshare_runtime::config::Env;
+use keyshare_runtime::crypto::Sealer;
+use keyshare_runtime::testkit::{SmtpServer, TestDatabase};
+use tonic::transport::Channel;
+use tonic_types::StatusExt;
+
+pub type Client = IdentityServiceClient<Channel>;
+
+pub const PASSWORD: &str = "correct horse battery staple";
+pub const INTERNAL_SECRET: &str = "internal-secret-for-tests-0123456789abcdef";
+
+pub struct Harness {
+    pub db: TestDatabase,
+    pub smtp: SmtpServer,
+    pub clock: Arc<ManualClock>,
+    pub kek: String,
+    pub addr: std::net::SocketAddr,
+    pub metrics_addr: std::net::SocketAddr,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Harness {
+    pub async fn start() -> Self {
+        let db = TestDatabase::create().await;
+        let smtp = SmtpServer::start().await;
+        let (_, kek) = Sealer::generate("test1");
+        let clock = ManualClock::new();
+        let mut harness = Self {
+            db,
+            smtp,
+            clock,
+            kek,
+            addr: "127.0.0.1:0".parse().unwrap(),
+            metrics_addr: "127.0.0.1:0".parse().unwrap(),
+            shutdown: None,
+        };
+        let (addr, metrics_addr, shutdown) = harness.spawn_instance().await;
+        harness.addr = addr;
+        harness.metrics_addr = metrics_addr;
+        harness.shutdown = Some(shutdown);
+        harness
+    }
+
+    pub fn env(&self) -> Vec<(String, String)> {
+        [
+            ("DATABASE_URL", self.db.url.clone()),
+            ("KEYSHARE_LISTEN_ADDR", "127.0.0.1:0".into()),
+            ("KEYSHARE_METRICS_ADDR", "127.0.0.1:0".into()),
+            ("KEYSHARE_KEY_ENCRYPTION_KEYS", self.kek.clone()),
+            ("KEYSHARE_SMTP_URL", self.smtp.url()),
+            ("KEYSHARE_MAIL_RETRY_MAX_SECS", "1".into()),
+            (
+                "KEYSHARE_INTERNAL_CLIENTS",
+                format!("invitation:{INTERNAL_SECRET}"),
+            ),
+            ("KEYSHARE_DB_POOL_SIZE", "4".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
+    }
+
+    pub fn config(&self) -> Config {
+        Config::from_env(&Env::from_pairs(self.env())).unwrap()
+    }
+
+    /// Starts another replica on the same database and clock.
+    pub async fn spawn_instance(
+        &self,
+    ) -> (
+        std::net::SocketAddr,
+        std::net::SocketAddr,
+        tokio::sync::oneshot::Sender<()>,
+    ) {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let started = keyshare_identity::start(self.config(), self.clock.clone(), async move {
+            let _ = rx.await;
+        })
+        .await
+        .unwrap();
+        (started.addr, started.metrics_addr, tx)
+    }
+
+    pub async fn client(&self) -> Client {
+        connect(self.addr).await
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+pub async fn connect(addr: std::net::SocketAddr) -> Client {
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    IdentityServiceClient::new(channel)
+}
+
+pub fn authed<T>(token: &str, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    request
+}
+
+/// The token line of a verification mail.
+pub fn token_from_mail(body: &str) -> String {
+    body.lines()
+        .find_map(|line| line.split("token=").nth(1))
+        .map(|t| t.trim().to_owned())
+        .expect("verification mail carries a token")
+}
+
+/// A verified, logged-in account: (account name, access token, refresh token).
+pub async fn verified_account(h: &Harness, email: &str) -> (String, String, String) {
+    let mut client = h.client().await;
+    let account = client
+        .create_account(pb::CreateAccountRequest {
+            email: email.into(),
+            display_name: format!("User {email}"),
+            password: PASSWORD.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .account
+        .unwrap();
+    let mail = h.smtp.wait_for(email, 1).await.pop().unwrap();
+    client
+        .verify_email(pb::VerifyEmailRequest {
+            token: token_from_mail(&mail.body),
+        })
+        .await
+        .unwrap();
+    let grant = login(&mut client, email).await.unwrap();
+    (account.name, grant.access_token, grant.refresh_token)
+}
+
+pub async fn login(client: &mut Client, email: &str) -> Result<pb::TokenGrant, tonic::Status> {
+    client
+        .login(pb::LoginRequest {
+            email: email.into(),
+            password: PASSWORD.into(),
+        })
+        .await
+        .map(|r| r.into_inner().grant.unwrap())
+}
+
+pub async fn internal_token(client: &mut Client) -> String {
+    client
+        .issue_service_account_token(pb::IssueServiceAccountTokenRequest {
+            client_id: "invitation".into(),
+            client_secret: INTERNAL_SECRET.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .grant
+        .unwrap()
+        .access_token
+}
+
+/// The `ErrorInfo.reason` of a status.
+pub fn reason(status: &tonic::Status) -> String {
+    status
+        .get_details_error_info()
+        .map(|i| i.reason)
+        .unwrap_or_default()
+}
+
+/// The fields named by a status's `BadRequest`.
+pub fn bad_fields(status: &tonic::Status) -> Vec<String> {
+    status
+        .get_details_bad_request()
+        .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
+        .unwrap_or_default()
+}
+
+/// Row count of an identity table, to prove nothing was written.
+pub async fn count(h: &Harness, table: &str) -> i64 {
+    let (client, connection) = tokio_postgres::connect(&h.db.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+        .query_one(&format!("SELECT count(*) FROM identity.{table}"), &[])
+        .await
+        .unwrap()
+        .get(0)
+}
