@@ -16,8 +16,7 @@ use uuid::Uuid;
 
 use crate::config::Config;
 use crate::domain::{
-    Account, DisplayName, Email, Member, NewPassword, OrgRole, Organization, Page, ServiceAccount,
-    TokenGrant,
+    Account, DisplayName, Email, Member, NewPassword, OrgRole, Organization, Page, ServiceAccount, TokenGrant,
 };
 use crate::error::{Error, Result};
 use crate::keys::{self, SigningKeys};
@@ -36,25 +35,17 @@ pub struct Identity {
     /// A real argon2 hash verified when the email is unknown, so a login for an unknown email
     /// takes as long as one with a wrong password.
     dummy_hash: String,
+    /// Password hashing is deliberately expensive; at most one per core runs at a time, so a
+    /// burst of logins queues instead of starving every other call of CPU.
+    hashing: Arc<tokio::sync::Semaphore>,
 }
 
 impl Identity {
-    pub fn new(
-        pool: Pool,
-        clock: SharedClock,
-        config: Config,
-        keys: Arc<SigningKeys>,
-        outbox: OutboxWaker,
-    ) -> Self {
+    pub fn new(pool: Pool, clock: SharedClock, config: Config, keys: Arc<SigningKeys>, outbox: OutboxWaker) -> Self {
         let dummy_hash = hash_password_blocking("keyshare-timing-equaliser").unwrap_or_default();
-        Self {
-            pool,
-            clock,
-            config,
-            keys,
-            outbox,
-            dummy_hash,
-        }
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let hashing = Arc::new(tokio::sync::Semaphore::new(cores));
+        Self { pool, clock, config, keys, outbox, dummy_hash, hashing }
     }
 
     fn now(&self) -> DateTime<Utc> {
@@ -63,13 +54,8 @@ impl Identity {
 
     // --- Accounts ---
 
-    pub async fn sign_up(
-        &self,
-        email: Email,
-        display_name: DisplayName,
-        password: NewPassword,
-    ) -> Result<Account> {
-        let password_hash = hash_password(password.expose().to_owned()).await?;
+    pub async fn sign_up(&self, email: Email, display_name: DisplayName, password: NewPassword) -> Result<Account> {
+        let password_hash = hash_password(&self.hashing, password.expose().to_owned()).await?;
         let now = self.now();
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
@@ -83,13 +69,7 @@ impl Identity {
             now,
         )
         .await
-        .map_err(|e| {
-            if e.unique_violation().is_some() {
-                Error::EmailTaken
-            } else {
-                e.into()
-            }
-        })?;
+        .map_err(|e| if e.unique_violation().is_some() { Error::EmailTaken } else { e.into() })?;
         self.queue_verification(&tx, &account, now).await?;
         tx.commit().await?;
         self.outbox.wake();
@@ -104,14 +84,7 @@ impl Identity {
         now: DateTime<Utc>,
     ) -> Result<()> {
         let token = random_token(32);
-        store::insert_verification(
-            tx,
-            &sha256(token.as_bytes()),
-            account.id,
-            now,
-            now + VERIFICATION_TTL,
-        )
-        .await?;
+        store::insert_verification(tx, &sha256(token.as_bytes()), account.id, now, now + VERIFICATION_TTL).await?;
         let link = format!("{}/verify-email?token={token}", self.config.public_url);
         let body = format!(
             "Hello {name},\n\nConfirm your email address for Keyshare by opening this link:\n\n{link}\n\n\
@@ -134,16 +107,13 @@ impl Identity {
         let hash = sha256(token.trim().as_bytes());
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
-        let verification = store::lock_verification(&tx, &hash)
-            .await?
-            .ok_or(Error::VerificationTokenInvalid)?;
+        let verification = store::lock_verification(&tx, &hash).await?.ok_or(Error::VerificationTokenInvalid)?;
         if verification.used || verification.expires_at <= now {
             return Err(Error::VerificationTokenInvalid);
         }
         store::use_verification(&tx, &hash, verification.account_id, now).await?;
-        let account = store::account_by_id(&tx, verification.account_id)
-            .await?
-            .ok_or(Error::VerificationTokenInvalid)?;
+        let account =
+            store::account_by_id(&tx, verification.account_id).await?.ok_or(Error::VerificationTokenInvalid)?;
         tx.commit().await?;
         Ok(account)
     }
@@ -173,10 +143,8 @@ impl Identity {
             return Err(Error::Throttled { retry_after });
         }
         let found = store::credentials_by_email(&client, &normalized).await?;
-        let hash = found
-            .as_ref()
-            .map_or(self.dummy_hash.clone(), |f| f.password_hash.clone());
-        let matches = verify_password(password, hash).await? && found.is_some();
+        let hash = found.as_ref().map_or(self.dummy_hash.clone(), |f| f.password_hash.clone());
+        let matches = verify_password(&self.hashing, password, hash).await? && found.is_some();
         let Some(found) = found.filter(|_| matches) else {
             store::record_login_failure(
                 &client,
@@ -199,9 +167,7 @@ impl Identity {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         store::insert_session(&tx, session_id, found.account.id, now).await?;
-        let grant = self
-            .issue_account_grant(&tx, found.account.id, session_id, now)
-            .await?;
+        let grant = self.issue_account_grant(&tx, found.account.id, session_id, now).await?;
         tx.commit().await?;
         tracing::info!(account = %found.account.id, session = %session_id, "logged in");
         Ok((grant, found.account))
@@ -216,23 +182,8 @@ impl Identity {
     ) -> Result<TokenGrant> {
         let refresh_token = random_token(32);
         let refresh_expires_at = now + duration(self.config.refresh_token_ttl);
-        store::insert_refresh_token(
-            tx,
-            &sha256(refresh_token.as_bytes()),
-            session_id,
-            now,
-            refresh_expires_at,
-        )
-        .await?;
-        let mut grant = self
-            .sign(
-                format!("accounts/{account_id}"),
-                Some(session_id),
-                None,
-                false,
-                now,
-            )
-            .await?;
+        store::insert_refresh_token(tx, &sha256(refresh_token.as_bytes()), session_id, now, refresh_expires_at).await?;
+        let mut grant = self.sign(format!("accounts/{account_id}"), Some(session_id), None, false, now).await?;
         grant.refresh_token = Some(refresh_token);
         grant.refresh_expires_at = Some(refresh_expires_at);
         Ok(grant)
@@ -261,12 +212,7 @@ impl Identity {
         };
         let signer = self.keys.signer().await?;
         let access_token = signer.sign(&claims).map_err(Error::Internal)?;
-        Ok(TokenGrant {
-            access_token,
-            access_expires_at: expires,
-            refresh_token: None,
-            refresh_expires_at: None,
-        })
+        Ok(TokenGrant { access_token, access_expires_at: expires, refresh_token: None, refresh_expires_at: None })
     }
 
     pub async fn refresh(&self, refresh_token: &str) -> Result<TokenGrant> {
@@ -274,9 +220,7 @@ impl Identity {
         let hash = sha256(refresh_token.trim().as_bytes());
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
-        let token = store::lock_refresh_token(&tx, &hash)
-            .await?
-            .ok_or(Error::RefreshTokenInvalid)?;
+        let token = store::lock_refresh_token(&tx, &hash).await?.ok_or(Error::RefreshTokenInvalid)?;
         if token.used {
             // A used token presented again means two holders: end the session for both.
             store::revoke_session(&tx, token.session_id, now, "refresh token reuse").await?;
@@ -288,9 +232,7 @@ impl Identity {
             return Err(Error::RefreshTokenInvalid);
         }
         store::use_refresh_token(&tx, &hash, now).await?;
-        let grant = self
-            .issue_account_grant(&tx, token.account_id, token.session_id, now)
-            .await?;
+        let grant = self.issue_account_grant(&tx, token.account_id, token.session_id, now).await?;
         tx.commit().await?;
         Ok(grant)
     }
@@ -300,9 +242,7 @@ impl Identity {
         let hash = sha256(refresh_token.trim().as_bytes());
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
-        let token = store::lock_refresh_token(&tx, &hash)
-            .await?
-            .ok_or(Error::RefreshTokenInvalid)?;
+        let token = store::lock_refresh_token(&tx, &hash).await?.ok_or(Error::RefreshTokenInvalid)?;
         store::revoke_session(&tx, token.session_id, now, "logout").await?;
         tx.commit().await?;
         Ok(())
@@ -341,9 +281,7 @@ impl Identity {
             return Err(Error::NotFound("account"));
         }
         let client = self.pool.get().await?;
-        store::account_by_id(&client, me)
-            .await?
-            .ok_or(Error::NotFound("account"))
+        store::account_by_id(&client, me).await?.ok_or(Error::NotFound("account"))
     }
 
     pub async fn update_account(
@@ -364,22 +302,15 @@ impl Identity {
         .ok_or(Error::NotFound("account"))
     }
 
-    pub async fn change_password(
-        &self,
-        caller: &Caller,
-        current: String,
-        new: NewPassword,
-    ) -> Result<u64> {
+    pub async fn change_password(&self, caller: &Caller, current: String, new: NewPassword) -> Result<u64> {
         let me = self.require_account(caller).await?;
         let client = self.pool.get().await?;
-        let hash = store::password_hash(&client, me)
-            .await?
-            .ok_or(Error::NotFound("account"))?;
+        let hash = store::password_hash(&client, me).await?.ok_or(Error::NotFound("account"))?;
         drop(client);
-        if !verify_password(current, hash).await? {
+        if !verify_password(&self.hashing, current, hash).await? {
             return Err(Error::WrongPassword);
         }
-        let new_hash = hash_password(new.expose().to_owned()).await?;
+        let new_hash = hash_password(&self.hashing, new.expose().to_owned()).await?;
         let now = self.now();
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
@@ -391,11 +322,7 @@ impl Identity {
 
     // --- Organizations ---
 
-    pub async fn create_organization(
-        &self,
-        caller: &Caller,
-        display_name: DisplayName,
-    ) -> Result<Organization> {
+    pub async fn create_organization(&self, caller: &Caller, display_name: DisplayName) -> Result<Organization> {
         let me = self.require_account(caller).await?;
         let now = self.now();
         let id = Uuid::now_v7();
@@ -419,9 +346,7 @@ impl Identity {
             Principal::Account { .. } => {
                 let me = self.require_account(caller).await?;
                 let client = self.pool.get().await?;
-                store::member_role(&client, org, me)
-                    .await?
-                    .ok_or(Error::NotFound("organization"))
+                store::member_role(&client, org, me).await?.ok_or(Error::NotFound("organization"))
             }
             Principal::ServiceAccount { internal: true, .. } => Ok(OrgRole::Reader),
             Principal::ServiceAccount { organization, .. } if organization == Some(org) => {
@@ -436,101 +361,56 @@ impl Identity {
         let role = self.role_in(caller, org).await?;
         match (role, caller.account_id()) {
             (OrgRole::Owner, Some(me)) => Ok(me),
-            _ => Err(Error::PermissionDenied(
-                "only organization owners may do this",
-            )),
+            _ => Err(Error::PermissionDenied("only organization owners may do this")),
         }
     }
 
     pub async fn get_organization(&self, caller: &Caller, org: Uuid) -> Result<Organization> {
         let role = self.role_in(caller, org).await?;
         let client = self.pool.get().await?;
-        let mut organization = store::organization(&client, org)
-            .await?
-            .ok_or(Error::NotFound("organization"))?;
+        let mut organization = store::organization(&client, org).await?.ok_or(Error::NotFound("organization"))?;
         organization.caller_role = caller.account_id().map(|_| role);
         Ok(organization)
     }
 
-    pub async fn list_organizations(
-        &self,
-        caller: &Caller,
-        page: PageRequest,
-    ) -> Result<Page<Organization>> {
+    pub async fn list_organizations(&self, caller: &Caller, page: PageRequest) -> Result<Page<Organization>> {
         let me = self.require_account(caller).await?;
         let scope = format!("organizations:{me}");
-        let after = page
-            .after
-            .as_deref()
-            .map(page::parse_time_id_cursor)
-            .transpose()?;
+        let after = page.after.as_deref().map(page::parse_time_id_cursor).transpose()?;
         let client = self.pool.get().await?;
         let mut rows = store::organizations_of(&client, me, after, page.size as i64 + 1).await?;
-        let next_page_token = page::next_token(&mut rows, page.size, &scope, |(o, at)| {
-            page::time_id_cursor(*at, o.id)
-        });
-        Ok(Page {
-            items: rows.into_iter().map(|(o, _)| o).collect(),
-            next_page_token,
-        })
+        let next_page_token = page::next_token(&mut rows, page.size, &scope, |(o, at)| page::time_id_cursor(*at, o.id));
+        Ok(Page { items: rows.into_iter().map(|(o, _)| o).collect(), next_page_token })
     }
 
-    pub async fn list_members(
-        &self,
-        caller: &Caller,
-        org: Uuid,
-        page: PageRequest,
-    ) -> Result<Page<Member>> {
+    pub async fn list_members(&self, caller: &Caller, org: Uuid, page: PageRequest) -> Result<Page<Member>> {
         self.role_in(caller, org).await?;
-        let after = page
-            .after
-            .as_deref()
-            .map(page::parse_time_id_cursor)
-            .transpose()?;
+        let after = page.after.as_deref().map(page::parse_time_id_cursor).transpose()?;
         let client = self.pool.get().await?;
         let mut rows = store::members(&client, org, after, page.size as i64 + 1).await?;
         let scope = format!("organizations/{org}/members");
-        let next_page_token = page::next_token(&mut rows, page.size, &scope, |m| {
-            page::time_id_cursor(m.created_at, m.account_id)
-        });
-        Ok(Page {
-            items: rows,
-            next_page_token,
-        })
+        let next_page_token =
+            page::next_token(&mut rows, page.size, &scope, |m| page::time_id_cursor(m.created_at, m.account_id));
+        Ok(Page { items: rows, next_page_token })
     }
 
     pub async fn get_member(&self, caller: &Caller, org: Uuid, account: Uuid) -> Result<Member> {
         self.role_in(caller, org).await?;
         let client = self.pool.get().await?;
-        store::member(&client, org, account)
-            .await?
-            .ok_or(Error::NotFound("member"))
+        store::member(&client, org, account).await?.ok_or(Error::NotFound("member"))
     }
 
-    pub async fn set_member_role(
-        &self,
-        caller: &Caller,
-        org: Uuid,
-        account: Uuid,
-        role: OrgRole,
-    ) -> Result<Member> {
+    pub async fn set_member_role(&self, caller: &Caller, org: Uuid, account: Uuid, role: OrgRole) -> Result<Member> {
         self.require_owner(caller, org).await?;
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         store::lock_organization(&tx, org).await?;
-        let current = store::member_role(&tx, org, account)
-            .await?
-            .ok_or(Error::NotFound("member"))?;
-        if current == OrgRole::Owner
-            && role != OrgRole::Owner
-            && store::count_owners(&tx, org).await? <= 1
-        {
+        let current = store::member_role(&tx, org, account).await?.ok_or(Error::NotFound("member"))?;
+        if current == OrgRole::Owner && role != OrgRole::Owner && store::count_owners(&tx, org).await? <= 1 {
             return Err(Error::LastOwner);
         }
         store::set_member_role(&tx, org, account, role).await?;
-        let member = store::member(&tx, org, account)
-            .await?
-            .ok_or(Error::NotFound("member"))?;
+        let member = store::member(&tx, org, account).await?.ok_or(Error::NotFound("member"))?;
         tx.commit().await?;
         Ok(member)
     }
@@ -539,19 +419,14 @@ impl Identity {
     /// revoked invitation.
     pub async fn remove_member(&self, caller: &Caller, org: Uuid, account: Uuid) -> Result<()> {
         let role = self.role_in(caller, org).await?;
-        let allowed =
-            caller.is_internal() || role == OrgRole::Owner || caller.account_id() == Some(account);
+        let allowed = caller.is_internal() || role == OrgRole::Owner || caller.account_id() == Some(account);
         if !allowed {
-            return Err(Error::PermissionDenied(
-                "only organization owners may remove members",
-            ));
+            return Err(Error::PermissionDenied("only organization owners may remove members"));
         }
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         store::lock_organization(&tx, org).await?;
-        let current = store::member_role(&tx, org, account)
-            .await?
-            .ok_or(Error::NotFound("member"))?;
+        let current = store::member_role(&tx, org, account).await?.ok_or(Error::NotFound("member"))?;
         if current == OrgRole::Owner && store::count_owners(&tx, org).await? <= 1 {
             return Err(Error::LastOwner);
         }
@@ -583,9 +458,7 @@ impl Identity {
             // A retry: answer with the membership the first call made, unless it was removed
             // since, which a retry must not undo.
             Some(existing) if existing == (org, account) => {
-                return store::member(&tx, org, account)
-                    .await?
-                    .ok_or(Error::GrantRevoked);
+                return store::member(&tx, org, account).await?.ok_or(Error::GrantRevoked);
             }
             Some(_) => return Err(Error::InvitationConflict(invitation_id.to_owned())),
             None => {
@@ -593,9 +466,7 @@ impl Identity {
                 store::insert_member(&tx, org, account, role, now).await?;
             }
         }
-        let member = store::member(&tx, org, account)
-            .await?
-            .ok_or(Error::NotFound("member"))?;
+        let member = store::member(&tx, org, account).await?.ok_or(Error::NotFound("member"))?;
         tx.commit().await?;
         Ok(member)
     }
@@ -633,21 +504,13 @@ impl Identity {
         page: PageRequest,
     ) -> Result<Page<ServiceAccount>> {
         self.require_owner(caller, org).await?;
-        let after = page
-            .after
-            .as_deref()
-            .map(page::parse_time_id_cursor)
-            .transpose()?;
+        let after = page.after.as_deref().map(page::parse_time_id_cursor).transpose()?;
         let client = self.pool.get().await?;
         let mut rows = store::service_accounts(&client, org, after, page.size as i64 + 1).await?;
         let scope = format!("organizations/{org}/serviceAccounts");
-        let next_page_token = page::next_token(&mut rows, page.size, &scope, |s| {
-            page::time_id_cursor(s.created_at, s.id)
-        });
-        Ok(Page {
-            items: rows,
-            next_page_token,
-        })
+        let next_page_token =
+            page::next_token(&mut rows, page.size, &scope, |s| page::time_id_cursor(s.created_at, s.id));
+        Ok(Page { items: rows, next_page_token })
     }
 
     pub async fn delete_service_account(&self, caller: &Caller, org: Uuid, id: Uuid) -> Result<()> {
@@ -659,37 +522,24 @@ impl Identity {
         Ok(())
     }
 
-    pub async fn issue_service_account_token(
-        &self,
-        client_id: &str,
-        secret: &str,
-    ) -> Result<TokenGrant> {
+    pub async fn issue_service_account_token(&self, client_id: &str, secret: &str) -> Result<TokenGrant> {
         let client = self.pool.get().await?;
         let found = store::service_account_by_client_id(&client, client_id.trim()).await?;
         drop(client);
         let presented = sha256(secret.as_bytes());
-        let Some((account, stored, internal)) =
-            found.filter(|(_, stored, _)| constant_time_eq(stored, &presented))
+        let Some((account, stored, internal)) = found.filter(|(_, stored, _)| constant_time_eq(stored, &presented))
         else {
             return Err(Error::InvalidClientCredentials);
         };
         let _ = stored;
-        self.sign(
-            format!("serviceAccounts/{}", account.id),
-            None,
-            account.organization_id,
-            internal,
-            self.now(),
-        )
-        .await
+        self.sign(format!("serviceAccounts/{}", account.id), None, account.organization_id, internal, self.now()).await
     }
 
     /// Creates or updates Keyshare's own service accounts from configuration.
     pub async fn provision_internal_clients(&self) -> Result<()> {
         let client = self.pool.get().await?;
         for (name, secret) in &self.config.internal_clients {
-            store::upsert_internal_client(&client, name, &sha256(secret.as_bytes()), self.now())
-                .await?;
+            store::upsert_internal_client(&client, name, &sha256(secret.as_bytes()), self.now()).await?;
         }
         Ok(())
     }
@@ -699,9 +549,7 @@ impl Identity {
     pub async fn lookup_account(&self, caller: &Caller, email: Email) -> Result<Account> {
         require_internal(caller)?;
         let client = self.pool.get().await?;
-        store::verified_account_by_email(&client, &email.normalized())
-            .await?
-            .ok_or(Error::NotFound("account"))
+        store::verified_account_by_email(&client, &email.normalized()).await?.ok_or(Error::NotFound("account"))
     }
 
     pub async fn public_keys(&self) -> Result<Vec<keyshare_runtime::auth::PublicKeyMaterial>> {
@@ -711,13 +559,7 @@ impl Identity {
 }
 
 fn require_internal(caller: &Caller) -> Result<()> {
-    if caller.is_internal() {
-        Ok(())
-    } else {
-        Err(Error::PermissionDenied(
-            "only Keyshare services may do this",
-        ))
-    }
+    if caller.is_internal() { Ok(()) } else { Err(Error::PermissionDenied("only Keyshare services may do this")) }
 }
 
 fn duration(d: std::time::Duration) -> chrono::Duration {
@@ -734,20 +576,18 @@ fn hash_password_blocking(password: &str) -> Result<String> {
 
 /// argon2id with the crate's defaults (19 MiB, 2 passes): on a blocking thread, as it is meant
 /// to be slow.
-async fn hash_password(password: String) -> Result<String> {
+async fn hash_password(permits: &tokio::sync::Semaphore, password: String) -> Result<String> {
+    let _permit = permits.acquire().await.map_err(|e| Error::Internal(e.to_string()))?;
     tokio::task::spawn_blocking(move || hash_password_blocking(&password))
         .await
         .map_err(|e| Error::Internal(e.to_string()))?
 }
 
-async fn verify_password(password: String, hash: String) -> Result<bool> {
+async fn verify_password(permits: &tokio::sync::Semaphore, password: String, hash: String) -> Result<bool> {
+    let _permit = permits.acquire().await.map_err(|e| Error::Internal(e.to_string()))?;
     tokio::task::spawn_blocking(move || {
         PasswordHash::new(&hash)
-            .map(|parsed| {
-                Argon2::default()
-                    .verify_password(password.as_bytes(), &parsed)
-                    .is_ok()
-            })
+            .map(|parsed| Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok())
             .unwrap_or(false)
     })
     .await

@@ -38,8 +38,9 @@ impl Config {
     pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
         let internal_clients = match env.get("KEYSHARE_INTERNAL_CLIENTS") {
             None => Vec::new(),
-            Some(spec) => parse_internal_clients(&spec)
-                .map_err(|reason| ConfigError::new("KEYSHARE_INTERNAL_CLIENTS", reason))?,
+            Some(spec) => {
+                parse_internal_clients(&spec).map_err(|reason| ConfigError::new("KEYSHARE_INTERNAL_CLIENTS", reason))?
+            }
         };
         Ok(Self {
             common: CommonConfig::from_env(env, "identity", PORT)?,
@@ -67,16 +68,12 @@ fn parse_internal_clients(spec: &str) -> Result<Vec<(String, String)>, String> {
         .map(str::trim)
         .filter(|entry| !entry.is_empty())
         .map(|entry| {
-            let (name, secret) = entry
-                .split_once(':')
-                .ok_or("entries must look like name:secret")?;
+            let (name, secret) = entry.split_once(':').ok_or("entries must look like name:secret")?;
             if name.is_empty() || !name.chars().all(|c| c.is_ascii_lowercase()) {
                 return Err(format!("client name {name:?} must be lowercase letters"));
             }
             if secret.len() < 32 {
-                return Err(format!(
-                    "the secret of {name} must be at least 32 characters"
-                ));
+                return Err(format!("the secret of {name} must be at least 32 characters"));
             }
             Ok((name.to_owned(), secret.to_owned()))
         })

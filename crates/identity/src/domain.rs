@@ -27,9 +27,7 @@ impl Email {
             && !local.starts_with('.')
             && !local.ends_with('.')
             && !local.contains("..")
-            && local
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~.".contains(c));
+            && local.chars().all(|c| c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~.".contains(c));
         let domain_ok = domain.contains('.')
             && domain.split('.').all(|label| {
                 !label.is_empty()
@@ -68,10 +66,7 @@ impl DisplayName {
             return Err(InvalidInput::field(field, "must be at most 200 characters"));
         }
         if name.chars().any(char::is_control) {
-            return Err(InvalidInput::field(
-                field,
-                "must not contain control characters",
-            ));
+            return Err(InvalidInput::field(field, "must not contain control characters"));
         }
         Ok(Self(name.to_owned()))
     }
@@ -125,43 +120,22 @@ impl OrgRole {
     }
 
     pub fn from_db(value: &str) -> Self {
-        if value == "owner" {
-            OrgRole::Owner
-        } else {
-            OrgRole::Reader
-        }
+        if value == "owner" { OrgRole::Owner } else { OrgRole::Reader }
     }
 }
 
 /// Parses `{collection}/{uuid}` (AIP-122) and returns the id.
 pub fn parse_name(raw: &str, collection: &str, field: &str) -> Result<Uuid, InvalidInput> {
     let expected = || InvalidInput::field(field, format!("must look like {collection}/{{id}}"));
-    let id = raw
-        .strip_prefix(collection)
-        .and_then(|rest| rest.strip_prefix('/'))
-        .ok_or_else(expected)?;
-    Uuid::parse_str(id)
-        .ok()
-        .filter(|_| !id.contains('/'))
-        .ok_or_else(expected)
+    let id = raw.strip_prefix(collection).and_then(|rest| rest.strip_prefix('/')).ok_or_else(expected)?;
+    Uuid::parse_str(id).ok().filter(|_| !id.contains('/')).ok_or_else(expected)
 }
 
 /// Parses `organizations/{org}/{child}/{uuid}` and returns both ids.
 pub fn parse_child_name(raw: &str, child: &str, field: &str) -> Result<(Uuid, Uuid), InvalidInput> {
-    let expected = || {
-        InvalidInput::field(
-            field,
-            format!("must look like organizations/{{id}}/{child}/{{id}}"),
-        )
-    };
+    let expected = || InvalidInput::field(field, format!("must look like organizations/{{id}}/{child}/{{id}}"));
     let mut parts = raw.split('/');
-    match (
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-    ) {
+    match (parts.next(), parts.next(), parts.next(), parts.next(), parts.next()) {
         (Some("organizations"), Some(org), Some(c), Some(id), None) if c == child => {
             match (Uuid::parse_str(org), Uuid::parse_str(id)) {
                 (Ok(org), Ok(id)) => Ok((org, id)),
@@ -193,9 +167,7 @@ pub struct TokenGrant {
 
 impl std::fmt::Debug for TokenGrant {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TokenGrant")
-            .field("access_expires_at", &self.access_expires_at)
-            .finish_non_exhaustive()
+        f.debug_struct("TokenGrant").field("access_expires_at", &self.access_expires_at).finish_non_exhaustive()
     }
 }
 
@@ -247,47 +219,22 @@ mod tests {
         for good in ["a@b.co", "First.Last+tag@Example.COM", "  x@y.io  "] {
             assert!(Email::parse(good, "email").is_ok(), "{good}");
         }
-        for bad in [
-            "",
-            "plain",
-            "a@b",
-            "a@@b.co",
-            "a b@c.co",
-            "@b.co",
-            "a@-b.co",
-            "a..b@c.co",
-            "a@b..co",
-        ] {
+        for bad in ["", "plain", "a@b", "a@@b.co", "a b@c.co", "@b.co", "a@-b.co", "a..b@c.co", "a@b..co"] {
             assert!(Email::parse(bad, "email").is_err(), "{bad}");
         }
-        assert_eq!(
-            Email::parse("A@B.Co", "email").unwrap().normalized(),
-            "a@b.co"
-        );
+        assert_eq!(Email::parse("A@B.Co", "email").unwrap().normalized(), "a@b.co");
     }
 
     #[test]
     fn names() {
         let id = Uuid::new_v4();
-        assert_eq!(
-            parse_name(&format!("accounts/{id}"), "accounts", "name").unwrap(),
-            id
-        );
-        for bad in [
-            "accounts/",
-            "accounts/x",
-            "orgs/{id}",
-            &format!("accounts/{id}/x"),
-            &format!("account/{id}"),
-        ] {
+        assert_eq!(parse_name(&format!("accounts/{id}"), "accounts", "name").unwrap(), id);
+        for bad in ["accounts/", "accounts/x", "orgs/{id}", &format!("accounts/{id}/x"), &format!("account/{id}")] {
             assert!(parse_name(bad, "accounts", "name").is_err(), "{bad}");
         }
         let (org, member) = (Uuid::new_v4(), Uuid::new_v4());
         let name = format!("organizations/{org}/members/{member}");
-        assert_eq!(
-            parse_child_name(&name, "members", "name").unwrap(),
-            (org, member)
-        );
+        assert_eq!(parse_child_name(&name, "members", "name").unwrap(), (org, member));
         assert!(parse_child_name(&name, "serviceAccounts", "name").is_err());
     }
 

@@ -53,11 +53,7 @@ pub enum Error {
 
 impl From<DbError> for Error {
     fn from(e: DbError) -> Self {
-        if e.is_unavailable() {
-            Error::Unavailable(e)
-        } else {
-            Error::Internal(e.to_string())
-        }
+        if e.is_unavailable() { Error::Unavailable(e) } else { Error::Internal(e.to_string()) }
     }
 }
 
@@ -75,39 +71,25 @@ impl From<tokio_postgres::Error> for Error {
 
 impl From<Error> for Status {
     fn from(e: Error) -> Self {
-        let simple = |code: Code, reason: &str, e: &Error| {
-            error::status(code, DOMAIN, reason, e.to_string())
-        };
+        let simple = |code: Code, reason: &str, e: &Error| error::status(code, DOMAIN, reason, e.to_string());
         match e {
             Error::InvalidInput(ref input) => error::invalid_argument(DOMAIN, input),
             Error::Unauthenticated => simple(Code::Unauthenticated, "UNAUTHENTICATED", &e),
             Error::InvalidCredentials => simple(Code::Unauthenticated, "INVALID_CREDENTIALS", &e),
-            Error::InvalidClientCredentials => {
-                simple(Code::Unauthenticated, "INVALID_CLIENT_CREDENTIALS", &e)
+            Error::InvalidClientCredentials => simple(Code::Unauthenticated, "INVALID_CLIENT_CREDENTIALS", &e),
+            Error::Throttled { retry_after } => {
+                error::retry_later(Code::ResourceExhausted, DOMAIN, "LOGIN_THROTTLED", e.to_string(), retry_after)
             }
-            Error::Throttled { retry_after } => error::retry_later(
-                Code::ResourceExhausted,
-                DOMAIN,
-                "LOGIN_THROTTLED",
-                e.to_string(),
-                retry_after,
-            ),
             Error::EmailNotVerified => simple(Code::FailedPrecondition, "EMAIL_NOT_VERIFIED", &e),
             Error::EmailTaken => simple(Code::AlreadyExists, "EMAIL_TAKEN", &e),
-            Error::VerificationTokenInvalid => {
-                simple(Code::FailedPrecondition, "VERIFICATION_TOKEN_INVALID", &e)
-            }
-            Error::RefreshTokenInvalid => {
-                simple(Code::Unauthenticated, "REFRESH_TOKEN_INVALID", &e)
-            }
+            Error::VerificationTokenInvalid => simple(Code::FailedPrecondition, "VERIFICATION_TOKEN_INVALID", &e),
+            Error::RefreshTokenInvalid => simple(Code::Unauthenticated, "REFRESH_TOKEN_INVALID", &e),
             Error::RefreshTokenReused => simple(Code::Unauthenticated, "REFRESH_TOKEN_REUSED", &e),
             Error::SessionEnded => simple(Code::Unauthenticated, "SESSION_ENDED", &e),
             Error::NotFound(_) => simple(Code::NotFound, "NOT_FOUND", &e),
             Error::PermissionDenied(_) => simple(Code::PermissionDenied, "PERMISSION_DENIED", &e),
             Error::LastOwner => simple(Code::FailedPrecondition, "LAST_OWNER", &e),
-            Error::InvitationConflict(_) => {
-                simple(Code::FailedPrecondition, "INVITATION_CONFLICT", &e)
-            }
+            Error::InvitationConflict(_) => simple(Code::FailedPrecondition, "INVITATION_CONFLICT", &e),
             Error::GrantRevoked => simple(Code::FailedPrecondition, "GRANT_REVOKED", &e),
             Error::WrongPassword => simple(Code::PermissionDenied, "WRONG_PASSWORD", &e),
             Error::Unavailable(cause) => error::unavailable(DOMAIN, &cause),

@@ -14,8 +14,7 @@ use uuid::Uuid;
 
 use crate::app::Identity;
 use crate::domain::{
-    self, Account, DisplayName, Email, Member, NewPassword, OrgRole, Organization, ServiceAccount,
-    TokenGrant,
+    self, Account, DisplayName, Email, Member, NewPassword, OrgRole, Organization, ServiceAccount, TokenGrant,
 };
 use crate::error::Error;
 
@@ -34,10 +33,7 @@ type Reply<T> = Result<Response<T>, Status>;
 
 /// Runs a handler body in a span named after the use case, mapping domain errors to status.
 async fn handle<T>(name: &'static str, body: impl Future<Output = Result<T, Error>>) -> Reply<T> {
-    body.instrument(tracing::info_span!("identity", otel.name = name))
-        .await
-        .map(Response::new)
-        .map_err(Status::from)
+    body.instrument(tracing::info_span!("identity", otel.name = name)).await.map(Response::new).map_err(Status::from)
 }
 
 fn caller<T>(request: &Request<T>) -> Result<Caller, Status> {
@@ -46,10 +42,7 @@ fn caller<T>(request: &Request<T>) -> Result<Caller, Status> {
 
 #[tonic::async_trait]
 impl pb::identity_service_server::IdentityService for IdentityGrpc {
-    async fn create_account(
-        &self,
-        request: Request<pb::CreateAccountRequest>,
-    ) -> Reply<pb::CreateAccountResponse> {
+    async fn create_account(&self, request: Request<pb::CreateAccountRequest>) -> Reply<pb::CreateAccountResponse> {
         let r = request.into_inner();
         handle("identity.create_account", async {
             let mut errors = InvalidInput::default();
@@ -57,28 +50,19 @@ impl pb::identity_service_server::IdentityService for IdentityGrpc {
             let name = errors.check(DisplayName::parse(&r.display_name, "display_name"));
             let password = errors.check(NewPassword::parse(&r.password, "password"));
             errors.finish()?;
-            let (Some(email), Some(name), Some(password)) = (email, name, password) else {
-                unreachable!()
-            };
+            let (Some(email), Some(name), Some(password)) = (email, name, password) else { unreachable!() };
             let account = self.app.sign_up(email, name, password).await?;
-            Ok(pb::CreateAccountResponse {
-                account: Some(account_pb(account)),
-            })
+            Ok(pb::CreateAccountResponse { account: Some(account_pb(account)) })
         })
         .await
     }
 
-    async fn verify_email(
-        &self,
-        request: Request<pb::VerifyEmailRequest>,
-    ) -> Reply<pb::VerifyEmailResponse> {
+    async fn verify_email(&self, request: Request<pb::VerifyEmailRequest>) -> Reply<pb::VerifyEmailResponse> {
         let r = request.into_inner();
         handle("identity.verify_email", async {
             let token = required(&r.token, "token")?;
             let account = self.app.verify_email(token).await?;
-            Ok(pb::VerifyEmailResponse {
-                account: Some(account_pb(account)),
-            })
+            Ok(pb::VerifyEmailResponse { account: Some(account_pb(account)) })
         })
         .await
     }
@@ -89,9 +73,7 @@ impl pb::identity_service_server::IdentityService for IdentityGrpc {
     ) -> Reply<pb::ResendVerificationEmailResponse> {
         let r = request.into_inner();
         handle("identity.resend_verification_email", async {
-            self.app
-                .resend_verification(Email::parse(&r.email, "email")?)
-                .await?;
+            self.app.resend_verification(Email::parse(&r.email, "email")?).await?;
             Ok(pb::ResendVerificationEmailResponse {})
         })
         .await
@@ -106,27 +88,16 @@ impl pb::identity_service_server::IdentityService for IdentityGrpc {
             errors.finish()?;
             let Some(email) = email else { unreachable!() };
             let (grant, account) = self.app.login(email, r.password).await?;
-            Ok(pb::LoginResponse {
-                grant: Some(grant_pb(grant)),
-                account: Some(account_pb(account)),
-            })
+            Ok(pb::LoginResponse { grant: Some(grant_pb(grant)), account: Some(account_pb(account)) })
         })
         .await
     }
 
-    async fn refresh_token(
-        &self,
-        request: Request<pb::RefreshTokenRequest>,
-    ) -> Reply<pb::RefreshTokenResponse> {
+    async fn refresh_token(&self, request: Request<pb::RefreshTokenRequest>) -> Reply<pb::RefreshTokenResponse> {
         let r = request.into_inner();
         handle("identity.refresh_token", async {
-            let grant = self
-                .app
-                .refresh(required(&r.refresh_token, "refresh_token")?)
-                .await?;
-            Ok(pb::RefreshTokenResponse {
-                grant: Some(grant_pb(grant)),
-            })
+            let grant = self.app.refresh(required(&r.refresh_token, "refresh_token")?).await?;
+            Ok(pb::RefreshTokenResponse { grant: Some(grant_pb(grant)) })
         })
         .await
     }
@@ -134,62 +105,42 @@ impl pb::identity_service_server::IdentityService for IdentityGrpc {
     async fn logout(&self, request: Request<pb::LogoutRequest>) -> Reply<pb::LogoutResponse> {
         let r = request.into_inner();
         handle("identity.logout", async {
-            self.app
-                .logout(required(&r.refresh_token, "refresh_token")?)
-                .await?;
+            self.app.logout(required(&r.refresh_token, "refresh_token")?).await?;
             Ok(pb::LogoutResponse {})
         })
         .await
     }
 
-    async fn get_account(
-        &self,
-        request: Request<pb::GetAccountRequest>,
-    ) -> Reply<pb::GetAccountResponse> {
+    async fn get_account(&self, request: Request<pb::GetAccountRequest>) -> Reply<pb::GetAccountResponse> {
         let caller = caller(&request)?;
         let r = request.into_inner();
         handle("identity.get_account", async {
             let id = account_name(&r.name, "name")?;
             let account = self.app.get_account(&caller, id).await?;
-            Ok(pb::GetAccountResponse {
-                account: Some(account_pb(account)),
-            })
+            Ok(pb::GetAccountResponse { account: Some(account_pb(account)) })
         })
         .await
     }
 
-    async fn update_account(
-        &self,
-        request: Request<pb::UpdateAccountRequest>,
-    ) -> Reply<pb::UpdateAccountResponse> {
+    async fn update_account(&self, request: Request<pb::UpdateAccountRequest>) -> Reply<pb::UpdateAccountResponse> {
         let caller = caller(&request)?;
         let r = request.into_inner();
         handle("identity.update_account", async {
-            let account = r
-                .account
-                .ok_or_else(|| InvalidInput::field("account", "is required"))?;
+            let account = r.account.ok_or_else(|| InvalidInput::field("account", "is required"))?;
             let id = account_name(&account.name, "account.name")?;
             let paths = update_paths(r.update_mask, &["display_name"])?;
             let display_name = if paths.iter().any(|p| p == "display_name") {
-                Some(DisplayName::parse(
-                    &account.display_name,
-                    "account.display_name",
-                )?)
+                Some(DisplayName::parse(&account.display_name, "account.display_name")?)
             } else {
                 None
             };
             let account = self.app.update_account(&caller, id, display_name).await?;
-            Ok(pb::UpdateAccountResponse {
-                account: Some(account_pb(account)),
-            })
+            Ok(pb::UpdateAccountResponse { account: Some(account_pb(account)) })
         })
         .await
     }
 
-    async fn change_password(
-        &self,
-        request: Request<pb::ChangePasswordRequest>,
-    ) -> Reply<pb::ChangePasswordResponse> {
+    async fn change_password(&self, request: Request<pb::ChangePasswordRequest>) -> Reply<pb::ChangePasswordResponse> {
         let caller = caller(&request)?;
         let r = request.into_inner();
         handle("identity.change_password", async {
@@ -198,13 +149,8 @@ impl pb::identity_service_server::IdentityService for IdentityGrpc {
             let new = errors.check(NewPassword::parse(&r.new_password, "new_password"));
             errors.finish()?;
             let Some(new) = new else { unreachable!() };
-            let revoked = self
-                .app
-                .change_password(&caller, r.current_password, new)
-                .await?;
-            Ok(pb::ChangePasswordResponse {
-                revoked_sessions: i32::try_from(revoked).unwrap_or(i32::MAX),
-            })
+            let revoked = self.app.change_password(&caller, r.current_password, new).await?;
+            Ok(pb::ChangePasswordResponse { revoked_sessions: i32::try_from(revoked).unwrap_or(i32::MAX) })
         })
         .await
     }
@@ -216,14 +162,10 @@ impl pb::identity_service_server::IdentityService for IdentityGrpc {
         let caller = caller(&request)?;
         let r = request.into_inner();
         handle("identity.create_organization", async {
-            let org = r
-                .organization
-                .ok_or_else(|| InvalidInput::field("organization", "is required"))?;
+            let org = r.organization.ok_or_else(|| InvalidInput::field("organization", "is required"))?;
             let name = DisplayName::parse(&org.display_name, "organization.display_name")?;
             let org = self.app.create_organization(&caller, name).await?;
-            Ok(pb::CreateOrganizationResponse {
-                organization: Some(organization_pb(org)),
-            })
+            Ok(pb::CreateOrganizationResponse { organization: Some(organization_pb(org)) })
         })
         .await
     }
@@ -237,9 +179,7 @@ impl pb::identity_service_server::IdentityService for IdentityGrpc {
         handle("identity.get_organization", async {
             let org = domain::parse_name(&r.name, "organizations", "name")?;
             let org = self.app.get_organization(&caller, org).await?;
-            Ok(pb::GetOrganizationResponse {
-                organization: Some(organization_pb(org)),
-            })
+            Ok(pb::GetOrganizationResponse { organization: Some(organization_pb(org)) })
         })
         .await
     }
@@ -272,19 +212,13 @@ impl pb::identity_service_server::IdentityService for IdentityGrpc {
             let mut errors = InvalidInput::default();
             let org = errors.check(domain::parse_name(&r.parent, "organizations", "parent"));
             let page = org.and_then(|org| {
-                errors.check(PageRequest::parse(
-                    r.page_size,
-                    &r.page_token,
-                    &format!("organizations/{org}/members"),
-                ))
+                errors.check(PageRequest::parse(r.page_size, &r.page_token, &format!("organizations/{org}/members")))
             });
             if org.is_none() {
                 errors.check(PageRequest::parse(r.page_size, "", ""));
             }
             errors.finish()?;
-            let (Some(org), Some(page)) = (org, page) else {
-                unreachable!()
-            };
+            let (Some(org), Some(page)) = (org, page) else { unreachable!() };
             let page = self.app.list_members(&caller, org, page).await?;
             Ok(pb::ListOrganizationMembersResponse {
                 members: page.items.into_iter().map(member_pb).collect(),
@@ -303,9 +237,7 @@ impl pb::identity_service_server::IdentityService for IdentityGrpc {
         handle("identity.get_organization_member", async {
             let (org, account) = domain::parse_child_name(&r.name, "members", "name")?;
             let member = self.app.get_member(&caller, org, account).await?;
-            Ok(pb::GetOrganizationMemberResponse {
-                member: Some(member_pb(member)),
-            })
+            Ok(pb::GetOrganizationMemberResponse { member: Some(member_pb(member)) })
         })
         .await
     }
@@ -317,28 +249,15 @@ impl pb::identity_service_server::IdentityService for IdentityGrpc {
         let caller = caller(&request)?;
         let r = request.into_inner();
         handle("identity.update_organization_member", async {
-            let member = r
-                .member
-                .ok_or_else(|| InvalidInput::field("member", "is required"))?;
+            let member = r.member.ok_or_else(|| InvalidInput::field("member", "is required"))?;
             let mut errors = InvalidInput::default();
-            let name = errors.check(domain::parse_child_name(
-                &member.name,
-                "members",
-                "member.name",
-            ));
+            let name = errors.check(domain::parse_child_name(&member.name, "members", "member.name"));
             let paths = errors.check(update_paths(r.update_mask, &["role"]));
             let role = errors.check(org_role(member.role, "member.role"));
             errors.finish()?;
-            let (Some((org, account)), Some(_), Some(role)) = (name, paths, role) else {
-                unreachable!()
-            };
-            let member = self
-                .app
-                .set_member_role(&caller, org, account, role)
-                .await?;
-            Ok(pb::UpdateOrganizationMemberResponse {
-                member: Some(member_pb(member)),
-            })
+            let (Some((org, account)), Some(_), Some(role)) = (name, paths, role) else { unreachable!() };
+            let member = self.app.set_member_role(&caller, org, account, role).await?;
+            Ok(pb::UpdateOrganizationMemberResponse { member: Some(member_pb(member)) })
         })
         .await
     }
@@ -376,16 +295,9 @@ impl pb::identity_service_server::IdentityService for IdentityGrpc {
                 ));
             }
             errors.finish()?;
-            let (Some(org), Some(account), Some(role)) = (org, account, role) else {
-                unreachable!()
-            };
-            let member = self
-                .app
-                .add_member(&caller, org, account, role, &r.invitation_id)
-                .await?;
-            Ok(pb::AddOrganizationMemberResponse {
-                member: Some(member_pb(member)),
-            })
+            let (Some(org), Some(account), Some(role)) = (org, account, role) else { unreachable!() };
+            let member = self.app.add_member(&caller, org, account, role, &r.invitation_id).await?;
+            Ok(pb::AddOrganizationMemberResponse { member: Some(member_pb(member)) })
         })
         .await
     }
@@ -399,15 +311,10 @@ impl pb::identity_service_server::IdentityService for IdentityGrpc {
         handle("identity.create_service_account", async {
             let mut errors = InvalidInput::default();
             let org = errors.check(domain::parse_name(&r.parent, "organizations", "parent"));
-            let display = r
-                .service_account
-                .map(|s| s.display_name)
-                .unwrap_or_default();
+            let display = r.service_account.map(|s| s.display_name).unwrap_or_default();
             let name = errors.check(DisplayName::parse(&display, "service_account.display_name"));
             errors.finish()?;
-            let (Some(org), Some(name)) = (org, name) else {
-                unreachable!()
-            };
+            let (Some(org), Some(name)) = (org, name) else { unreachable!() };
             let (account, secret) = self.app.create_service_account(&caller, org, name).await?;
             Ok(pb::CreateServiceAccountResponse {
                 service_account: Some(service_account_pb(account)),
@@ -425,11 +332,7 @@ impl pb::identity_service_server::IdentityService for IdentityGrpc {
         let r = request.into_inner();
         handle("identity.list_service_accounts", async {
             let org = domain::parse_name(&r.parent, "organizations", "parent")?;
-            let page = PageRequest::parse(
-                r.page_size,
-                &r.page_token,
-                &format!("organizations/{org}/serviceAccounts"),
-            )?;
+            let page = PageRequest::parse(r.page_size, &r.page_token, &format!("organizations/{org}/serviceAccounts"))?;
             let page = self.app.list_service_accounts(&caller, org, page).await?;
             Ok(pb::ListServiceAccountsResponse {
                 service_accounts: page.items.into_iter().map(service_account_pb).collect(),
@@ -463,31 +366,18 @@ impl pb::identity_service_server::IdentityService for IdentityGrpc {
             errors.check(required(&r.client_id, "client_id").map_err(only_input));
             errors.check(required(&r.client_secret, "client_secret").map_err(only_input));
             errors.finish()?;
-            let grant = self
-                .app
-                .issue_service_account_token(&r.client_id, &r.client_secret)
-                .await?;
-            Ok(pb::IssueServiceAccountTokenResponse {
-                grant: Some(grant_pb(grant)),
-            })
+            let grant = self.app.issue_service_account_token(&r.client_id, &r.client_secret).await?;
+            Ok(pb::IssueServiceAccountTokenResponse { grant: Some(grant_pb(grant)) })
         })
         .await
     }
 
-    async fn lookup_account(
-        &self,
-        request: Request<pb::LookupAccountRequest>,
-    ) -> Reply<pb::LookupAccountResponse> {
+    async fn lookup_account(&self, request: Request<pb::LookupAccountRequest>) -> Reply<pb::LookupAccountResponse> {
         let caller = caller(&request)?;
         let r = request.into_inner();
         handle("identity.lookup_account", async {
-            let account = self
-                .app
-                .lookup_account(&caller, Email::parse(&r.email, "email")?)
-                .await?;
-            Ok(pb::LookupAccountResponse {
-                account: Some(account_pb(account)),
-            })
+            let account = self.app.lookup_account(&caller, Email::parse(&r.email, "email")?).await?;
+            Ok(pb::LookupAccountResponse { account: Some(account_pb(account)) })
         })
         .await
     }
@@ -515,11 +405,7 @@ impl pb::identity_service_server::IdentityService for IdentityGrpc {
 }
 
 fn required<'a>(value: &'a str, field: &str) -> Result<&'a str, Error> {
-    if value.trim().is_empty() {
-        Err(InvalidInput::field(field, "is required").into())
-    } else {
-        Ok(value)
-    }
+    if value.trim().is_empty() { Err(InvalidInput::field(field, "is required").into()) } else { Ok(value) }
 }
 
 fn only_input(e: Error) -> InvalidInput {
@@ -531,27 +417,19 @@ fn only_input(e: Error) -> InvalidInput {
 
 /// `accounts/me` → `None` (the caller); `accounts/{id}` → `Some(id)`.
 fn account_name(raw: &str, field: &str) -> Result<Option<Uuid>, InvalidInput> {
-    if raw == "accounts/me" {
-        Ok(None)
-    } else {
-        domain::parse_name(raw, "accounts", field).map(Some)
-    }
+    if raw == "accounts/me" { Ok(None) } else { domain::parse_name(raw, "accounts", field).map(Some) }
 }
 
 /// The paths of an update mask, each one of `allowed`. An empty mask means every allowed path.
-fn update_paths(
-    mask: Option<prost_types::FieldMask>,
-    allowed: &[&str],
-) -> Result<Vec<String>, InvalidInput> {
+fn update_paths(mask: Option<prost_types::FieldMask>, allowed: &[&str]) -> Result<Vec<String>, InvalidInput> {
     let paths = mask.map(|m| m.paths).unwrap_or_default();
     if paths.is_empty() {
         return Ok(allowed.iter().map(|p| (*p).to_owned()).collect());
     }
     match paths.iter().find(|p| !allowed.contains(&p.as_str())) {
-        Some(bad) => Err(InvalidInput::field(
-            "update_mask",
-            format!("{bad} cannot be updated; allowed: {}", allowed.join(", ")),
-        )),
+        Some(bad) => {
+            Err(InvalidInput::field("update_mask", format!("{bad} cannot be updated; allowed: {}", allowed.join(", "))))
+        }
         None => Ok(paths),
     }
 }
@@ -560,10 +438,7 @@ fn org_role(value: i32, field: &str) -> Result<OrgRole, InvalidInput> {
     match pb::OrganizationRole::try_from(value) {
         Ok(pb::OrganizationRole::Owner) => Ok(OrgRole::Owner),
         Ok(pb::OrganizationRole::Reader) => Ok(OrgRole::Reader),
-        _ => Err(InvalidInput::field(
-            field,
-            "must be ORGANIZATION_ROLE_OWNER or ORGANIZATION_ROLE_READER",
-        )),
+        _ => Err(InvalidInput::field(field, "must be ORGANIZATION_ROLE_OWNER or ORGANIZATION_ROLE_READER")),
     }
 }
 
@@ -575,10 +450,7 @@ fn role_pb(role: OrgRole) -> i32 {
 }
 
 fn timestamp(at: DateTime<Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: at.timestamp(),
-        nanos: at.timestamp_subsec_nanos() as i32,
-    }
+    prost_types::Timestamp { seconds: at.timestamp(), nanos: at.timestamp_subsec_nanos() as i32 }
 }
 
 fn account_pb(a: Account) -> pb::Account {
@@ -611,10 +483,7 @@ fn organization_pb(o: Organization) -> pb::Organization {
 
 fn member_pb(m: Member) -> pb::OrganizationMember {
     pb::OrganizationMember {
-        name: format!(
-            "organizations/{}/members/{}",
-            m.organization_id, m.account_id
-        ),
+        name: format!("organizations/{}/members/{}", m.organization_id, m.account_id),
         account: format!("accounts/{}", m.account_id),
         email: m.email,
         display_name: m.display_name,

@@ -51,10 +51,7 @@ pub enum StartError {
     #[error("{0}")]
     Setup(String),
     #[error("binding {what}: {source}")]
-    Bind {
-        what: &'static str,
-        source: std::io::Error,
-    },
+    Bind { what: &'static str, source: std::io::Error },
 }
 
 impl From<error::Error> for StartError {
@@ -71,12 +68,7 @@ pub async fn start(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<Started, StartError> {
     let common = config.common.clone();
-    db::migrate(
-        &common.database_url,
-        "identity",
-        migrations::migrations::runner(),
-    )
-    .await?;
+    db::migrate(&common.database_url, "identity", migrations::migrations::runner()).await?;
     let pool = db::pool(&common.database_url, common.db_pool_size)?;
 
     let signing_keys = Arc::new(keys::SigningKeys::new(pool.clone(), config.sealer.clone()));
@@ -87,22 +79,13 @@ pub async fn start(
     tracing::info!(mail = %config.mail.describe(), "mail outbox ready");
 
     let verifier = TokenVerifier::new(
-        keys::DbKeySource {
-            pool: pool.clone(),
-            clock: clock.clone(),
-        },
+        keys::DbKeySource { pool: pool.clone(), clock: clock.clone() },
         config.tokens.clone(),
         clock.clone(),
     );
     verifier.spawn_refresh();
 
-    let app = Arc::new(app::Identity::new(
-        pool.clone(),
-        clock,
-        config,
-        signing_keys,
-        waker,
-    ));
+    let app = Arc::new(app::Identity::new(pool.clone(), clock, config, signing_keys, waker));
     app.provision_internal_clients().await?;
 
     let metrics = Metrics::new("identity");
@@ -110,59 +93,31 @@ pub async fn start(
     let metrics_addr = metrics
         .bind_and_serve(common.metrics_addr)
         .await
-        .map_err(|source| StartError::Bind {
-            what: "KEYSHARE_METRICS_ADDR",
-            source,
-        })?;
+        .map_err(|source| StartError::Bind { what: "KEYSHARE_METRICS_ADDR", source })?;
     let bound = server::bind(&common, GRPC_SERVICE)
         .await
-        .map_err(|source| StartError::Bind {
-            what: "KEYSHARE_LISTEN_ADDR",
-            source,
-        })?;
-    let addr = bound.local_addr().map_err(|source| StartError::Bind {
-        what: "KEYSHARE_LISTEN_ADDR",
-        source,
-    })?;
+        .map_err(|source| StartError::Bind { what: "KEYSHARE_LISTEN_ADDR", source })?;
+    let addr = bound.local_addr().map_err(|source| StartError::Bind { what: "KEYSHARE_LISTEN_ADDR", source })?;
 
     let outbox_task = outbox.spawn();
-    let options = ServeOptions {
-        config: common,
-        grpc_service_name: GRPC_SERVICE,
-        metrics,
-        verifier,
-        ready_on_start: true,
-    };
+    let options =
+        ServeOptions { config: common, grpc_service_name: GRPC_SERVICE, metrics, verifier, ready_on_start: true };
     let grpc = grpc::IdentityGrpc::new(app);
     let server = tokio::spawn(async move {
-        let result = bound
-            .serve(
-                options,
-                |routes| routes.add_service(IdentityServiceServer::new(grpc)),
-                shutdown,
-            )
-            .await;
+        let result =
+            bound.serve(options, |routes| routes.add_service(IdentityServiceServer::new(grpc)), shutdown).await;
         outbox_task.abort();
         result
     });
     tracing::info!(%addr, %metrics_addr, "identity serving");
-    Ok(Started {
-        addr,
-        metrics_addr,
-        server,
-    })
+    Ok(Started { addr, metrics_addr, server })
 }
 
 /// Operator command: make a new signing key current. Tokens signed by the previous key stay
 /// valid until they expire; running replicas switch to the new key within a minute.
 pub async fn rotate_signing_key(config: &Config, clock: SharedClock) -> Result<String, StartError> {
     let common = &config.common;
-    db::migrate(
-        &common.database_url,
-        "identity",
-        migrations::migrations::runner(),
-    )
-    .await?;
+    db::migrate(&common.database_url, "identity", migrations::migrations::runner()).await?;
     let pool = db::pool(&common.database_url, 1)?;
     Ok(keys::rotate(&pool, &config.sealer, &clock, config.access_token_ttl).await?)
 }

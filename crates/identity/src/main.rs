@@ -59,9 +59,7 @@ async fn main() -> ExitCode {
             }
         },
         other => {
-            eprintln!(
-                "identity: unknown command {other:?}; use `serve` (default) or `rotate-signing-key`"
-            );
+            eprintln!("identity: unknown command {other:?}; use `serve` (default) or `rotate-signing-key`");
             ExitCode::from(2)
         }
     }

@@ -50,52 +50,28 @@ pub async fn insert_account(
 }
 
 pub async fn account_by_id(c: &impl GenericClient, id: Uuid) -> Result<Option<Account>> {
-    let row = c
-        .query_opt(
-            &format!("SELECT {ACCOUNT_COLUMNS} FROM identity.accounts WHERE id = $1"),
-            &[&id],
-        )
-        .await?;
+    let row = c.query_opt(&format!("SELECT {ACCOUNT_COLUMNS} FROM identity.accounts WHERE id = $1"), &[&id]).await?;
     Ok(row.as_ref().map(account))
 }
 
-pub async fn credentials_by_email(
-    c: &impl GenericClient,
-    email_normalized: &str,
-) -> Result<Option<Credentials>> {
+pub async fn credentials_by_email(c: &impl GenericClient, email_normalized: &str) -> Result<Option<Credentials>> {
     let row = c
         .query_opt(
             &format!("SELECT {ACCOUNT_COLUMNS}, password_hash FROM identity.accounts WHERE email_normalized = $1"),
             &[&email_normalized],
         )
         .await?;
-    Ok(row.map(|row| Credentials {
-        account: account(&row),
-        password_hash: row.get(5),
-    }))
+    Ok(row.map(|row| Credentials { account: account(&row), password_hash: row.get(5) }))
 }
 
 pub async fn password_hash(c: &impl GenericClient, id: Uuid) -> Result<Option<String>> {
-    let row = c
-        .query_opt(
-            "SELECT password_hash FROM identity.accounts WHERE id = $1",
-            &[&id],
-        )
-        .await?;
+    let row = c.query_opt("SELECT password_hash FROM identity.accounts WHERE id = $1", &[&id]).await?;
     Ok(row.map(|r| r.get(0)))
 }
 
-pub async fn set_password_hash(
-    c: &impl GenericClient,
-    id: Uuid,
-    hash: &str,
-    now: DateTime<Utc>,
-) -> Result<()> {
-    c.execute(
-        "UPDATE identity.accounts SET password_hash = $2, updated_at = $3 WHERE id = $1",
-        &[&id, &hash, &now],
-    )
-    .await?;
+pub async fn set_password_hash(c: &impl GenericClient, id: Uuid, hash: &str, now: DateTime<Utc>) -> Result<()> {
+    c.execute("UPDATE identity.accounts SET password_hash = $2, updated_at = $3 WHERE id = $1", &[&id, &hash, &now])
+        .await?;
     Ok(())
 }
 
@@ -116,10 +92,7 @@ pub async fn set_display_name(
     Ok(row.as_ref().map(account))
 }
 
-pub async fn verified_account_by_email(
-    c: &impl GenericClient,
-    email_normalized: &str,
-) -> Result<Option<Account>> {
+pub async fn verified_account_by_email(c: &impl GenericClient, email_normalized: &str) -> Result<Option<Account>> {
     let row = c
         .query_opt(
             &format!(
@@ -154,10 +127,7 @@ pub struct Verification {
     pub used: bool,
 }
 
-pub async fn lock_verification(
-    c: &impl GenericClient,
-    token_hash: &[u8],
-) -> Result<Option<Verification>> {
+pub async fn lock_verification(c: &impl GenericClient, token_hash: &[u8]) -> Result<Option<Verification>> {
     let row = c
         .query_opt(
             "SELECT account_id, expires_at, used_at IS NOT NULL FROM identity.email_verifications
@@ -165,11 +135,7 @@ pub async fn lock_verification(
             &[&token_hash],
         )
         .await?;
-    Ok(row.map(|r| Verification {
-        account_id: r.get(0),
-        expires_at: r.get(1),
-        used: r.get(2),
-    }))
+    Ok(row.map(|r| Verification { account_id: r.get(0), expires_at: r.get(1), used: r.get(2) }))
 }
 
 pub async fn use_verification(
@@ -178,11 +144,8 @@ pub async fn use_verification(
     account_id: Uuid,
     now: DateTime<Utc>,
 ) -> Result<()> {
-    c.execute(
-        "UPDATE identity.email_verifications SET used_at = $2 WHERE token_hash = $1",
-        &[&token_hash, &now],
-    )
-    .await?;
+    c.execute("UPDATE identity.email_verifications SET used_at = $2 WHERE token_hash = $1", &[&token_hash, &now])
+        .await?;
     c.execute(
         "UPDATE identity.accounts SET email_verified_at = COALESCE(email_verified_at, $2), updated_at = $2 WHERE id = $1",
         &[&account_id, &now],
@@ -194,15 +157,9 @@ pub async fn use_verification(
 // --- Login throttling ---
 
 /// When the email is locked out until, if it is.
-pub async fn locked_until(
-    c: &impl GenericClient,
-    email_normalized: &str,
-) -> Result<Option<DateTime<Utc>>> {
+pub async fn locked_until(c: &impl GenericClient, email_normalized: &str) -> Result<Option<DateTime<Utc>>> {
     let row = c
-        .query_opt(
-            "SELECT locked_until FROM identity.login_throttle WHERE email_normalized = $1",
-            &[&email_normalized],
-        )
+        .query_opt("SELECT locked_until FROM identity.login_throttle WHERE email_normalized = $1", &[&email_normalized])
         .await?;
     Ok(row.and_then(|r| r.get(0)))
 }
@@ -236,22 +193,13 @@ fn seconds(d: chrono::Duration) -> f64 {
 }
 
 pub async fn clear_login_failures(c: &impl GenericClient, email_normalized: &str) -> Result<()> {
-    c.execute(
-        "DELETE FROM identity.login_throttle WHERE email_normalized = $1",
-        &[&email_normalized],
-    )
-    .await?;
+    c.execute("DELETE FROM identity.login_throttle WHERE email_normalized = $1", &[&email_normalized]).await?;
     Ok(())
 }
 
 // --- Sessions and refresh tokens ---
 
-pub async fn insert_session(
-    c: &impl GenericClient,
-    id: Uuid,
-    account_id: Uuid,
-    now: DateTime<Utc>,
-) -> Result<()> {
+pub async fn insert_session(c: &impl GenericClient, id: Uuid, account_id: Uuid, now: DateTime<Utc>) -> Result<()> {
     c.execute(
         "INSERT INTO identity.sessions (id, account_id, created_at) VALUES ($1, $2, $3)",
         &[&id, &account_id, &now],
@@ -284,10 +232,7 @@ pub struct RefreshToken {
     pub session_revoked: bool,
 }
 
-pub async fn lock_refresh_token(
-    c: &impl GenericClient,
-    token_hash: &[u8],
-) -> Result<Option<RefreshToken>> {
+pub async fn lock_refresh_token(c: &impl GenericClient, token_hash: &[u8]) -> Result<Option<RefreshToken>> {
     let row = c
         .query_opt(
             "SELECT r.session_id, s.account_id, r.expires_at, r.used_at IS NOT NULL, s.revoked_at IS NOT NULL
@@ -305,25 +250,12 @@ pub async fn lock_refresh_token(
     }))
 }
 
-pub async fn use_refresh_token(
-    c: &impl GenericClient,
-    token_hash: &[u8],
-    now: DateTime<Utc>,
-) -> Result<()> {
-    c.execute(
-        "UPDATE identity.refresh_tokens SET used_at = $2 WHERE token_hash = $1",
-        &[&token_hash, &now],
-    )
-    .await?;
+pub async fn use_refresh_token(c: &impl GenericClient, token_hash: &[u8], now: DateTime<Utc>) -> Result<()> {
+    c.execute("UPDATE identity.refresh_tokens SET used_at = $2 WHERE token_hash = $1", &[&token_hash, &now]).await?;
     Ok(())
 }
 
-pub async fn revoke_session(
-    c: &impl GenericClient,
-    id: Uuid,
-    now: DateTime<Utc>,
-    reason: &str,
-) -> Result<()> {
+pub async fn revoke_session(c: &impl GenericClient, id: Uuid, now: DateTime<Utc>, reason: &str) -> Result<()> {
     c.execute(
         "UPDATE identity.sessions SET revoked_at = COALESCE(revoked_at, $2), revoked_reason = COALESCE(revoked_reason, $3)
          WHERE id = $1",
@@ -350,12 +282,7 @@ pub async fn revoke_other_sessions(
 }
 
 pub async fn session_is_live(c: &impl GenericClient, id: Uuid) -> Result<bool> {
-    let row = c
-        .query_opt(
-            "SELECT revoked_at IS NULL FROM identity.sessions WHERE id = $1",
-            &[&id],
-        )
-        .await?;
+    let row = c.query_opt("SELECT revoked_at IS NULL FROM identity.sessions WHERE id = $1", &[&id]).await?;
     Ok(row.is_some_and(|r| r.get(0)))
 }
 
@@ -377,29 +304,15 @@ pub async fn insert_organization(
 }
 
 pub async fn organization(c: &impl GenericClient, id: Uuid) -> Result<Option<Organization>> {
-    let row = c
-        .query_opt(
-            "SELECT id, display_name, created_at FROM identity.organizations WHERE id = $1",
-            &[&id],
-        )
-        .await?;
-    Ok(row.map(|r| Organization {
-        id: r.get(0),
-        display_name: r.get(1),
-        created_at: r.get(2),
-        caller_role: None,
-    }))
+    let row =
+        c.query_opt("SELECT id, display_name, created_at FROM identity.organizations WHERE id = $1", &[&id]).await?;
+    Ok(row.map(|r| Organization { id: r.get(0), display_name: r.get(1), created_at: r.get(2), caller_role: None }))
 }
 
 /// Locks the organization row: membership changes of one organization run one at a time, so
 /// "at least one owner" cannot be broken by two concurrent demotions.
 pub async fn lock_organization(c: &impl GenericClient, id: Uuid) -> Result<bool> {
-    Ok(c.query_opt(
-        "SELECT 1 FROM identity.organizations WHERE id = $1 FOR UPDATE",
-        &[&id],
-    )
-    .await?
-    .is_some())
+    Ok(c.query_opt("SELECT 1 FROM identity.organizations WHERE id = $1 FOR UPDATE", &[&id]).await?.is_some())
 }
 
 /// Organizations of an account, ordered by membership time then id, after a cursor.
@@ -434,8 +347,7 @@ pub async fn organizations_of(
         .collect())
 }
 
-const MEMBER_COLUMNS: &str =
-    "m.organization_id, m.account_id, a.email, a.display_name, m.role, m.created_at";
+const MEMBER_COLUMNS: &str = "m.organization_id, m.account_id, a.email, a.display_name, m.role, m.created_at";
 
 fn member_row(row: &Row) -> Member {
     let role: String = row.get(4);
@@ -449,11 +361,7 @@ fn member_row(row: &Row) -> Member {
     }
 }
 
-pub async fn member_role(
-    c: &impl GenericClient,
-    org: Uuid,
-    account: Uuid,
-) -> Result<Option<OrgRole>> {
+pub async fn member_role(c: &impl GenericClient, org: Uuid, account: Uuid) -> Result<Option<OrgRole>> {
     let row = c
         .query_opt(
             "SELECT role FROM identity.organization_members WHERE organization_id = $1 AND account_id = $2",
@@ -536,10 +444,7 @@ pub async fn insert_grant(
 }
 
 /// What an invitation granted, if anything: (organization, account).
-pub async fn grant_of_invitation(
-    c: &impl GenericClient,
-    invitation_id: &str,
-) -> Result<Option<(Uuid, Uuid)>> {
+pub async fn grant_of_invitation(c: &impl GenericClient, invitation_id: &str) -> Result<Option<(Uuid, Uuid)>> {
     let row = c
         .query_opt(
             "SELECT organization_id, account_id FROM identity.organization_grants WHERE invitation_id = $1",
@@ -559,12 +464,7 @@ pub async fn count_owners(c: &impl GenericClient, org: Uuid) -> Result<i64> {
     Ok(row.get(0))
 }
 
-pub async fn set_member_role(
-    c: &impl GenericClient,
-    org: Uuid,
-    account: Uuid,
-    role: OrgRole,
-) -> Result<()> {
+pub async fn set_member_role(c: &impl GenericClient, org: Uuid, account: Uuid, role: OrgRole) -> Result<()> {
     c.execute(
         "UPDATE identity.organization_members SET role = $3 WHERE organization_id = $1 AND account_id = $2",
         &[&org, &account, &role.as_str()],
@@ -653,12 +553,7 @@ pub async fn service_account_by_client_id(
 }
 
 pub async fn service_account_is_live(c: &impl GenericClient, id: Uuid) -> Result<bool> {
-    let row = c
-        .query_opt(
-            "SELECT deleted_at IS NULL FROM identity.service_accounts WHERE id = $1",
-            &[&id],
-        )
-        .await?;
+    let row = c.query_opt("SELECT deleted_at IS NULL FROM identity.service_accounts WHERE id = $1", &[&id]).await?;
     Ok(row.is_some_and(|r| r.get(0)))
 }
 
@@ -683,12 +578,7 @@ pub async fn service_accounts(
     Ok(rows.iter().map(service_account).collect())
 }
 
-pub async fn delete_service_account(
-    c: &impl GenericClient,
-    org: Uuid,
-    id: Uuid,
-    now: DateTime<Utc>,
-) -> Result<bool> {
+pub async fn delete_service_account(c: &impl GenericClient, org: Uuid, id: Uuid, now: DateTime<Utc>) -> Result<bool> {
     let n = c
         .execute(
             "UPDATE identity.service_accounts SET deleted_at = $3

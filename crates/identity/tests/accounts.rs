@@ -33,38 +33,21 @@ async fn sign_up_verify_login_refresh_logout() {
 
     // Unverified: login is refused with a reason, the password is right.
     let err = login(&mut client, email).await.unwrap_err();
-    assert_eq!(
-        (err.code(), reason(&err).as_str()),
-        (Code::FailedPrecondition, "EMAIL_NOT_VERIFIED")
-    );
+    assert_eq!((err.code(), reason(&err).as_str()), (Code::FailedPrecondition, "EMAIL_NOT_VERIFIED"));
 
     // The mail arrived at a real SMTP server; its token verifies the account once.
     let mail = h.smtp.wait_for("ada@example.com", 1).await.pop().unwrap();
     assert_eq!(mail.subject, "Verify your Keyshare email address");
     let token = token_from_mail(&mail.body);
-    let verified = client
-        .verify_email(pb::VerifyEmailRequest {
-            token: token.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let verified = client.verify_email(pb::VerifyEmailRequest { token: token.clone() }).await.unwrap().into_inner();
     assert!(verified.account.unwrap().email_verified);
-    let again = client
-        .verify_email(pb::VerifyEmailRequest { token })
-        .await
-        .unwrap_err();
+    let again = client.verify_email(pb::VerifyEmailRequest { token }).await.unwrap_err();
     assert_eq!(reason(&again), "VERIFICATION_TOKEN_INVALID");
 
     // Login is case-insensitive on the email.
     let grant = login(&mut client, "ada@EXAMPLE.com").await.unwrap();
     let me = client
-        .get_account(authed(
-            &grant.access_token,
-            pb::GetAccountRequest {
-                name: "accounts/me".into(),
-            },
-        ))
+        .get_account(authed(&grant.access_token, pb::GetAccountRequest { name: "accounts/me".into() }))
         .await
         .unwrap()
         .into_inner()
@@ -76,12 +59,7 @@ async fn sign_up_verify_login_refresh_logout() {
     let (second_addr, _, _second) = h.spawn_instance().await;
     let mut second = connect(second_addr).await;
     let same = second
-        .get_account(authed(
-            &grant.access_token,
-            pb::GetAccountRequest {
-                name: account.name.clone(),
-            },
-        ))
+        .get_account(authed(&grant.access_token, pb::GetAccountRequest { name: account.name.clone() }))
         .await
         .unwrap()
         .into_inner();
@@ -89,9 +67,7 @@ async fn sign_up_verify_login_refresh_logout() {
 
     // Refresh rotates: the new refresh token works, the old one is spent.
     let rotated = client
-        .refresh_token(pb::RefreshTokenRequest {
-            refresh_token: grant.refresh_token.clone(),
-        })
+        .refresh_token(pb::RefreshTokenRequest { refresh_token: grant.refresh_token.clone() })
         .await
         .unwrap()
         .into_inner()
@@ -99,42 +75,22 @@ async fn sign_up_verify_login_refresh_logout() {
         .unwrap();
     assert_ne!(rotated.refresh_token, grant.refresh_token);
     client
-        .get_account(authed(
-            &rotated.access_token,
-            pb::GetAccountRequest {
-                name: "accounts/me".into(),
-            },
-        ))
+        .get_account(authed(&rotated.access_token, pb::GetAccountRequest { name: "accounts/me".into() }))
         .await
         .unwrap();
 
     // Logout ends the session: its refresh token no longer works, nor do its access tokens here.
-    client
-        .logout(pb::LogoutRequest {
-            refresh_token: rotated.refresh_token.clone(),
-        })
-        .await
-        .unwrap();
+    client.logout(pb::LogoutRequest { refresh_token: rotated.refresh_token.clone() }).await.unwrap();
     let err = client
-        .refresh_token(pb::RefreshTokenRequest {
-            refresh_token: rotated.refresh_token.clone(),
-        })
+        .refresh_token(pb::RefreshTokenRequest { refresh_token: rotated.refresh_token.clone() })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
     let err = client
-        .get_account(authed(
-            &rotated.access_token,
-            pb::GetAccountRequest {
-                name: "accounts/me".into(),
-            },
-        ))
+        .get_account(authed(&rotated.access_token, pb::GetAccountRequest { name: "accounts/me".into() }))
         .await
         .unwrap_err();
-    assert_eq!(
-        (err.code(), reason(&err).as_str()),
-        (Code::Unauthenticated, "SESSION_ENDED")
-    );
+    assert_eq!((err.code(), reason(&err).as_str()), (Code::Unauthenticated, "SESSION_ENDED"));
 }
 
 #[tokio::test]
@@ -143,41 +99,24 @@ async fn replayed_refresh_token_ends_the_session() {
     let (_, _, refresh) = verified_account(&h, "replay@example.com").await;
     let mut client = h.client().await;
     let next = client
-        .refresh_token(pb::RefreshTokenRequest {
-            refresh_token: refresh.clone(),
-        })
+        .refresh_token(pb::RefreshTokenRequest { refresh_token: refresh.clone() })
         .await
         .unwrap()
         .into_inner()
         .grant
         .unwrap();
-    let replay = client
-        .refresh_token(pb::RefreshTokenRequest {
-            refresh_token: refresh.clone(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(
-        (replay.code(), reason(&replay).as_str()),
-        (Code::Unauthenticated, "REFRESH_TOKEN_REUSED")
-    );
+    let replay = client.refresh_token(pb::RefreshTokenRequest { refresh_token: refresh.clone() }).await.unwrap_err();
+    assert_eq!((replay.code(), reason(&replay).as_str()), (Code::Unauthenticated, "REFRESH_TOKEN_REUSED"));
     assert!(!replay.message().contains(&refresh));
     // The thief's replay also killed the legitimate holder's newer token.
-    let err = client
-        .refresh_token(pb::RefreshTokenRequest {
-            refresh_token: next.refresh_token,
-        })
-        .await
-        .unwrap_err();
+    let err = client.refresh_token(pb::RefreshTokenRequest { refresh_token: next.refresh_token }).await.unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
 }
 
 /// Signs `claims` with identity's current signing key, read from its database with the KEK the
 /// test configured: a token that is genuine except for what the case changes.
 async fn genuine_signer(h: &Harness) -> TokenSigner {
-    let (client, connection) = tokio_postgres::connect(&h.db.url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
+    let (client, connection) = tokio_postgres::connect(&h.db.url, tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(connection);
     let row = client
         .query_one("SELECT kid, private_key_sealed, kek_id FROM identity.signing_keys WHERE retire_at IS NULL", &[])
@@ -185,15 +124,7 @@ async fn genuine_signer(h: &Harness) -> TokenSigner {
         .unwrap();
     let kid: String = row.get(0);
     let sealer = Sealer::parse(&h.kek).unwrap();
-    let der = sealer
-        .open(
-            &Sealed {
-                key_id: row.get(2),
-                blob: row.get(1),
-            },
-            kid.as_bytes(),
-        )
-        .unwrap();
+    let der = sealer.open(&Sealed { key_id: row.get(2), blob: row.get(1) }, kid.as_bytes()).unwrap();
     TokenSigner::from_pkcs8(kid, &der)
 }
 
@@ -228,117 +159,52 @@ async fn rejected_tokens_and_credentials() {
     let signature = rest.split_once('.').unwrap().1;
     let mut forged = claims.clone();
     forged.sub = format!("accounts/{}", uuid::Uuid::new_v4());
-    let tampered = format!(
-        "{head}.{}.{signature}",
-        B64.encode(serde_json::to_vec(&forged).unwrap())
-    );
+    let tampered = format!("{head}.{}.{signature}", B64.encode(serde_json::to_vec(&forged).unwrap()));
     let alg_none = format!(
         "{}.{}.",
-        B64.encode(format!(
-            r#"{{"alg":"none","typ":"JWT","kid":"{}"}}"#,
-            genuine.kid()
-        )),
+        B64.encode(format!(r#"{{"alg":"none","typ":"JWT","kid":"{}"}}"#, genuine.kid())),
         B64.encode(serde_json::to_vec(&claims).unwrap())
     );
 
     let cases: Vec<(&str, String, &str)> = vec![
-        (
-            "wrong audience",
-            sign(&|c| c.aud = "somebody-else".into()),
-            "TOKEN_AUDIENCE",
-        ),
-        (
-            "wrong issuer",
-            sign(&|c| c.iss = "evil".into()),
-            "TOKEN_AUDIENCE",
-        ),
+        ("wrong audience", sign(&|c| c.aud = "somebody-else".into()), "TOKEN_AUDIENCE"),
+        ("wrong issuer", sign(&|c| c.iss = "evil".into()), "TOKEN_AUDIENCE"),
         ("expired", sign(&|c| c.exp = c.iat - 120), "TOKEN_EXPIRED"),
         ("tampered payload", tampered, "TOKEN_INVALID"),
         ("alg none", alg_none, "TOKEN_INVALID"),
-        (
-            "signed by an unknown key",
-            unknown_kid.sign(&claims).unwrap(),
-            "TOKEN_UNKNOWN_KEY",
-        ),
-        (
-            "right kid, wrong key",
-            stranger.sign(&claims).unwrap(),
-            "TOKEN_INVALID",
-        ),
+        ("signed by an unknown key", unknown_kid.sign(&claims).unwrap(), "TOKEN_UNKNOWN_KEY"),
+        ("right kid, wrong key", stranger.sign(&claims).unwrap(), "TOKEN_INVALID"),
         ("not a JWT", "garbage".into(), "TOKEN_INVALID"),
     ];
     for (case, token, expected) in cases {
-        let err = client
-            .get_account(authed(
-                &token,
-                pb::GetAccountRequest {
-                    name: "accounts/me".into(),
-                },
-            ))
-            .await
-            .unwrap_err();
-        assert_eq!(
-            (err.code(), reason(&err).as_str()),
-            (Code::Unauthenticated, expected),
-            "{case}"
-        );
+        let err =
+            client.get_account(authed(&token, pb::GetAccountRequest { name: "accounts/me".into() })).await.unwrap_err();
+        assert_eq!((err.code(), reason(&err).as_str()), (Code::Unauthenticated, expected), "{case}");
         assert!(!err.message().contains(&token), "{case}: token echoed");
     }
 
     // The genuine token still works, until the clock passes its expiry.
-    client
-        .get_account(authed(
-            &access,
-            pb::GetAccountRequest {
-                name: "accounts/me".into(),
-            },
-        ))
-        .await
-        .unwrap();
+    client.get_account(authed(&access, pb::GetAccountRequest { name: "accounts/me".into() })).await.unwrap();
     h.clock.advance(chrono::Duration::minutes(16));
-    let err = client
-        .get_account(authed(
-            &access,
-            pb::GetAccountRequest {
-                name: "accounts/me".into(),
-            },
-        ))
-        .await
-        .unwrap_err();
+    let err =
+        client.get_account(authed(&access, pb::GetAccountRequest { name: "accounts/me".into() })).await.unwrap_err();
     assert_eq!(reason(&err), "TOKEN_EXPIRED");
 
     // No token at all.
-    let err = client
-        .get_account(pb::GetAccountRequest {
-            name: "accounts/me".into(),
-        })
-        .await
-        .unwrap_err();
+    let err = client.get_account(pb::GetAccountRequest { name: "accounts/me".into() }).await.unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
 
     // Wrong password: UNAUTHENTICATED, and the same answer for an unknown email.
     let wrong = client
-        .login(pb::LoginRequest {
-            email: "eve@example.com".into(),
-            password: "not the password!".into(),
-        })
+        .login(pb::LoginRequest { email: "eve@example.com".into(), password: "not the password!".into() })
         .await
         .unwrap_err();
     let unknown = client
-        .login(pb::LoginRequest {
-            email: "nobody@example.com".into(),
-            password: "not the password!".into(),
-        })
+        .login(pb::LoginRequest { email: "nobody@example.com".into(), password: "not the password!".into() })
         .await
         .unwrap_err();
-    assert_eq!(
-        (wrong.code(), reason(&wrong).as_str()),
-        (Code::Unauthenticated, "INVALID_CREDENTIALS")
-    );
-    assert_eq!(
-        (wrong.code(), wrong.message()),
-        (unknown.code(), unknown.message())
-    );
+    assert_eq!((wrong.code(), reason(&wrong).as_str()), (Code::Unauthenticated, "INVALID_CREDENTIALS"));
+    assert_eq!((wrong.code(), wrong.message()), (unknown.code(), unknown.message()));
     assert!(!wrong.message().contains("not the password"));
 }
 
@@ -350,31 +216,15 @@ async fn repeated_failures_are_throttled_whether_or_not_the_account_exists() {
     for email in ["mallory@example.com", "ghost@example.com"] {
         for _ in 0..5 {
             let err = client
-                .login(pb::LoginRequest {
-                    email: email.into(),
-                    password: "wrong-password-123".into(),
-                })
+                .login(pb::LoginRequest { email: email.into(), password: "wrong-password-123".into() })
                 .await
                 .unwrap_err();
             assert_eq!(err.code(), Code::Unauthenticated);
         }
         // Locked now, even with the right password, and the answer says when to retry.
-        let err = client
-            .login(pb::LoginRequest {
-                email: email.into(),
-                password: PASSWORD.into(),
-            })
-            .await
-            .unwrap_err();
-        assert_eq!(
-            (err.code(), reason(&err).as_str()),
-            (Code::ResourceExhausted, "LOGIN_THROTTLED"),
-            "{email}"
-        );
-        let retry = tonic_types::StatusExt::get_details_retry_info(&err)
-            .unwrap()
-            .retry_delay
-            .unwrap();
+        let err = client.login(pb::LoginRequest { email: email.into(), password: PASSWORD.into() }).await.unwrap_err();
+        assert_eq!((err.code(), reason(&err).as_str()), (Code::ResourceExhausted, "LOGIN_THROTTLED"), "{email}");
+        let retry = tonic_types::StatusExt::get_details_retry_info(&err).unwrap().retry_delay.unwrap();
         assert!(retry.as_secs() > 0 && retry.as_secs() <= 900, "{retry:?}");
     }
     // After the lockout the right password works again.
@@ -401,25 +251,12 @@ async fn change_password_ends_other_sessions() {
         .into_inner();
     assert_eq!(response.revoked_sessions, 1);
     // This session lives on; the other one is over.
-    client
-        .refresh_token(pb::RefreshTokenRequest {
-            refresh_token: refresh,
-        })
-        .await
-        .unwrap();
-    let err = client
-        .refresh_token(pb::RefreshTokenRequest {
-            refresh_token: other.refresh_token,
-        })
-        .await
-        .unwrap_err();
+    client.refresh_token(pb::RefreshTokenRequest { refresh_token: refresh }).await.unwrap();
+    let err = client.refresh_token(pb::RefreshTokenRequest { refresh_token: other.refresh_token }).await.unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
     assert!(login(&mut client, "grace@example.com").await.is_err());
     client
-        .login(pb::LoginRequest {
-            email: "grace@example.com".into(),
-            password: "a brand new passphrase".into(),
-        })
+        .login(pb::LoginRequest { email: "grace@example.com".into(), password: "a brand new passphrase".into() })
         .await
         .unwrap();
 }
@@ -431,62 +268,30 @@ async fn signing_key_rotation_needs_no_restart() {
     let mut client = h.client().await;
 
     // Another service's verifier, fetching keys from identity over gRPC.
-    let channel = tonic::transport::Channel::from_shared(format!("http://{}", h.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel =
+        tonic::transport::Channel::from_shared(format!("http://{}", h.addr)).unwrap().connect().await.unwrap();
     let remote = TokenVerifier::new(
         IdentityKeySource::new(channel),
-        TokenPolicy {
-            issuer: "keyshare-identity".into(),
-            audience: "keyshare".into(),
-        },
+        TokenPolicy { issuer: "keyshare-identity".into(), audience: "keyshare".into() },
         h.clock.clone(),
     );
     let caller = remote.verify(&old_token).await.unwrap();
     assert!(caller.account_id().is_some());
 
-    let new_kid = keyshare_identity::rotate_signing_key(&h.config(), h.clock.clone())
-        .await
-        .unwrap();
+    let new_kid = keyshare_identity::rotate_signing_key(&h.config(), h.clock.clone()).await.unwrap();
     // A fresh replica signs with the new key (running ones switch within their cache period).
     let (addr, _, _replica) = h.spawn_instance().await;
     let mut replica = connect(addr).await;
-    let new_token = login(&mut replica, "rot@example.com")
-        .await
-        .unwrap()
-        .access_token;
+    let new_token = login(&mut replica, "rot@example.com").await.unwrap().access_token;
     let header = jsonwebtoken::decode_header(&new_token).unwrap();
     assert_eq!(header.kid.as_deref(), Some(new_kid.as_str()));
 
     // The remote verifier learns the new kid on first sight; the old token still verifies.
     remote.verify(&new_token).await.unwrap();
     remote.verify(&old_token).await.unwrap();
-    client
-        .get_account(authed(
-            &new_token,
-            pb::GetAccountRequest {
-                name: "accounts/me".into(),
-            },
-        ))
-        .await
-        .unwrap();
-    client
-        .get_account(authed(
-            &old_token,
-            pb::GetAccountRequest {
-                name: "accounts/me".into(),
-            },
-        ))
-        .await
-        .unwrap();
-    let keys = client
-        .list_public_keys(pb::ListPublicKeysRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .keys;
+    client.get_account(authed(&new_token, pb::GetAccountRequest { name: "accounts/me".into() })).await.unwrap();
+    client.get_account(authed(&old_token, pb::GetAccountRequest { name: "accounts/me".into() })).await.unwrap();
+    let keys = client.list_public_keys(pb::ListPublicKeysRequest {}).await.unwrap().into_inner().keys;
     assert_eq!(keys.len(), 2);
     assert_eq!(keys[0].kid, new_kid);
     assert!(keys[0].retire_time.is_none() && keys[1].retire_time.is_some());

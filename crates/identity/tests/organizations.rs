@@ -13,10 +13,7 @@ async fn create_org(client: &mut Client, token: &str, name: &str) -> String {
         .create_organization(authed(
             token,
             pb::CreateOrganizationRequest {
-                organization: Some(pb::Organization {
-                    display_name: name.into(),
-                    ..Default::default()
-                }),
+                organization: Some(pb::Organization { display_name: name.into(), ..Default::default() }),
             },
         ))
         .await
@@ -47,9 +44,7 @@ async fn set_role(
                     role: role as i32,
                     ..Default::default()
                 }),
-                update_mask: Some(FieldMask {
-                    paths: vec!["role".into()],
-                }),
+                update_mask: Some(FieldMask { paths: vec!["role".into()] }),
             },
         ))
         .await
@@ -87,10 +82,7 @@ async fn roles_and_removals_apply_on_the_next_call_and_the_last_owner_stays() {
     let members = client
         .list_organization_members(authed(
             &owner_token,
-            pb::ListOrganizationMembersRequest {
-                parent: org.clone(),
-                ..Default::default()
-            },
+            pb::ListOrganizationMembersRequest { parent: org.clone(), ..Default::default() },
         ))
         .await
         .unwrap()
@@ -99,103 +91,39 @@ async fn roles_and_removals_apply_on_the_next_call_and_the_last_owner_stays() {
     assert_eq!(members.len(), 2, "a retried grant adds one membership");
 
     // A reader cannot change roles; after promotion, the very next call can.
-    let err = set_role(
-        &mut client,
-        &reader_token,
-        &org,
-        &owner,
-        pb::OrganizationRole::Reader,
-    )
-    .await
-    .unwrap_err();
+    let err = set_role(&mut client, &reader_token, &org, &owner, pb::OrganizationRole::Reader).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
-    set_role(
-        &mut client,
-        &owner_token,
-        &org,
-        &reader,
-        pb::OrganizationRole::Owner,
-    )
-    .await
-    .unwrap();
-    set_role(
-        &mut client,
-        &reader_token,
-        &org,
-        &reader,
-        pb::OrganizationRole::Owner,
-    )
-    .await
-    .unwrap();
+    set_role(&mut client, &owner_token, &org, &reader, pb::OrganizationRole::Owner).await.unwrap();
+    set_role(&mut client, &reader_token, &org, &reader, pb::OrganizationRole::Owner).await.unwrap();
 
     // Demotion applies at once too.
-    set_role(
-        &mut client,
-        &owner_token,
-        &org,
-        &reader,
-        pb::OrganizationRole::Reader,
-    )
-    .await
-    .unwrap();
-    let err = set_role(
-        &mut client,
-        &reader_token,
-        &org,
-        &owner,
-        pb::OrganizationRole::Reader,
-    )
-    .await
-    .unwrap_err();
+    set_role(&mut client, &owner_token, &org, &reader, pb::OrganizationRole::Reader).await.unwrap();
+    let err = set_role(&mut client, &reader_token, &org, &owner, pb::OrganizationRole::Reader).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
 
     // The last owner can be neither demoted nor removed.
-    let err = set_role(
-        &mut client,
-        &owner_token,
-        &org,
-        &owner,
-        pb::OrganizationRole::Reader,
-    )
-    .await
-    .unwrap_err();
-    assert_eq!(
-        (err.code(), reason(&err).as_str()),
-        (Code::FailedPrecondition, "LAST_OWNER")
-    );
+    let err = set_role(&mut client, &owner_token, &org, &owner, pb::OrganizationRole::Reader).await.unwrap_err();
+    assert_eq!((err.code(), reason(&err).as_str()), (Code::FailedPrecondition, "LAST_OWNER"));
     let err = client
         .delete_organization_member(authed(
             &owner_token,
-            pb::DeleteOrganizationMemberRequest {
-                name: member_name(&org, &owner),
-            },
+            pb::DeleteOrganizationMemberRequest { name: member_name(&org, &owner) },
         ))
         .await
         .unwrap_err();
     assert_eq!(reason(&err), "LAST_OWNER");
 
     // Removal: the removed member's next call no longer sees the organization.
-    client
-        .get_organization(authed(
-            &reader_token,
-            pb::GetOrganizationRequest { name: org.clone() },
-        ))
-        .await
-        .unwrap();
+    client.get_organization(authed(&reader_token, pb::GetOrganizationRequest { name: org.clone() })).await.unwrap();
     client
         .delete_organization_member(authed(
             &owner_token,
-            pb::DeleteOrganizationMemberRequest {
-                name: member_name(&org, &reader),
-            },
+            pb::DeleteOrganizationMemberRequest { name: member_name(&org, &reader) },
         ))
         .await
         .unwrap();
     let err = client
-        .get_organization(authed(
-            &reader_token,
-            pb::GetOrganizationRequest { name: org.clone() },
-        ))
+        .get_organization(authed(&reader_token, pb::GetOrganizationRequest { name: org.clone() }))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
@@ -213,10 +141,7 @@ async fn roles_and_removals_apply_on_the_next_call_and_the_last_owner_stays() {
         ))
         .await
         .unwrap_err();
-    assert_eq!(
-        (err.code(), reason(&err).as_str()),
-        (Code::FailedPrecondition, "GRANT_REVOKED")
-    );
+    assert_eq!((err.code(), reason(&err).as_str()), (Code::FailedPrecondition, "GRANT_REVOKED"));
 
     // The same invitation id cannot grant a different membership.
     let other_org = create_org(&mut client, &owner_token, "Other").await;
@@ -275,10 +200,7 @@ async fn service_accounts_and_internal_rpcs() {
             &owner_token,
             pb::CreateServiceAccountRequest {
                 parent: org.clone(),
-                service_account: Some(pb::ServiceAccount {
-                    display_name: "gateway".into(),
-                    ..Default::default()
-                }),
+                service_account: Some(pb::ServiceAccount { display_name: "gateway".into(), ..Default::default() }),
             },
         ))
         .await
@@ -299,19 +221,11 @@ async fn service_accounts_and_internal_rpcs() {
 
     // An organization's service account sees its organization but not internal RPCs.
     client
-        .get_organization(authed(
-            &grant.access_token,
-            pb::GetOrganizationRequest { name: org.clone() },
-        ))
+        .get_organization(authed(&grant.access_token, pb::GetOrganizationRequest { name: org.clone() }))
         .await
         .unwrap();
     let err = client
-        .lookup_account(authed(
-            &grant.access_token,
-            pb::LookupAccountRequest {
-                email: "ops@example.com".into(),
-            },
-        ))
+        .lookup_account(authed(&grant.access_token, pb::LookupAccountRequest { email: "ops@example.com".into() }))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
@@ -319,23 +233,13 @@ async fn service_accounts_and_internal_rpcs() {
     // Keyshare's own services may look accounts up by verified email.
     let internal = internal_token(&mut client).await;
     let found = client
-        .lookup_account(authed(
-            &internal,
-            pb::LookupAccountRequest {
-                email: "OPS@example.com".into(),
-            },
-        ))
+        .lookup_account(authed(&internal, pb::LookupAccountRequest { email: "OPS@example.com".into() }))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(found.account.unwrap().email, "ops@example.com");
     let missing = client
-        .lookup_account(authed(
-            &internal,
-            pb::LookupAccountRequest {
-                email: "nobody@example.com".into(),
-            },
-        ))
+        .lookup_account(authed(&internal, pb::LookupAccountRequest { email: "nobody@example.com".into() }))
         .await
         .unwrap_err();
     assert_eq!(missing.code(), Code::NotFound);
@@ -352,10 +256,7 @@ async fn service_accounts_and_internal_rpcs() {
     let listed = client
         .list_service_accounts(authed(
             &owner_token,
-            pb::ListServiceAccountsRequest {
-                parent: org.clone(),
-                ..Default::default()
-            },
+            pb::ListServiceAccountsRequest { parent: org.clone(), ..Default::default() },
         ))
         .await
         .unwrap()
@@ -363,12 +264,7 @@ async fn service_accounts_and_internal_rpcs() {
         .service_accounts;
     assert_eq!(listed.len(), 1);
     client
-        .delete_service_account(authed(
-            &owner_token,
-            pb::DeleteServiceAccountRequest {
-                name: sa.name.clone(),
-            },
-        ))
+        .delete_service_account(authed(&owner_token, pb::DeleteServiceAccountRequest { name: sa.name.clone() }))
         .await
         .unwrap();
     let err = client
@@ -381,17 +277,10 @@ async fn service_accounts_and_internal_rpcs() {
     assert!(!err.message().contains(&created.client_secret));
     assert_eq!(err.code(), Code::Unauthenticated);
     let err = client
-        .get_organization(authed(
-            &grant.access_token,
-            pb::GetOrganizationRequest { name: org },
-        ))
+        .get_organization(authed(&grant.access_token, pb::GetOrganizationRequest { name: org }))
         .await
         .unwrap_err();
-    assert_eq!(
-        err.code(),
-        Code::Unauthenticated,
-        "a deleted service account's token stops at once"
-    );
+    assert_eq!(err.code(), Code::Unauthenticated, "a deleted service account's token stops at once");
 }
 
 #[tokio::test]
@@ -423,11 +312,7 @@ async fn pagination_walks_every_member_once() {
         let page = client
             .list_organization_members(authed(
                 &owner_token,
-                pb::ListOrganizationMembersRequest {
-                    parent: org.clone(),
-                    page_size: 3,
-                    page_token: token.clone(),
-                },
+                pb::ListOrganizationMembersRequest { parent: org.clone(), page_size: 3, page_token: token.clone() },
             ))
             .await
             .unwrap()
@@ -451,11 +336,8 @@ async fn bad_input_names_the_field_and_writes_nothing() {
     let (_, token, _) = verified_account(&h, "valid@example.com").await;
     let mut client = h.client().await;
     let org = create_org(&mut client, &token, "Valid").await;
-    let (accounts, orgs, outbox) = (
-        count(&h, "accounts").await,
-        count(&h, "organizations").await,
-        count(&h, "outbox").await,
-    );
+    let (accounts, orgs, outbox) =
+        (count(&h, "accounts").await, count(&h, "organizations").await, count(&h, "outbox").await);
     let huge = "x".repeat(10_000);
 
     let sign_up = |email: &str, name: &str, password: &str| pb::CreateAccountRequest {
@@ -466,45 +348,28 @@ async fn bad_input_names_the_field_and_writes_nothing() {
     let cases: Vec<(&str, Result<(), tonic::Status>, Vec<&str>)> = vec![
         (
             "malformed email",
-            client
-                .create_account(sign_up("not-an-email", "Name", PASSWORD))
-                .await
-                .map(|_| ()),
+            client.create_account(sign_up("not-an-email", "Name", PASSWORD)).await.map(|_| ()),
             vec!["email"],
         ),
         (
             "short password",
-            client
-                .create_account(sign_up("short@example.com", "Name", "short"))
-                .await
-                .map(|_| ()),
+            client.create_account(sign_up("short@example.com", "Name", "short")).await.map(|_| ()),
             vec!["password"],
         ),
         (
             "10 kB display name",
-            client
-                .create_account(sign_up("long@example.com", &huge, PASSWORD))
-                .await
-                .map(|_| ()),
+            client.create_account(sign_up("long@example.com", &huge, PASSWORD)).await.map(|_| ()),
             vec!["display_name"],
         ),
         (
             "everything wrong at once",
-            client
-                .create_account(sign_up("x@", "", ""))
-                .await
-                .map(|_| ()),
+            client.create_account(sign_up("x@", "", "")).await.map(|_| ()),
             vec!["email", "display_name", "password"],
         ),
         (
             "bad resource name",
             client
-                .get_organization(authed(
-                    &token,
-                    pb::GetOrganizationRequest {
-                        name: "organizations/42".into(),
-                    },
-                ))
+                .get_organization(authed(&token, pb::GetOrganizationRequest { name: "organizations/42".into() }))
                 .await
                 .map(|_| ()),
             vec!["name"],
@@ -514,10 +379,7 @@ async fn bad_input_names_the_field_and_writes_nothing() {
             client
                 .list_organization_members(authed(
                     &token,
-                    pb::ListOrganizationMembersRequest {
-                        parent: "orgs/x".into(),
-                        ..Default::default()
-                    },
+                    pb::ListOrganizationMembersRequest { parent: "orgs/x".into(), ..Default::default() },
                 ))
                 .await
                 .map(|_| ()),
@@ -543,10 +405,7 @@ async fn bad_input_names_the_field_and_writes_nothing() {
             client
                 .list_organizations(authed(
                     &token,
-                    pb::ListOrganizationsRequest {
-                        page_size: -5,
-                        ..Default::default()
-                    },
+                    pb::ListOrganizationsRequest { page_size: -5, ..Default::default() },
                 ))
                 .await
                 .map(|_| ()),
@@ -558,10 +417,7 @@ async fn bad_input_names_the_field_and_writes_nothing() {
                 .create_organization(authed(
                     &token,
                     pb::CreateOrganizationRequest {
-                        organization: Some(pb::Organization {
-                            display_name: huge.clone(),
-                            ..Default::default()
-                        }),
+                        organization: Some(pb::Organization { display_name: huge.clone(), ..Default::default() }),
                     },
                 ))
                 .await
@@ -579,9 +435,7 @@ async fn bad_input_names_the_field_and_writes_nothing() {
                             role: 9,
                             ..Default::default()
                         }),
-                        update_mask: Some(FieldMask {
-                            paths: vec!["role".into()],
-                        }),
+                        update_mask: Some(FieldMask { paths: vec!["role".into()] }),
                     },
                 ))
                 .await
@@ -599,9 +453,7 @@ async fn bad_input_names_the_field_and_writes_nothing() {
                             email: "new@example.com".into(),
                             ..Default::default()
                         }),
-                        update_mask: Some(FieldMask {
-                            paths: vec!["email".into()],
-                        }),
+                        update_mask: Some(FieldMask { paths: vec!["email".into()] }),
                     },
                 ))
                 .await
@@ -620,14 +472,8 @@ async fn bad_input_names_the_field_and_writes_nothing() {
     assert_eq!(count(&h, "outbox").await, outbox);
 
     // A duplicate email is ALREADY_EXISTS and writes nothing either.
-    let err = client
-        .create_account(sign_up("VALID@example.com", "Again", PASSWORD))
-        .await
-        .unwrap_err();
-    assert_eq!(
-        (err.code(), reason(&err).as_str()),
-        (Code::AlreadyExists, "EMAIL_TAKEN")
-    );
+    let err = client.create_account(sign_up("VALID@example.com", "Again", PASSWORD)).await.unwrap_err();
+    assert_eq!((err.code(), reason(&err).as_str()), (Code::AlreadyExists, "EMAIL_TAKEN"));
     assert_eq!(count(&h, "accounts").await, accounts);
     assert_eq!(count(&h, "outbox").await, outbox);
 }

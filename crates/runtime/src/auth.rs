@@ -40,11 +40,7 @@ pub enum Principal {
     Account { id: Uuid },
     /// A machine identity, `organizations/{org}/serviceAccounts/{id}`, or one of Keyshare's own
     /// services (`internal`), which may call the RPCs other services need.
-    ServiceAccount {
-        id: Uuid,
-        organization: Option<Uuid>,
-        internal: bool,
-    },
+    ServiceAccount { id: Uuid, organization: Option<Uuid>, internal: bool },
 }
 
 /// The authenticated caller of an RPC.
@@ -66,10 +62,7 @@ impl Caller {
 
     /// Whether the caller is one of Keyshare's own services.
     pub fn is_internal(&self) -> bool {
-        matches!(
-            self.principal,
-            Principal::ServiceAccount { internal: true, .. }
-        )
+        matches!(self.principal, Principal::ServiceAccount { internal: true, .. })
     }
 
     /// The subject as written in tokens and logs (never secret).
@@ -111,18 +104,11 @@ impl Claims {
             Principal::Account { id: parse(id)? }
         } else if let Some(id) = self.sub.strip_prefix("serviceAccounts/") {
             let organization = self.org.as_deref().map(parse).transpose()?;
-            Principal::ServiceAccount {
-                id: parse(id)?,
-                organization,
-                internal: self.internal,
-            }
+            Principal::ServiceAccount { id: parse(id)?, organization, internal: self.internal }
         } else {
             return Err(AuthError::Invalid);
         };
-        Ok(Caller {
-            principal,
-            session_id,
-        })
+        Ok(Caller { principal, session_id })
     }
 }
 
@@ -184,9 +170,7 @@ pub struct PublicKeyMaterial {
 
 /// Where a verifier gets its public keys.
 pub trait KeySource: Send + Sync + 'static {
-    fn fetch(
-        &self,
-    ) -> Pin<Box<dyn Future<Output = Result<Vec<PublicKeyMaterial>, String>> + Send + '_>>;
+    fn fetch(&self) -> Pin<Box<dyn Future<Output = Result<Vec<PublicKeyMaterial>, String>> + Send + '_>>;
 }
 
 /// Issuer and audience every token must name.
@@ -199,12 +183,8 @@ pub struct TokenPolicy {
 impl TokenPolicy {
     pub fn from_env(env: &crate::config::Env) -> Self {
         Self {
-            issuer: env
-                .get("KEYSHARE_JWT_ISSUER")
-                .unwrap_or_else(|| "keyshare-identity".into()),
-            audience: env
-                .get("KEYSHARE_JWT_AUDIENCE")
-                .unwrap_or_else(|| "keyshare".into()),
+            issuer: env.get("KEYSHARE_JWT_ISSUER").unwrap_or_else(|| "keyshare-identity".into()),
+            audience: env.get("KEYSHARE_JWT_AUDIENCE").unwrap_or_else(|| "keyshare".into()),
         }
     }
 }
@@ -234,9 +214,7 @@ pub struct TokenVerifier {
 
 impl std::fmt::Debug for TokenVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TokenVerifier")
-            .field("policy", &self.policy)
-            .finish_non_exhaustive()
+        f.debug_struct("TokenVerifier").field("policy", &self.policy).finish_non_exhaustive()
     }
 }
 
@@ -247,11 +225,7 @@ impl TokenVerifier {
             policy,
             clock,
             refresh_every: Duration::from_secs(300),
-            cache: RwLock::new(KeyCache {
-                keys: HashMap::new(),
-                fetched_at: None,
-                last_unknown_fetch: None,
-            }),
+            cache: RwLock::new(KeyCache { keys: HashMap::new(), fetched_at: None, last_unknown_fetch: None }),
             fetching: tokio::sync::Mutex::new(()),
         })
     }
@@ -282,8 +256,9 @@ impl TokenVerifier {
         validation.validate_nbf = false;
         let claims = jsonwebtoken::decode::<Claims>(token, &key, &validation)
             .map_err(|e| match e.kind() {
-                jsonwebtoken::errors::ErrorKind::InvalidAudience
-                | jsonwebtoken::errors::ErrorKind::InvalidIssuer => AuthError::WrongAudience,
+                jsonwebtoken::errors::ErrorKind::InvalidAudience | jsonwebtoken::errors::ErrorKind::InvalidIssuer => {
+                    AuthError::WrongAudience
+                }
                 _ => AuthError::Invalid,
             })?
             .claims;
@@ -299,19 +274,12 @@ impl TokenVerifier {
     }
 
     fn has_fetched(&self) -> bool {
-        self.cache
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .fetched_at
-            .is_some()
+        self.cache.read().unwrap_or_else(|poisoned| poisoned.into_inner()).fetched_at.is_some()
     }
 
     /// The key for `kid`, if known and not retired. Triggers a periodic refresh when stale.
     fn lookup(&self, kid: &str) -> Result<Option<DecodingKey>, AuthError> {
-        let cache = self
-            .cache
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let cache = self.cache.read().unwrap_or_else(|poisoned| poisoned.into_inner());
         if cache.fetched_at.is_none() {
             return Ok(None);
         }
@@ -327,12 +295,8 @@ impl TokenVerifier {
     pub async fn refresh(&self, unknown_kid: bool) -> Result<(), AuthError> {
         let _guard = self.fetching.lock().await;
         {
-            let cache = self
-                .cache
-                .read()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            let recently =
-                |at: Option<Instant>, within: Duration| at.is_some_and(|t| t.elapsed() < within);
+            let cache = self.cache.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let recently = |at: Option<Instant>, within: Duration| at.is_some_and(|t| t.elapsed() < within);
             if unknown_kid && recently(cache.last_unknown_fetch, UNKNOWN_KID_REFETCH) {
                 return Ok(());
             }
@@ -341,10 +305,7 @@ impl TokenVerifier {
             }
         }
         let fetched = self.source.fetch().await;
-        let mut cache = self
-            .cache
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut cache = self.cache.write().unwrap_or_else(|poisoned| poisoned.into_inner());
         if unknown_kid {
             cache.last_unknown_fetch = Some(Instant::now());
         }
@@ -353,10 +314,7 @@ impl TokenVerifier {
                 cache.keys = keys
                     .into_iter()
                     .map(|k| {
-                        let entry = KeyEntry {
-                            key: DecodingKey::from_ed_der(&k.public_key),
-                            retire_at: k.retire_at,
-                        };
+                        let entry = KeyEntry { key: DecodingKey::from_ed_der(&k.public_key), retire_at: k.retire_at };
                         (k.kid, entry)
                     })
                     .collect();
@@ -365,11 +323,7 @@ impl TokenVerifier {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "fetching token verification keys failed");
-                if cache.fetched_at.is_none() {
-                    Err(AuthError::KeysUnavailable)
-                } else {
-                    Ok(())
-                }
+                if cache.fetched_at.is_none() { Err(AuthError::KeysUnavailable) } else { Ok(()) }
             }
         }
     }
@@ -401,19 +355,14 @@ pub struct TokenSigner {
 
 impl std::fmt::Debug for TokenSigner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TokenSigner")
-            .field("kid", &self.kid)
-            .finish_non_exhaustive()
+        f.debug_struct("TokenSigner").field("kid", &self.kid).finish_non_exhaustive()
     }
 }
 
 impl TokenSigner {
     /// From a PKCS#8 DER private key.
     pub fn from_pkcs8(kid: impl Into<String>, pkcs8_der: &[u8]) -> Self {
-        Self {
-            kid: kid.into(),
-            key: EncodingKey::from_ed_der(pkcs8_der),
-        }
+        Self { kid: kid.into(), key: EncodingKey::from_ed_der(pkcs8_der) }
     }
 
     pub fn kid(&self) -> &str {
@@ -457,10 +406,7 @@ impl<S> tower::Layer<S> for AuthLayer {
     type Service = AuthService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        AuthService {
-            inner,
-            verifier: self.verifier.clone(),
-        }
+        AuthService { inner, verifier: self.verifier.clone() }
     }
 }
 
@@ -490,15 +436,12 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let verifier = self.verifier.clone();
-        let token = request
-            .headers()
-            .get(http::header::AUTHORIZATION)
-            .map(
-                |value| match value.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")) {
-                    Some(token) => Ok(token.trim().to_owned()),
-                    None => Err(AuthError::Invalid),
-                },
-            );
+        let token = request.headers().get(http::header::AUTHORIZATION).map(|value| {
+            match value.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")) {
+                Some(token) => Ok(token.trim().to_owned()),
+                None => Err(AuthError::Invalid),
+            }
+        });
         Box::pin(async move {
             if let Some(token) = token {
                 let outcome = match token {
@@ -528,13 +471,10 @@ impl IdentityKeySource {
 }
 
 impl KeySource for IdentityKeySource {
-    fn fetch(
-        &self,
-    ) -> Pin<Box<dyn Future<Output = Result<Vec<PublicKeyMaterial>, String>> + Send + '_>> {
+    fn fetch(&self) -> Pin<Box<dyn Future<Output = Result<Vec<PublicKeyMaterial>, String>> + Send + '_>> {
         use keyshare_proto::identity::v1 as pb;
         Box::pin(async move {
-            let mut client =
-                pb::identity_service_client::IdentityServiceClient::new(self.channel.clone());
+            let mut client = pb::identity_service_client::IdentityServiceClient::new(self.channel.clone());
             let response = client
                 .list_public_keys(crate::telemetry::traced(pb::ListPublicKeysRequest {}))
                 .await
@@ -544,19 +484,11 @@ impl KeySource for IdentityKeySource {
                 .keys
                 .into_iter()
                 .map(|key| {
-                    let public_key: [u8; 32] = key
-                        .public_key
-                        .as_slice()
-                        .try_into()
-                        .map_err(|_| format!("key {} is not 32 bytes", key.kid))?;
-                    let retire_at = key.retire_time.and_then(|t| {
-                        DateTime::<Utc>::from_timestamp(t.seconds, t.nanos.max(0) as u32)
-                    });
-                    Ok(PublicKeyMaterial {
-                        kid: key.kid,
-                        public_key,
-                        retire_at,
-                    })
+                    let public_key: [u8; 32] =
+                        key.public_key.as_slice().try_into().map_err(|_| format!("key {} is not 32 bytes", key.kid))?;
+                    let retire_at =
+                        key.retire_time.and_then(|t| DateTime::<Utc>::from_timestamp(t.seconds, t.nanos.max(0) as u32));
+                    Ok(PublicKeyMaterial { kid: key.kid, public_key, retire_at })
                 })
                 .collect()
         })
@@ -575,10 +507,7 @@ mod tests {
     struct Fixed(Vec<PublicKeyMaterial>);
 
     impl KeySource for Fixed {
-        fn fetch(
-            &self,
-        ) -> Pin<Box<dyn Future<Output = Result<Vec<PublicKeyMaterial>, String>> + Send + '_>>
-        {
+        fn fetch(&self) -> Pin<Box<dyn Future<Output = Result<Vec<PublicKeyMaterial>, String>> + Send + '_>> {
             let keys = self.0.clone();
             Box::pin(async move { Ok(keys) })
         }
@@ -588,11 +517,7 @@ mod tests {
         let key = SigningKey::generate(&mut OsRng);
         let der = key.to_pkcs8_der().unwrap();
         let signer = TokenSigner::from_pkcs8(kid, der.as_bytes());
-        let public = PublicKeyMaterial {
-            kid: kid.into(),
-            public_key: key.verifying_key().to_bytes(),
-            retire_at: None,
-        };
+        let public = PublicKeyMaterial { kid: kid.into(), public_key: key.verifying_key().to_bytes(), retire_at: None };
         (signer, public)
     }
 
@@ -619,10 +544,7 @@ mod tests {
         let clock = ManualClock::new();
         let (signer, public) = keypair("k1");
         let (stranger, _) = keypair("k1");
-        let policy = TokenPolicy {
-            issuer: "keyshare-identity".into(),
-            audience: "keyshare".into(),
-        };
+        let policy = TokenPolicy { issuer: "keyshare-identity".into(), audience: "keyshare".into() };
         let verifier = TokenVerifier::new(Fixed(vec![public]), policy, clock.clone());
         let now = Utc::now().timestamp();
         let good = signer.sign(&claims(now)).unwrap();
@@ -638,20 +560,14 @@ mod tests {
         let (_, sig) = rest.split_once('.').unwrap();
         let mut forged_claims = claims(now);
         forged_claims.sub = format!("accounts/{}", Uuid::new_v4());
-        let tampered = format!(
-            "{head}.{}.{sig}",
-            B64.encode(serde_json::to_vec(&forged_claims).unwrap())
-        );
+        let tampered = format!("{head}.{}.{sig}", B64.encode(serde_json::to_vec(&forged_claims).unwrap()));
         let none_alg = format!(
             "{}.{}.",
             B64.encode(br#"{"alg":"none","typ":"JWT","kid":"k1"}"#),
             B64.encode(serde_json::to_vec(&claims(now)).unwrap())
         );
         let hs256 = jsonwebtoken::encode(
-            &Header {
-                kid: Some("k1".into()),
-                ..Header::new(Algorithm::HS256)
-            },
+            &Header { kid: Some("k1".into()), ..Header::new(Algorithm::HS256) },
             &claims(now),
             &EncodingKey::from_secret(b"secret"),
         )
@@ -659,48 +575,21 @@ mod tests {
         let (unknown, _) = keypair("k9");
 
         let cases: Vec<(&str, String, AuthError)> = vec![
-            (
-                "wrong audience",
-                signer.sign(&wrong_aud).unwrap(),
-                AuthError::WrongAudience,
-            ),
-            (
-                "expired",
-                signer.sign(&expired).unwrap(),
-                AuthError::Expired,
-            ),
-            (
-                "not yet valid",
-                signer.sign(&future).unwrap(),
-                AuthError::NotYetValid,
-            ),
+            ("wrong audience", signer.sign(&wrong_aud).unwrap(), AuthError::WrongAudience),
+            ("expired", signer.sign(&expired).unwrap(), AuthError::Expired),
+            ("not yet valid", signer.sign(&future).unwrap(), AuthError::NotYetValid),
             ("tampered payload", tampered, AuthError::Invalid),
             ("alg none", none_alg, AuthError::Invalid),
             ("hs256", hs256, AuthError::Algorithm),
-            (
-                "unknown kid",
-                unknown.sign(&claims(now)).unwrap(),
-                AuthError::UnknownKey,
-            ),
-            (
-                "known kid, other key",
-                stranger.sign(&claims(now)).unwrap(),
-                AuthError::Invalid,
-            ),
+            ("unknown kid", unknown.sign(&claims(now)).unwrap(), AuthError::UnknownKey),
+            ("known kid, other key", stranger.sign(&claims(now)).unwrap(), AuthError::Invalid),
             ("garbage", "not.a.token".into(), AuthError::Invalid),
         ];
         for (name, token, expected) in cases {
-            assert_eq!(
-                verifier.verify(&token).await.unwrap_err(),
-                expected,
-                "{name}"
-            );
+            assert_eq!(verifier.verify(&token).await.unwrap_err(), expected, "{name}");
         }
 
         clock.advance(chrono::Duration::minutes(11));
-        assert_eq!(
-            verifier.verify(&good).await.unwrap_err(),
-            AuthError::Expired
-        );
+        assert_eq!(verifier.verify(&good).await.unwrap_err(), AuthError::Expired);
     }
 }

@@ -36,20 +36,14 @@ impl ManualClock {
 
     /// Moves the clock forward by `by`.
     pub fn advance(&self, by: Duration) {
-        let mut offset = self
-            .offset
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut offset = self.offset.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         *offset += by;
     }
 }
 
 impl Clock for ManualClock {
     fn now(&self) -> DateTime<Utc> {
-        let offset = *self
-            .offset
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let offset = *self.offset.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         Utc::now() + offset
     }
 }

@@ -19,10 +19,7 @@ pub struct ConfigError {
 
 impl ConfigError {
     pub fn new(var: &str, reason: impl Into<String>) -> Self {
-        Self {
-            var: var.to_owned(),
-            reason: reason.into(),
-        }
+        Self { var: var.to_owned(), reason: reason.into() }
     }
 }
 
@@ -45,14 +42,7 @@ impl Env {
         K: Into<String>,
         V: Into<String>,
     {
-        Self {
-            overrides: Some(
-                pairs
-                    .into_iter()
-                    .map(|(k, v)| (k.into(), v.into()))
-                    .collect(),
-            ),
-        }
+        Self { overrides: Some(pairs.into_iter().map(|(k, v)| (k.into(), v.into())).collect()) }
     }
 
     /// The raw value, if set and not empty.
@@ -66,8 +56,7 @@ impl Env {
 
     /// A value that must be set.
     pub fn required(&self, var: &str) -> Result<String, ConfigError> {
-        self.get(var)
-            .ok_or_else(|| ConfigError::new(var, "is required but not set"))
+        self.get(var).ok_or_else(|| ConfigError::new(var, "is required but not set"))
     }
 
     /// A value parsed with `FromStr`, or `default` when unset.
@@ -78,29 +67,23 @@ impl Env {
     {
         match self.get(var) {
             None => Ok(default),
-            Some(raw) => raw
-                .trim()
-                .parse()
-                .map_err(|e: T::Err| ConfigError::new(var, format!("cannot be parsed: {e}"))),
+            Some(raw) => {
+                raw.trim().parse().map_err(|e: T::Err| ConfigError::new(var, format!("cannot be parsed: {e}")))
+            }
         }
     }
 
     /// A socket address such as `0.0.0.0:50051`.
     pub fn addr_or(&self, var: &str, default: &str) -> Result<SocketAddr, ConfigError> {
         let raw = self.get(var).unwrap_or_else(|| default.to_owned());
-        raw.trim()
-            .parse()
-            .map_err(|_| ConfigError::new(var, "must be an address such as 0.0.0.0:50051"))
+        raw.trim().parse().map_err(|_| ConfigError::new(var, "must be an address such as 0.0.0.0:50051"))
     }
 
     /// A duration given in whole seconds; zero is refused.
     pub fn secs_or(&self, var: &str, default: u64) -> Result<Duration, ConfigError> {
         let secs: u64 = self.parse_or(var, default)?;
         if secs == 0 {
-            return Err(ConfigError::new(
-                var,
-                "must be a positive number of seconds",
-            ));
+            return Err(ConfigError::new(var, "must be a positive number of seconds"));
         }
         Ok(Duration::from_secs(secs))
     }
@@ -139,32 +122,19 @@ pub struct CommonConfig {
 
 impl CommonConfig {
     /// Reads the shared settings; `default_port` is the service's gRPC port.
-    pub fn from_env(
-        env: &Env,
-        service: &'static str,
-        default_port: u16,
-    ) -> Result<Self, ConfigError> {
+    pub fn from_env(env: &Env, service: &'static str, default_port: u16) -> Result<Self, ConfigError> {
         let pool_size: usize = env.parse_or("KEYSHARE_DB_POOL_SIZE", 16)?;
         if pool_size == 0 {
-            return Err(ConfigError::new(
-                "KEYSHARE_DB_POOL_SIZE",
-                "must be at least 1",
-            ));
+            return Err(ConfigError::new("KEYSHARE_DB_POOL_SIZE", "must be at least 1"));
         }
         let max_calls: usize = env.parse_or("KEYSHARE_MAX_CONCURRENT_CALLS", 1024)?;
         if max_calls == 0 {
-            return Err(ConfigError::new(
-                "KEYSHARE_MAX_CONCURRENT_CALLS",
-                "must be at least 1",
-            ));
+            return Err(ConfigError::new("KEYSHARE_MAX_CONCURRENT_CALLS", "must be at least 1"));
         }
         Ok(Self {
             service,
             listen_addr: env.addr_or("KEYSHARE_LISTEN_ADDR", &format!("0.0.0.0:{default_port}"))?,
-            metrics_addr: env.addr_or(
-                "KEYSHARE_METRICS_ADDR",
-                &format!("0.0.0.0:{}", default_port - 50051 + 9051),
-            )?,
+            metrics_addr: env.addr_or("KEYSHARE_METRICS_ADDR", &format!("0.0.0.0:{}", default_port - 50051 + 9051))?,
             database_url: env.required("DATABASE_URL")?,
             db_pool_size: pool_size,
             call_timeout: env.secs_or("KEYSHARE_CALL_TIMEOUT_SECS", 30)?,
@@ -189,10 +159,7 @@ mod tests {
         assert_eq!(err.var, "DATABASE_URL");
         assert!(err.to_string().contains("DATABASE_URL"));
 
-        let env = Env::from_pairs([
-            ("DATABASE_URL", "postgres://x"),
-            ("KEYSHARE_CALL_TIMEOUT_SECS", "0"),
-        ]);
+        let env = Env::from_pairs([("DATABASE_URL", "postgres://x"), ("KEYSHARE_CALL_TIMEOUT_SECS", "0")]);
         let err = CommonConfig::from_env(&env, "test", 50051).unwrap_err();
         assert_eq!(err.var, "KEYSHARE_CALL_TIMEOUT_SECS");
     }

@@ -74,24 +74,11 @@ impl Sealer {
     /// Parses `id:base64key[,id:base64key…]`. Errors never echo key material.
     pub fn parse(spec: &str) -> Result<Self, String> {
         let mut keys = Vec::new();
-        for (index, entry) in spec
-            .split(',')
-            .map(str::trim)
-            .filter(|e| !e.is_empty())
-            .enumerate()
-        {
-            let (id, encoded) = entry
-                .split_once(':')
-                .ok_or_else(|| format!("entry {} must look like id:base64key", index + 1))?;
-            if id.is_empty()
-                || !id
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-            {
-                return Err(format!(
-                    "entry {}: key id must be letters, digits, - or _",
-                    index + 1
-                ));
+        for (index, entry) in spec.split(',').map(str::trim).filter(|e| !e.is_empty()).enumerate() {
+            let (id, encoded) =
+                entry.split_once(':').ok_or_else(|| format!("entry {} must look like id:base64key", index + 1))?;
+            if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+                return Err(format!("entry {}: key id must be letters, digits, - or _", index + 1));
             }
             let bytes = STANDARD
                 .decode(encoded.trim())
@@ -131,20 +118,11 @@ impl Sealer {
         let mut nonce = [0u8; 12];
         OsRng.fill_bytes(&mut nonce);
         let ciphertext = cipher
-            .encrypt(
-                &Nonce::from(nonce),
-                Payload {
-                    msg: plaintext,
-                    aad: context,
-                },
-            )
+            .encrypt(&Nonce::from(nonce), Payload { msg: plaintext, aad: context })
             .unwrap_or_else(|_| unreachable!("AES-GCM encryption of in-memory data cannot fail"));
         let mut blob = nonce.to_vec();
         blob.extend_from_slice(&ciphertext);
-        Sealed {
-            key_id: key_id.clone(),
-            blob,
-        }
+        Sealed { key_id: key_id.clone(), blob }
     }
 
     /// Opens a sealed value with whichever key sealed it.
@@ -160,15 +138,7 @@ impl Sealer {
         }
         let (nonce, ciphertext) = sealed.blob.split_at(12);
         let nonce: [u8; 12] = nonce.try_into().map_err(|_| SealError::Corrupt)?;
-        cipher
-            .decrypt(
-                &Nonce::from(nonce),
-                Payload {
-                    msg: ciphertext,
-                    aad: context,
-                },
-            )
-            .map_err(|_| SealError::Corrupt)
+        cipher.decrypt(&Nonce::from(nonce), Payload { msg: ciphertext, aad: context }).map_err(|_| SealError::Corrupt)
     }
 }
 
@@ -185,15 +155,9 @@ mod tests {
         assert_eq!(rotated.sealing_key_id(), "k2");
         assert_eq!(rotated.open(&sealed, b"row-1").unwrap(), b"secret");
         assert_eq!(rotated.seal(b"x", b"c").key_id, "k2");
-        assert!(matches!(
-            rotated.open(&sealed, b"row-2"),
-            Err(SealError::Corrupt)
-        ));
+        assert!(matches!(rotated.open(&sealed, b"row-2"), Err(SealError::Corrupt)));
         let only_new = Sealer::parse(&new_spec).unwrap();
-        assert!(matches!(
-            only_new.open(&sealed, b"row-1"),
-            Err(SealError::UnknownKey(_))
-        ));
+        assert!(matches!(only_new.open(&sealed, b"row-1"), Err(SealError::UnknownKey(_))));
     }
 
     #[test]

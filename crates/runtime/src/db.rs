@@ -43,10 +43,7 @@ impl DbError {
 
     /// Whether the transaction lost a serialization race and may simply be retried.
     pub fn is_retryable(&self) -> bool {
-        matches!(
-            self.sql_state(),
-            Some(&SqlState::T_R_SERIALIZATION_FAILURE) | Some(&SqlState::T_R_DEADLOCK_DETECTED)
-        )
+        matches!(self.sql_state(), Some(&SqlState::T_R_SERIALIZATION_FAILURE) | Some(&SqlState::T_R_DEADLOCK_DETECTED))
     }
 
     /// Whether the database could not be reached at all (as opposed to refusing a statement).
@@ -62,16 +59,9 @@ impl DbError {
 /// Builds the connection pool. Connections are made lazily, so a database that is briefly down
 /// at start only delays the first call.
 pub fn pool(database_url: &str, max_size: usize) -> Result<Pool, DbError> {
-    let config: tokio_postgres::Config = database_url
-        .parse()
-        .map_err(|_| DbError::Config("DATABASE_URL is not a valid PostgreSQL URL".into()))?;
-    let manager = Manager::from_config(
-        config,
-        NoTls,
-        ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        },
-    );
+    let config: tokio_postgres::Config =
+        database_url.parse().map_err(|_| DbError::Config("DATABASE_URL is not a valid PostgreSQL URL".into()))?;
+    let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
     Pool::builder(manager)
         .max_size(max_size)
         .runtime(Runtime::Tokio1)
@@ -86,36 +76,22 @@ pub fn pool(database_url: &str, max_size: usize) -> Result<Pool, DbError> {
 ///
 /// A session-level advisory lock keyed by the schema serialises replicas that start together:
 /// the first applies the migrations, the others wait and then find nothing left to do.
-pub async fn migrate(
-    database_url: &str,
-    schema: &str,
-    runner: refinery::Runner,
-) -> Result<(), DbError> {
+pub async fn migrate(database_url: &str, schema: &str, runner: refinery::Runner) -> Result<(), DbError> {
     if !schema.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
-        return Err(DbError::Config(format!(
-            "schema name {schema:?} is not a plain identifier"
-        )));
+        return Err(DbError::Config(format!("schema name {schema:?} is not a plain identifier")));
     }
     let (mut client, connection) = tokio_postgres::connect(database_url, NoTls).await?;
     let connection = tokio::spawn(connection);
     let lock_key = advisory_key(schema);
-    client
-        .execute("SELECT pg_advisory_lock($1)", &[&lock_key])
-        .await?;
+    client.execute("SELECT pg_advisory_lock($1)", &[&lock_key]).await?;
     let result = async {
-        client
-            .batch_execute(&format!(
-                "CREATE SCHEMA IF NOT EXISTS {schema}; SET search_path TO {schema}"
-            ))
-            .await?;
+        client.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}; SET search_path TO {schema}")).await?;
         runner.run_async(&mut client).await?;
         Ok::<_, DbError>(())
     }
     .await;
     // Closing the connection releases the lock even if unlocking fails.
-    let _ = client
-        .execute("SELECT pg_advisory_unlock($1)", &[&lock_key])
-        .await;
+    let _ = client.execute("SELECT pg_advisory_unlock($1)", &[&lock_key]).await;
     drop(client);
     let _ = connection.await;
     result

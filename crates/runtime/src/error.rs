@@ -21,10 +21,7 @@ pub struct FieldViolation {
 
 impl FieldViolation {
     pub fn new(field: impl Into<String>, description: impl Into<String>) -> Self {
-        Self {
-            field: field.into(),
-            description: description.into(),
-        }
+        Self { field: field.into(), description: description.into() }
     }
 }
 
@@ -35,11 +32,7 @@ impl FieldViolation {
 pub struct InvalidInput(pub Vec<FieldViolation>);
 
 fn describe(violations: &[FieldViolation]) -> String {
-    violations
-        .iter()
-        .map(|v| format!("{}: {}", v.field, v.description))
-        .collect::<Vec<_>>()
-        .join("; ")
+    violations.iter().map(|v| format!("{}: {}", v.field, v.description)).collect::<Vec<_>>().join("; ")
 }
 
 impl InvalidInput {
@@ -66,12 +59,7 @@ impl InvalidInput {
 
     /// The same violations with their field paths put under `prefix` (e.g. `account`).
     pub fn under(self, prefix: &str) -> Self {
-        Self(
-            self.0
-                .into_iter()
-                .map(|v| FieldViolation::new(format!("{prefix}.{}", v.field), v.description))
-                .collect(),
-        )
+        Self(self.0.into_iter().map(|v| FieldViolation::new(format!("{prefix}.{}", v.field), v.description)).collect())
     }
 }
 
@@ -116,12 +104,7 @@ pub fn internal(domain: &str, cause: &dyn std::fmt::Display) -> Status {
 /// UNAVAILABLE for a dependency that is down; callers may retry.
 pub fn unavailable(domain: &str, cause: &dyn std::fmt::Display) -> Status {
     tracing::warn!(error = %cause, "dependency unavailable");
-    status(
-        Code::Unavailable,
-        domain,
-        "UNAVAILABLE",
-        "service temporarily unavailable, retry",
-    )
+    status(Code::Unavailable, domain, "UNAVAILABLE", "service temporarily unavailable, retry")
 }
 
 #[cfg(test)]
@@ -137,11 +120,7 @@ mod tests {
         let status = invalid_argument("identity.keyshare.dev", &err);
         assert_eq!(status.code(), Code::InvalidArgument);
         let bad = status.get_details_bad_request().unwrap();
-        let fields: Vec<_> = bad
-            .field_violations
-            .iter()
-            .map(|v| v.field.as_str())
-            .collect();
+        let fields: Vec<_> = bad.field_violations.iter().map(|v| v.field.as_str()).collect();
         assert_eq!(fields, ["email", "password"]);
         let info = status.get_details_error_info().unwrap();
         assert_eq!(info.reason, "INVALID_ARGUMENT");

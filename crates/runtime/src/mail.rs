@@ -16,8 +16,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use lettre::message::Body;
 use lettre::message::Mailbox;
-use lettre::message::header::ContentType;
+use lettre::message::header::{ContentTransferEncoding, ContentType};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use tokio::sync::Notify;
 
@@ -37,10 +38,7 @@ pub struct Mail {
 impl std::fmt::Debug for Mail {
     // The body can carry a token: never print it.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Mail")
-            .field("subject", &self.subject)
-            .field("topic", &self.topic)
-            .finish_non_exhaustive()
+        f.debug_struct("Mail").field("subject", &self.subject).field("topic", &self.topic).finish_non_exhaustive()
     }
 }
 
@@ -68,14 +66,12 @@ pub fn outbox_ddl(schema: &str) -> String {
 }
 
 /// Queues `mail` in the caller's transaction. Returns the outbox row id.
-pub async fn enqueue(
-    client: &impl GenericClient,
-    schema: &str,
-    mail: &Mail,
-) -> Result<i64, DbError> {
+pub async fn enqueue(client: &impl GenericClient, schema: &str, mail: &Mail) -> Result<i64, DbError> {
     let row = client
         .query_one(
-            &format!("INSERT INTO {schema}.outbox (recipient, subject, body, topic) VALUES ($1, $2, $3, $4) RETURNING id"),
+            &format!(
+                "INSERT INTO {schema}.outbox (recipient, subject, body, topic) VALUES ($1, $2, $3, $4) RETURNING id"
+            ),
             &[&mail.to, &mail.subject, &mail.body, &mail.topic],
         )
         .await?;
@@ -85,14 +81,9 @@ pub async fn enqueue(
 /// Delivery state of the newest mail about a topic.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DeliveryState {
-    Pending {
-        attempts: i32,
-        last_error: Option<String>,
-    },
+    Pending { attempts: i32, last_error: Option<String> },
     Delivered,
-    Failed {
-        last_error: Option<String>,
-    },
+    Failed { last_error: Option<String> },
 }
 
 /// Reads the delivery state of the newest mail about `topic`.
@@ -118,10 +109,7 @@ pub async fn delivery_state(
         } else if failed {
             DeliveryState::Failed { last_error }
         } else {
-            DeliveryState::Pending {
-                attempts,
-                last_error,
-            }
+            DeliveryState::Pending { attempts, last_error }
         }
     }))
 }
@@ -148,10 +136,7 @@ impl std::fmt::Debug for MailConfig {
             Transport::Smtp(_) => "smtp".to_owned(),
             Transport::Spool(dir) => format!("spool:{}", dir.display()),
         };
-        f.debug_struct("MailConfig")
-            .field("transport", &transport)
-            .field("from", &self.from.to_string())
-            .finish()
+        f.debug_struct("MailConfig").field("transport", &transport).field("from", &self.from.to_string()).finish()
     }
 }
 
@@ -164,29 +149,20 @@ impl MailConfig {
             Some(url) => Transport::Smtp(
                 AsyncSmtpTransport::<Tokio1Executor>::from_url(&url)
                     // The URL may hold credentials: say what is wrong without echoing it.
-                    .map_err(|_| {
-                        ConfigError::new(
-                            "KEYSHARE_SMTP_URL",
-                            "must be a URL such as smtp://host:25",
-                        )
-                    })?
+                    .map_err(|_| ConfigError::new("KEYSHARE_SMTP_URL", "must be a URL such as smtp://host:25"))?
                     .timeout(Some(Duration::from_secs(10)))
                     .build(),
             ),
-            None => Transport::Spool(PathBuf::from(
-                env.get("KEYSHARE_MAIL_SPOOL_DIR")
-                    .unwrap_or_else(|| "var/mail".into()),
-            )),
+            None => {
+                Transport::Spool(PathBuf::from(env.get("KEYSHARE_MAIL_SPOOL_DIR").unwrap_or_else(|| "var/mail".into())))
+            }
         };
         let from = env
             .get("KEYSHARE_MAIL_FROM")
             .unwrap_or_else(|| "Keyshare <no-reply@keyshare.localhost>".into())
             .parse()
             .map_err(|_| {
-                ConfigError::new(
-                    "KEYSHARE_MAIL_FROM",
-                    "must be an address such as Keyshare <no-reply@example.com>",
-                )
+                ConfigError::new("KEYSHARE_MAIL_FROM", "must be an address such as Keyshare <no-reply@example.com>")
             })?;
         Ok(Self {
             transport,
@@ -228,12 +204,7 @@ const LEASE_SECS: f64 = 60.0;
 
 impl OutboxWorker {
     pub fn new(pool: deadpool_postgres::Pool, schema: &'static str, config: MailConfig) -> Self {
-        Self {
-            pool,
-            schema,
-            config,
-            waker: OutboxWaker::default(),
-        }
+        Self { pool, schema, config, waker: OutboxWaker::default() }
     }
 
     pub fn waker(&self) -> OutboxWaker {
@@ -310,11 +281,8 @@ impl OutboxWorker {
                              next_attempt_at = now() + make_interval(secs => $3) WHERE id = $1"
                         )
                     };
-                    let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = if permanent {
-                        vec![&id, &message]
-                    } else {
-                        vec![&id, &message, &backoff]
-                    };
+                    let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+                        if permanent { vec![&id, &message] } else { vec![&id, &message, &backoff] };
                     client.execute(&sql, &params).await?;
                     tracing::warn!(outbox_id = id, schema, attempts, permanent, error = %message, "mail not delivered");
                 }
@@ -328,27 +296,17 @@ impl OutboxWorker {
         (2f64.powi(exponent)).min(self.config.retry_max.as_secs_f64())
     }
 
-    async fn send(
-        &self,
-        id: i64,
-        recipient: &str,
-        subject: String,
-        body: String,
-    ) -> Result<(), SendError> {
-        let to: Mailbox = recipient.parse().map_err(|_| SendError {
-            permanent: true,
-            message: "recipient address is not valid".into(),
-        })?;
+    async fn send(&self, id: i64, recipient: &str, subject: String, body: String) -> Result<(), SendError> {
+        let to: Mailbox = recipient
+            .parse()
+            .map_err(|_| SendError { permanent: true, message: "recipient address is not valid".into() })?;
         let message = Message::builder()
             .from(self.config.from.clone())
             .to(to)
             .subject(subject)
             .header(ContentType::TEXT_PLAIN)
-            .body(body)
-            .map_err(|e| SendError {
-                permanent: true,
-                message: format!("building message: {e}"),
-            })?;
+            .body(readable_body(body))
+            .map_err(|e| SendError { permanent: true, message: format!("building message: {e}") })?;
         match &self.config.transport {
             Transport::Smtp(smtp) => smtp.send(message).await.map(|_| ()).map_err(|e| SendError {
                 permanent: e.is_permanent(),
@@ -357,19 +315,25 @@ impl OutboxWorker {
             Transport::Spool(dir) => {
                 tokio::fs::create_dir_all(dir)
                     .await
-                    .map_err(|e| SendError {
-                        permanent: false,
-                        message: format!("spool directory: {e}"),
-                    })?;
+                    .map_err(|e| SendError { permanent: false, message: format!("spool directory: {e}") })?;
                 let path = dir.join(format!("{}-{id}.eml", self.schema));
                 tokio::fs::write(&path, message.formatted())
                     .await
-                    .map_err(|e| SendError {
-                        permanent: false,
-                        message: format!("spool file: {e}"),
-                    })
+                    .map_err(|e| SendError { permanent: false, message: format!("spool file: {e}") })
             }
         }
+    }
+}
+
+/// The body as plain 8bit text when every line fits RFC 5322's 998-byte limit, so links and
+/// tokens stay readable in spool files and mail clients (lettre would otherwise pick
+/// quoted-printable for any line over 76 characters, such as a link).
+fn readable_body(body: String) -> Body {
+    let crlf = body.replace("\r\n", "\n").replace('\n', "\r\n");
+    if crlf.split("\r\n").all(|line| line.len() <= 998) && !crlf.contains('\0') {
+        Body::dangerous_pre_encoded(crlf.into_bytes(), ContentTransferEncoding::EightBit)
+    } else {
+        Body::new(body)
     }
 }
 

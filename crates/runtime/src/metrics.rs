@@ -58,93 +58,49 @@ impl Metrics {
     pub fn new(service: &str) -> Arc<Self> {
         let mut registry = Registry::with_prefix_and_labels(
             "keyshare",
-            [(
-                std::borrow::Cow::Borrowed("service"),
-                std::borrow::Cow::Owned(service.to_owned()),
-            )]
-            .into_iter(),
+            [(std::borrow::Cow::Borrowed("service"), std::borrow::Cow::Owned(service.to_owned()))].into_iter(),
         );
         let calls = Family::<CallLabels, Counter>::default();
-        registry.register(
-            "rpc_calls",
-            "Finished gRPC calls by method and status code",
-            calls.clone(),
-        );
+        registry.register("rpc_calls", "Finished gRPC calls by method and status code", calls.clone());
         let latency = Family::<MethodLabels, Histogram>::new_with_constructor(|| {
             Histogram::new(exponential_buckets(0.000_05, 2.0, 20))
         });
         registry.register("rpc_duration_seconds", "gRPC call latency", latency.clone());
-        Arc::new(Self {
-            registry: Mutex::new(registry),
-            calls,
-            latency,
-            scrape_hooks: Mutex::new(Vec::new()),
-        })
+        Arc::new(Self { registry: Mutex::new(registry), calls, latency, scrape_hooks: Mutex::new(Vec::new()) })
     }
 
     /// Registers more metrics. Call at start, not per request.
     pub fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
-        self.registry
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.registry.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Runs `hook` before every scrape, to refresh gauges that are read rather than counted.
     pub fn on_scrape(&self, hook: impl Fn() + Send + Sync + 'static) {
-        self.scrape_hooks
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .push(Box::new(hook));
+        self.scrape_hooks.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).push(Box::new(hook));
     }
 
     /// Exports the pool's size, idle connections and waiters.
     pub fn register_pool(&self, pool: deadpool_postgres::Pool) {
         let family = Family::<PoolLabels, Gauge>::default();
-        self.registry().register(
-            "db_pool_connections",
-            "Database pool connections by state",
-            family.clone(),
-        );
+        self.registry().register("db_pool_connections", "Database pool connections by state", family.clone());
         self.on_scrape(move || {
             let status = pool.status();
-            family
-                .get_or_create(&PoolLabels { state: "size" })
-                .set(status.size as i64);
-            family
-                .get_or_create(&PoolLabels { state: "available" })
-                .set(status.available as i64);
-            family
-                .get_or_create(&PoolLabels { state: "waiting" })
-                .set(status.waiting as i64);
-            family
-                .get_or_create(&PoolLabels { state: "max" })
-                .set(status.max_size as i64);
+            family.get_or_create(&PoolLabels { state: "size" }).set(status.size as i64);
+            family.get_or_create(&PoolLabels { state: "available" }).set(status.available as i64);
+            family.get_or_create(&PoolLabels { state: "waiting" }).set(status.waiting as i64);
+            family.get_or_create(&PoolLabels { state: "max" }).set(status.max_size as i64);
         });
     }
 
     pub(crate) fn record_call(&self, method: &str, code: tonic::Code, seconds: f64) {
         let method = method.to_owned();
-        self.latency
-            .get_or_create(&MethodLabels {
-                method: method.clone(),
-            })
-            .observe(seconds);
-        self.calls
-            .get_or_create(&CallLabels {
-                method,
-                code: format!("{code:?}"),
-            })
-            .inc();
+        self.latency.get_or_create(&MethodLabels { method: method.clone() }).observe(seconds);
+        self.calls.get_or_create(&CallLabels { method, code: format!("{code:?}") }).inc();
     }
 
     /// The text exposition of every metric.
     pub fn encode(&self) -> String {
-        for hook in self
-            .scrape_hooks
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .iter()
-        {
+        for hook in self.scrape_hooks.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).iter() {
             hook();
         }
         let mut out = String::new();
@@ -168,26 +124,23 @@ impl Metrics {
                 };
                 let metrics = metrics.clone();
                 tokio::spawn(async move {
-                    let service = service_fn(
-                        move |request: http::Request<hyper::body::Incoming>| {
-                            let metrics = metrics.clone();
-                            async move {
-                                let response = if request.uri().path() == "/metrics" {
-                                    http::Response::builder()
+                    let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
+                        let metrics = metrics.clone();
+                        async move {
+                            if request.uri().path() == "/metrics" {
+                                http::Response::builder()
                                     .header(
                                         http::header::CONTENT_TYPE,
                                         "application/openmetrics-text; version=1.0.0; charset=utf-8",
                                     )
                                     .body(Full::new(Bytes::from(metrics.encode())))
-                                } else {
-                                    http::Response::builder()
-                                        .status(http::StatusCode::NOT_FOUND)
-                                        .body(Full::new(Bytes::from_static(b"not found\n")))
-                                };
-                                response
+                            } else {
+                                http::Response::builder()
+                                    .status(http::StatusCode::NOT_FOUND)
+                                    .body(Full::new(Bytes::from_static(b"not found\n")))
                             }
-                        },
-                    );
+                        }
+                    });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
                         .await;

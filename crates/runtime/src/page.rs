@@ -28,10 +28,7 @@ impl PageRequest {
         let mut errors = InvalidInput::default();
         let size = match page_size {
             n if n < 0 => {
-                errors.0.push(crate::error::FieldViolation::new(
-                    "page_size",
-                    "must not be negative",
-                ));
+                errors.0.push(crate::error::FieldViolation::new("page_size", "must not be negative"));
                 0
             }
             0 => DEFAULT_PAGE_SIZE,
@@ -40,9 +37,10 @@ impl PageRequest {
         let after = if page_token.is_empty() {
             None
         } else {
-            errors.check(decode(page_token, scope).map_err(|_| {
-                InvalidInput::field("page_token", "is not a page token of this listing")
-            }))
+            errors.check(
+                decode(page_token, scope)
+                    .map_err(|_| InvalidInput::field("page_token", "is not a page token of this listing")),
+            )
         };
         errors.finish()?;
         Ok(Self { size, after })
@@ -59,9 +57,7 @@ fn decode(token: &str, scope: &str) -> Result<String, ()> {
     let text = String::from_utf8(bytes).map_err(|_| ())?;
     let mut parts = text.splitn(3, '\n');
     match (parts.next(), parts.next(), parts.next()) {
-        (Some("v1"), Some(token_scope), Some(cursor))
-            if token_scope == scope && !cursor.is_empty() =>
-        {
+        (Some("v1"), Some(token_scope), Some(cursor)) if token_scope == scope && !cursor.is_empty() => {
             Ok(cursor.to_owned())
         }
         _ => Err(()),
@@ -70,21 +66,27 @@ fn decode(token: &str, scope: &str) -> Result<String, ()> {
 
 /// Builds the next page token: `Some` only when a full page was returned and there is more.
 /// Callers fetch `size + 1` rows to know whether more exist.
-pub fn next_token<T>(
-    items: &mut Vec<T>,
-    size: usize,
-    scope: &str,
-    cursor: impl Fn(&T) -> String,
-) -> String {
+pub fn next_token<T>(items: &mut Vec<T>, size: usize, scope: &str, cursor: impl Fn(&T) -> String) -> String {
     if items.len() > size {
         items.truncate(size);
-        items
-            .last()
-            .map(|last| encode(&cursor(last), scope))
-            .unwrap_or_default()
+        items.last().map(|last| encode(&cursor(last), scope)).unwrap_or_default()
     } else {
         String::new()
     }
+}
+
+/// Cursor for listings ordered by (creation time, id).
+pub fn time_id_cursor(at: chrono::DateTime<chrono::Utc>, id: uuid::Uuid) -> String {
+    format!("{}_{}", at.timestamp_micros(), id)
+}
+
+/// Reads a [`time_id_cursor`].
+pub fn parse_time_id_cursor(cursor: &str) -> Result<(chrono::DateTime<chrono::Utc>, uuid::Uuid), InvalidInput> {
+    let bad = || InvalidInput::field("page_token", "is not a page token of this listing");
+    let (micros, id) = cursor.split_once('_').ok_or_else(bad)?;
+    let micros: i64 = micros.parse().map_err(|_| bad())?;
+    let at = chrono::DateTime::from_timestamp_micros(micros).ok_or_else(bad)?;
+    Ok((at, uuid::Uuid::parse_str(id).map_err(|_| bad())?))
 }
 
 #[cfg(test)]
@@ -95,14 +97,8 @@ mod tests {
 
     #[test]
     fn sizes() {
-        assert_eq!(
-            PageRequest::parse(0, "", "s").unwrap().size,
-            DEFAULT_PAGE_SIZE
-        );
-        assert_eq!(
-            PageRequest::parse(5000, "", "s").unwrap().size,
-            MAX_PAGE_SIZE
-        );
+        assert_eq!(PageRequest::parse(0, "", "s").unwrap().size, DEFAULT_PAGE_SIZE);
+        assert_eq!(PageRequest::parse(5000, "", "s").unwrap().size, MAX_PAGE_SIZE);
         let err = PageRequest::parse(-1, "garbage", "s").unwrap_err();
         let fields: Vec<_> = err.0.iter().map(|v| v.field.as_str()).collect();
         assert_eq!(fields, ["page_size", "page_token"]);
@@ -123,20 +119,4 @@ mod tests {
             let _ = PageRequest::parse(10, &token, "scope");
         }
     }
-}
-
-/// Cursor for listings ordered by (creation time, id).
-pub fn time_id_cursor(at: chrono::DateTime<chrono::Utc>, id: uuid::Uuid) -> String {
-    format!("{}_{}", at.timestamp_micros(), id)
-}
-
-/// Reads a [`time_id_cursor`].
-pub fn parse_time_id_cursor(
-    cursor: &str,
-) -> Result<(chrono::DateTime<chrono::Utc>, uuid::Uuid), InvalidInput> {
-    let bad = || InvalidInput::field("page_token", "is not a page token of this listing");
-    let (micros, id) = cursor.split_once('_').ok_or_else(bad)?;
-    let micros: i64 = micros.parse().map_err(|_| bad())?;
-    let at = chrono::DateTime::from_timestamp_micros(micros).ok_or_else(bad)?;
-    Ok((at, uuid::Uuid::parse_str(id).map_err(|_| bad())?))
 }

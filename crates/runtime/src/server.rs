@@ -32,24 +32,16 @@ pub struct Readiness {
 
 impl std::fmt::Debug for Readiness {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Readiness")
-            .field("service_name", &self.service_name)
-            .finish()
+        f.debug_struct("Readiness").field("service_name", &self.service_name).finish()
     }
 }
 
 impl Readiness {
     /// SERVING or NOT_SERVING, for the whole server (`""`) and the named service alike.
     pub async fn set(&self, serving: bool) {
-        let status = if serving {
-            ServingStatus::Serving
-        } else {
-            ServingStatus::NotServing
-        };
+        let status = if serving { ServingStatus::Serving } else { ServingStatus::NotServing };
         self.reporter.set_service_status("", status).await;
-        self.reporter
-            .set_service_status(self.service_name, status)
-            .await;
+        self.reporter.set_service_status(self.service_name, status).await;
     }
 }
 
@@ -73,22 +65,12 @@ pub struct Bound {
 }
 
 /// Binds the listen address (port 0 picks a free port) and prepares health reporting.
-pub async fn bind(
-    config: &CommonConfig,
-    grpc_service_name: &'static str,
-) -> std::io::Result<Bound> {
+pub async fn bind(config: &CommonConfig, grpc_service_name: &'static str) -> std::io::Result<Bound> {
     let listener = TcpListener::bind(config.listen_addr).await?;
     let (reporter, health) = tonic_health::server::health_reporter();
-    let readiness = Readiness {
-        reporter,
-        service_name: grpc_service_name,
-    };
+    let readiness = Readiness { reporter, service_name: grpc_service_name };
     readiness.set(false).await;
-    Ok(Bound {
-        listener,
-        readiness,
-        routes: Routes::new(health),
-    })
+    Ok(Bound { listener, readiness, routes: Routes::new(health) })
 }
 
 impl Bound {
@@ -108,34 +90,27 @@ impl Bound {
         add_services: impl FnOnce(Routes) -> Routes,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
-        let Bound {
-            listener,
-            readiness,
-            routes,
-        } = self;
+        let Bound { listener, readiness, routes } = self;
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(keyshare_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            // google.rpc error details, so grpcurl can print ErrorInfo and BadRequest.
+            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
             .build_v1()
             .map_err(|e| ServeError::Reflection(e.to_string()))?;
         let reflection_v1alpha = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(keyshare_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()
             .map_err(|e| ServeError::Reflection(e.to_string()))?;
-        let routes = add_services(routes)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha);
+        let routes = add_services(routes).add_service(reflection_v1).add_service(reflection_v1alpha);
 
         let layers = ServiceBuilder::new()
             .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
             .layer(PropagateRequestIdLayer::x_request_id())
-            .layer(ObserveLayer {
-                metrics: options.metrics.clone(),
-            })
-            .layer(GlobalConcurrencyLimitLayer::new(
-                options.config.max_concurrent_calls,
-            ))
+            .layer(ObserveLayer { metrics: options.metrics.clone() })
+            .layer(GlobalConcurrencyLimitLayer::new(options.config.max_concurrent_calls))
             .layer(AuthLayer::new(options.verifier.clone()));
 
         if options.ready_on_start {
@@ -155,10 +130,7 @@ impl Bound {
             .timeout(options.config.call_timeout)
             .layer(layers)
             .add_routes(routes)
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
-                signal,
-            );
+            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), signal);
         let grace = options.config.shutdown_grace;
         let drained = async move {
             if stopping_rx.await.is_ok() {
@@ -189,10 +161,7 @@ pub enum ServeError {
 /// Completes on SIGTERM or SIGINT.
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
         tracing::error!("cannot install signal handlers; stopping only when killed");
         return std::future::pending().await;
     };
@@ -213,10 +182,7 @@ impl<S> tower::Layer<S> for ObserveLayer {
     type Service = Observe<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Observe {
-            inner,
-            metrics: self.metrics.clone(),
-        }
+        Observe { inner, metrics: self.metrics.clone() }
     }
 }
 
@@ -228,10 +194,7 @@ struct Observe<S> {
 
 impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for Observe<S>
 where
-    S: tower::Service<http::Request<ReqBody>, Response = http::Response<ResBody>>
-        + Clone
-        + Send
-        + 'static,
+    S: tower::Service<http::Request<ReqBody>, Response = http::Response<ResBody>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     ReqBody: Send + 'static,
 {
@@ -247,12 +210,8 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let method = request.uri().path().to_owned();
-        let request_id = request
-            .headers()
-            .get("x-request-id")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_owned();
+        let request_id =
+            request.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
         let span = tracing::info_span!(
             "grpc.server",
             otel.name = %method.trim_start_matches('/'),
@@ -264,12 +223,7 @@ where
             rpc.grpc.status_code = tracing::field::Empty,
         );
         crate::telemetry::set_parent_from_headers(&span, request.headers());
-        let recorder = Recorder {
-            metrics: self.metrics.clone(),
-            method,
-            start: Instant::now(),
-            span: span.clone(),
-        };
+        let recorder = Recorder { metrics: self.metrics.clone(), method, start: Instant::now(), span: span.clone() };
         let future = inner.call(request).instrument(span);
         Box::pin(async move {
             let response = future.await?;
@@ -277,10 +231,7 @@ where
             // everything else puts it in the trailers, seen when the body ends.
             let header_code = response.headers().get("grpc-status").map(grpc_code);
             let (parts, body) = response.into_parts();
-            let mut body = ObservedBody {
-                inner: body,
-                recorder: Some(recorder),
-            };
+            let mut body = ObservedBody { inner: body, recorder: Some(recorder) };
             if let Some(code) = header_code {
                 body.finish(code);
             }
@@ -290,12 +241,7 @@ where
 }
 
 fn grpc_code(value: &http::HeaderValue) -> tonic::Code {
-    value
-        .to_str()
-        .ok()
-        .and_then(|s| s.parse::<i32>().ok())
-        .map(tonic::Code::from_i32)
-        .unwrap_or(tonic::Code::Unknown)
+    value.to_str().ok().and_then(|s| s.parse::<i32>().ok()).map(tonic::Code::from_i32).unwrap_or(tonic::Code::Unknown)
 }
 
 struct Recorder {
@@ -308,14 +254,9 @@ struct Recorder {
 impl Recorder {
     fn finish(self, code: tonic::Code) {
         // Unknown paths would give metrics unbounded label values.
-        let method = if code == tonic::Code::Unimplemented {
-            "unknown"
-        } else {
-            self.method.as_str()
-        };
+        let method = if code == tonic::Code::Unimplemented { "unknown" } else { self.method.as_str() };
         self.span.record("rpc.grpc.status_code", code as i32);
-        self.metrics
-            .record_call(method, code, self.start.elapsed().as_secs_f64());
+        self.metrics.record_call(method, code, self.start.elapsed().as_secs_f64());
     }
 }
 
@@ -351,11 +292,7 @@ impl<B: Body + Unpin> Body for ObservedBody<B> {
         let poll = Pin::new(&mut self.inner).poll_frame(cx);
         match &poll {
             Poll::Ready(Some(Ok(frame))) => {
-                if let Some(code) = frame
-                    .trailers_ref()
-                    .and_then(|t| t.get("grpc-status"))
-                    .map(grpc_code)
-                {
+                if let Some(code) = frame.trailers_ref().and_then(|t| t.get("grpc-status")).map(grpc_code) {
                     self.finish(code);
                 }
             }

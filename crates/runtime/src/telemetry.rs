@@ -13,6 +13,10 @@ use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::config::{ConfigError, Env};
 
+/// Log targets capped at `info` because their debug output can carry secrets.
+const SECRET_BEARING_TARGETS: &[&str] =
+    &["tokio_postgres=info", "lettre=info", "h2=info", "hyper=info", "hyper_util=info", "tonic=info", "tower=info"];
+
 /// Keeps the trace exporter alive; flushes pending spans when dropped.
 #[derive(Debug, Default)]
 pub struct TelemetryGuard {
@@ -33,23 +37,23 @@ impl Drop for TelemetryGuard {
 /// services in one process): later calls keep the first subscriber.
 pub fn init(service: &'static str, env: &Env) -> Result<TelemetryGuard, ConfigError> {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-    let filter = EnvFilter::try_new(env.get("RUST_LOG").unwrap_or_else(|| "info".into()))
+    let mut filter = EnvFilter::try_new(env.get("RUST_LOG").unwrap_or_else(|| "info".into()))
         .map_err(|e| ConfigError::new("RUST_LOG", e.to_string()))?;
+    // These crates log statement parameters, SMTP exchanges or HTTP/2 frames at debug level,
+    // which would put tokens, password hashes and mail bodies in the log. Secrets never reach
+    // a log at any level, so they are capped whatever RUST_LOG says.
+    for quiet in SECRET_BEARING_TARGETS {
+        filter = filter.add_directive(quiet.parse().map_err(|_| ConfigError::new("RUST_LOG", "internal directive"))?);
+    }
     let json = match env.get("KEYSHARE_LOG_FORMAT").as_deref() {
         None | Some("text") => false,
         Some("json") => true,
         Some(_) => {
-            return Err(ConfigError::new(
-                "KEYSHARE_LOG_FORMAT",
-                "must be text or json",
-            ));
+            return Err(ConfigError::new("KEYSHARE_LOG_FORMAT", "must be text or json"));
         }
     };
     let fmt = if json {
-        tracing_subscriber::fmt::layer()
-            .json()
-            .with_current_span(true)
-            .boxed()
+        tracing_subscriber::fmt::layer().json().with_current_span(true).boxed()
     } else {
         tracing_subscriber::fmt::layer().boxed()
     };
@@ -64,16 +68,10 @@ pub fn init(service: &'static str, env: &Env) -> Result<TelemetryGuard, ConfigEr
                 .with_endpoint(endpoint)
                 .build()
                 .map_err(|e| ConfigError::new("OTEL_EXPORTER_OTLP_ENDPOINT", e.to_string()))?;
-            let service_name = env
-                .get("OTEL_SERVICE_NAME")
-                .unwrap_or_else(|| format!("keyshare-{service}"));
+            let service_name = env.get("OTEL_SERVICE_NAME").unwrap_or_else(|| format!("keyshare-{service}"));
             let provider = SdkTracerProvider::builder()
                 .with_batch_exporter(exporter)
-                .with_resource(
-                    opentelemetry_sdk::Resource::builder()
-                        .with_service_name(service_name)
-                        .build(),
-                )
+                .with_resource(opentelemetry_sdk::Resource::builder().with_service_name(service_name).build())
                 .build();
             let tracer = provider.tracer(service);
             opentelemetry::global::set_tracer_provider(provider.clone());
@@ -82,19 +80,14 @@ pub fn init(service: &'static str, env: &Env) -> Result<TelemetryGuard, ConfigEr
         }
     };
     // A second init in the same process keeps the first subscriber; that is fine.
-    let _ = tracing_subscriber::registry()
-        .with(filter)
-        .with(fmt)
-        .with(otel)
-        .try_init();
+    let _ = tracing_subscriber::registry().with(filter).with(fmt).with(otel).try_init();
     Ok(guard)
 }
 
 /// Sets the parent of `span` from W3C trace context in incoming HTTP/2 headers.
 pub fn set_parent_from_headers(span: &tracing::Span, headers: &http::HeaderMap) {
-    let context = opentelemetry::global::get_text_map_propagator(|propagator| {
-        propagator.extract(&HeaderExtractor(headers))
-    });
+    let context =
+        opentelemetry::global::get_text_map_propagator(|propagator| propagator.extract(&HeaderExtractor(headers)));
     let _ = span.set_parent(context);
 }
 
@@ -118,10 +111,7 @@ pub fn inject(metadata: &mut tonic::metadata::MetadataMap) {
 pub struct TraceInterceptor;
 
 impl tonic::service::Interceptor for TraceInterceptor {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
         inject(request.metadata_mut());
         Ok(request)
     }

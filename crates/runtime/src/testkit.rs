@@ -13,33 +13,21 @@ use base64::Engine as _;
 
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .expect("workspace root")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("workspace root")
 }
 
 /// A tool installed by `scripts/test` (grpcurl, buf, the venv's python).
 pub fn tool(name: &str) -> PathBuf {
-    let dir = std::env::var_os("KEYSHARE_TOOLS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join(".venv/bin"));
+    let dir =
+        std::env::var_os("KEYSHARE_TOOLS_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join(".venv/bin"));
     let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: run scripts/test, which installs the test tools",
-        path.display()
-    );
+    assert!(path.exists(), "{} is missing: run scripts/test, which installs the test tools", path.display());
     path
 }
 
 /// A port that was free a moment ago.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// Polls `probe` until it returns `Some`, or panics after `deadline` naming `what`.
@@ -53,17 +41,13 @@ where
         if let Some(value) = probe().await {
             return value;
         }
-        assert!(
-            start.elapsed() < deadline,
-            "timed out after {deadline:?} waiting for {what}"
-        );
+        assert!(start.elapsed() < deadline, "timed out after {deadline:?} waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
 fn admin_url() -> String {
-    std::env::var("KEYSHARE_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+    std::env::var("KEYSHARE_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
 /// A database created for one test and dropped when the value is dropped.
@@ -77,14 +61,11 @@ impl TestDatabase {
     pub async fn create() -> Self {
         let admin = admin_url();
         let name = format!("ks_test_{}", uuid::Uuid::new_v4().simple());
-        let (client, connection) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
-            .await
-            .unwrap_or_else(|e| panic!("PostgreSQL is not reachable at KEYSHARE_TEST_DATABASE_URL ({e}); scripts/test starts it"));
+        let (client, connection) = tokio_postgres::connect(&admin, tokio_postgres::NoTls).await.unwrap_or_else(|e| {
+            panic!("PostgreSQL is not reachable at KEYSHARE_TEST_DATABASE_URL ({e}); scripts/test starts it")
+        });
         tokio::spawn(connection);
-        client
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await
-            .unwrap();
+        client.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
         let mut config: tokio_postgres::Config = admin.parse().unwrap();
         config.dbname(&name);
         let url = rebuild_url(&admin, &name);
@@ -94,9 +75,7 @@ impl TestDatabase {
 
 fn rebuild_url(admin: &str, dbname: &str) -> String {
     // postgres://user@host:port/db?params → same with another db.
-    let (base, query) = admin
-        .split_once('?')
-        .map_or((admin, None), |(b, q)| (b, Some(q)));
+    let (base, query) = admin.split_once('?').map_or((admin, None), |(b, q)| (b, Some(q)));
     let prefix = base.rsplit_once('/').map_or(base, |(p, _)| p);
     match query {
         Some(q) => format!("{prefix}/{dbname}?{q}"),
@@ -110,19 +89,11 @@ impl Drop for TestDatabase {
         let admin = admin_url();
         // Drop runs outside any runtime guarantee; use a private one on a plain thread.
         let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .ok()?;
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
             runtime.block_on(async move {
-                let (client, connection) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
-                    .await
-                    .ok()?;
+                let (client, connection) = tokio_postgres::connect(&admin, tokio_postgres::NoTls).await.ok()?;
                 tokio::spawn(connection);
-                client
-                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                    .await
-                    .ok()
+                client.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await.ok()
             })
         })
         .join();
@@ -148,11 +119,7 @@ pub struct SmtpServer {
 impl SmtpServer {
     pub async fn start() -> Self {
         let maildir = tempfile::tempdir().unwrap();
-        let mut server = Self {
-            child: None,
-            port: free_port(),
-            maildir,
-        };
+        let mut server = Self { child: None, port: free_port(), maildir };
         server.launch().await;
         server
     }
@@ -175,16 +142,9 @@ impl SmtpServer {
             .expect("start aiosmtpd");
         self.child = Some(child);
         let port = self.port;
-        eventually(
-            "the SMTP server to listen",
-            Duration::from_secs(20),
-            || async move {
-                tokio::net::TcpStream::connect(("127.0.0.1", port))
-                    .await
-                    .ok()
-                    .map(|_| ())
-            },
-        )
+        eventually("the SMTP server to listen", Duration::from_secs(20), || async move {
+            tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok().map(|_| ())
+        })
         .await;
     }
 
@@ -226,18 +186,11 @@ impl SmtpServer {
     /// Waits until at least `count` mails to `to` arrived, and returns them.
     pub async fn wait_for(&self, to: &str, count: usize) -> Vec<ReceivedMail> {
         let to = to.to_ascii_lowercase();
-        eventually(
-            &format!("{count} mail(s) to {to}"),
-            Duration::from_secs(30),
-            || {
-                let mails: Vec<_> = self
-                    .received()
-                    .into_iter()
-                    .filter(|m| m.to.to_ascii_lowercase().contains(&to))
-                    .collect();
-                async move { (mails.len() >= count).then_some(mails) }
-            },
-        )
+        eventually(&format!("{count} mail(s) to {to}"), Duration::from_secs(30), || {
+            let mails: Vec<_> =
+                self.received().into_iter().filter(|m| m.to.to_ascii_lowercase().contains(&to)).collect();
+            async move { (mails.len() >= count).then_some(mails) }
+        })
         .await
     }
 }
@@ -257,32 +210,20 @@ fn parse_mail(raw: &str) -> ReceivedMail {
         head.lines()
             .find_map(|line| {
                 let (key, value) = line.split_once(':')?;
-                key.eq_ignore_ascii_case(name)
-                    .then(|| value.trim().to_owned())
+                key.eq_ignore_ascii_case(name).then(|| value.trim().to_owned())
             })
             .unwrap_or_default()
     };
-    let body = match header("Content-Transfer-Encoding")
-        .to_ascii_lowercase()
-        .as_str()
-    {
+    let body = match header("Content-Transfer-Encoding").to_ascii_lowercase().as_str() {
         "quoted-printable" => decode_quoted_printable(body),
         "base64" => {
             let compact: String = body.split_whitespace().collect();
-            String::from_utf8_lossy(
-                &base64::engine::general_purpose::STANDARD
-                    .decode(compact)
-                    .unwrap_or_default(),
-            )
-            .into_owned()
+            String::from_utf8_lossy(&base64::engine::general_purpose::STANDARD.decode(compact).unwrap_or_default())
+                .into_owned()
         }
         _ => body.to_owned(),
     };
-    ReceivedMail {
-        to: header("To"),
-        subject: header("Subject"),
-        body,
-    }
+    ReceivedMail { to: header("To"), subject: header("Subject"), body }
 }
 
 fn decode_quoted_printable(text: &str) -> String {
@@ -293,10 +234,7 @@ fn decode_quoted_printable(text: &str) -> String {
         match bytes[i] {
             b'=' if bytes.get(i + 1) == Some(&b'\n') => i += 2,
             b'=' if i + 2 < bytes.len() => {
-                match u8::from_str_radix(
-                    std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"),
-                    16,
-                ) {
+                match u8::from_str_radix(std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"), 16) {
                     Ok(byte) => out.push(byte),
                     Err(_) => out.extend_from_slice(&bytes[i..i + 3]),
                 }
@@ -315,10 +253,7 @@ fn decode_quoted_printable(text: &str) -> String {
 mod tests {
     #[test]
     fn urls_keep_their_parameters() {
-        assert_eq!(
-            super::rebuild_url("postgres://u@h:1/postgres", "x"),
-            "postgres://u@h:1/x"
-        );
+        assert_eq!(super::rebuild_url("postgres://u@h:1/postgres", "x"), "postgres://u@h:1/x");
         assert_eq!(
             super::rebuild_url("postgres://u@h/postgres?sslmode=disable", "x"),
             "postgres://u@h/x?sslmode=disable"

@@ -58,10 +58,7 @@ impl Harness {
             ("KEYSHARE_KEY_ENCRYPTION_KEYS", self.kek.clone()),
             ("KEYSHARE_SMTP_URL", self.smtp.url()),
             ("KEYSHARE_MAIL_RETRY_MAX_SECS", "1".into()),
-            (
-                "KEYSHARE_INTERNAL_CLIENTS",
-                format!("invitation:{INTERNAL_SECRET}"),
-            ),
+            ("KEYSHARE_INTERNAL_CLIENTS", format!("invitation:{INTERNAL_SECRET}")),
             ("KEYSHARE_DB_POOL_SIZE", "4".into()),
         ]
         .into_iter()
@@ -76,11 +73,7 @@ impl Harness {
     /// Starts another replica on the same database and clock.
     pub async fn spawn_instance(
         &self,
-    ) -> (
-        std::net::SocketAddr,
-        std::net::SocketAddr,
-        tokio::sync::oneshot::Sender<()>,
-    ) {
+    ) -> (std::net::SocketAddr, std::net::SocketAddr, tokio::sync::oneshot::Sender<()>) {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let started = keyshare_identity::start(self.config(), self.clock.clone(), async move {
             let _ = rx.await;
@@ -104,19 +97,13 @@ impl Drop for Harness {
 }
 
 pub async fn connect(addr: std::net::SocketAddr) -> Client {
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
     IdentityServiceClient::new(channel)
 }
 
 pub fn authed<T>(token: &str, message: T) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
-    request
-        .metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
     request
 }
 
@@ -143,22 +130,14 @@ pub async fn verified_account(h: &Harness, email: &str) -> (String, String, Stri
         .account
         .unwrap();
     let mail = h.smtp.wait_for(email, 1).await.pop().unwrap();
-    client
-        .verify_email(pb::VerifyEmailRequest {
-            token: token_from_mail(&mail.body),
-        })
-        .await
-        .unwrap();
+    client.verify_email(pb::VerifyEmailRequest { token: token_from_mail(&mail.body) }).await.unwrap();
     let grant = login(&mut client, email).await.unwrap();
     (account.name, grant.access_token, grant.refresh_token)
 }
 
 pub async fn login(client: &mut Client, email: &str) -> Result<pb::TokenGrant, tonic::Status> {
     client
-        .login(pb::LoginRequest {
-            email: email.into(),
-            password: PASSWORD.into(),
-        })
+        .login(pb::LoginRequest { email: email.into(), password: PASSWORD.into() })
         .await
         .map(|r| r.into_inner().grant.unwrap())
 }
@@ -179,10 +158,7 @@ pub async fn internal_token(client: &mut Client) -> String {
 
 /// The `ErrorInfo.reason` of a status.
 pub fn reason(status: &tonic::Status) -> String {
-    status
-        .get_details_error_info()
-        .map(|i| i.reason)
-        .unwrap_or_default()
+    status.get_details_error_info().map(|i| i.reason).unwrap_or_default()
 }
 
 /// The fields named by a status's `BadRequest`.
@@ -195,13 +171,7 @@ pub fn bad_fields(status: &tonic::Status) -> Vec<String> {
 
 /// Row count of an identity table, to prove nothing was written.
 pub async fn count(h: &Harness, table: &str) -> i64 {
-    let (client, connection) = tokio_postgres::connect(&h.db.url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
+    let (client, connection) = tokio_postgres::connect(&h.db.url, tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(connection);
-    client
-        .query_one(&format!("SELECT count(*) FROM identity.{table}"), &[])
-        .await
-        .unwrap()
-        .get(0)
+    client.query_one(&format!("SELECT count(*) FROM identity.{table}"), &[]).await.unwrap().get(0)
 }
