@@ -11,3 +11,9 @@ pub mod identity {
         tonic::include_proto!("keyshare.identity.v1");
     }
 }
+
+pub mod keyring {
+    pub mod v1 {
+        tonic::include_proto!("keyshare.keyring.v1");
+    }
+}

@@ -80,6 +80,16 @@ pub fn invalid_argument(domain: &str, input: &InvalidInput) -> Status {
     Status::with_error_details(Code::InvalidArgument, input.to_string(), details)
 }
 
+/// A status with `ErrorInfo` and a `BadRequest` naming the field the conflict is about, for
+/// codes other than INVALID_ARGUMENT (a name already taken, a stale etag).
+pub fn status_for_field(code: Code, domain: &str, reason: &str, message: impl Into<String>, field: &str) -> Status {
+    let message = message.into();
+    let mut details = ErrorDetails::new();
+    details.set_error_info(reason, domain, HashMap::<String, String>::new());
+    details.add_bad_request_violation(field, message.clone());
+    Status::with_error_details(code, message, details)
+}
+
 /// A status that tells the caller when to try again (`RetryInfo`).
 pub fn retry_later(
     code: Code,

@@ -8,11 +8,15 @@
 //! - [`auth`]: access tokens, their verification, and the caller a handler sees;
 //! - [`telemetry`] and [`metrics`]: logs, traces, Prometheus;
 //! - [`mail`]: the transactional email outbox;
+//! - [`client`]: channels to other services and this service's own access token;
+//! - [`credential`]: API-key credentials, their format and checksum;
 //! - [`clock`], [`crypto`], [`page`]: time, secrets, pagination.
 
 pub mod auth;
+pub mod client;
 pub mod clock;
 pub mod config;
+pub mod credential;
 pub mod crypto;
 pub mod db;
 pub mod error;

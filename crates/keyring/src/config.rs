@@ -1,0 +1,39 @@
+//! Keyring's settings, read from the environment at start.
+
+use std::time::Duration;
+
+use keyshare_runtime::auth::TokenPolicy;
+use keyshare_runtime::client::ClientCredentials;
+use keyshare_runtime::config::{CommonConfig, ConfigError, Env};
+use keyshare_runtime::crypto::Sealer;
+
+/// Default gRPC port.
+pub const PORT: u16 = 50052;
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub common: CommonConfig,
+    pub tokens: TokenPolicy,
+    /// Seals credentials at rest (`KEYSHARE_KEY_ENCRYPTION_KEYS`).
+    pub sealer: Sealer,
+    /// identity's address (`KEYSHARE_IDENTITY_URL`).
+    pub identity_url: String,
+    /// This service's internal client (`KEYSHARE_CLIENT_ID`, `KEYSHARE_CLIENT_SECRET`).
+    pub credentials: ClientCredentials,
+    /// How long feed entries are kept (`KEYSHARE_FEED_RETENTION_SECS`, default 7 days); a
+    /// watcher further behind gets a snapshot.
+    pub feed_retention: Duration,
+}
+
+impl Config {
+    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        Ok(Self {
+            common: CommonConfig::from_env(env, "keyring", PORT)?,
+            tokens: TokenPolicy::from_env(env),
+            sealer: Sealer::from_env(env)?,
+            identity_url: env.get("KEYSHARE_IDENTITY_URL").unwrap_or_else(|| "http://127.0.0.1:50051".into()),
+            credentials: ClientCredentials::from_env(env)?,
+            feed_retention: env.secs_or("KEYSHARE_FEED_RETENTION_SECS", 7 * 24 * 3600)?,
+        })
+    }
+}

@@ -1,0 +1,232 @@
+//! Test harness: identity and keyring started in-process on port 0 against one database made
+//! for the test (each in its own schema), keyring calling identity as its internal client.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::sync::Arc;
+
+use keyshare_proto::identity::v1 as idpb;
+use keyshare_proto::identity::v1::identity_service_client::IdentityServiceClient;
+use keyshare_proto::keyring::v1 as pb;
+use keyshare_proto::keyring::v1::keyring_service_client::KeyringServiceClient;
+use keyshare_runtime::clock::ManualClock;
+use keyshare_runtime::config::Env;
+use keyshare_runtime::crypto::Sealer;
+use keyshare_runtime::testkit::{SmtpServer, TestDatabase};
+use tonic::transport::Channel;
+use tonic_types::StatusExt;
+
+pub type Keyring = KeyringServiceClient<Channel>;
+pub type Identity = IdentityServiceClient<Channel>;
+
+pub const PASSWORD: &str = "correct horse battery staple";
+pub const KEYRING_SECRET: &str = "keyring-secret-for-tests-0123456789abcdef";
+pub const INVITATION_SECRET: &str = "invitation-secret-for-tests-0123456789abcd";
+
+pub struct Harness {
+    pub db: TestDatabase,
+    pub smtp: SmtpServer,
+    pub clock: Arc<ManualClock>,
+    pub kek: String,
+    pub identity_addr: std::net::SocketAddr,
+    pub keyring_addr: std::net::SocketAddr,
+    stops: Vec<tokio::sync::oneshot::Sender<()>>,
+}
+
+fn pairs(list: &[(&str, String)]) -> Env {
+    Env::from_pairs(list.iter().map(|(k, v)| ((*k).to_owned(), v.clone())))
+}
+
+impl Harness {
+    pub async fn start() -> Self {
+        let db = TestDatabase::create().await;
+        let smtp = SmtpServer::start().await;
+        let (_, kek) = Sealer::generate("kek1");
+        let clock = ManualClock::new();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let identity_env = pairs(&[
+            ("DATABASE_URL", db.url.clone()),
+            ("KEYSHARE_LISTEN_ADDR", "127.0.0.1:0".into()),
+            ("KEYSHARE_METRICS_ADDR", "127.0.0.1:0".into()),
+            ("KEYSHARE_KEY_ENCRYPTION_KEYS", kek.clone()),
+            ("KEYSHARE_SMTP_URL", smtp.url()),
+            ("KEYSHARE_INTERNAL_CLIENTS", format!("keyring:{KEYRING_SECRET},invitation:{INVITATION_SECRET}")),
+            ("KEYSHARE_DB_POOL_SIZE", "4".into()),
+        ]);
+        let identity = keyshare_identity::start(
+            keyshare_identity::Config::from_env(&identity_env).unwrap(),
+            clock.clone(),
+            async move {
+                let _ = rx.await;
+            },
+        )
+        .await
+        .unwrap();
+        let mut harness =
+            Self { db, smtp, clock, kek, identity_addr: identity.addr, keyring_addr: identity.addr, stops: vec![tx] };
+        harness.keyring_addr = harness.start_keyring(&harness.kek.clone()).await;
+        harness
+    }
+
+    /// Starts (another) keyring on the same database with the given key-encryption keys.
+    pub async fn start_keyring(&mut self, kek: &str) -> std::net::SocketAddr {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let env = pairs(&[
+            ("DATABASE_URL", self.db.url.clone()),
+            ("KEYSHARE_LISTEN_ADDR", "127.0.0.1:0".into()),
+            ("KEYSHARE_METRICS_ADDR", "127.0.0.1:0".into()),
+            ("KEYSHARE_KEY_ENCRYPTION_KEYS", kek.to_owned()),
+            ("KEYSHARE_IDENTITY_URL", format!("http://{}", self.identity_addr)),
+            ("KEYSHARE_CLIENT_ID", "keyring".into()),
+            ("KEYSHARE_CLIENT_SECRET", KEYRING_SECRET.into()),
+            ("KEYSHARE_DB_POOL_SIZE", "8".into()),
+        ]);
+        let started = keyshare_keyring::start(
+            keyshare_keyring::Config::from_env(&env).unwrap(),
+            self.clock.clone(),
+            async move {
+                let _ = rx.await;
+            },
+        )
+        .await
+        .unwrap();
+        self.stops.push(tx);
+        started.addr
+    }
+
+    pub async fn keyring(&self) -> Keyring {
+        keyring_at(self.keyring_addr).await
+    }
+
+    pub async fn identity(&self) -> Identity {
+        let channel = Channel::from_shared(format!("http://{}", self.identity_addr)).unwrap().connect().await.unwrap();
+        IdentityServiceClient::new(channel)
+    }
+
+    /// A verified, logged-in account: (account id as `accounts/{id}`, access token).
+    pub async fn account(&self, email: &str) -> (String, String) {
+        let mut identity = self.identity().await;
+        let account = identity
+            .create_account(idpb::CreateAccountRequest {
+                email: email.into(),
+                display_name: email.into(),
+                password: PASSWORD.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .account
+            .unwrap();
+        let mail = self.smtp.wait_for(email, 1).await.pop().unwrap();
+        let token = mail.body.lines().find_map(|l| l.split("token=").nth(1)).unwrap().trim().to_owned();
+        identity.verify_email(idpb::VerifyEmailRequest { token }).await.unwrap();
+        let grant = identity
+            .login(idpb::LoginRequest { email: email.into(), password: PASSWORD.into() })
+            .await
+            .unwrap()
+            .into_inner()
+            .grant
+            .unwrap();
+        (account.name, grant.access_token)
+    }
+
+    /// An access token of the invitation service (an internal client).
+    pub async fn internal_token(&self) -> String {
+        self.identity()
+            .await
+            .issue_service_account_token(idpb::IssueServiceAccountTokenRequest {
+                client_id: "invitation".into(),
+                client_secret: INVITATION_SECRET.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .grant
+            .unwrap()
+            .access_token
+    }
+
+    pub async fn organization(&self, owner_token: &str, name: &str) -> String {
+        self.identity()
+            .await
+            .create_organization(authed(
+                owner_token,
+                idpb::CreateOrganizationRequest {
+                    organization: Some(idpb::Organization { display_name: name.into(), ..Default::default() }),
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .organization
+            .unwrap()
+            .name
+    }
+
+    /// Row count of a keyring table, to prove nothing was written.
+    pub async fn count(&self, table: &str) -> i64 {
+        let (client, connection) = tokio_postgres::connect(&self.db.url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(connection);
+        client.query_one(&format!("SELECT count(*) FROM keyring.{table}"), &[]).await.unwrap().get(0)
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        for stop in self.stops.drain(..) {
+            let _ = stop.send(());
+        }
+    }
+}
+
+pub async fn keyring_at(addr: std::net::SocketAddr) -> Keyring {
+    let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    KeyringServiceClient::new(channel)
+}
+
+pub fn authed<T>(token: &str, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    request
+}
+
+pub async fn create_project(keyring: &mut Keyring, token: &str, org: &str, name: &str) -> pb::Project {
+    keyring
+        .create_project(authed(
+            token,
+            pb::CreateProjectRequest {
+                parent: org.into(),
+                project: Some(pb::Project { display_name: name.into(), ..Default::default() }),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .project
+        .unwrap()
+}
+
+pub async fn create_key(keyring: &mut Keyring, token: &str, project: &str, name: &str) -> pb::CreateKeyResponse {
+    keyring
+        .create_key(authed(
+            token,
+            pb::CreateKeyRequest {
+                parent: project.into(),
+                key: Some(pb::Key { display_name: name.into(), description: "for tests".into(), ..Default::default() }),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+pub fn reason(status: &tonic::Status) -> String {
+    status.get_details_error_info().map(|i| i.reason).unwrap_or_default()
+}
+
+pub fn bad_fields(status: &tonic::Status) -> Vec<String> {
+    status
+        .get_details_bad_request()
+        .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
+        .unwrap_or_default()
+}

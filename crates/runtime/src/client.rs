@@ -1,0 +1,104 @@
+//! Calling other Keyshare services: lazily connected channels, and the access token of this
+//! service's own (internal) service account, fetched from identity and renewed before it expires.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use keyshare_proto::identity::v1 as pb;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::config::{ConfigError, Env};
+
+/// A channel to `url` that connects on first use and reconnects after failures, so a service
+/// starts even while its dependencies are still coming up.
+pub fn lazy_channel(var: &str, url: &str) -> Result<Channel, ConfigError> {
+    Ok(Endpoint::from_shared(url.to_owned())
+        .map_err(|_| ConfigError::new(var, "must be a URL such as http://identity:50051"))?
+        .connect_timeout(crate::server::CONNECT_TIMEOUT)
+        .timeout(Duration::from_secs(10))
+        .connect_lazy())
+}
+
+/// This service's identity as an internal client (`KEYSHARE_CLIENT_ID`/`KEYSHARE_CLIENT_SECRET`).
+#[derive(Clone)]
+pub struct ClientCredentials {
+    pub client_id: String,
+    secret: String,
+}
+
+impl std::fmt::Debug for ClientCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientCredentials").field("client_id", &self.client_id).finish_non_exhaustive()
+    }
+}
+
+impl ClientCredentials {
+    pub fn new(client_id: impl Into<String>, secret: impl Into<String>) -> Self {
+        Self { client_id: client_id.into(), secret: secret.into() }
+    }
+
+    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        Ok(Self::new(env.required("KEYSHARE_CLIENT_ID")?, env.required("KEYSHARE_CLIENT_SECRET")?))
+    }
+}
+
+/// Failure to obtain a service token.
+#[derive(Debug, thiserror::Error)]
+#[error("obtaining a service token from identity failed: {0}")]
+pub struct TokenError(String);
+
+/// The current access token of this service, renewed a minute before it expires.
+pub struct ServiceToken {
+    identity: Channel,
+    credentials: ClientCredentials,
+    current: tokio::sync::Mutex<Option<(Arc<str>, Instant)>>,
+}
+
+impl std::fmt::Debug for ServiceToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceToken").field("client_id", &self.credentials.client_id).finish_non_exhaustive()
+    }
+}
+
+const RENEW_BEFORE: Duration = Duration::from_secs(60);
+
+impl ServiceToken {
+    pub fn new(identity: Channel, credentials: ClientCredentials) -> Arc<Self> {
+        Arc::new(Self { identity, credentials, current: tokio::sync::Mutex::new(None) })
+    }
+
+    /// A valid token, fetching a new one when the cached one is about to expire.
+    pub async fn get(&self) -> Result<Arc<str>, TokenError> {
+        let mut current = self.current.lock().await;
+        if let Some((token, renew_at)) = current.as_ref()
+            && Instant::now() < *renew_at
+        {
+            return Ok(token.clone());
+        }
+        let mut client = pb::identity_service_client::IdentityServiceClient::new(self.identity.clone());
+        let response = client
+            .issue_service_account_token(crate::telemetry::traced(pb::IssueServiceAccountTokenRequest {
+                client_id: self.credentials.client_id.clone(),
+                client_secret: self.credentials.secret.clone(),
+            }))
+            .await
+            .map_err(|status| TokenError(format!("{:?}: {}", status.code(), status.message())))?;
+        let grant = response.into_inner().grant.ok_or_else(|| TokenError("no grant in response".into()))?;
+        let expires_in =
+            grant.access_token_expire_time.map(|t| t.seconds - chrono::Utc::now().timestamp()).unwrap_or(0).max(0)
+                as u64;
+        let renew_at = Instant::now() + Duration::from_secs(expires_in).saturating_sub(RENEW_BEFORE);
+        let token: Arc<str> = grant.access_token.into();
+        *current = Some((token.clone(), renew_at));
+        Ok(token)
+    }
+
+    /// A request carrying this service's token and the current trace context.
+    pub async fn request<T>(&self, message: T) -> Result<tonic::Request<T>, TokenError> {
+        let token = self.get().await?;
+        let mut request = crate::telemetry::traced(message);
+        let value = format!("Bearer {token}").parse().map_err(|_| TokenError("token is not a header value".into()))?;
+        request.metadata_mut().insert("authorization", value);
+        Ok(request)
+    }
+}
