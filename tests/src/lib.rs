@@ -1,1 +1,139 @@
-//! System tests live in `tests/`; this library is empty.
+//! Starting Keyshare's services together in one process, for system tests and benchmarks.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use keyshare_proto::identity::v1 as idpb;
+use keyshare_runtime::clock::SystemClock;
+use keyshare_runtime::config::Env;
+use keyshare_runtime::crypto::Sealer;
+use keyshare_runtime::testkit::TestDatabase;
+use tonic::transport::Channel;
+
+/// The secret of the internal client a test or benchmark acts as.
+pub const WATCHER_SECRET: &str = "watcher-secret-0123456789abcdef0123456789";
+const KEYRING_SECRET: &str = "keyring-secret-0123456789abcdef0123456789";
+
+/// identity and keyring on a database of their own.
+pub struct Stack {
+    pub db: TestDatabase,
+    pub identity: SocketAddr,
+    pub keyring: SocketAddr,
+    stops: Vec<tokio::sync::oneshot::Sender<()>>,
+}
+
+fn env(pairs: &[(&str, String)]) -> Env {
+    Env::from_pairs(pairs.iter().map(|(k, v)| ((*k).to_owned(), v.clone())))
+}
+
+impl Stack {
+    /// Starts both services. Email verification is not required, so accounts log in at once.
+    pub async fn start() -> Self {
+        let db = TestDatabase::create().await;
+        let (_, kek) = Sealer::generate("k1");
+        let spool = std::env::temp_dir().join(format!("keyshare-stack-{}", std::process::id()));
+        let clock = Arc::new(SystemClock);
+        let common = |extra: &[(&str, String)]| {
+            let mut all = vec![
+                ("DATABASE_URL", db.url.clone()),
+                ("KEYSHARE_LISTEN_ADDR", "127.0.0.1:0".into()),
+                ("KEYSHARE_METRICS_ADDR", "127.0.0.1:0".into()),
+                ("KEYSHARE_KEY_ENCRYPTION_KEYS", kek.clone()),
+            ];
+            all.extend(extra.iter().cloned());
+            env(&all)
+        };
+        let (identity_stop, identity_stopped) = tokio::sync::oneshot::channel::<()>();
+        let identity = keyshare_identity::start(
+            keyshare_identity::Config::from_env(&common(&[
+                ("KEYSHARE_REQUIRE_VERIFIED_EMAIL", "false".into()),
+                ("KEYSHARE_MAIL_SPOOL_DIR", spool.display().to_string()),
+                ("KEYSHARE_INTERNAL_CLIENTS", format!("keyring:{KEYRING_SECRET},watcher:{WATCHER_SECRET}")),
+            ]))
+            .unwrap(),
+            clock.clone(),
+            async move {
+                let _ = identity_stopped.await;
+            },
+        )
+        .await
+        .unwrap();
+        let (keyring_stop, keyring_stopped) = tokio::sync::oneshot::channel::<()>();
+        let keyring = keyshare_keyring::start(
+            keyshare_keyring::Config::from_env(&common(&[
+                ("KEYSHARE_IDENTITY_URL", format!("http://{}", identity.addr)),
+                ("KEYSHARE_CLIENT_ID", "keyring".into()),
+                ("KEYSHARE_CLIENT_SECRET", KEYRING_SECRET.into()),
+            ]))
+            .unwrap(),
+            clock,
+            async move {
+                let _ = keyring_stopped.await;
+            },
+        )
+        .await
+        .unwrap();
+        Self { db, identity: identity.addr, keyring: keyring.addr, stops: vec![identity_stop, keyring_stop] }
+    }
+
+    pub async fn channel(addr: SocketAddr) -> Channel {
+        Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap()
+    }
+
+    /// A new account's access token.
+    pub async fn account(&self, email: &str) -> String {
+        let mut identity =
+            idpb::identity_service_client::IdentityServiceClient::new(Self::channel(self.identity).await);
+        let password = "benchmark password 123";
+        identity
+            .create_account(idpb::CreateAccountRequest {
+                email: email.into(),
+                display_name: email.into(),
+                password: password.into(),
+            })
+            .await
+            .unwrap();
+        let login =
+            identity.login(idpb::LoginRequest { email: email.into(), password: password.into() }).await.unwrap();
+        login.into_inner().grant.unwrap().access_token
+    }
+
+    /// The access token of the internal client `watcher`.
+    pub async fn watcher_token(&self) -> String {
+        let mut identity =
+            idpb::identity_service_client::IdentityServiceClient::new(Self::channel(self.identity).await);
+        let grant = identity
+            .issue_service_account_token(idpb::IssueServiceAccountTokenRequest {
+                client_id: "watcher".into(),
+                client_secret: WATCHER_SECRET.into(),
+            })
+            .await
+            .unwrap();
+        grant.into_inner().grant.unwrap().access_token
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        for stop in self.stops.drain(..) {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Bearer-authenticated request.
+pub fn authed<T>(token: &str, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    request
+}
+
+/// p-th percentile (0–100) of sorted samples.
+pub fn percentile(sorted: &[std::time::Duration], p: f64) -> std::time::Duration {
+    if sorted.is_empty() {
+        return std::time::Duration::ZERO;
+    }
+    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}

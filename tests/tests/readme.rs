@@ -101,6 +101,14 @@ async fn scripts_run_and_the_walkthrough_work() {
     let stdout = String::from_utf8_lossy(&walkthrough.stdout);
     let stderr = String::from_utf8_lossy(&walkthrough.stderr);
     assert!(walkthrough.status.success(), "walkthrough failed:\n{stdout}\n{stderr}");
-    assert!(stdout.contains("ORGANIZATION_ROLE_OWNER"), "{stdout}");
+    for expected in [
+        "ORGANIZATION_ROLE_OWNER",
+        r#""sandboxCredential": "ks_test_"#,
+        r#""productionCredential": "ks_live_"#,
+        r#""credential": "ks_live_"#,
+        r#""previousCredential""#,
+    ] {
+        assert!(stdout.contains(expected), "{expected} missing from the walkthrough output:\n{stdout}");
+    }
     assert!(status.success(), "scripts/run exited with {status:?}");
 }

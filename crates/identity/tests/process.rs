@@ -108,6 +108,7 @@ async fn grpcurl_walkthrough_metrics_and_clean_logs() {
     for service in ["keyshare.identity.v1.IdentityService", "grpc.health.v1.Health", ".ServerReflection"] {
         assert!(list.contains(service), "{service} missing from: {list}");
     }
+    assert!(!list.contains("KeyringService"), "identity advertises only itself: {list}");
     let describe =
         String::from_utf8(p.grpcurl(&["describe", "keyshare.identity.v1.IdentityService"], None).stdout).unwrap();
     assert!(describe.contains("rpc Login"), "{describe}");

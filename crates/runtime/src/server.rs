@@ -91,7 +91,11 @@ impl Bound {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
         let Bound { listener, readiness, routes } = self;
+        // Advertise only this service (and health); the descriptor set holds every Keyshare API.
         let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .with_service_name(options.grpc_service_name)
+            .with_service_name("grpc.health.v1.Health")
+            .with_service_name("grpc.reflection.v1.ServerReflection")
             .register_encoded_file_descriptor_set(keyshare_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             // google.rpc error details, so grpcurl can print ErrorInfo and BadRequest.
@@ -99,6 +103,9 @@ impl Bound {
             .build_v1()
             .map_err(|e| ServeError::Reflection(e.to_string()))?;
         let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .with_service_name(options.grpc_service_name)
+            .with_service_name("grpc.health.v1.Health")
+            .with_service_name("grpc.reflection.v1alpha.ServerReflection")
             .register_encoded_file_descriptor_set(keyshare_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
