@@ -63,6 +63,7 @@ impl Stack {
         let keyring = keyshare_keyring::start(
             keyshare_keyring::Config::from_env(&common(&[
                 ("KEYSHARE_IDENTITY_URL", format!("http://{}", identity.addr)),
+                ("KEYSHARE_INVITATION_URL", "http://127.0.0.1:1".into()),
                 ("KEYSHARE_CLIENT_ID", "keyring".into()),
                 ("KEYSHARE_CLIENT_SECRET", KEYRING_SECRET.into()),
             ]))

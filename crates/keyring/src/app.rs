@@ -17,6 +17,7 @@ use crate::domain::{
 };
 use crate::error::{Error, Result};
 use crate::feed::{self, FeedEvent};
+use crate::invitations::InvitationClient;
 use crate::store;
 
 /// Who is calling and the request id, for authorisation and the audit log.
@@ -77,6 +78,7 @@ pub struct Keyring {
     clock: SharedClock,
     sealer: Sealer,
     directory: Directory,
+    invitations: InvitationClient,
 }
 
 struct ProjectAccess {
@@ -98,8 +100,14 @@ impl std::fmt::Debug for Keyring {
 }
 
 impl Keyring {
-    pub fn new(pool: Pool, clock: SharedClock, sealer: Sealer, directory: Directory) -> Self {
-        Self { pool, clock, sealer, directory }
+    pub fn new(
+        pool: Pool,
+        clock: SharedClock,
+        sealer: Sealer,
+        directory: Directory,
+        invitations: InvitationClient,
+    ) -> Self {
+        Self { pool, clock, sealer, directory, invitations }
     }
 
     pub fn pool(&self) -> &Pool {
@@ -516,9 +524,12 @@ impl Keyring {
         let scope = format!("projects/{project}/keys");
         let next_page_token =
             page::next_token(&mut rows, page.size, &scope, |(k, _, at)| page::time_id_cursor(*at, k.key));
+        let counts = self.invitations.counts(rows.iter().map(|(key, _, _)| key.name()).collect()).await;
         let mut items = Vec::with_capacity(rows.len());
         for (key, role, _) in rows {
-            items.push(self.load(key, role).await?);
+            let mut loaded = self.load(key, role).await?;
+            loaded.invitations = counts.as_ref().map(|c| c.get(&key.name()).copied().unwrap_or_default());
+            items.push(loaded);
         }
         Ok(Page { items, next_page_token })
     }
@@ -737,6 +748,51 @@ impl Keyring {
         Ok(Page { items, next_page_token })
     }
 
+    /// Which of `permissions` the caller holds on a project or key (none for what they cannot
+    /// see). Unknown permission names are refused by the adapter.
+    pub async fn test_permissions(
+        &self,
+        ctx: &Ctx,
+        project: Uuid,
+        key: Option<KeyRef>,
+        permissions: &[Permission],
+    ) -> Result<Vec<Permission>> {
+        let Ok(account) = ctx.account() else { return Ok(Vec::new()) };
+        let client = self.pool.get().await?;
+        let Some(p) = store::project(&client, project).await? else { return Ok(Vec::new()) };
+        let project_role = store::project_role(&client, project, account).await?;
+        let key_role = match key {
+            Some(key) => {
+                if store::key_row(&client, key, false).await?.is_none() {
+                    return Ok(Vec::new());
+                }
+                store::key_role(&client, key.key, account).await?
+            }
+            None => None,
+        };
+        drop(client);
+        let mut access =
+            KeyAccess { key_role, project_owner: project_role == Some(ProjectRole::Owner), org_owner: false };
+        // Ask identity only when a local role does not already grant everything asked for.
+        let settled = access.project_owner || (key.is_some() && matches!(key_role, Some(KeyRole::Owner)));
+        if !settled {
+            access.org_owner = self.is_org_owner(p.organization_id, account).await?;
+        }
+        let manages_project = access.project_owner || access.org_owner;
+        Ok(permissions
+            .iter()
+            .copied()
+            .filter(|permission| match (permission, key) {
+                (Permission::ProjectsGet, _) => project_role.is_some() || manages_project,
+                (Permission::ProjectsManage, _) => manages_project,
+                (Permission::KeysGet, Some(_)) => access.allows(KeyAction::See),
+                (Permission::KeysManage, Some(_)) => access.allows(KeyAction::Manage),
+                (Permission::KeysDelete, Some(_)) => access.allows(KeyAction::Delete),
+                (_, None) => false,
+            })
+            .collect())
+    }
+
     /// Audit events of a project (project and organization owners) or of a key (those who may
     /// see its sharing settings), newest first.
     pub async fn audit_events(
@@ -772,6 +828,40 @@ impl Keyring {
         };
         let next_page_token = page::next_token(&mut rows, page.size, &scope, |e| e.id.to_string());
         Ok(Page { items: rows, next_page_token })
+    }
+}
+
+/// Permissions other services may test (TestPermissions).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Permission {
+    ProjectsGet,
+    ProjectsManage,
+    KeysGet,
+    KeysManage,
+    KeysDelete,
+}
+
+impl Permission {
+    pub const ALL: [Permission; 5] = [
+        Permission::ProjectsGet,
+        Permission::ProjectsManage,
+        Permission::KeysGet,
+        Permission::KeysManage,
+        Permission::KeysDelete,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Permission::ProjectsGet => "projects.get",
+            Permission::ProjectsManage => "projects.manage",
+            Permission::KeysGet => "keys.get",
+            Permission::KeysManage => "keys.manage",
+            Permission::KeysDelete => "keys.delete",
+        }
+    }
+
+    pub fn parse(raw: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.as_str() == raw)
     }
 }
 

@@ -18,6 +18,8 @@ pub struct Config {
     pub sealer: Sealer,
     /// identity's address (`KEYSHARE_IDENTITY_URL`).
     pub identity_url: String,
+    /// The invitation service's address (`KEYSHARE_INVITATION_URL`).
+    pub invitation_url: String,
     /// This service's internal client (`KEYSHARE_CLIENT_ID`, `KEYSHARE_CLIENT_SECRET`).
     pub credentials: ClientCredentials,
     /// How long feed entries are kept (`KEYSHARE_FEED_RETENTION_SECS`, default 7 days); a
@@ -32,6 +34,7 @@ impl Config {
             tokens: TokenPolicy::from_env(env),
             sealer: Sealer::from_env(env)?,
             identity_url: env.get("KEYSHARE_IDENTITY_URL").unwrap_or_else(|| "http://127.0.0.1:50051".into()),
+            invitation_url: env.get("KEYSHARE_INVITATION_URL").unwrap_or_else(|| "http://127.0.0.1:50053".into()),
             credentials: ClientCredentials::from_env(env)?,
             feed_retention: env.secs_or("KEYSHARE_FEED_RETENTION_SECS", 7 * 24 * 3600)?,
         })

@@ -530,6 +530,39 @@ impl pb::keyring_service_server::KeyringService for KeyringGrpc {
         .await
     }
 
+    async fn test_permissions(
+        &self,
+        request: Request<pb::TestPermissionsRequest>,
+    ) -> Reply<pb::TestPermissionsResponse> {
+        let ctx = ctx(&request)?;
+        let r = request.into_inner();
+        handle("keyring.test_permissions", async {
+            let (project, key) = match domain::parse_key(&r.resource, "resource") {
+                Ok(key) => (key.project, Some(key)),
+                Err(_) => (
+                    domain::parse_project(&r.resource, "resource").map_err(|_| {
+                        InvalidInput::field("resource", "must look like projects/{id} or projects/{id}/keys/{id}")
+                    })?,
+                    None,
+                ),
+            };
+            let mut errors = InvalidInput::default();
+            let mut permissions = Vec::new();
+            for (index, raw) in r.permissions.iter().enumerate() {
+                match app::Permission::parse(raw) {
+                    Some(permission) => permissions.push(permission),
+                    None => {
+                        errors.0.push(FieldViolation::new(format!("permissions[{index}]"), "is not a known permission"))
+                    }
+                }
+            }
+            errors.finish()?;
+            let held = self.app.test_permissions(&ctx, project, key, &permissions).await?;
+            Ok(pb::TestPermissionsResponse { permissions: held.into_iter().map(|p| p.as_str().to_owned()).collect() })
+        })
+        .await
+    }
+
     type WatchKeysStream = Pin<Box<dyn Stream<Item = Result<pb::WatchKeysResponse, Status>> + Send>>;
 
     async fn watch_keys(&self, request: Request<pb::WatchKeysRequest>) -> Reply<Self::WatchKeysStream> {

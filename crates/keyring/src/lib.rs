@@ -25,6 +25,7 @@ pub mod domain;
 pub mod error;
 pub mod feed;
 pub mod grpc;
+pub mod invitations;
 pub mod store;
 
 pub use config::Config;
@@ -70,13 +71,16 @@ pub async fn start(
     let identity = lazy_channel("KEYSHARE_IDENTITY_URL", &config.identity_url)?;
     let verifier = TokenVerifier::new(IdentityKeySource::new(identity.clone()), config.tokens.clone(), clock.clone());
     verifier.spawn_refresh();
-    let token = ServiceToken::new(identity.clone(), config.credentials.clone());
-    let directory = directory::Directory::new(identity, token);
+    let token = ServiceToken::new(identity.clone(), config.credentials.clone(), clock.clone());
+    let directory = directory::Directory::new(identity, token.clone());
+    let invitation = lazy_channel("KEYSHARE_INVITATION_URL", &config.invitation_url)?;
+    let invitations = invitations::InvitationClient::new(invitation, token);
+    invitations.clone().spawn_worker(pool.clone(), std::time::Duration::from_secs(2));
 
     let feed_wake = feed::spawn_listener(common.database_url.clone());
     spawn_pruning(pool.clone(), clock.clone(), config.feed_retention);
 
-    let app = Arc::new(app::Keyring::new(pool.clone(), clock, config.sealer.clone(), directory));
+    let app = Arc::new(app::Keyring::new(pool.clone(), clock, config.sealer.clone(), directory, invitations));
     let metrics = Metrics::new("keyring");
     metrics.register_pool(pool);
     let metrics_addr = metrics

@@ -17,3 +17,9 @@ pub mod keyring {
         tonic::include_proto!("keyshare.keyring.v1");
     }
 }
+
+pub mod invitation {
+    pub mod v1 {
+        tonic::include_proto!("keyshare.invitation.v1");
+    }
+}

@@ -2,7 +2,7 @@
 //! service's own (internal) service account, fetched from identity and renewed before it expires.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use keyshare_proto::identity::v1 as pb;
 use tonic::transport::{Channel, Endpoint};
@@ -51,7 +51,9 @@ pub struct TokenError(String);
 pub struct ServiceToken {
     identity: Channel,
     credentials: ClientCredentials,
-    current: tokio::sync::Mutex<Option<(Arc<str>, Instant)>>,
+    // Expiry is judged by the service's clock, the one the services verifying the token use.
+    clock: crate::clock::SharedClock,
+    current: tokio::sync::Mutex<Option<(Arc<str>, chrono::DateTime<chrono::Utc>)>>,
 }
 
 impl std::fmt::Debug for ServiceToken {
@@ -63,15 +65,15 @@ impl std::fmt::Debug for ServiceToken {
 const RENEW_BEFORE: Duration = Duration::from_secs(60);
 
 impl ServiceToken {
-    pub fn new(identity: Channel, credentials: ClientCredentials) -> Arc<Self> {
-        Arc::new(Self { identity, credentials, current: tokio::sync::Mutex::new(None) })
+    pub fn new(identity: Channel, credentials: ClientCredentials, clock: crate::clock::SharedClock) -> Arc<Self> {
+        Arc::new(Self { identity, credentials, clock, current: tokio::sync::Mutex::new(None) })
     }
 
     /// A valid token, fetching a new one when the cached one is about to expire.
     pub async fn get(&self) -> Result<Arc<str>, TokenError> {
         let mut current = self.current.lock().await;
         if let Some((token, renew_at)) = current.as_ref()
-            && Instant::now() < *renew_at
+            && self.clock.now() < *renew_at
         {
             return Ok(token.clone());
         }
@@ -84,10 +86,11 @@ impl ServiceToken {
             .await
             .map_err(|status| TokenError(format!("{:?}: {}", status.code(), status.message())))?;
         let grant = response.into_inner().grant.ok_or_else(|| TokenError("no grant in response".into()))?;
-        let expires_in =
-            grant.access_token_expire_time.map(|t| t.seconds - chrono::Utc::now().timestamp()).unwrap_or(0).max(0)
-                as u64;
-        let renew_at = Instant::now() + Duration::from_secs(expires_in).saturating_sub(RENEW_BEFORE);
+        let expires_at = grant
+            .access_token_expire_time
+            .and_then(|t| chrono::DateTime::from_timestamp(t.seconds, 0))
+            .unwrap_or_else(|| self.clock.now());
+        let renew_at = expires_at - chrono::Duration::from_std(RENEW_BEFORE).unwrap_or_default();
         let token: Arc<str> = grant.access_token.into();
         *current = Some((token.clone(), renew_at));
         Ok(token)

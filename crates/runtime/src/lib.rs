@@ -4,6 +4,7 @@
 //! - [`db`]: the PostgreSQL pool, migrations into the service's own schema, SQLSTATE mapping;
 //! - [`server`]: the gRPC server with health, reflection, request ids, timeouts, a concurrency
 //!   limit, authentication, metrics, tracing and graceful shutdown;
+//! - [`email`]: email addresses as every service accepts them;
 //! - [`error`]: the shared error model (`ErrorInfo`, `BadRequest`);
 //! - [`auth`]: access tokens, their verification, and the caller a handler sees;
 //! - [`telemetry`] and [`metrics`]: logs, traces, Prometheus;
@@ -19,6 +20,7 @@ pub mod config;
 pub mod credential;
 pub mod crypto;
 pub mod db;
+pub mod email;
 pub mod error;
 pub mod mail;
 pub mod metrics;

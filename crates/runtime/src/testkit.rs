@@ -195,6 +195,21 @@ impl SmtpServer {
     }
 }
 
+impl SmtpServer {
+    /// Waits for a mail to `to` whose subject contains `subject`, and returns the newest.
+    pub async fn wait_for_mail(&self, to: &str, subject: &str) -> ReceivedMail {
+        let to = to.to_ascii_lowercase();
+        eventually(&format!("a mail to {to} about {subject:?}"), Duration::from_secs(30), || {
+            let found = self
+                .received()
+                .into_iter()
+                .rfind(|m| m.to.to_ascii_lowercase().contains(&to) && m.subject.contains(subject));
+            async move { found }
+        })
+        .await
+    }
+}
+
 impl Drop for SmtpServer {
     fn drop(&mut self) {
         self.stop();

@@ -76,6 +76,8 @@ impl Harness {
             ("KEYSHARE_METRICS_ADDR", "127.0.0.1:0".into()),
             ("KEYSHARE_KEY_ENCRYPTION_KEYS", kek.to_owned()),
             ("KEYSHARE_IDENTITY_URL", format!("http://{}", self.identity_addr)),
+            // No invitation service in these tests: counts are unknown, revocations stay queued.
+            ("KEYSHARE_INVITATION_URL", "http://127.0.0.1:1".into()),
             ("KEYSHARE_CLIENT_ID", "keyring".into()),
             ("KEYSHARE_CLIENT_SECRET", KEYRING_SECRET.into()),
             ("KEYSHARE_DB_POOL_SIZE", "8".into()),

@@ -1,0 +1,444 @@
+//! Invitation's use cases.
+//!
+//! Accepting and revoking access change the invitation and queue the matching grant or removal
+//! in one transaction; the calls then run in order per invitation (each idempotent, keyed by the
+//! invitation id) right away and, if a peer is down, from the retry worker until they succeed.
+//! So an accepted invitation always ends up with its membership, and a revoked one without.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::Pool;
+use keyshare_runtime::auth::{Caller, Principal};
+use keyshare_runtime::clock::SharedClock;
+use keyshare_runtime::crypto::{random_token, sha256};
+use keyshare_runtime::email::Email;
+use keyshare_runtime::mail::{self, Mail, OutboxWaker};
+use keyshare_runtime::page::{self, PageRequest};
+use uuid::Uuid;
+
+use crate::domain::{Invitation, NotInvited, Role, Status, Target};
+use crate::error::{Error, Result};
+use crate::peers::{CallFailure, Peers, Standing};
+use crate::store;
+
+/// The most emails one CreateInvitations call may carry.
+pub const MAX_INVITEES: usize = 100;
+
+/// Who is calling, with their bearer token for questions asked on their behalf.
+#[derive(Clone)]
+pub struct Ctx {
+    pub caller: Caller,
+    pub token: String,
+}
+
+impl std::fmt::Debug for Ctx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ctx").field("caller", &self.caller).finish_non_exhaustive()
+    }
+}
+
+impl Ctx {
+    fn account(&self) -> Result<Uuid> {
+        match self.caller.principal {
+            Principal::Account { id } => Ok(id),
+            Principal::ServiceAccount { .. } => Err(Error::PermissionDenied("only people may do this")),
+        }
+    }
+
+    fn require_internal(&self) -> Result<()> {
+        if self.caller.is_internal() {
+            Ok(())
+        } else {
+            Err(Error::PermissionDenied("only Keyshare services may do this"))
+        }
+    }
+}
+
+/// One email of a CreateInvitations call.
+#[derive(Clone, Debug)]
+pub struct InviteeInput {
+    pub raw_email: String,
+    /// `Err` with the reason when the address is malformed.
+    pub email: std::result::Result<Email, String>,
+    pub role: Role,
+}
+
+pub struct Invitations {
+    pool: Pool,
+    clock: SharedClock,
+    peers: Peers,
+    outbox: OutboxWaker,
+    public_url: String,
+    validity: chrono::Duration,
+}
+
+impl std::fmt::Debug for Invitations {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Invitations").finish_non_exhaustive()
+    }
+}
+
+impl Invitations {
+    pub fn new(
+        pool: Pool,
+        clock: SharedClock,
+        peers: Peers,
+        outbox: OutboxWaker,
+        public_url: String,
+        validity: Duration,
+    ) -> Self {
+        let validity = chrono::Duration::from_std(validity).unwrap_or(chrono::Duration::days(7));
+        Self { pool, clock, peers, outbox, public_url, validity }
+    }
+
+    fn now(&self) -> DateTime<Utc> {
+        self.clock.now()
+    }
+
+    /// NOT_FOUND for those who do not see the target, PERMISSION_DENIED for those who see it but
+    /// may not manage its sharing.
+    async fn require_manager(&self, ctx: &Ctx, target: &Target) -> Result<Uuid> {
+        let account = ctx.account()?;
+        match self.peers.standing(&ctx.token, account, target).await? {
+            Standing::Manager => Ok(account),
+            Standing::Viewer => Err(Error::PermissionDenied("you may not manage who this is shared with")),
+            Standing::Stranger => Err(Error::NotFound("target")),
+        }
+    }
+
+    fn mail(&self, invitation: Uuid, email: &str, role: Role, inviter: &str, token: &str) -> Mail {
+        let link = format!("{}/invitations/accept?token={token}", self.public_url);
+        let body = format!(
+            "Hello,\n\n{inviter} invited you to Keyshare as {role}.\n\nAccept the invitation by opening this link:\n\n{link}\n\n\
+             Or pass this token to AcceptInvitation:\n\n{token}\n\n\
+             You need a Keyshare account with this email address ({email}); if you have none yet, sign up with it first.\n\
+             The invitation is valid for {days} days.\n",
+            role = role.describe(),
+            days = self.validity.num_days(),
+        );
+        Mail {
+            to: email.to_owned(),
+            subject: format!("{inviter} invited you to Keyshare"),
+            body,
+            topic: Some(format!("invitations/{invitation}")),
+        }
+    }
+
+    pub async fn create(
+        &self,
+        ctx: &Ctx,
+        target: Target,
+        invitees: Vec<InviteeInput>,
+    ) -> Result<Vec<(String, std::result::Result<Invitation, NotInvited>)>> {
+        let inviter = self.require_manager(ctx, &target).await?;
+        let person = self.peers.person(&ctx.token).await?;
+        let now = self.now();
+
+        // Decide each email before writing anything: lookups happen outside the transaction.
+        let mut seen = HashSet::new();
+        let mut plans = Vec::with_capacity(invitees.len());
+        for invitee in invitees {
+            let outcome = match &invitee.email {
+                Err(reason) => Err(NotInvited::MalformedEmail(reason.clone())),
+                Ok(email) if !seen.insert(email.normalized()) => Err(NotInvited::DuplicateInRequest),
+                Ok(email) => match self.peers.verified_account(email.as_str()).await? {
+                    Some(account) if self.peers.is_member(&target, account).await? => Err(NotInvited::AlreadyMember),
+                    _ => Ok(email.clone()),
+                },
+            };
+            plans.push((invitee.raw_email, invitee.role, outcome));
+        }
+
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let mut created = Vec::new();
+        let mut results = Vec::with_capacity(plans.len());
+        for (raw, role, outcome) in plans {
+            let email = match outcome {
+                Ok(email) => email,
+                Err(why) => {
+                    results.push((raw, Err(why)));
+                    continue;
+                }
+            };
+            let id = Uuid::now_v7();
+            let token = random_token(32);
+            let new = store::NewInvitation {
+                id,
+                target: &target,
+                email: email.as_str(),
+                email_normalized: &email.normalized(),
+                role,
+                inviter,
+                token_hash: &sha256(token.as_bytes()),
+                now,
+                expires_at: now + self.validity,
+            };
+            if store::insert(&tx, &new).await? {
+                mail::enqueue(&tx, "invitation", &self.mail(id, email.as_str(), role, &person.display_name, &token))
+                    .await?;
+                created.push(id);
+                results.push((raw, Ok(id)));
+            } else {
+                let existing = store::open_invitation(&tx, &target, &email.normalized()).await?.unwrap_or_default();
+                results.push((raw, Err(NotInvited::AlreadyPending(existing))));
+            }
+        }
+        tx.commit().await?;
+        drop(client);
+        self.outbox.wake();
+        let client = self.pool.get().await?;
+        let mut answers = Vec::with_capacity(results.len());
+        for (raw, result) in results {
+            answers.push(match result {
+                Ok(id) => (raw, Ok(store::get(&client, id, now).await?.ok_or(Error::NotFound("invitation"))?)),
+                Err(why) => (raw, Err(why)),
+            });
+        }
+        Ok(answers)
+    }
+
+    async fn load(&self, id: Uuid) -> Result<Invitation> {
+        let client = self.pool.get().await?;
+        store::get(&client, id, self.now()).await?.ok_or(Error::NotFound("invitation"))
+    }
+
+    pub async fn get(&self, ctx: &Ctx, id: Uuid) -> Result<Invitation> {
+        let invitation = self.load(id).await?;
+        self.require_manager(ctx, &invitation.target).await.map_err(|e| match e {
+            Error::PermissionDenied(_) | Error::NotFound(_) => Error::NotFound("invitation"),
+            other => other,
+        })?;
+        Ok(invitation)
+    }
+
+    pub async fn list(
+        &self,
+        ctx: &Ctx,
+        target: Target,
+        status: Option<Status>,
+        page: PageRequest,
+    ) -> Result<(Vec<Invitation>, String)> {
+        self.require_manager(ctx, &target).await?;
+        let before = page.after.as_deref().map(page::parse_time_id_cursor).transpose()?;
+        let client = self.pool.get().await?;
+        let mut rows = store::list(&client, &target, status, self.now(), before, page.size as i64 + 1).await?;
+        let next = page::next_token(&mut rows, page.size, &list_scope(&target, status), |i| {
+            page::time_id_cursor(i.created_at, i.id)
+        });
+        Ok((rows, next))
+    }
+
+    pub async fn list_mine(&self, ctx: &Ctx) -> Result<Vec<Invitation>> {
+        ctx.account()?;
+        let person = self.peers.person(&ctx.token).await?;
+        if !person.email_verified {
+            return Ok(Vec::new());
+        }
+        let email = Email::parse(&person.email, "email")
+            .map_err(|_| Error::Internal("identity returned a malformed email".into()))?;
+        let client = self.pool.get().await?;
+        Ok(store::pending_for(&client, &email.normalized(), self.now()).await?)
+    }
+
+    /// The invitation a token opens, and whether its email has a verified account yet.
+    pub async fn lookup(&self, token: &str) -> Result<(Invitation, bool)> {
+        let hash = sha256(token.as_bytes());
+        let client = self.pool.get().await?;
+        let Some(invitation) = store::by_token(&client, &hash, self.now()).await? else {
+            return Err(if store::is_superseded(&client, &hash).await? {
+                Error::Superseded
+            } else {
+                Error::NotFound("invitation")
+            });
+        };
+        drop(client);
+        let has_account = self.peers.verified_account(&invitation.email).await?.is_some();
+        Ok((invitation, has_account))
+    }
+
+    pub async fn accept(&self, ctx: Option<&Ctx>, token: &str) -> Result<Invitation> {
+        let ctx = ctx.ok_or(Error::LoginToAccept)?;
+        ctx.account().map_err(|_| Error::LoginToAccept)?;
+        let person = self.peers.person(&ctx.token).await?;
+        let hash = sha256(token.as_bytes());
+        let now = self.now();
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let Some(id) = store::lock_by_token(&tx, &hash).await? else {
+            return Err(if store::is_superseded(&tx, &hash).await? {
+                Error::Superseded
+            } else {
+                Error::NotFound("invitation")
+            });
+        };
+        let (_, stored, expires_at) = store::lock(&tx, id).await?.ok_or(Error::NotFound("invitation"))?;
+        let invitation = store::get(&tx, id, now).await?.ok_or(Error::NotFound("invitation"))?;
+        match Status::of(&stored, expires_at, now) {
+            Status::Pending => {}
+            Status::Accepted => return Err(Error::AlreadyAccepted),
+            Status::Revoked => return Err(Error::Revoked),
+            Status::Expired => return Err(Error::Expired),
+        }
+        let invited = Email::parse(&invitation.email, "email").map(|e| e.normalized()).unwrap_or_default();
+        let mine = Email::parse(&person.email, "email").map(|e| e.normalized()).unwrap_or_default();
+        if invited != mine {
+            return Err(Error::WrongAccount);
+        }
+        if !person.email_verified {
+            return Err(Error::EmailNotVerified);
+        }
+        store::mark_accepted(&tx, id, person.id, now).await?;
+        store::queue_call(&tx, id, "grant").await?;
+        tx.commit().await?;
+        drop(client);
+        tracing::info!(invitation = %id, account = %person.id, "invitation accepted");
+        self.drain(id).await?;
+        self.load(id).await
+    }
+
+    pub async fn resend(&self, ctx: &Ctx, id: Uuid) -> Result<Invitation> {
+        let invitation = self.get(ctx, id).await?;
+        let person = self.peers.person(&ctx.token).await?;
+        let now = self.now();
+        let token = random_token(32);
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let (_, stored, expires_at) = store::lock(&tx, id).await?.ok_or(Error::NotFound("invitation"))?;
+        if !matches!(Status::of(&stored, expires_at, now), Status::Pending | Status::Expired) {
+            return Err(Error::WrongStatus { expected: "pending or expired", action: "resent" });
+        }
+        store::renew(&tx, id, &sha256(token.as_bytes()), now, now + self.validity).await?;
+        mail::enqueue(
+            &tx,
+            "invitation",
+            &self.mail(id, &invitation.email, invitation.role, &person.display_name, &token),
+        )
+        .await?;
+        tx.commit().await?;
+        self.outbox.wake();
+        self.load(id).await
+    }
+
+    pub async fn revoke(&self, ctx: &Ctx, id: Uuid) -> Result<Invitation> {
+        self.get(ctx, id).await?;
+        let now = self.now();
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let (_, stored, expires_at) = store::lock(&tx, id).await?.ok_or(Error::NotFound("invitation"))?;
+        if Status::of(&stored, expires_at, now) != Status::Pending {
+            return Err(Error::WrongStatus {
+                expected: "pending",
+                action: "revoked (revoke access for accepted ones)",
+            });
+        }
+        store::mark_revoked(&tx, id, now).await?;
+        tx.commit().await?;
+        self.load(id).await
+    }
+
+    pub async fn revoke_access(&self, ctx: &Ctx, id: Uuid) -> Result<Invitation> {
+        self.get(ctx, id).await?;
+        let now = self.now();
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let (_, stored, _) = store::lock(&tx, id).await?.ok_or(Error::NotFound("invitation"))?;
+        if stored != "accepted" {
+            return Err(Error::WrongStatus { expected: "accepted", action: "revoked access" });
+        }
+        store::mark_revoked(&tx, id, now).await?;
+        store::queue_call(&tx, id, "remove").await?;
+        tx.commit().await?;
+        drop(client);
+        tracing::info!(invitation = %id, "access revoked");
+        self.drain(id).await?;
+        self.load(id).await
+    }
+
+    pub async fn counts(&self, ctx: &Ctx, targets: Vec<String>) -> Result<Vec<(String, i64, i64)>> {
+        ctx.require_internal()?;
+        let client = self.pool.get().await?;
+        let found = store::counts(&client, &targets, self.now()).await?;
+        Ok(targets
+            .into_iter()
+            .map(|target| {
+                let (accepted, pending) = found
+                    .iter()
+                    .find(|(t, _, _)| *t == target)
+                    .map_or((0, 0), |(_, accepted, pending)| (*accepted, *pending));
+                (target, accepted, pending)
+            })
+            .collect())
+    }
+
+    pub async fn revoke_target(&self, ctx: &Ctx, target: Target) -> Result<u64> {
+        ctx.require_internal()?;
+        let client = self.pool.get().await?;
+        Ok(store::revoke_target(&client, &target.name(), self.now()).await?)
+    }
+
+    /// Runs an invitation's queued calls in order. Row locks on the calls make concurrent
+    /// drainers of one invitation take turns; a failure stops the run (later calls must not
+    /// overtake it) and leaves the rest to the retry worker.
+    pub async fn drain(&self, invitation: Uuid) -> Result<()> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let calls = store::lock_calls(&tx, invitation).await?;
+        if calls.is_empty() {
+            return Ok(());
+        }
+        let (target, account, role) =
+            store::grant_facts(&tx, invitation).await?.ok_or(Error::NotFound("invitation"))?;
+        let account = account.ok_or_else(|| Error::Internal("a call for an invitation nobody accepted".into()))?;
+        let mut outcome = Ok(());
+        for (id, kind) in calls {
+            let result = match kind.as_str() {
+                "grant" => self.peers.grant(invitation, &target, account, role).await,
+                _ => self.peers.remove(&target, account).await,
+            };
+            match result {
+                Ok(()) => store::call_done(&tx, id, None).await?,
+                Err(CallFailure::Permanent(why)) => {
+                    tracing::warn!(invitation = %invitation, call = %kind, error = %why, "call to a peer refused for good");
+                    store::call_done(&tx, id, Some(&why)).await?;
+                }
+                Err(CallFailure::Retry(why)) => {
+                    tracing::warn!(invitation = %invitation, call = %kind, error = %why, "call to a peer failed; will retry");
+                    store::call_failed(&tx, id, &why, 2.0).await?;
+                    outcome = Err(Error::Unavailable(why));
+                    break;
+                }
+            }
+        }
+        tx.commit().await?;
+        outcome
+    }
+
+    /// Retries due calls until the process ends.
+    pub fn spawn_retries(self: &std::sync::Arc<Self>, every: Duration) {
+        let app = std::sync::Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(every);
+            loop {
+                ticker.tick().await;
+                let Some(app) = app.upgrade() else { return };
+                let due = match app.pool.get().await {
+                    Ok(client) => store::due_calls(&client).await.unwrap_or_default(),
+                    Err(_) => continue,
+                };
+                for invitation in due {
+                    if let Err(e) = app.drain(invitation).await {
+                        tracing::debug!(invitation = %invitation, error = %e, "retry did not go through yet");
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// The page-token scope of a target's listing.
+pub fn list_scope(target: &Target, status: Option<Status>) -> String {
+    format!("{}/invitations:{status:?}", target.name())
+}

@@ -1,0 +1,103 @@
+//! Keyshare invitation service: invitations by email to an organization, a project or a key,
+//! valid 7 days, accepted with a single-use token; the emails leave through the outbox.
+//!
+//! Layout: [`grpc`] is the adapter, [`app`] the use cases, [`domain`] the types and rules,
+//! [`store`] the SQL, [`peers`] what is asked of identity and keyring.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use keyshare_proto::invitation::v1::invitation_service_server::InvitationServiceServer;
+use keyshare_runtime::auth::{IdentityKeySource, TokenVerifier};
+use keyshare_runtime::client::{ServiceToken, lazy_channel};
+use keyshare_runtime::clock::SharedClock;
+use keyshare_runtime::db::{self, DbError};
+use keyshare_runtime::mail::OutboxWorker;
+use keyshare_runtime::metrics::Metrics;
+use keyshare_runtime::server::{self, ServeError, ServeOptions};
+use tokio::task::JoinHandle;
+
+pub mod app;
+pub mod config;
+pub mod domain;
+pub mod error;
+pub mod grpc;
+pub mod peers;
+pub mod store;
+
+pub use config::Config;
+
+/// Fully qualified gRPC service name.
+pub const GRPC_SERVICE: &str = "keyshare.invitation.v1.InvitationService";
+
+mod migrations {
+    refinery::embed_migrations!("migrations");
+}
+
+/// A service that is listening.
+#[derive(Debug)]
+pub struct Started {
+    pub addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    /// Ends when the server has shut down.
+    pub server: JoinHandle<Result<(), ServeError>>,
+}
+
+/// Why the service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error(transparent)]
+    Config(#[from] keyshare_runtime::config::ConfigError),
+    #[error("binding {what}: {source}")]
+    Bind { what: &'static str, source: std::io::Error },
+}
+
+/// Migrates, prepares and starts serving; returns once the listener is bound.
+pub async fn start(
+    config: Config,
+    clock: SharedClock,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<Started, StartError> {
+    let common = config.common.clone();
+    db::migrate(&common.database_url, "invitation", migrations::migrations::runner()).await?;
+    let pool = db::pool(&common.database_url, common.db_pool_size)?;
+
+    let identity = lazy_channel("KEYSHARE_IDENTITY_URL", &config.identity_url)?;
+    let keyring = lazy_channel("KEYSHARE_KEYRING_URL", &config.keyring_url)?;
+    let verifier = TokenVerifier::new(IdentityKeySource::new(identity.clone()), config.tokens.clone(), clock.clone());
+    verifier.spawn_refresh();
+    let token = ServiceToken::new(identity.clone(), config.credentials.clone(), clock.clone());
+    let peers = peers::Peers::new(identity, keyring, token);
+
+    let outbox = OutboxWorker::new(pool.clone(), "invitation", config.mail.clone());
+    let waker = outbox.waker();
+    let app =
+        Arc::new(app::Invitations::new(pool.clone(), clock, peers, waker, config.public_url.clone(), config.validity));
+    app.spawn_retries(config.call_retry);
+
+    let metrics = Metrics::new("invitation");
+    metrics.register_pool(pool);
+    let metrics_addr = metrics
+        .bind_and_serve(common.metrics_addr)
+        .await
+        .map_err(|source| StartError::Bind { what: "KEYSHARE_METRICS_ADDR", source })?;
+    let bound = server::bind(&common, GRPC_SERVICE)
+        .await
+        .map_err(|source| StartError::Bind { what: "KEYSHARE_LISTEN_ADDR", source })?;
+    let addr = bound.local_addr().map_err(|source| StartError::Bind { what: "KEYSHARE_LISTEN_ADDR", source })?;
+    let outbox_task = outbox.spawn();
+    let options =
+        ServeOptions { config: common, grpc_service_name: GRPC_SERVICE, metrics, verifier, ready_on_start: true };
+    let grpc = grpc::InvitationGrpc::new(app);
+    let server = tokio::spawn(async move {
+        let result =
+            bound.serve(options, |routes| routes.add_service(InvitationServiceServer::new(grpc)), shutdown).await;
+        outbox_task.abort();
+        result
+    });
+    tracing::info!(%addr, %metrics_addr, mail = %config.mail.describe(), "invitation serving");
+    Ok(Started { addr, metrics_addr, server })
+}

@@ -1,0 +1,262 @@
+//! Test harness: identity, keyring and invitation started in-process on one database made for
+//! the test, sharing a clock the test can move, with a real SMTP server receiving the mail.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use keyshare_proto::identity::v1 as idpb;
+use keyshare_proto::identity::v1::identity_service_client::IdentityServiceClient;
+use keyshare_proto::invitation::v1 as pb;
+use keyshare_proto::invitation::v1::invitation_service_client::InvitationServiceClient;
+use keyshare_proto::keyring::v1 as krpb;
+use keyshare_proto::keyring::v1::keyring_service_client::KeyringServiceClient;
+use keyshare_runtime::clock::ManualClock;
+use keyshare_runtime::config::Env;
+use keyshare_runtime::crypto::Sealer;
+use keyshare_runtime::testkit::{SmtpServer, TestDatabase, free_port};
+use tonic::transport::Channel;
+use tonic_types::StatusExt;
+
+pub type Invitations = InvitationServiceClient<Channel>;
+pub type Keyring = KeyringServiceClient<Channel>;
+pub type Identity = IdentityServiceClient<Channel>;
+
+pub const PASSWORD: &str = "correct horse battery staple";
+const KEYRING_SECRET: &str = "keyring-secret-for-tests-0123456789abcdef";
+const INVITATION_SECRET: &str = "invitation-secret-for-tests-0123456789abcd";
+
+pub struct Harness {
+    pub db: TestDatabase,
+    pub smtp: SmtpServer,
+    pub clock: Arc<ManualClock>,
+    pub identity: SocketAddr,
+    pub keyring: SocketAddr,
+    pub invitation: SocketAddr,
+    stops: Vec<tokio::sync::oneshot::Sender<()>>,
+}
+
+fn env(pairs: &[(&str, String)]) -> Env {
+    Env::from_pairs(pairs.iter().map(|(k, v)| ((*k).to_owned(), v.clone())))
+}
+
+fn stopper() -> (tokio::sync::oneshot::Sender<()>, impl Future<Output = ()> + Send + 'static) {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    (tx, async move {
+        let _ = rx.await;
+    })
+}
+
+impl Harness {
+    pub async fn start() -> Self {
+        let db = TestDatabase::create().await;
+        let smtp = SmtpServer::start().await;
+        let (_, kek) = Sealer::generate("kek1");
+        let clock = ManualClock::new();
+        let base = |extra: Vec<(&'static str, String)>| {
+            let mut all = vec![
+                ("DATABASE_URL", db.url.clone()),
+                ("KEYSHARE_LISTEN_ADDR", "127.0.0.1:0".to_owned()),
+                ("KEYSHARE_METRICS_ADDR", "127.0.0.1:0".to_owned()),
+                ("KEYSHARE_KEY_ENCRYPTION_KEYS", kek.clone()),
+                ("KEYSHARE_SMTP_URL", smtp.url()),
+                ("KEYSHARE_MAIL_RETRY_MAX_SECS", "1".to_owned()),
+                ("KEYSHARE_MAIL_POLL_SECS", "1".to_owned()),
+                ("KEYSHARE_DB_POOL_SIZE", "8".to_owned()),
+            ];
+            all.extend(extra);
+            env(&all)
+        };
+        let mut stops = Vec::new();
+        let (stop, stopped) = stopper();
+        stops.push(stop);
+        let identity = keyshare_identity::start(
+            keyshare_identity::Config::from_env(&base(vec![
+                ("KEYSHARE_INTERNAL_CLIENTS", format!("keyring:{KEYRING_SECRET},invitation:{INVITATION_SECRET}")),
+                // Unverified accounts may log in here, so tests can show they cannot accept.
+                ("KEYSHARE_REQUIRE_VERIFIED_EMAIL", "false".into()),
+            ]))
+            .unwrap(),
+            clock.clone(),
+            stopped,
+        )
+        .await
+        .unwrap()
+        .addr;
+        // The invitation port is chosen first so keyring knows where to find it.
+        let invitation_port = free_port();
+        let (stop, stopped) = stopper();
+        stops.push(stop);
+        let keyring = keyshare_keyring::start(
+            keyshare_keyring::Config::from_env(&base(vec![
+                ("KEYSHARE_IDENTITY_URL", format!("http://{identity}")),
+                ("KEYSHARE_INVITATION_URL", format!("http://127.0.0.1:{invitation_port}")),
+                ("KEYSHARE_CLIENT_ID", "keyring".into()),
+                ("KEYSHARE_CLIENT_SECRET", KEYRING_SECRET.into()),
+            ]))
+            .unwrap(),
+            clock.clone(),
+            stopped,
+        )
+        .await
+        .unwrap()
+        .addr;
+        let (stop, stopped) = stopper();
+        stops.push(stop);
+        let invitation = keyshare_invitation::start(
+            keyshare_invitation::Config::from_env(&base(vec![
+                ("KEYSHARE_LISTEN_ADDR", format!("127.0.0.1:{invitation_port}")),
+                ("KEYSHARE_IDENTITY_URL", format!("http://{identity}")),
+                ("KEYSHARE_KEYRING_URL", format!("http://{keyring}")),
+                ("KEYSHARE_CLIENT_ID", "invitation".into()),
+                ("KEYSHARE_CLIENT_SECRET", INVITATION_SECRET.into()),
+                ("KEYSHARE_CALL_RETRY_SECS", "1".into()),
+            ]))
+            .unwrap(),
+            clock.clone(),
+            stopped,
+        )
+        .await
+        .unwrap()
+        .addr;
+        Self { db, smtp, clock, identity, keyring, invitation, stops }
+    }
+
+    async fn channel(addr: SocketAddr) -> Channel {
+        Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap()
+    }
+
+    pub async fn invitations(&self) -> Invitations {
+        InvitationServiceClient::new(Self::channel(self.invitation).await)
+    }
+
+    pub async fn keyring(&self) -> Keyring {
+        KeyringServiceClient::new(Self::channel(self.keyring).await)
+    }
+
+    pub async fn identity(&self) -> Identity {
+        IdentityServiceClient::new(Self::channel(self.identity).await)
+    }
+
+    /// Signs up; verifies unless told not to. Returns (`accounts/{id}`, access token).
+    pub async fn account(&self, email: &str, verify: bool) -> (String, String) {
+        let mut identity = self.identity().await;
+        let account = identity
+            .create_account(idpb::CreateAccountRequest {
+                email: email.into(),
+                display_name: email.into(),
+                password: PASSWORD.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .account
+            .unwrap();
+        if verify {
+            let mail = self.smtp.wait_for_mail(email, "Verify").await;
+            let token = token_in(&mail.body);
+            identity.verify_email(idpb::VerifyEmailRequest { token }).await.unwrap();
+        }
+        (account.name, self.login(email).await)
+    }
+
+    pub async fn login(&self, email: &str) -> String {
+        let mut identity = self.identity().await;
+        let grant = identity.login(idpb::LoginRequest { email: email.into(), password: PASSWORD.into() }).await;
+        grant.unwrap().into_inner().grant.unwrap().access_token
+    }
+
+    /// An owner with an organization, a project and a key: (owner token, org, project, key).
+    pub async fn key_with_owner(&self, owner_email: &str) -> (String, String, String, String) {
+        let (_, owner) = self.account(owner_email, true).await;
+        let org = self
+            .identity()
+            .await
+            .create_organization(authed(
+                &owner,
+                idpb::CreateOrganizationRequest {
+                    organization: Some(idpb::Organization { display_name: "Org".into(), ..Default::default() }),
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .organization
+            .unwrap()
+            .name;
+        let mut keyring = self.keyring().await;
+        let project = keyring
+            .create_project(authed(
+                &owner,
+                krpb::CreateProjectRequest {
+                    parent: org.clone(),
+                    project: Some(krpb::Project { display_name: "API".into(), ..Default::default() }),
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .project
+            .unwrap()
+            .name;
+        let key = keyring
+            .create_key(authed(
+                &owner,
+                krpb::CreateKeyRequest {
+                    parent: project.clone(),
+                    key: Some(krpb::Key { display_name: "Partner".into(), ..Default::default() }),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .key
+            .unwrap()
+            .name;
+        (owner, org, project, key)
+    }
+
+    pub async fn count(&self, table: &str) -> i64 {
+        let (client, connection) = tokio_postgres::connect(&self.db.url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(connection);
+        client.query_one(&format!("SELECT count(*) FROM {table}"), &[]).await.unwrap().get(0)
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        for stop in self.stops.drain(..) {
+            let _ = stop.send(());
+        }
+    }
+}
+
+pub fn authed<T>(token: &str, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    request
+}
+
+/// The token of a mail's link.
+pub fn token_in(body: &str) -> String {
+    body.lines().find_map(|l| l.split("token=").nth(1)).map(|t| t.trim().to_owned()).expect("a token in the mail")
+}
+
+pub fn invite(parent: &str, list: &[(&str, pb::InvitationRole)]) -> pb::CreateInvitationsRequest {
+    pb::CreateInvitationsRequest {
+        parent: parent.into(),
+        invitees: list.iter().map(|(email, role)| pb::Invitee { email: (*email).into(), role: *role as i32 }).collect(),
+    }
+}
+
+pub fn reason(status: &tonic::Status) -> String {
+    status.get_details_error_info().map(|i| i.reason).unwrap_or_default()
+}
+
+pub fn bad_fields(status: &tonic::Status) -> Vec<String> {
+    status
+        .get_details_bad_request()
+        .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
+        .unwrap_or_default()
+}

@@ -1,0 +1,124 @@
+//! What keyring asks the invitation service: invitation counts for the key list, and revoking a
+//! deleted key's invitations (queued in `pending_calls` with the deletion, retried until done).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+use keyshare_proto::invitation::v1 as pb;
+use keyshare_proto::invitation::v1::invitation_service_client::InvitationServiceClient;
+use keyshare_runtime::client::ServiceToken;
+use tonic::transport::Channel;
+
+use crate::domain::InvitationCounts;
+
+/// The key list answers without counts rather than wait longer than this.
+const COUNT_TIMEOUT: Duration = Duration::from_millis(500);
+
+#[derive(Clone, Debug)]
+pub struct InvitationClient {
+    channel: Channel,
+    token: Arc<ServiceToken>,
+}
+
+impl InvitationClient {
+    pub fn new(channel: Channel, token: Arc<ServiceToken>) -> Self {
+        Self { channel, token }
+    }
+
+    /// Accepted/pending counts per target, or `None` if the invitation service did not answer.
+    pub async fn counts(&self, targets: Vec<String>) -> Option<HashMap<String, InvitationCounts>> {
+        if targets.is_empty() {
+            return Some(HashMap::new());
+        }
+        let call = async {
+            let request = self.token.request(pb::CountInvitationsRequest { targets }).await.ok()?;
+            let response = InvitationServiceClient::new(self.channel.clone()).count_invitations(request).await.ok()?;
+            Some(
+                response
+                    .into_inner()
+                    .counts
+                    .into_iter()
+                    .map(|c| (c.target, InvitationCounts { accepted: c.accepted, pending: c.pending }))
+                    .collect(),
+            )
+        };
+        match tokio::time::timeout(COUNT_TIMEOUT, call).await {
+            Ok(counts) => counts,
+            Err(_) => {
+                tracing::warn!("invitation counts timed out; the key list answers without them");
+                None
+            }
+        }
+    }
+
+    async fn revoke_target(&self, target: &str) -> Result<(), String> {
+        let request = self
+            .token
+            .request(pb::RevokeTargetInvitationsRequest { target: target.to_owned() })
+            .await
+            .map_err(|e| e.to_string())?;
+        InvitationServiceClient::new(self.channel.clone())
+            .revoke_target_invitations(request)
+            .await
+            .map(|_| ())
+            .map_err(|status| format!("{:?}: {}", status.code(), status.message()))
+    }
+
+    /// Carries out queued calls until the process ends.
+    pub fn spawn_worker(self, pool: Pool, every: Duration) {
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(every);
+            loop {
+                ticker.tick().await;
+                if let Err(e) = self.run_due(&pool).await {
+                    tracing::debug!(error = %e, "pending calls round failed");
+                }
+            }
+        });
+    }
+
+    async fn run_due(&self, pool: &Pool) -> Result<(), String> {
+        let client = pool.get().await.map_err(|e| e.to_string())?;
+        let rows = client
+            .query(
+                "SELECT id, kind, target, attempts FROM keyring.pending_calls
+                 WHERE done_at IS NULL AND next_attempt_at <= now() ORDER BY id LIMIT 50",
+                &[],
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        for row in rows {
+            let (id, kind, target, attempts): (i64, String, String, i32) =
+                (row.get(0), row.get(1), row.get(2), row.get(3));
+            let result = match kind.as_str() {
+                "revoke_invitations" => self.revoke_target(&target).await,
+                other => Err(format!("unknown call kind {other}")),
+            };
+            match result {
+                Ok(()) => {
+                    client
+                        .execute(
+                            "UPDATE keyring.pending_calls SET done_at = now(), last_error = NULL WHERE id = $1",
+                            &[&id],
+                        )
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+                Err(error) => {
+                    let backoff = 2f64.powi(attempts.clamp(0, 8));
+                    client
+                        .execute(
+                            "UPDATE keyring.pending_calls SET attempts = attempts + 1, last_error = $2,
+                                next_attempt_at = now() + make_interval(secs => $3) WHERE id = $1",
+                            &[&id, &error, &backoff],
+                        )
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
