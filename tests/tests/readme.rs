@@ -107,6 +107,8 @@ async fn scripts_run_and_the_walkthrough_work() {
         r#""productionCredential": "ks_live_"#,
         r#""credential": "ks_live_"#,
         r#""previousCredential""#,
+        r#""callerRole": "KEY_ROLE_CONTRIBUTOR""#,
+        r#""accepted": 1"#,
     ] {
         assert!(stdout.contains(expected), "{expected} missing from the walkthrough output:\n{stdout}");
     }
