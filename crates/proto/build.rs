@@ -1,6 +1,6 @@
 use std::path::PathBuf;
 
-const SERVICES: &[&str] = &["identity", "keyring", "invitation"];
+const SERVICES: &[&str] = &["identity", "keyring", "invitation", "authorizer"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");

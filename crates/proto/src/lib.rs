@@ -23,3 +23,9 @@ pub mod invitation {
         tonic::include_proto!("keyshare.invitation.v1");
     }
 }
+
+pub mod authorizer {
+    pub mod v1 {
+        tonic::include_proto!("keyshare.authorizer.v1");
+    }
+}

@@ -1,0 +1,90 @@
+//! Deciding one check, from memory, in the order PRODUCT §5 fixes: format and checksum, known
+//! credential, expiry and grace, active switch, project, expected environment, method, source
+//! address. (Rate limits and quotas come after these.)
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use keyshare_runtime::credential::{self, Environment};
+
+use crate::index::Index;
+
+/// Why a check passed or failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Valid,
+    Malformed,
+    NotFound,
+    Expired,
+    Disabled,
+    WrongEnvironment,
+    MethodNotAllowed,
+    SourceNotAllowed,
+    RateLimited,
+    QuotaExceeded,
+}
+
+impl Outcome {
+    /// The HTTP status a gateway answers with.
+    pub fn http_status(self) -> i32 {
+        match self {
+            Outcome::Valid => 200,
+            Outcome::Malformed | Outcome::NotFound | Outcome::Expired | Outcome::WrongEnvironment => 401,
+            Outcome::Disabled | Outcome::MethodNotAllowed | Outcome::SourceNotAllowed => 403,
+            Outcome::RateLimited | Outcome::QuotaExceeded => 429,
+        }
+    }
+}
+
+/// What the gateway asks about.
+#[derive(Clone, Copy, Debug)]
+pub struct CheckInput<'a> {
+    pub credential: &'a str,
+    /// `projects/{project}` or empty for any.
+    pub project: &'a str,
+    pub method: &'a str,
+    pub client_ip: Option<IpAddr>,
+    /// The environment the gateway serves, if it says.
+    pub environment: Option<Environment>,
+}
+
+/// The answer, with what is known of the credential.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub outcome: Outcome,
+    pub key: Option<Arc<str>>,
+    pub environment: Option<Environment>,
+}
+
+/// Decides a check at `now` (Unix seconds). Touches only memory; allocates nothing.
+pub fn check(index: &Index, input: &CheckInput<'_>, now: i64) -> Decision {
+    let reject = |outcome| Decision { outcome, key: None, environment: None };
+    // Cheap rejections first: a mistyped or forged credential never reaches a lookup.
+    if credential::parse(input.credential).is_err() {
+        return reject(Outcome::Malformed);
+    }
+    let Some(entry) = index.credential(&credential::hash_presented(input.credential)) else {
+        return reject(Outcome::NotFound);
+    };
+    let known = |outcome| Decision { outcome, key: Some(entry.key.name.clone()), environment: Some(entry.environment) };
+    if entry.expire_at.is_some_and(|at| now >= at) || entry.grace_end.is_some_and(|end| now >= end) {
+        return known(Outcome::Expired);
+    }
+    if !entry.active {
+        return known(Outcome::Disabled);
+    }
+    if !input.project.is_empty() && *entry.key.project != *input.project {
+        // Another project's key is, to this gateway, no key at all.
+        return reject(Outcome::NotFound);
+    }
+    if input.environment.is_some_and(|expected| expected != entry.environment) {
+        return known(Outcome::WrongEnvironment);
+    }
+    if !entry.methods.allow(input.method) {
+        return known(Outcome::MethodNotAllowed);
+    }
+    if !entry.allows_source(input.client_ip) {
+        return known(Outcome::SourceNotAllowed);
+    }
+    known(Outcome::Valid)
+}

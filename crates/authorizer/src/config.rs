@@ -1,0 +1,32 @@
+//! The authorizer's settings, read from the environment at start.
+
+use keyshare_runtime::auth::TokenPolicy;
+use keyshare_runtime::client::ClientCredentials;
+use keyshare_runtime::config::{CommonConfig, ConfigError, Env};
+
+/// Default gRPC port.
+pub const PORT: u16 = 50054;
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub common: CommonConfig,
+    pub tokens: TokenPolicy,
+    /// identity's address (`KEYSHARE_IDENTITY_URL`).
+    pub identity_url: String,
+    /// keyring's address (`KEYSHARE_KEYRING_URL`), whose change feed the authorizer follows.
+    pub keyring_url: String,
+    /// This service's internal client (`KEYSHARE_CLIENT_ID`, `KEYSHARE_CLIENT_SECRET`).
+    pub credentials: ClientCredentials,
+}
+
+impl Config {
+    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        Ok(Self {
+            common: CommonConfig::from_env(env, "authorizer", PORT)?,
+            tokens: TokenPolicy::from_env(env),
+            identity_url: env.get("KEYSHARE_IDENTITY_URL").unwrap_or_else(|| "http://127.0.0.1:50051".into()),
+            keyring_url: env.get("KEYSHARE_KEYRING_URL").unwrap_or_else(|| "http://127.0.0.1:50052".into()),
+            credentials: ClientCredentials::from_env(env)?,
+        })
+    }
+}

@@ -1,0 +1,79 @@
+//! The gRPC adapter for CheckKey. The only module that knows protobuf types.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use keyshare_proto::authorizer::v1 as pb;
+use keyshare_runtime::clock::SharedClock;
+use keyshare_runtime::credential::Environment;
+use tonic::{Request, Response, Status};
+
+use crate::check::{self, CheckInput, Outcome};
+use crate::follower::Shared;
+
+/// Implements `keyshare.authorizer.v1.AuthorizerService`.
+pub struct AuthorizerGrpc {
+    shared: Arc<Shared>,
+    clock: SharedClock,
+}
+
+impl AuthorizerGrpc {
+    pub fn new(shared: Arc<Shared>, clock: SharedClock) -> Self {
+        Self { shared, clock }
+    }
+}
+
+fn outcome_pb(outcome: Outcome) -> pb::Outcome {
+    match outcome {
+        Outcome::Valid => pb::Outcome::Valid,
+        Outcome::Malformed => pb::Outcome::Malformed,
+        Outcome::NotFound => pb::Outcome::NotFound,
+        Outcome::Expired => pb::Outcome::Expired,
+        Outcome::Disabled => pb::Outcome::Disabled,
+        Outcome::WrongEnvironment => pb::Outcome::WrongEnvironment,
+        Outcome::MethodNotAllowed => pb::Outcome::MethodNotAllowed,
+        Outcome::SourceNotAllowed => pb::Outcome::SourceNotAllowed,
+        Outcome::RateLimited => pb::Outcome::RateLimited,
+        Outcome::QuotaExceeded => pb::Outcome::QuotaExceeded,
+    }
+}
+
+fn environment_pb(environment: Environment) -> pb::Environment {
+    match environment {
+        Environment::Sandbox => pb::Environment::Sandbox,
+        Environment::Production => pb::Environment::Production,
+    }
+}
+
+#[tonic::async_trait]
+impl pb::authorizer_service_server::AuthorizerService for AuthorizerGrpc {
+    /// A rejected key is an answer, never an error: gateways read RPC errors as "authorizer down".
+    async fn check_key(&self, request: Request<pb::CheckKeyRequest>) -> Result<Response<pb::CheckKeyResponse>, Status> {
+        let r = request.get_ref();
+        let input = CheckInput {
+            credential: &r.key,
+            project: &r.project,
+            method: &r.method,
+            client_ip: r.client_ip.parse::<IpAddr>().ok(),
+            environment: match pb::Environment::try_from(r.environment) {
+                Ok(pb::Environment::Sandbox) => Some(Environment::Sandbox),
+                Ok(pb::Environment::Production) => Some(Environment::Production),
+                _ => None,
+            },
+        };
+        let now = self.clock.now().timestamp();
+        // The read lock covers only the lookup; nothing awaits while it is held.
+        let decision = {
+            let index = self.shared.index.read().unwrap_or_else(|p| p.into_inner());
+            check::check(&index, &input, now)
+        };
+        Ok(Response::new(pb::CheckKeyResponse {
+            allowed: decision.outcome == Outcome::Valid,
+            outcome: outcome_pb(decision.outcome) as i32,
+            http_status: decision.outcome.http_status(),
+            key: decision.key.as_deref().map(str::to_owned).unwrap_or_default(),
+            environment: decision.environment.map_or(0, |e| environment_pb(e) as i32),
+            retry_after_seconds: 0,
+        }))
+    }
+}
