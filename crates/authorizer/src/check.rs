@@ -1,13 +1,14 @@
 //! Deciding one check, from memory, in the order PRODUCT §5 fixes: format and checksum, known
 //! credential, expiry and grace, active switch, project, expected environment, method, source
-//! address. (Rate limits and quotas come after these.)
+//! address, then the key's and the project's rate limits. (Quotas are not counted yet.)
 
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use keyshare_runtime::credential::{self, Environment};
 
-use crate::index::Index;
+use crate::index::{self, Index};
+use crate::limits;
 
 /// Why a check passed or failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,11 +55,16 @@ pub struct Decision {
     pub outcome: Outcome,
     pub key: Option<Arc<str>>,
     pub environment: Option<Environment>,
+    /// With a rate or quota refusal: seconds until a retry can succeed.
+    pub retry_after: i64,
 }
 
-/// Decides a check at `now` (Unix seconds). Touches only memory; allocates nothing.
-pub fn check(index: &Index, input: &CheckInput<'_>, now: i64) -> Decision {
-    let reject = |outcome| Decision { outcome, key: None, environment: None };
+/// Decides a check at `now_nanos` (Unix nanoseconds on the service clock). Touches only memory;
+/// allocates nothing. A valid call is charged to the key's and the project's rate buckets, or
+/// to neither.
+pub fn check(index: &Index, input: &CheckInput<'_>, now_nanos: i64) -> Decision {
+    let now = now_nanos.div_euclid(1_000_000_000);
+    let reject = |outcome| Decision { outcome, key: None, environment: None, retry_after: 0 };
     // Cheap rejections first: a mistyped or forged credential never reaches a lookup.
     if credential::parse(input.credential).is_err() {
         return reject(Outcome::Malformed);
@@ -66,7 +72,12 @@ pub fn check(index: &Index, input: &CheckInput<'_>, now: i64) -> Decision {
     let Some(entry) = index.credential(&credential::hash_presented(input.credential)) else {
         return reject(Outcome::NotFound);
     };
-    let known = |outcome| Decision { outcome, key: Some(entry.key.name.clone()), environment: Some(entry.environment) };
+    let known = |outcome| Decision {
+        outcome,
+        key: Some(entry.key.name.clone()),
+        environment: Some(entry.environment),
+        retry_after: 0,
+    };
     if entry.expire_at.is_some_and(|at| now >= at) || entry.grace_end.is_some_and(|end| now >= end) {
         return known(Outcome::Expired);
     }
@@ -85,6 +96,17 @@ pub fn check(index: &Index, input: &CheckInput<'_>, now: i64) -> Decision {
     }
     if !entry.allows_source(input.client_ip) {
         return known(Outcome::SourceNotAllowed);
+    }
+    let slot = index::slot(entry.environment);
+    let key_rate = (&entry.key.rates[slot], entry.rate_limit);
+    let taken = match index.project(&entry.key.project) {
+        Some(project) => {
+            limits::take_all(&[key_rate, (&project.rates[slot], project.limits[slot].rate_limit)], now_nanos)
+        }
+        None => limits::take_all(&[key_rate], now_nanos),
+    };
+    if let Err(retry_after) = taken {
+        return Decision { retry_after, ..known(Outcome::RateLimited) };
     }
     known(Outcome::Valid)
 }

@@ -14,7 +14,7 @@ use keyshare_runtime::credential::Environment;
 use keyshare_runtime::server::Readiness;
 use tonic::transport::Channel;
 
-use crate::index::{CredentialEntry, Index, KeyMeta, Limits, Methods};
+use crate::index::{CredentialEntry, Index, KeyMeta, Limits, Methods, slot};
 
 /// The index and where it stands in the feed.
 #[derive(Debug, Default)]
@@ -41,8 +41,12 @@ fn limits(l: Option<pb::ProjectEnvironmentLimits>) -> Limits {
 pub fn apply(index: &mut Index, event: Event) {
     match event {
         Event::KeyUpserted(state) => {
-            let meta = Arc::new(KeyMeta { name: state.key.into(), project: state.project.into() });
-            let entries = state
+            // The key keeps its rate buckets across changes, except a changed limit starts afresh.
+            let previous_limits = index.key_rate_limits(&state.key);
+            let meta = index
+                .key_meta(&state.key)
+                .unwrap_or_else(|| Arc::new(KeyMeta::new(state.key.into(), state.project.into())));
+            let entries: Vec<([u8; 32], CredentialEntry)> = state
                 .credentials
                 .into_iter()
                 .filter_map(|c| {
@@ -67,6 +71,17 @@ pub fn apply(index: &mut Index, event: Event) {
                     Some((sha256, entry))
                 })
                 .collect();
+            if let Some(previous) = previous_limits {
+                let mut current = previous;
+                for (_, entry) in entries.iter() {
+                    current[slot(entry.environment)] = entry.rate_limit;
+                }
+                for environment in [Environment::Sandbox, Environment::Production] {
+                    if previous[slot(environment)] != current[slot(environment)] {
+                        meta.rates[slot(environment)].reset();
+                    }
+                }
+            }
             index.upsert_key(meta, entries);
         }
         Event::KeyRemoved(name) => index.remove_key(&name),

@@ -61,7 +61,7 @@ impl pb::authorizer_service_server::AuthorizerService for AuthorizerGrpc {
                 _ => None,
             },
         };
-        let now = self.clock.now().timestamp();
+        let now = self.clock.now().timestamp_nanos_opt().unwrap_or(i64::MAX);
         // The read lock covers only the lookup; nothing awaits while it is held.
         let decision = {
             let index = self.shared.index.read().unwrap_or_else(|p| p.into_inner());
@@ -73,7 +73,7 @@ impl pb::authorizer_service_server::AuthorizerService for AuthorizerGrpc {
             http_status: decision.outcome.http_status(),
             key: decision.key.as_deref().map(str::to_owned).unwrap_or_default(),
             environment: decision.environment.map_or(0, |e| environment_pb(e) as i32),
-            retry_after_seconds: 0,
+            retry_after_seconds: i32::try_from(decision.retry_after).unwrap_or(i32::MAX),
         }))
     }
 }

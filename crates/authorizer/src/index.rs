@@ -9,13 +9,32 @@ use std::sync::Arc;
 use ipnet::IpNet;
 use keyshare_runtime::credential::Environment;
 
-/// A key as checks see it: its name and its project's name, shared by its credentials.
+use crate::limits::Rate;
+
+/// A key as checks see it: its name, its project's name and its rate buckets, shared by its
+/// credentials and kept across changes to the key.
 #[derive(Debug)]
 pub struct KeyMeta {
     /// `projects/{project}/keys/{key}`.
     pub name: Arc<str>,
     /// `projects/{project}`.
     pub project: Arc<str>,
+    /// Rate buckets: sandbox, production.
+    pub rates: [Rate; 2],
+}
+
+impl KeyMeta {
+    pub fn new(name: Arc<str>, project: Arc<str>) -> Self {
+        Self { name, project, rates: Default::default() }
+    }
+}
+
+/// Index of an environment in two-element arrays: sandbox first.
+pub fn slot(environment: Environment) -> usize {
+    match environment {
+        Environment::Sandbox => 0,
+        Environment::Production => 1,
+    }
 }
 
 /// Methods a credential may call, one bit each.
@@ -80,11 +99,18 @@ pub struct Limits {
     pub monthly_quota: i64,
 }
 
+/// A project's limits and rate buckets, per environment (sandbox first).
+#[derive(Debug, Default)]
+pub struct ProjectEntry {
+    pub limits: [Limits; 2],
+    pub rates: [Rate; 2],
+}
+
 #[derive(Debug, Default)]
 pub struct Index {
     credentials: HashMap<[u8; 32], CredentialEntry>,
     by_key: HashMap<Arc<str>, Vec<[u8; 32]>>,
-    projects: HashMap<Arc<str>, (Limits, Limits)>,
+    projects: HashMap<Arc<str>, Arc<ProjectEntry>>,
 }
 
 impl Index {
@@ -92,11 +118,14 @@ impl Index {
         self.credentials.get(sha256)
     }
 
-    pub fn project_limits(&self, project: &str, environment: Environment) -> Option<Limits> {
-        self.projects.get(project).map(|(sandbox, production)| match environment {
-            Environment::Sandbox => *sandbox,
-            Environment::Production => *production,
-        })
+    pub fn project(&self, project: &str) -> Option<&ProjectEntry> {
+        self.projects.get(project).map(|p| &**p)
+    }
+
+    /// The key's shared part, if known, so a change to the key keeps its rate buckets.
+    pub fn key_meta(&self, name: &str) -> Option<Arc<KeyMeta>> {
+        let hash = self.by_key.get(name)?.first()?;
+        self.credentials.get(hash).map(|entry| entry.key.clone())
     }
 
     pub fn credentials(&self) -> usize {
@@ -119,8 +148,22 @@ impl Index {
         }
     }
 
+    /// Sets a project's limits. New limits start fresh buckets: debt run up under the old limit
+    /// does not carry over. (keyring sends a project only when its limits change.)
     pub fn upsert_project(&mut self, project: Arc<str>, sandbox: Limits, production: Limits) {
-        self.projects.insert(project, (sandbox, production));
+        self.projects
+            .insert(project, Arc::new(ProjectEntry { limits: [sandbox, production], rates: Default::default() }));
+    }
+
+    /// The key's current rate limits (sandbox, production), if it is known.
+    pub fn key_rate_limits(&self, name: &str) -> Option<[i64; 2]> {
+        let mut limits = [0; 2];
+        for hash in self.by_key.get(name)? {
+            if let Some(entry) = self.credentials.get(hash) {
+                limits[slot(entry.environment)] = entry.rate_limit;
+            }
+        }
+        Some(limits)
     }
 
     pub fn remove_project(&mut self, project: &str) {

@@ -21,6 +21,7 @@ pub mod config;
 pub mod follower;
 pub mod grpc;
 pub mod index;
+pub mod limits;
 
 pub use config::Config;
 

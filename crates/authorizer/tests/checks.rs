@@ -10,7 +10,7 @@ use keyshare_proto::authorizer::v1 as pb;
 use keyshare_proto::authorizer::v1::authorizer_service_client::AuthorizerServiceClient;
 use keyshare_proto::identity::v1 as idpb;
 use keyshare_proto::keyring::v1 as krpb;
-use keyshare_runtime::clock::{Clock, ManualClock};
+use keyshare_runtime::clock::{Clock, FrozenClock, ManualClock};
 use keyshare_runtime::config::Env;
 use keyshare_runtime::credential::{Credential, Environment};
 use keyshare_runtime::crypto::Sealer;
@@ -39,7 +39,8 @@ async fn channel(addr: std::net::SocketAddr) -> Channel {
 
 struct World {
     db: TestDatabase,
-    clock: Arc<ManualClock>,
+    /// The authorizer's own clock: it moves only when the test moves it.
+    frozen: Arc<FrozenClock>,
     keyring: krpb::keyring_service_client::KeyringServiceClient<Channel>,
     authorizer: AuthorizerServiceClient<Channel>,
     shared: Arc<keyshare_authorizer::follower::Shared>,
@@ -212,6 +213,7 @@ async fn world() -> (World, String, String, String, String) {
         .unwrap()
         .into_inner();
 
+    let frozen = FrozenClock::new();
     let started = keyshare_authorizer::start(
         keyshare_authorizer::Config::from_env(&base(vec![
             ("KEYSHARE_IDENTITY_URL", format!("http://{identity}")),
@@ -220,7 +222,7 @@ async fn world() -> (World, String, String, String, String) {
             ("KEYSHARE_CLIENT_SECRET", AUTHORIZER_SECRET.into()),
         ]))
         .unwrap(),
-        clock.clone(),
+        frozen.clone(),
         stopper(),
     )
     .await
@@ -240,7 +242,7 @@ async fn world() -> (World, String, String, String, String) {
     let _ = &mut health;
     let world = World {
         db,
-        clock,
+        frozen,
         keyring: kr,
         authorizer: AuthorizerServiceClient::new(channel(started.addr).await),
         shared,
@@ -334,12 +336,12 @@ async fn every_outcome_and_every_change() {
     assert_eq!(w.check(&production, "GET", ip, "", ANY).await.outcome, O::Valid as i32);
 
     // Expiry.
-    let in_an_hour = prost_types::Timestamp { seconds: w.clock.now().timestamp() + 3600, nanos: 0 };
+    let in_an_hour = prost_types::Timestamp { seconds: w.frozen.now().timestamp() + 3600, nanos: 0 };
     w.set(&prod_env, "expire_time", |e| e.expire_time = Some(in_an_hour)).await;
     assert_eq!(w.check(&production, "GET", ip, "", ANY).await.outcome, O::Valid as i32);
-    w.clock.advance(chrono::Duration::hours(2));
+    w.frozen.advance(chrono::Duration::hours(2));
     assert_eq!(w.check(&production, "GET", ip, "", ANY).await.outcome, O::Expired as i32);
-    w.clock.advance(chrono::Duration::hours(-2));
+    w.frozen.advance(chrono::Duration::hours(-2));
     w.set(&prod_env, "expire_time", |e| e.expire_time = None).await;
 
     // Regenerate without grace: the old credential stops at once.
@@ -375,7 +377,7 @@ async fn every_outcome_and_every_change() {
     w.synced().await;
     assert_eq!(w.check(&fresh, "GET", ip, "", ANY).await.outcome, O::Valid as i32);
     assert_eq!(w.check(&newer, "GET", ip, "", ANY).await.outcome, O::Valid as i32);
-    w.clock.advance(chrono::Duration::minutes(11));
+    w.frozen.advance(chrono::Duration::minutes(11));
     assert_eq!(w.check(&fresh, "GET", ip, "", ANY).await.outcome, O::Expired as i32);
     assert_eq!(w.check(&newer, "GET", ip, "", ANY).await.outcome, O::Valid as i32);
 
@@ -387,4 +389,48 @@ async fn every_outcome_and_every_change() {
     w.synced().await;
     assert_eq!(w.check(&newer, "GET", ip, "", ANY).await.outcome, O::NotFound as i32);
     assert_eq!(w.check(&sandbox, "GET", ip, "", ANY).await.outcome, O::NotFound as i32);
+}
+
+#[tokio::test]
+async fn rate_limits_charge_all_or_nothing() {
+    let (mut w, project, key, _, production) = world().await;
+    let prod_env = format!("{key}/environments/production");
+    let ip = "198.51.100.7";
+    let project_limit = |rate: i64| krpb::UpdateProjectRequest {
+        project: Some(krpb::Project {
+            name: project.clone(),
+            production: Some(krpb::ProjectEnvironmentLimits { rate_limit_per_second: rate, monthly_quota: 0 }),
+            ..Default::default()
+        }),
+        update_mask: Some(FieldMask { paths: vec!["production.rate_limit_per_second".into()] }),
+    };
+    w.set(&prod_env, "rate_limit_per_second", |e| e.rate_limit_per_second = 3).await;
+    let token = w.token.clone();
+    w.keyring.update_project(authed(&token, project_limit(1))).await.unwrap();
+    w.synced().await;
+
+    // The project allows one call per second: the second and third are refused by it, with
+    // when to retry, and must not use up the key's own budget of three.
+    assert_eq!(w.check(&production, "GET", ip, "", ANY).await.outcome, O::Valid as i32);
+    for _ in 0..2 {
+        let refused = w.check(&production, "GET", ip, "", ANY).await;
+        assert_eq!(
+            (refused.outcome, refused.http_status, refused.retry_after_seconds),
+            (O::RateLimited as i32, 429, 1)
+        );
+    }
+    // With the project limit raised, the key has two of its three left, then refuses too.
+    w.keyring.update_project(authed(&token, project_limit(100))).await.unwrap();
+    w.synced().await;
+    assert_eq!(w.check(&production, "GET", ip, "", ANY).await.outcome, O::Valid as i32);
+    assert_eq!(w.check(&production, "GET", ip, "", ANY).await.outcome, O::Valid as i32);
+    assert_eq!(w.check(&production, "GET", ip, "", ANY).await.outcome, O::RateLimited as i32);
+    // Rejections for other reasons charge nothing either.
+    assert_eq!(w.check(&production, "TRACE", ip, "", ANY).await.outcome, O::MethodNotAllowed as i32);
+    // A second later the key's budget has refilled.
+    w.frozen.advance(chrono::Duration::seconds(1));
+    for _ in 0..3 {
+        assert_eq!(w.check(&production, "GET", ip, "", ANY).await.outcome, O::Valid as i32);
+    }
+    assert_eq!(w.check(&production, "GET", ip, "", ANY).await.outcome, O::RateLimited as i32);
 }

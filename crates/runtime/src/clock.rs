@@ -47,3 +47,25 @@ impl Clock for ManualClock {
         Utc::now() + offset
     }
 }
+
+/// A clock that stands still until moved: for tests of rates, where wall time must not pass.
+#[derive(Debug)]
+pub struct FrozenClock {
+    now: Mutex<DateTime<Utc>>,
+}
+
+impl FrozenClock {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self { now: Mutex::new(Utc::now()) })
+    }
+
+    pub fn advance(&self, by: Duration) {
+        *self.now.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) += by;
+    }
+}
+
+impl Clock for FrozenClock {
+    fn now(&self) -> DateTime<Utc> {
+        *self.now.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
