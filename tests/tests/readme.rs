@@ -109,6 +109,8 @@ async fn scripts_run_and_the_walkthrough_work() {
         r#""previousCredential""#,
         r#""callerRole": "KEY_ROLE_CONTRIBUTOR""#,
         r#""accepted": 1"#,
+        r#""outcome": "OUTCOME_VALID""#,
+        r#""outcome": "OUTCOME_DISABLED""#,
     ] {
         assert!(stdout.contains(expected), "{expected} missing from the walkthrough output:\n{stdout}");
     }

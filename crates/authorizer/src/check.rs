@@ -110,3 +110,30 @@ pub fn check(index: &Index, input: &CheckInput<'_>, now_nanos: i64) -> Decision 
     }
     known(Outcome::Valid)
 }
+
+/// Decides checks against the shared index at the service clock's time: what both the
+/// CheckKey and the Envoy adapters call.
+#[derive(Clone)]
+pub struct Checker {
+    shared: std::sync::Arc<crate::follower::Shared>,
+    clock: keyshare_runtime::clock::SharedClock,
+}
+
+impl std::fmt::Debug for Checker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checker").finish_non_exhaustive()
+    }
+}
+
+impl Checker {
+    pub fn new(shared: std::sync::Arc<crate::follower::Shared>, clock: keyshare_runtime::clock::SharedClock) -> Self {
+        Self { shared, clock }
+    }
+
+    pub fn decide(&self, input: &CheckInput<'_>) -> Decision {
+        let now = self.clock.now().timestamp_nanos_opt().unwrap_or(i64::MAX);
+        // The read lock covers only the lookup; nothing awaits while it is held.
+        let index = self.shared.index.read().unwrap_or_else(|p| p.into_inner());
+        check(&index, input, now)
+    }
+}

@@ -17,6 +17,7 @@ pub struct Config {
     pub keyring_url: String,
     /// This service's internal client (`KEYSHARE_CLIENT_ID`, `KEYSHARE_CLIENT_SECRET`).
     pub credentials: ClientCredentials,
+    pub ext_authz: crate::ext_authz::ExtAuthzConfig,
 }
 
 impl Config {
@@ -27,6 +28,13 @@ impl Config {
             identity_url: env.get("KEYSHARE_IDENTITY_URL").unwrap_or_else(|| "http://127.0.0.1:50051".into()),
             keyring_url: env.get("KEYSHARE_KEYRING_URL").unwrap_or_else(|| "http://127.0.0.1:50052".into()),
             credentials: ClientCredentials::from_env(env)?,
+            ext_authz: crate::ext_authz::ExtAuthzConfig {
+                credential_header: env
+                    .get("KEYSHARE_CREDENTIAL_HEADER")
+                    .unwrap_or_else(|| "x-api-key".into())
+                    .to_ascii_lowercase(),
+                trust_forwarded_for: env.bool_or("KEYSHARE_TRUST_FORWARDED_FOR", false)?,
+            },
         })
     }
 }

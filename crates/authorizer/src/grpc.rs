@@ -1,29 +1,24 @@
 //! The gRPC adapter for CheckKey. The only module that knows protobuf types.
 
-use std::net::IpAddr;
-use std::sync::Arc;
-
 use keyshare_proto::authorizer::v1 as pb;
-use keyshare_runtime::clock::SharedClock;
 use keyshare_runtime::credential::Environment;
+use std::net::IpAddr;
 use tonic::{Request, Response, Status};
 
-use crate::check::{self, CheckInput, Outcome};
-use crate::follower::Shared;
+use crate::check::{CheckInput, Checker, Outcome};
 
 /// Implements `keyshare.authorizer.v1.AuthorizerService`.
 pub struct AuthorizerGrpc {
-    shared: Arc<Shared>,
-    clock: SharedClock,
+    checker: Checker,
 }
 
 impl AuthorizerGrpc {
-    pub fn new(shared: Arc<Shared>, clock: SharedClock) -> Self {
-        Self { shared, clock }
+    pub fn new(checker: Checker) -> Self {
+        Self { checker }
     }
 }
 
-fn outcome_pb(outcome: Outcome) -> pb::Outcome {
+pub(crate) fn outcome_pb(outcome: Outcome) -> pb::Outcome {
     match outcome {
         Outcome::Valid => pb::Outcome::Valid,
         Outcome::Malformed => pb::Outcome::Malformed,
@@ -61,12 +56,7 @@ impl pb::authorizer_service_server::AuthorizerService for AuthorizerGrpc {
                 _ => None,
             },
         };
-        let now = self.clock.now().timestamp_nanos_opt().unwrap_or(i64::MAX);
-        // The read lock covers only the lookup; nothing awaits while it is held.
-        let decision = {
-            let index = self.shared.index.read().unwrap_or_else(|p| p.into_inner());
-            check::check(&index, &input, now)
-        };
+        let decision = self.checker.decide(&input);
         Ok(Response::new(pb::CheckKeyResponse {
             allowed: decision.outcome == Outcome::Valid,
             outcome: outcome_pb(decision.outcome) as i32,

@@ -7,6 +7,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use envoy_types::ext_authz::v3::pb::AuthorizationServer;
 use keyshare_proto::authorizer::v1::authorizer_service_server::AuthorizerServiceServer;
 use keyshare_runtime::auth::{IdentityKeySource, TokenVerifier};
 use keyshare_runtime::client::{ServiceToken, lazy_channel};
@@ -18,6 +19,7 @@ use tokio::task::JoinHandle;
 
 pub mod check;
 pub mod config;
+pub mod ext_authz;
 pub mod follower;
 pub mod grpc;
 pub mod index;
@@ -75,9 +77,19 @@ pub async fn start(
 
     let options =
         ServeOptions { config: common, grpc_service_name: GRPC_SERVICE, metrics, verifier, ready_on_start: false };
-    let grpc = grpc::AuthorizerGrpc::new(shared.clone(), clock);
+    let checker = check::Checker::new(shared.clone(), clock);
+    let grpc = grpc::AuthorizerGrpc::new(checker.clone());
+    let envoy = ext_authz::ExtAuthz::new(checker, config.ext_authz.clone());
     let server = tokio::spawn(async move {
-        bound.serve(options, |routes| routes.add_service(AuthorizerServiceServer::new(grpc)), shutdown).await
+        bound
+            .serve(
+                options,
+                |routes| {
+                    routes.add_service(AuthorizerServiceServer::new(grpc)).add_service(AuthorizationServer::new(envoy))
+                },
+                shutdown,
+            )
+            .await
     });
     tracing::info!(%addr, %metrics_addr, "authorizer serving (ready after the first snapshot)");
     Ok(Started { addr, metrics_addr, shared, server })

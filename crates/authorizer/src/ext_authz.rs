@@ -1,0 +1,118 @@
+//! Envoy's external authorization (`envoy.service.auth.v3.Authorization/Check`) on the same
+//! port: the same check, read from the HTTP request Envoy describes.
+//!
+//! - The credential comes from `x-api-key` or `authorization: Bearer …` (the header is
+//!   configurable); the method and path from the HTTP attributes; the project and the expected
+//!   environment from the route's `context_extensions` (`project`, `environment`); the client
+//!   address from the source peer, or from `x-forwarded-for` when told to trust it.
+//! - Allowed: `x-keyshare-key` and `x-keyshare-environment` are added for the upstream and the
+//!   credential header is removed. Denied: the outcome's HTTP status with a small JSON body
+//!   `{"outcome": …, "message": …}`, and `retry-after` on 429. A denial is a normal response
+//!   (non-OK `status` inside it), never an RPC error, which Envoy would read as "authorizer down".
+
+use std::net::IpAddr;
+
+use envoy_types::ext_authz::v3::pb::{Authorization, CheckRequest, CheckResponse, HttpStatusCode};
+use envoy_types::ext_authz::v3::{CheckRequestExt, CheckResponseExt, DeniedHttpResponseBuilder, OkHttpResponseBuilder};
+use keyshare_runtime::credential::Environment;
+use tonic::{Request, Response, Status};
+
+use crate::check::{CheckInput, Checker, Outcome};
+
+/// Where the credential and the client address are read from.
+#[derive(Clone, Debug)]
+pub struct ExtAuthzConfig {
+    /// Lowercase header carrying the credential (`KEYSHARE_CREDENTIAL_HEADER`, default
+    /// `x-api-key`); `authorization: Bearer` is always accepted too.
+    pub credential_header: String,
+    /// Use the first `x-forwarded-for` address as the client (`KEYSHARE_TRUST_FORWARDED_FOR`):
+    /// only behind a proxy that sets it.
+    pub trust_forwarded_for: bool,
+}
+
+pub struct ExtAuthz {
+    checker: Checker,
+    config: ExtAuthzConfig,
+}
+
+impl ExtAuthz {
+    pub fn new(checker: Checker, config: ExtAuthzConfig) -> Self {
+        Self { checker, config }
+    }
+}
+
+fn message(outcome: Outcome) -> &'static str {
+    match outcome {
+        Outcome::Valid => "ok",
+        Outcome::Malformed => "the API key is malformed",
+        Outcome::NotFound => "the API key is not valid for this API",
+        Outcome::Expired => "the API key has expired",
+        Outcome::Disabled => "the API key is disabled for this environment",
+        Outcome::WrongEnvironment => "the API key belongs to another environment",
+        Outcome::MethodNotAllowed => "the API key may not use this method",
+        Outcome::SourceNotAllowed => "calls from this address are not allowed for this API key",
+        Outcome::RateLimited => "rate limit reached",
+        Outcome::QuotaExceeded => "quota used up",
+    }
+}
+
+#[tonic::async_trait]
+impl Authorization for ExtAuthz {
+    async fn check(&self, request: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
+        let request = request.get_ref();
+        let empty = Default::default();
+        let headers = request.get_client_headers().unwrap_or(&empty);
+        let http = request.attributes.as_ref().and_then(|a| a.request.as_ref()).and_then(|r| r.http.as_ref());
+        let extensions = request.attributes.as_ref().map(|a| &a.context_extensions);
+        let from_header = headers.get(&self.config.credential_header).map(String::as_str);
+        let (credential, header) = match from_header {
+            Some(value) => (value, self.config.credential_header.as_str()),
+            None => (
+                headers.get("authorization").and_then(|v| v.strip_prefix("Bearer ")).unwrap_or_default(),
+                "authorization",
+            ),
+        };
+        let client_ip = if self.config.trust_forwarded_for {
+            headers
+                .get("x-forwarded-for")
+                .and_then(|v| v.split(',').next())
+                .and_then(|v| v.trim().parse::<IpAddr>().ok())
+        } else {
+            request.get_client_address().and_then(|a| a.parse::<IpAddr>().ok())
+        };
+        let input = CheckInput {
+            credential: credential.trim(),
+            project: extensions.and_then(|e| e.get("project")).map_or("", String::as_str),
+            method: http.map_or("", |h| h.method.as_str()),
+            client_ip,
+            environment: extensions.and_then(|e| e.get("environment")).and_then(|e| Environment::parse(e)),
+        };
+        let decision = self.checker.decide(&input);
+
+        let mut response = CheckResponse::new();
+        if decision.outcome == Outcome::Valid {
+            let mut ok = OkHttpResponseBuilder::new();
+            ok.add_header("x-keyshare-key", decision.key.as_deref().unwrap_or_default(), None, false);
+            ok.add_header("x-keyshare-environment", decision.environment.map_or("", |e| e.as_str()), None, false);
+            ok.remove_header(header);
+            response.set_status(Status::ok("")).set_http_response(ok.build());
+        } else {
+            let status = decision.outcome.http_status();
+            let code = HttpStatusCode::try_from(status).unwrap_or(HttpStatusCode::Forbidden);
+            let outcome_name = crate::grpc::outcome_pb(decision.outcome).as_str_name();
+            let body = format!(r#"{{"outcome":"{outcome_name}","message":"{}"}}"#, message(decision.outcome));
+            let mut denied = DeniedHttpResponseBuilder::new();
+            denied.set_http_status(code).set_body(body).add_header("content-type", "application/json", None, false);
+            if decision.retry_after > 0 {
+                denied.add_header("retry-after", decision.retry_after.to_string(), None, false);
+            }
+            let status = match status {
+                401 => Status::unauthenticated(message(decision.outcome)),
+                429 => Status::resource_exhausted(message(decision.outcome)),
+                _ => Status::permission_denied(message(decision.outcome)),
+            };
+            response.set_status(status).set_http_response(denied.build());
+        }
+        Ok(Response::new(response))
+    }
+}

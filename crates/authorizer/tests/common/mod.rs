@@ -1,0 +1,255 @@
+//! Test world: identity, keyring and the authorizer in-process on one database; a project with
+//! a key exists before the authorizer starts.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use keyshare_proto::authorizer::v1 as pb;
+use keyshare_proto::authorizer::v1::authorizer_service_client::AuthorizerServiceClient;
+use keyshare_proto::identity::v1 as idpb;
+use keyshare_proto::keyring::v1 as krpb;
+use keyshare_runtime::clock::{FrozenClock, ManualClock};
+use keyshare_runtime::config::Env;
+use keyshare_runtime::crypto::Sealer;
+use keyshare_runtime::testkit::{TestDatabase, eventually};
+use prost_types::FieldMask;
+use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+const KEYRING_SECRET: &str = "keyring-secret-for-tests-0123456789abcdef";
+const AUTHORIZER_SECRET: &str = "authorizer-secret-for-tests-0123456789abc";
+
+pub fn env(pairs: Vec<(&str, String)>) -> Env {
+    Env::from_pairs(pairs.into_iter().map(|(k, v)| (k.to_owned(), v)))
+}
+
+pub fn authed<T>(token: &str, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    request
+}
+
+pub async fn channel(addr: std::net::SocketAddr) -> Channel {
+    Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap()
+}
+
+pub struct World {
+    pub db: TestDatabase,
+    /// The authorizer's own clock: it moves only when the test moves it.
+    pub frozen: Arc<FrozenClock>,
+    pub keyring: krpb::keyring_service_client::KeyringServiceClient<Channel>,
+    pub authorizer: AuthorizerServiceClient<Channel>,
+    pub shared: Arc<keyshare_authorizer::follower::Shared>,
+    pub token: String,
+    pub authorizer_addr: std::net::SocketAddr,
+    _stops: Vec<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl World {
+    /// Waits until the authorizer has applied every change committed so far.
+    pub async fn synced(&self) {
+        let (client, connection) = tokio_postgres::connect(&self.db.url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(connection);
+        let newest: i64 =
+            client.query_one("SELECT coalesce(max(seq), 0) FROM keyring.changes", &[]).await.unwrap().get(0);
+        let shared = self.shared.clone();
+        eventually("the authorizer to apply the feed", Duration::from_secs(10), || {
+            let applied = shared.sequence.load(Ordering::Acquire);
+            async move { (applied >= newest).then_some(()) }
+        })
+        .await;
+    }
+
+    pub async fn check(
+        &mut self,
+        key: &str,
+        method: &str,
+        ip: &str,
+        project: &str,
+        environment: pb::Environment,
+    ) -> pb::CheckKeyResponse {
+        self.authorizer
+            .check_key(pb::CheckKeyRequest {
+                key: key.into(),
+                project: project.into(),
+                method: method.into(),
+                path: "/v1/things".into(),
+                client_ip: ip.into(),
+                environment: environment as i32,
+            })
+            .await
+            .expect("a rejected key is an answer, never an RPC error")
+            .into_inner()
+    }
+
+    pub async fn set(&mut self, env_name: &str, path: &str, edit: impl FnOnce(&mut krpb::KeyEnvironment)) {
+        let mut environment = krpb::KeyEnvironment { name: env_name.into(), ..Default::default() };
+        edit(&mut environment);
+        self.keyring
+            .update_key_environment(authed(
+                &self.token,
+                krpb::UpdateKeyEnvironmentRequest {
+                    environment: Some(environment),
+                    update_mask: Some(FieldMask { paths: vec![path.into()] }),
+                    etag: String::new(),
+                },
+            ))
+            .await
+            .unwrap();
+        self.synced().await;
+    }
+}
+
+pub async fn world() -> (World, String, String, String, String) {
+    let db = TestDatabase::create().await;
+    let (_, kek) = Sealer::generate("k1");
+    let clock = ManualClock::new();
+    let spool = std::env::temp_dir().join(format!("authorizer-test-{}", std::process::id()));
+    let base = |extra: Vec<(&'static str, String)>| {
+        let mut all = vec![
+            ("DATABASE_URL", db.url.clone()),
+            ("KEYSHARE_LISTEN_ADDR", "127.0.0.1:0".to_owned()),
+            ("KEYSHARE_METRICS_ADDR", "127.0.0.1:0".to_owned()),
+            ("KEYSHARE_KEY_ENCRYPTION_KEYS", kek.clone()),
+            ("KEYSHARE_MAIL_SPOOL_DIR", spool.display().to_string()),
+        ];
+        all.extend(extra);
+        env(all)
+    };
+    let mut stops = Vec::new();
+    let mut stopper = || {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        stops.push(tx);
+        async move {
+            let _ = rx.await;
+        }
+    };
+    let identity = keyshare_identity::start(
+        keyshare_identity::Config::from_env(&base(vec![
+            ("KEYSHARE_INTERNAL_CLIENTS", format!("keyring:{KEYRING_SECRET},authorizer:{AUTHORIZER_SECRET}")),
+            ("KEYSHARE_REQUIRE_VERIFIED_EMAIL", "false".into()),
+        ]))
+        .unwrap(),
+        clock.clone(),
+        stopper(),
+    )
+    .await
+    .unwrap()
+    .addr;
+    let keyring = keyshare_keyring::start(
+        keyshare_keyring::Config::from_env(&base(vec![
+            ("KEYSHARE_IDENTITY_URL", format!("http://{identity}")),
+            ("KEYSHARE_INVITATION_URL", "http://127.0.0.1:1".into()),
+            ("KEYSHARE_CLIENT_ID", "keyring".into()),
+            ("KEYSHARE_CLIENT_SECRET", KEYRING_SECRET.into()),
+        ]))
+        .unwrap(),
+        clock.clone(),
+        stopper(),
+    )
+    .await
+    .unwrap()
+    .addr;
+
+    // An account, an organization, a project and a key, before the authorizer starts.
+    let mut id = idpb::identity_service_client::IdentityServiceClient::new(channel(identity).await);
+    let password = "authorizer test password";
+    id.create_account(idpb::CreateAccountRequest {
+        email: "o@example.com".into(),
+        display_name: "O".into(),
+        password: password.into(),
+    })
+    .await
+    .unwrap();
+    let token = id
+        .login(idpb::LoginRequest { email: "o@example.com".into(), password: password.into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .grant
+        .unwrap()
+        .access_token;
+    let org = id
+        .create_organization(authed(
+            &token,
+            idpb::CreateOrganizationRequest {
+                organization: Some(idpb::Organization { display_name: "O".into(), ..Default::default() }),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .organization
+        .unwrap()
+        .name;
+    let mut kr = krpb::keyring_service_client::KeyringServiceClient::new(channel(keyring).await);
+    let project = kr
+        .create_project(authed(
+            &token,
+            krpb::CreateProjectRequest {
+                parent: org,
+                project: Some(krpb::Project { display_name: "P".into(), ..Default::default() }),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .project
+        .unwrap()
+        .name;
+    let created = kr
+        .create_key(authed(
+            &token,
+            krpb::CreateKeyRequest {
+                parent: project.clone(),
+                key: Some(krpb::Key { display_name: "K".into(), ..Default::default() }),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+
+    let frozen = FrozenClock::new();
+    let started = keyshare_authorizer::start(
+        keyshare_authorizer::Config::from_env(&base(vec![
+            ("KEYSHARE_IDENTITY_URL", format!("http://{identity}")),
+            ("KEYSHARE_KEYRING_URL", format!("http://{keyring}")),
+            ("KEYSHARE_CLIENT_ID", "authorizer".into()),
+            ("KEYSHARE_CLIENT_SECRET", AUTHORIZER_SECRET.into()),
+        ]))
+        .unwrap(),
+        frozen.clone(),
+        stopper(),
+    )
+    .await
+    .unwrap();
+    // SERVING only once the first snapshot is in memory.
+    let mut health = HealthClient::new(channel(started.addr).await);
+    let shared = started.shared.clone();
+    eventually("the authorizer to report SERVING", Duration::from_secs(10), || {
+        let mut health = health.clone();
+        async move {
+            let status = health.check(HealthCheckRequest { service: String::new() }).await.ok()?.into_inner().status;
+            (status == ServingStatus::Serving as i32).then_some(())
+        }
+    })
+    .await;
+    assert!(shared.index.read().unwrap().credentials() >= 2, "SERVING means the snapshot is loaded");
+    let _ = &mut health;
+    let world = World {
+        db,
+        frozen,
+        keyring: kr,
+        authorizer: AuthorizerServiceClient::new(channel(started.addr).await),
+        authorizer_addr: started.addr,
+        shared,
+        token,
+        _stops: stops,
+    };
+    let key = created.key.unwrap().name;
+    (world, project, key, created.sandbox_credential, created.production_credential)
+}
