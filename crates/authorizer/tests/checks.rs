@@ -9,6 +9,7 @@ use keyshare_proto::authorizer::v1 as pb;
 use keyshare_proto::keyring::v1 as krpb;
 use keyshare_runtime::clock::Clock;
 use keyshare_runtime::credential::{Credential, Environment};
+use keyshare_runtime::testkit::eventually;
 use prost_types::FieldMask;
 
 use pb::Environment::{Production as PROD, Sandbox as SANDBOX, Unspecified as ANY};
@@ -191,4 +192,28 @@ async fn rate_limits_charge_all_or_nothing() {
         assert_eq!(w.check(&production, "GET", ip, "", ANY).await.outcome, O::Valid as i32);
     }
     assert_eq!(w.check(&production, "GET", ip, "", ANY).await.outcome, O::RateLimited as i32);
+}
+
+#[tokio::test]
+async fn checks_go_on_while_keyring_is_down_and_catch_up_after() {
+    let (mut w, _, key, _, production) = world().await;
+    let ip = "198.51.100.7";
+    w.stop_keyring().await;
+    let shared = w.shared.clone();
+    eventually("the authorizer to notice keyring is gone", std::time::Duration::from_secs(10), || {
+        let connected = shared.connected.load(std::sync::atomic::Ordering::Relaxed);
+        async move { (!connected).then_some(()) }
+    })
+    .await;
+    // Keyring is down: every check is still answered, from memory.
+    for _ in 0..200 {
+        assert_eq!(w.check(&production, "GET", ip, "", ANY).await.outcome, O::Valid as i32);
+    }
+    // Back again: the authorizer resumes the feed by itself and honours the next change.
+    w.restart_keyring().await;
+    let keyring_addr = w.keyring_config.common.listen_addr;
+    w.keyring = krpb::keyring_service_client::KeyringServiceClient::new(channel(keyring_addr).await);
+    w.set(&format!("{key}/environments/production"), "active", |e| e.active = false).await;
+    assert_eq!(w.check(&production, "GET", ip, "", ANY).await.outcome, O::Disabled as i32);
+    assert!(w.shared.connected.load(std::sync::atomic::Ordering::Relaxed));
 }

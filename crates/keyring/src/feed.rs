@@ -168,10 +168,11 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// Streams the feed to one watcher: a snapshot when `after` is 0 or no longer retained, then
-/// every change after it, until the receiver goes away.
+/// every change after it, until the receiver goes away or the server starts stopping.
 pub async fn stream(
     pool: deadpool_postgres::Pool,
     mut wake: watch::Receiver<i64>,
+    mut stopping: watch::Receiver<bool>,
     after: i64,
     now: impl Fn() -> DateTime<Utc> + Send + 'static,
     out: mpsc::Sender<Result<FeedMessage, DbError>>,
@@ -198,10 +199,13 @@ pub async fn stream(
             }
             if caught_up {
                 // Woken by NOTIFY; the timeout covers a listener that is reconnecting.
+                // Ending the stream when the server stops lets the shutdown drain promptly; the
+                // watcher resumes from its last sequence on another replica.
                 tokio::select! {
                     changed = wake.changed() => if changed.is_err() { return Ok(()) },
                     () = tokio::time::sleep(Duration::from_secs(1)) => {}
                     () = out.closed() => return Ok(()),
+                    _ = stopping.wait_for(|stopping| *stopping) => return Ok(()),
                 }
             }
         }

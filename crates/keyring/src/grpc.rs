@@ -26,11 +26,12 @@ use crate::feed::{self, FeedEvent, FeedMessage};
 pub struct KeyringGrpc {
     app: Arc<Keyring>,
     feed_wake: watch::Receiver<i64>,
+    stopping: watch::Receiver<bool>,
 }
 
 impl KeyringGrpc {
-    pub fn new(app: Arc<Keyring>, feed_wake: watch::Receiver<i64>) -> Self {
-        Self { app, feed_wake }
+    pub fn new(app: Arc<Keyring>, feed_wake: watch::Receiver<i64>, stopping: watch::Receiver<bool>) -> Self {
+        Self { app, feed_wake, stopping }
     }
 }
 
@@ -577,7 +578,14 @@ impl pb::keyring_service_server::KeyringService for KeyringGrpc {
         let (tx, rx) = tokio::sync::mpsc::channel(256);
         let app = self.app.clone();
         let clock_app = self.app.clone();
-        tokio::spawn(feed::stream(app.pool().clone(), self.feed_wake.clone(), after, move || clock_app.now(), tx));
+        tokio::spawn(feed::stream(
+            app.pool().clone(),
+            self.feed_wake.clone(),
+            self.stopping.clone(),
+            after,
+            move || clock_app.now(),
+            tx,
+        ));
         let stream = tokio_stream::wrappers::ReceiverStream::new(rx).map(|message| match message {
             Ok(message) => Ok(feed_pb(message)),
             Err(e) => Err(Status::from(Error::from(e))),

@@ -93,7 +93,12 @@ pub async fn start(
     let addr = bound.local_addr().map_err(|source| StartError::Bind { what: "KEYSHARE_LISTEN_ADDR", source })?;
     let options =
         ServeOptions { config: common, grpc_service_name: GRPC_SERVICE, metrics, verifier, ready_on_start: true };
-    let grpc = grpc::KeyringGrpc::new(app.clone(), feed_wake);
+    let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stopping_tx.send(true);
+    };
+    let grpc = grpc::KeyringGrpc::new(app.clone(), feed_wake, stopping);
     let server = tokio::spawn(async move {
         bound.serve(options, |routes| routes.add_service(KeyringServiceServer::new(grpc)), shutdown).await
     });

@@ -36,7 +36,29 @@ pub async fn channel(addr: std::net::SocketAddr) -> Channel {
     Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap()
 }
 
+/// Starts keyring; returns its stop switch, its server task and its address.
+pub async fn start_keyring(
+    config: keyshare_keyring::Config,
+    clock: Arc<ManualClock>,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<(), keyshare_runtime::server::ServeError>>,
+    std::net::SocketAddr,
+) {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let started = keyshare_keyring::start(config, clock, async move {
+        let _ = rx.await;
+    })
+    .await
+    .unwrap();
+    (tx, started.server, started.addr)
+}
+
 pub struct World {
+    pub keyring_config: keyshare_keyring::Config,
+    pub keyring_clock: Arc<ManualClock>,
+    pub keyring_stop: Option<tokio::sync::oneshot::Sender<()>>,
+    pub keyring_server: Option<tokio::task::JoinHandle<Result<(), keyshare_runtime::server::ServeError>>>,
     pub db: TestDatabase,
     /// The authorizer's own clock: it moves only when the test moves it.
     pub frozen: Arc<FrozenClock>,
@@ -49,6 +71,26 @@ pub struct World {
 }
 
 impl World {
+    /// Stops keyring gracefully and waits until it has stopped.
+    pub async fn stop_keyring(&mut self) {
+        if let Some(stop) = self.keyring_stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.keyring_server.take() {
+            tokio::time::timeout(Duration::from_secs(10), server)
+                .await
+                .expect("keyring stops promptly")
+                .unwrap()
+                .unwrap();
+        }
+    }
+
+    /// Starts keyring again at the same address.
+    pub async fn restart_keyring(&mut self) {
+        let (stop, server, _) = start_keyring(self.keyring_config.clone(), self.keyring_clock.clone()).await;
+        (self.keyring_stop, self.keyring_server) = (Some(stop), Some(server));
+    }
+
     /// Waits until the authorizer has applied every change committed so far.
     pub async fn synced(&self) {
         let (client, connection) = tokio_postgres::connect(&self.db.url, tokio_postgres::NoTls).await.unwrap();
@@ -139,20 +181,17 @@ pub async fn world() -> (World, String, String, String, String) {
     .await
     .unwrap()
     .addr;
-    let keyring = keyshare_keyring::start(
-        keyshare_keyring::Config::from_env(&base(vec![
-            ("KEYSHARE_IDENTITY_URL", format!("http://{identity}")),
-            ("KEYSHARE_INVITATION_URL", "http://127.0.0.1:1".into()),
-            ("KEYSHARE_CLIENT_ID", "keyring".into()),
-            ("KEYSHARE_CLIENT_SECRET", KEYRING_SECRET.into()),
-        ]))
-        .unwrap(),
-        clock.clone(),
-        stopper(),
-    )
-    .await
-    .unwrap()
-    .addr;
+    // keyring listens on a fixed port, so a test can stop it and start it again at one address.
+    let keyring_port = keyshare_runtime::testkit::free_port();
+    let keyring_config = keyshare_keyring::Config::from_env(&base(vec![
+        ("KEYSHARE_LISTEN_ADDR", format!("127.0.0.1:{keyring_port}")),
+        ("KEYSHARE_IDENTITY_URL", format!("http://{identity}")),
+        ("KEYSHARE_INVITATION_URL", "http://127.0.0.1:1".into()),
+        ("KEYSHARE_CLIENT_ID", "keyring".into()),
+        ("KEYSHARE_CLIENT_SECRET", KEYRING_SECRET.into()),
+    ]))
+    .unwrap();
+    let (keyring_stop, keyring_server, keyring) = start_keyring(keyring_config.clone(), clock.clone()).await;
 
     // An account, an organization, a project and a key, before the authorizer starts.
     let mut id = idpb::identity_service_client::IdentityServiceClient::new(channel(identity).await);
@@ -241,6 +280,10 @@ pub async fn world() -> (World, String, String, String, String) {
     assert!(shared.index.read().unwrap().credentials() >= 2, "SERVING means the snapshot is loaded");
     let _ = &mut health;
     let world = World {
+        keyring_config,
+        keyring_clock: clock.clone(),
+        keyring_stop: Some(keyring_stop),
+        keyring_server: Some(keyring_server),
         db,
         frozen,
         keyring: kr,
