@@ -1,0 +1,236 @@
+//! CheckKey under load, against a bare tonic server answering a message of the same size (the
+//! baseline), both measured in this run with h2load on this machine:
+//! - throughput at saturation (ratio to the baseline),
+//! - p50/p99 latency at a moderate load (one request at a time), from h2load's `--log-file`,
+//! - with 1,000 and with 1,000,000 keys in memory, and the memory each key takes.
+//!
+//! Run: `cargo bench -p keyshare-authorizer --bench check_key` (needs `h2load`, Debian's
+//! `nghttp2-client`; `scripts/bench` installs it). `CHECK_BENCH_KEYS=1000,1000000` sets the sizes.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
+
+use std::future::Future;
+use std::pin::Pin;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use keyshare_authorizer::check::Checker;
+use keyshare_authorizer::follower::Shared;
+use keyshare_authorizer::index::{CredentialEntry, KeyMeta, Methods};
+use keyshare_proto::authorizer::v1 as pb;
+use keyshare_proto::authorizer::v1::authorizer_service_server::{AuthorizerService, AuthorizerServiceServer};
+use keyshare_runtime::auth::{KeySource, PublicKeyMaterial, TokenPolicy, TokenVerifier};
+use keyshare_runtime::clock::SystemClock;
+use keyshare_runtime::config::{CommonConfig, Env};
+use keyshare_runtime::credential::{Credential, Environment};
+use keyshare_runtime::metrics::Metrics;
+use keyshare_runtime::server::{self, ServeOptions};
+use prost::Message;
+
+/// The baseline: answers every call with a fixed response of the real answer's size.
+struct Bare(pb::CheckKeyResponse);
+
+#[tonic::async_trait]
+impl AuthorizerService for Bare {
+    async fn check_key(
+        &self,
+        _request: tonic::Request<pb::CheckKeyRequest>,
+    ) -> Result<tonic::Response<pb::CheckKeyResponse>, tonic::Status> {
+        Ok(tonic::Response::new(self.0.clone()))
+    }
+}
+
+struct NoKeys;
+
+impl KeySource for NoKeys {
+    fn fetch(&self) -> Pin<Box<dyn Future<Output = Result<Vec<PublicKeyMaterial>, String>> + Send + '_>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+}
+
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    statm.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()).unwrap_or(0) * 4096
+}
+
+/// Loads `keys` keys (one production credential each) into a fresh index; returns one valid
+/// credential and the memory per key.
+fn load(shared: &Shared, keys: usize) -> (String, f64) {
+    let project: Arc<str> = "projects/0193f7e2-0000-7000-8000-000000000001".into();
+    let before = rss_bytes();
+    let mut sample = String::new();
+    {
+        let mut index = shared.index.write().unwrap();
+        for n in 0..keys {
+            let credential = Credential::generate(Environment::Production);
+            let name: Arc<str> = format!("{project}/keys/0193f7e2-0000-7000-8000-{n:012}").into();
+            let meta = Arc::new(KeyMeta::new(name, project.clone()));
+            let entry = CredentialEntry {
+                key: meta.clone(),
+                environment: Environment::Production,
+                active: true,
+                methods: Methods::new(true, true, true, true),
+                rate_limit: 0,
+                daily_quota: 0,
+                allowlist: Box::new([]),
+                expire_at: None,
+                grace_end: None,
+            };
+            index.upsert_key(meta, vec![(credential.hash(), entry)]);
+            if n == keys / 2 {
+                sample = credential.expose().to_owned();
+            }
+        }
+    }
+    let per_key = (rss_bytes().saturating_sub(before)) as f64 / keys as f64;
+    (sample, per_key)
+}
+
+async fn serve_real(shared: Arc<Shared>) -> u16 {
+    let env = Env::from_pairs([
+        ("DATABASE_URL", "postgres://unused"),
+        ("KEYSHARE_LISTEN_ADDR", "127.0.0.1:0"),
+        ("KEYSHARE_METRICS_ADDR", "127.0.0.1:0"),
+    ]);
+    let config = CommonConfig::from_env(&env, "authorizer", 50054).unwrap();
+    let bound = server::bind(&config, keyshare_authorizer::GRPC_SERVICE).await.unwrap();
+    let port = bound.local_addr().unwrap().port();
+    let verifier =
+        TokenVerifier::new(NoKeys, TokenPolicy { issuer: "i".into(), audience: "a".into() }, Arc::new(SystemClock));
+    let options = ServeOptions {
+        config,
+        grpc_service_name: keyshare_authorizer::GRPC_SERVICE,
+        metrics: Metrics::new("bench"),
+        verifier,
+        ready_on_start: true,
+    };
+    let grpc = keyshare_authorizer::grpc::AuthorizerGrpc::new(Checker::new(shared, Arc::new(SystemClock)));
+    tokio::spawn(bound.serve(
+        options,
+        |routes| routes.add_service(AuthorizerServiceServer::new(grpc)),
+        std::future::pending(),
+    ));
+    port
+}
+
+async fn serve_bare(response: pb::CheckKeyResponse) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(AuthorizerServiceServer::new(Bare(response)))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    port
+}
+
+/// Runs h2load; returns requests per second and, with a log, the sorted latencies in µs.
+fn h2load(port: u16, body: &std::path::Path, args: &[&str], log: Option<&std::path::Path>) -> (f64, Vec<u64>) {
+    let mut command = Command::new("h2load");
+    command
+        .args(args)
+        .args(["-H", "content-type: application/grpc", "-H", "te: trailers", "-d"])
+        .arg(body)
+        .arg(format!("http://127.0.0.1:{port}/keyshare.authorizer.v1.AuthorizerService/CheckKey"));
+    if let Some(log) = log {
+        command.arg("--log-file").arg(log);
+    }
+    let out = command.output().expect("h2load is installed (scripts/bench installs it)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("0 failed, 0 errored"), "h2load reported failures:\n{text}");
+    let rps = text
+        .lines()
+        .find(|l| l.starts_with("finished in"))
+        .and_then(|l| l.split(", ").nth(1))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(0.0);
+    let mut latencies: Vec<u64> = log
+        .map(|log| std::fs::read_to_string(log).unwrap_or_default())
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split('\t').nth(2).and_then(|d| d.trim().parse().ok()))
+        .collect();
+    latencies.sort_unstable();
+    (rps, latencies)
+}
+
+fn pct(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[(((sorted.len() - 1) as f64) * p / 100.0).round() as usize]
+}
+
+fn grpc_body(dir: &std::path::Path, request: &pb::CheckKeyRequest) -> std::path::PathBuf {
+    let message = request.encode_to_vec();
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&message);
+    let path = dir.join("request.bin");
+    std::fs::write(&path, framed).unwrap();
+    path
+}
+
+fn main() {
+    let sizes: Vec<usize> = std::env::var("CHECK_BENCH_KEYS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|s| s.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1_000, 1_000_000]);
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let dir = std::env::temp_dir().join(format!("check-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    println!("CheckKey vs a bare tonic server (same message sizes), h2load on one machine");
+    for keys in sizes {
+        let shared = Arc::new(Shared::default());
+        let (credential, per_key) = load(&shared, keys);
+        let request = pb::CheckKeyRequest {
+            key: credential,
+            project: "projects/0193f7e2-0000-7000-8000-000000000001".into(),
+            method: "GET".into(),
+            path: "/v1/things".into(),
+            client_ip: "198.51.100.7".into(),
+            environment: pb::Environment::Production as i32,
+        };
+        let (real_port, expected) = runtime.block_on(async {
+            let port = serve_real(shared.clone()).await;
+            let channel = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}"))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            let answer = pb::authorizer_service_client::AuthorizerServiceClient::new(channel)
+                .check_key(request.clone())
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(answer.outcome, pb::Outcome::Valid as i32, "the benchmark checks a valid key");
+            (port, answer)
+        });
+        let bare_port = runtime.block_on(serve_bare(expected));
+        let body = grpc_body(&dir, &request);
+        let saturate = ["-n", "200000", "-c", "4", "-m", "32", "-t", "1"];
+        let moderate = ["-n", "20000", "-c", "1", "-m", "1", "-t", "1"];
+        // Warm both, then measure each in turn.
+        h2load(bare_port, &body, &["-n", "20000", "-c", "4", "-m", "32"], None);
+        h2load(real_port, &body, &["-n", "20000", "-c", "4", "-m", "32"], None);
+        let (bare_rps, _) = h2load(bare_port, &body, &saturate, None);
+        let (real_rps, _) = h2load(real_port, &body, &saturate, None);
+        let (_, bare_lat) = h2load(bare_port, &body, &moderate, Some(&dir.join("bare.log")));
+        let (_, real_lat) = h2load(real_port, &body, &moderate, Some(&dir.join("real.log")));
+        println!("{keys:>9} keys: memory {per_key:.0} B/key");
+        println!(
+            "  saturation  baseline {bare_rps:>9.0} req/s   CheckKey {real_rps:>9.0} req/s   ratio {:.2}",
+            real_rps / bare_rps.max(1.0)
+        );
+        println!(
+            "  one at a time  baseline p50 {} µs p99 {} µs   CheckKey p50 {} µs p99 {} µs",
+            pct(&bare_lat, 50.0),
+            pct(&bare_lat, 99.0),
+            pct(&real_lat, 50.0),
+            pct(&real_lat, 99.0)
+        );
+        drop(shared);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
