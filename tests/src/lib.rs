@@ -13,13 +13,15 @@ use tonic::transport::Channel;
 
 /// The secret of the internal client a test or benchmark acts as.
 pub const WATCHER_SECRET: &str = "watcher-secret-0123456789abcdef0123456789";
+const AUTHORIZER_SECRET: &str = "authorizer-secret-0123456789abcdef012345";
 const KEYRING_SECRET: &str = "keyring-secret-0123456789abcdef0123456789";
 
-/// identity and keyring on a database of their own.
+/// identity, keyring and the authorizer on a database of their own.
 pub struct Stack {
     pub db: TestDatabase,
     pub identity: SocketAddr,
     pub keyring: SocketAddr,
+    pub authorizer: SocketAddr,
     stops: Vec<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -49,7 +51,10 @@ impl Stack {
             keyshare_identity::Config::from_env(&common(&[
                 ("KEYSHARE_REQUIRE_VERIFIED_EMAIL", "false".into()),
                 ("KEYSHARE_MAIL_SPOOL_DIR", spool.display().to_string()),
-                ("KEYSHARE_INTERNAL_CLIENTS", format!("keyring:{KEYRING_SECRET},watcher:{WATCHER_SECRET}")),
+                (
+                    "KEYSHARE_INTERNAL_CLIENTS",
+                    format!("keyring:{KEYRING_SECRET},watcher:{WATCHER_SECRET},authorizer:{AUTHORIZER_SECRET}"),
+                ),
             ]))
             .unwrap(),
             clock.clone(),
@@ -75,7 +80,29 @@ impl Stack {
         )
         .await
         .unwrap();
-        Self { db, identity: identity.addr, keyring: keyring.addr, stops: vec![identity_stop, keyring_stop] }
+        let (authorizer_stop, authorizer_stopped) = tokio::sync::oneshot::channel::<()>();
+        let authorizer = keyshare_authorizer::start(
+            keyshare_authorizer::Config::from_env(&common(&[
+                ("KEYSHARE_IDENTITY_URL", format!("http://{}", identity.addr)),
+                ("KEYSHARE_KEYRING_URL", format!("http://{}", keyring.addr)),
+                ("KEYSHARE_CLIENT_ID", "authorizer".into()),
+                ("KEYSHARE_CLIENT_SECRET", AUTHORIZER_SECRET.into()),
+            ]))
+            .unwrap(),
+            Arc::new(SystemClock),
+            async move {
+                let _ = authorizer_stopped.await;
+            },
+        )
+        .await
+        .unwrap();
+        Self {
+            db,
+            identity: identity.addr,
+            keyring: keyring.addr,
+            authorizer: authorizer.addr,
+            stops: vec![identity_stop, keyring_stop, authorizer_stop],
+        }
     }
 
     pub async fn channel(addr: SocketAddr) -> Channel {
