@@ -6,7 +6,7 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use keyshare_proto::identity::v1 as pb;
 use keyshare_runtime::auth::{self, Caller};
-use keyshare_runtime::error::InvalidInput;
+use keyshare_runtime::error::{InvalidInput, update_paths};
 use keyshare_runtime::page::PageRequest;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
@@ -418,20 +418,6 @@ fn only_input(e: Error) -> InvalidInput {
 /// `accounts/me` → `None` (the caller); `accounts/{id}` → `Some(id)`.
 fn account_name(raw: &str, field: &str) -> Result<Option<Uuid>, InvalidInput> {
     if raw == "accounts/me" { Ok(None) } else { domain::parse_name(raw, "accounts", field).map(Some) }
-}
-
-/// The paths of an update mask, each one of `allowed`. An empty mask means every allowed path.
-fn update_paths(mask: Option<prost_types::FieldMask>, allowed: &[&str]) -> Result<Vec<String>, InvalidInput> {
-    let paths = mask.map(|m| m.paths).unwrap_or_default();
-    if paths.is_empty() {
-        return Ok(allowed.iter().map(|p| (*p).to_owned()).collect());
-    }
-    match paths.iter().find(|p| !allowed.contains(&p.as_str())) {
-        Some(bad) => {
-            Err(InvalidInput::field("update_mask", format!("{bad} cannot be updated; allowed: {}", allowed.join(", "))))
-        }
-        None => Ok(paths),
-    }
 }
 
 fn org_role(value: i32, field: &str) -> Result<OrgRole, InvalidInput> {

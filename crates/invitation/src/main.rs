@@ -1,42 +1,13 @@
 //! `invitation` runs the invitation service. Configuration comes from the environment (see README).
 
-use std::process::ExitCode;
-use std::sync::Arc;
-
-use keyshare_invitation::{Config, start};
-use keyshare_runtime::clock::SystemClock;
-use keyshare_runtime::config::Env;
-use keyshare_runtime::{server, telemetry};
-
 #[tokio::main]
-async fn main() -> ExitCode {
-    let env = Env::process();
-    let (_telemetry, config) = match telemetry::init("invitation", &env).and_then(|t| Ok((t, Config::from_env(&env)?)))
-    {
-        Ok(ready) => ready,
-        Err(e) => {
-            eprintln!("invitation: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    match start(config, Arc::new(SystemClock), server::shutdown_signal()).await {
-        Ok(started) => match started.server.await {
-            Ok(Ok(())) => {
-                tracing::info!("invitation stopped");
-                ExitCode::SUCCESS
-            }
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "invitation server failed");
-                ExitCode::FAILURE
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "invitation server task failed");
-                ExitCode::FAILURE
-            }
+async fn main() -> std::process::ExitCode {
+    keyshare_runtime::server::run(
+        "invitation",
+        keyshare_invitation::Config::from_env,
+        |config, clock, shutdown| async move {
+            keyshare_invitation::start(config, clock, shutdown).await.map(|started| started.server)
         },
-        Err(e) => {
-            tracing::error!(error = %e, "invitation could not start");
-            ExitCode::FAILURE
-        }
-    }
+    )
+    .await
 }

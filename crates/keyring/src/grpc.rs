@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use futures::Stream;
 use keyshare_proto::keyring::v1 as pb;
 use keyshare_runtime::auth;
-use keyshare_runtime::error::{FieldViolation, InvalidInput};
+use keyshare_runtime::error::{FieldViolation, InvalidInput, update_paths};
 use keyshare_runtime::page::PageRequest;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
@@ -56,20 +56,6 @@ fn finish<T>(errors: InvalidInput, value: Option<T>) -> Result<T, Error> {
 
 fn page(size: i32, token: &str, scope: &str) -> Result<PageRequest, InvalidInput> {
     PageRequest::parse(size, token, scope)
-}
-
-/// The paths of an update mask, each one of `allowed`. An empty mask means every allowed path.
-fn update_paths(mask: Option<prost_types::FieldMask>, allowed: &[&str]) -> Result<Vec<String>, InvalidInput> {
-    let paths = mask.map(|m| m.paths).unwrap_or_default();
-    if paths.is_empty() {
-        return Ok(allowed.iter().map(|p| (*p).to_owned()).collect());
-    }
-    match paths.iter().find(|p| !allowed.contains(&p.as_str())) {
-        Some(bad) => {
-            Err(InvalidInput::field("update_mask", format!("{bad} cannot be updated; allowed: {}", allowed.join(", "))))
-        }
-        None => Ok(paths),
-    }
 }
 
 #[tonic::async_trait]

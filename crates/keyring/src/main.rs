@@ -1,41 +1,9 @@
 //! `keyring` runs the keyring service. Configuration comes from the environment (see README).
 
-use std::process::ExitCode;
-use std::sync::Arc;
-
-use keyshare_keyring::{Config, start};
-use keyshare_runtime::clock::SystemClock;
-use keyshare_runtime::config::Env;
-use keyshare_runtime::{server, telemetry};
-
 #[tokio::main]
-async fn main() -> ExitCode {
-    let env = Env::process();
-    let (_telemetry, config) = match telemetry::init("keyring", &env).and_then(|t| Ok((t, Config::from_env(&env)?))) {
-        Ok(ready) => ready,
-        Err(e) => {
-            eprintln!("keyring: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    match start(config, Arc::new(SystemClock), server::shutdown_signal()).await {
-        Ok(started) => match started.server.await {
-            Ok(Ok(())) => {
-                tracing::info!("keyring stopped");
-                ExitCode::SUCCESS
-            }
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "keyring server failed");
-                ExitCode::FAILURE
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "keyring server task failed");
-                ExitCode::FAILURE
-            }
-        },
-        Err(e) => {
-            tracing::error!(error = %e, "keyring could not start");
-            ExitCode::FAILURE
-        }
-    }
+async fn main() -> std::process::ExitCode {
+    keyshare_runtime::server::run("keyring", keyshare_keyring::Config::from_env, |config, clock, shutdown| async move {
+        keyshare_keyring::start(config, clock, shutdown).await.map(|started| started.server)
+    })
+    .await
 }

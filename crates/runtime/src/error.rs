@@ -63,6 +63,21 @@ impl InvalidInput {
     }
 }
 
+/// The paths of an AIP-134 update mask, each one of `allowed`. An empty mask means every
+/// allowed path.
+pub fn update_paths(mask: Option<prost_types::FieldMask>, allowed: &[&str]) -> Result<Vec<String>, InvalidInput> {
+    let paths = mask.map(|m| m.paths).unwrap_or_default();
+    if paths.is_empty() {
+        return Ok(allowed.iter().map(|p| (*p).to_owned()).collect());
+    }
+    match paths.iter().find(|p| !allowed.contains(&p.as_str())) {
+        Some(bad) => {
+            Err(InvalidInput::field("update_mask", format!("{bad} cannot be updated; allowed: {}", allowed.join(", "))))
+        }
+        None => Ok(paths),
+    }
+}
+
 /// A status with `ErrorInfo { reason, domain }`.
 pub fn status(code: Code, domain: &str, reason: &str, message: impl Into<String>) -> Status {
     let mut details = ErrorDetails::new();

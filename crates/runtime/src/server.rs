@@ -165,6 +165,52 @@ pub enum ServeError {
     Transport(String),
 }
 
+/// What a service binary does: telemetry and configuration from the environment (a bad value
+/// exits 2 naming the variable), start, serve until SIGTERM/SIGINT, exit 0 after a clean drain.
+pub async fn run<C, E, F, Fut>(
+    service: &'static str,
+    config: impl FnOnce(&crate::config::Env) -> Result<C, crate::config::ConfigError>,
+    start: F,
+) -> std::process::ExitCode
+where
+    F: FnOnce(C, crate::clock::SharedClock, Pin<Box<dyn Future<Output = ()> + Send>>) -> Fut,
+    Fut: Future<Output = Result<tokio::task::JoinHandle<Result<(), ServeError>>, E>>,
+    E: std::fmt::Display,
+{
+    use std::process::ExitCode;
+    let env = crate::config::Env::process();
+    let prepared = crate::telemetry::init(service, &env).and_then(|guard| Ok((guard, config(&env)?)));
+    let (_telemetry, config) = match prepared {
+        Ok(prepared) => prepared,
+        Err(e) => {
+            eprintln!("{service}: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let server = match start(config, std::sync::Arc::new(crate::clock::SystemClock), Box::pin(shutdown_signal())).await
+    {
+        Ok(server) => server,
+        Err(e) => {
+            tracing::error!(error = %e, "{service} could not start");
+            return ExitCode::FAILURE;
+        }
+    };
+    match server.await {
+        Ok(Ok(())) => {
+            tracing::info!("{service} stopped");
+            ExitCode::SUCCESS
+        }
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "{service} server failed");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "{service} server task failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// Completes on SIGTERM or SIGINT.
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
