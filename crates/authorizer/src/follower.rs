@@ -23,6 +23,29 @@ pub struct Shared {
     /// Sequence of the last applied change or complete snapshot.
     pub sequence: AtomicI64,
     pub connected: AtomicBool,
+    /// When the feed was lost, while it is lost.
+    lost_at: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl Shared {
+    fn set_connected(&self, connected: bool) {
+        self.connected.store(connected, Ordering::Relaxed);
+        let mut lost_at = self.lost_at.lock().unwrap_or_else(|p| p.into_inner());
+        match (connected, *lost_at) {
+            (true, _) => *lost_at = None,
+            (false, None) => *lost_at = Some(std::time::Instant::now()),
+            (false, Some(_)) => {}
+        }
+    }
+
+    /// How long the index has gone without the feed since it was lost; zero while connected
+    /// (and before the first connection, while health says NOT_SERVING).
+    pub fn stale_for(&self) -> Duration {
+        if self.connected.load(Ordering::Relaxed) {
+            return Duration::ZERO;
+        }
+        self.lost_at.lock().unwrap_or_else(|p| p.into_inner()).map_or(Duration::ZERO, |at| at.elapsed())
+    }
 }
 
 fn environment(value: i32) -> Option<Environment> {
@@ -104,7 +127,7 @@ pub fn spawn(keyring: Channel, token: Arc<ServiceToken>, shared: Arc<Shared>, re
                     tracing::warn!(error = %e, sequence = shared.sequence.load(Ordering::Relaxed), "change feed lost; answering from memory")
                 }
             }
-            shared.connected.store(false, Ordering::Relaxed);
+            shared.set_connected(false);
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
@@ -124,7 +147,7 @@ async fn follow_once(
         .await
         .map_err(|s| format!("WatchKeys: {:?}", s.code()))?
         .into_inner();
-    shared.connected.store(true, Ordering::Relaxed);
+    shared.set_connected(true);
     // A snapshot is built aside and swapped in whole, so checks never see half of one.
     let mut building: Option<Index> = None;
     while let Some(message) = stream.message().await.map_err(|s| format!("WatchKeys stream: {:?}", s.code()))? {

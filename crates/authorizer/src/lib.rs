@@ -95,11 +95,13 @@ pub async fn start(
     Ok(Started { addr, metrics_addr, shared, server })
 }
 
-/// `keyshare_feed_connected` (0/1), `keyshare_feed_sequence` and `keyshare_index_credentials`.
+/// `keyshare_feed_connected` (0/1), `keyshare_feed_stale_seconds` (how long checks have been
+/// answered without the feed), `keyshare_feed_sequence` and `keyshare_index_credentials`.
 fn register_feed_metrics(metrics: &Metrics, shared: Arc<follower::Shared>) {
     use std::sync::atomic::Ordering;
     let (connected, sequence, credentials) =
         (Gauge::<i64>::default(), Gauge::<i64>::default(), Gauge::<i64>::default());
+    let stale = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
     {
         let mut registry = metrics.registry();
         registry.register(
@@ -108,10 +110,16 @@ fn register_feed_metrics(metrics: &Metrics, shared: Arc<follower::Shared>) {
             connected.clone(),
         );
         registry.register("feed_sequence", "Last change-feed sequence applied", sequence.clone());
+        registry.register(
+            "feed_stale_seconds",
+            "Seconds since the change feed was lost (0 while connected)",
+            stale.clone(),
+        );
         registry.register("index_credentials", "Credentials held in memory", credentials.clone());
     }
     metrics.on_scrape(move || {
         connected.set(i64::from(shared.connected.load(Ordering::Relaxed)));
+        stale.set(shared.stale_for().as_secs_f64());
         sequence.set(shared.sequence.load(Ordering::Relaxed));
         credentials.set(shared.index.read().unwrap_or_else(|p| p.into_inner()).credentials() as i64);
     });

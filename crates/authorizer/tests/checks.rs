@@ -205,10 +205,11 @@ async fn checks_go_on_while_keyring_is_down_and_catch_up_after() {
         async move { (!connected).then_some(()) }
     })
     .await;
-    // Keyring is down: every check is still answered, from memory.
+    // Keyring is down: every check is still answered, from memory, and the staleness shows.
     for _ in 0..200 {
         assert_eq!(w.check(&production, "GET", ip, "", ANY).await.outcome, O::Valid as i32);
     }
+    assert!(w.shared.stale_for() > std::time::Duration::ZERO);
     // Back again: the authorizer resumes the feed by itself and honours the next change.
     w.restart_keyring().await;
     let keyring_addr = w.keyring_config.common.listen_addr;
@@ -216,4 +217,5 @@ async fn checks_go_on_while_keyring_is_down_and_catch_up_after() {
     w.set(&format!("{key}/environments/production"), "active", |e| e.active = false).await;
     assert_eq!(w.check(&production, "GET", ip, "", ANY).await.outcome, O::Disabled as i32);
     assert!(w.shared.connected.load(std::sync::atomic::Ordering::Relaxed));
+    assert_eq!(w.shared.stale_for(), std::time::Duration::ZERO);
 }
