@@ -32,55 +32,8 @@ async fn main() {
     let changes: usize = std::env::var("FEED_BENCH_CHANGES").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
     let stack = Stack::start().await;
     let token = stack.account("bench@example.com").await;
-    let mut identity = keyshare_proto::identity::v1::identity_service_client::IdentityServiceClient::new(
-        Stack::channel(stack.identity).await,
-    );
-    let org = identity
-        .create_organization(authed(
-            &token,
-            keyshare_proto::identity::v1::CreateOrganizationRequest {
-                organization: Some(keyshare_proto::identity::v1::Organization {
-                    display_name: "Bench".into(),
-                    ..Default::default()
-                }),
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .organization
-        .unwrap()
-        .name;
-    let mut keyring = pb::keyring_service_client::KeyringServiceClient::new(Stack::channel(stack.keyring).await);
-    let project = keyring
-        .create_project(authed(
-            &token,
-            pb::CreateProjectRequest {
-                parent: org,
-                project: Some(pb::Project { display_name: "Bench".into(), ..Default::default() }),
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .project
-        .unwrap()
-        .name;
-    let key = keyring
-        .create_key(authed(
-            &token,
-            pb::CreateKeyRequest {
-                parent: project,
-                key: Some(pb::Key { display_name: "bench key".into(), ..Default::default() }),
-                ..Default::default()
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .key
-        .unwrap()
-        .name;
+    let (mut keyring, created) = stack.key(&token).await;
+    let key = created.key.unwrap().name;
     let key_ref = keyshare_keyring::domain::parse_key(&key, "key").unwrap();
 
     // The watcher: a real gRPC stream, past its snapshot.

@@ -8,7 +8,6 @@
 use std::time::{Duration, Instant};
 
 use keyshare_proto::authorizer::v1 as apb;
-use keyshare_proto::identity::v1 as idpb;
 use keyshare_proto::keyring::v1 as pb;
 use keyshare_system_tests::{Stack, authed, percentile};
 
@@ -28,47 +27,7 @@ async fn main() {
     let changes: usize = std::env::var("REVOCATION_BENCH_CHANGES").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
     let stack = Stack::start().await;
     let token = stack.account("revoke@example.com").await;
-    let mut identity = idpb::identity_service_client::IdentityServiceClient::new(Stack::channel(stack.identity).await);
-    let org = identity
-        .create_organization(authed(
-            &token,
-            idpb::CreateOrganizationRequest {
-                organization: Some(idpb::Organization { display_name: "R".into(), ..Default::default() }),
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .organization
-        .unwrap()
-        .name;
-    let mut keyring = pb::keyring_service_client::KeyringServiceClient::new(Stack::channel(stack.keyring).await);
-    let project = keyring
-        .create_project(authed(
-            &token,
-            pb::CreateProjectRequest {
-                parent: org,
-                project: Some(pb::Project { display_name: "R".into(), ..Default::default() }),
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .project
-        .unwrap()
-        .name;
-    let created = keyring
-        .create_key(authed(
-            &token,
-            pb::CreateKeyRequest {
-                parent: project,
-                key: Some(pb::Key { display_name: "R".into(), ..Default::default() }),
-                ..Default::default()
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let (mut keyring, created) = stack.key(&token).await;
     let key = created.key.unwrap().name;
     let env = format!("{key}/environments/production");
     let mut authorizer =

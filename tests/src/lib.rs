@@ -127,6 +127,38 @@ impl Stack {
         login.into_inner().grant.unwrap().access_token
     }
 
+    /// An organization, a project and a key owned by the account behind `token`; returns the
+    /// keyring client and the key as created (with both credentials).
+    pub async fn key(
+        &self,
+        token: &str,
+    ) -> (
+        keyshare_proto::keyring::v1::keyring_service_client::KeyringServiceClient<Channel>,
+        keyshare_proto::keyring::v1::CreateKeyResponse,
+    ) {
+        use keyshare_proto::keyring::v1 as pb;
+        let mut identity =
+            idpb::identity_service_client::IdentityServiceClient::new(Self::channel(self.identity).await);
+        let organization = Some(idpb::Organization { display_name: "Bench".into(), ..Default::default() });
+        let org = identity
+            .create_organization(authed(token, idpb::CreateOrganizationRequest { organization }))
+            .await
+            .unwrap()
+            .into_inner()
+            .organization
+            .unwrap()
+            .name;
+        let mut keyring = pb::keyring_service_client::KeyringServiceClient::new(Self::channel(self.keyring).await);
+        let project = Some(pb::Project { display_name: "Bench".into(), ..Default::default() });
+        let project =
+            keyring.create_project(authed(token, pb::CreateProjectRequest { parent: org, project })).await.unwrap();
+        let key = Some(pb::Key { display_name: "bench key".into(), ..Default::default() });
+        let request =
+            pb::CreateKeyRequest { parent: project.into_inner().project.unwrap().name, key, ..Default::default() };
+        let created = keyring.create_key(authed(token, request)).await.unwrap().into_inner();
+        (keyring, created)
+    }
+
     /// The access token of the internal client `watcher`.
     pub async fn watcher_token(&self) -> String {
         let mut identity =

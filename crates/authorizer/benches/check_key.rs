@@ -94,7 +94,7 @@ async fn serve_real(shared: Arc<Shared>) -> u16 {
     ]);
     let config = CommonConfig::from_env(&env, "authorizer", 50054).unwrap();
     let bound = server::bind(&config, keyshare_authorizer::GRPC_SERVICE).await.unwrap();
-    let port = bound.local_addr().unwrap().port();
+    let port = bound.local_addr().port();
     let verifier =
         TokenVerifier::new(NoKeys, TokenPolicy { issuer: "i".into(), audience: "a".into() }, Arc::new(SystemClock));
     let options = ServeOptions {

@@ -13,6 +13,7 @@ use keyshare_runtime::auth::{IdentityKeySource, TokenVerifier};
 use keyshare_runtime::client::{ServiceToken, lazy_channel};
 use keyshare_runtime::clock::SharedClock;
 use keyshare_runtime::metrics::Metrics;
+pub use keyshare_runtime::server::StartError;
 use keyshare_runtime::server::{self, ServeError, ServeOptions};
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::task::JoinHandle;
@@ -40,15 +41,6 @@ pub struct Started {
     pub server: JoinHandle<Result<(), ServeError>>,
 }
 
-/// Why the service could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error(transparent)]
-    Config(#[from] keyshare_runtime::config::ConfigError),
-    #[error("binding {what}: {source}")]
-    Bind { what: &'static str, source: std::io::Error },
-}
-
 /// Starts serving. Health stays NOT_SERVING until the first snapshot of the feed is loaded.
 pub async fn start(
     config: Config,
@@ -65,14 +57,9 @@ pub async fn start(
     let shared = Arc::new(follower::Shared::default());
     let metrics = Metrics::new("authorizer");
     register_feed_metrics(&metrics, shared.clone());
-    let metrics_addr = metrics
-        .bind_and_serve(common.metrics_addr)
-        .await
-        .map_err(|source| StartError::Bind { what: "KEYSHARE_METRICS_ADDR", source })?;
-    let bound = server::bind(&common, GRPC_SERVICE)
-        .await
-        .map_err(|source| StartError::Bind { what: "KEYSHARE_LISTEN_ADDR", source })?;
-    let addr = bound.local_addr().map_err(|source| StartError::Bind { what: "KEYSHARE_LISTEN_ADDR", source })?;
+    let metrics_addr = metrics.bind_and_serve(common.metrics_addr).await?;
+    let bound = server::bind(&common, GRPC_SERVICE).await?;
+    let addr = bound.local_addr();
     follower::spawn(keyring, token, shared.clone(), bound.readiness());
 
     let options =

@@ -11,9 +11,10 @@ use std::sync::Arc;
 use keyshare_proto::identity::v1::identity_service_server::IdentityServiceServer;
 use keyshare_runtime::auth::TokenVerifier;
 use keyshare_runtime::clock::SharedClock;
-use keyshare_runtime::db::{self, DbError};
+use keyshare_runtime::db;
 use keyshare_runtime::mail::OutboxWorker;
 use keyshare_runtime::metrics::Metrics;
+pub use keyshare_runtime::server::StartError;
 use keyshare_runtime::server::{self, ServeError, ServeOptions};
 use tokio::task::JoinHandle;
 
@@ -41,17 +42,6 @@ pub struct Started {
     pub metrics_addr: SocketAddr,
     /// Ends when the server has shut down.
     pub server: JoinHandle<Result<(), ServeError>>,
-}
-
-/// Why the service could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error(transparent)]
-    Db(#[from] DbError),
-    #[error("{0}")]
-    Setup(String),
-    #[error("binding {what}: {source}")]
-    Bind { what: &'static str, source: std::io::Error },
 }
 
 impl From<error::Error> for StartError {
@@ -90,14 +80,9 @@ pub async fn start(
 
     let metrics = Metrics::new("identity");
     metrics.register_pool(pool);
-    let metrics_addr = metrics
-        .bind_and_serve(common.metrics_addr)
-        .await
-        .map_err(|source| StartError::Bind { what: "KEYSHARE_METRICS_ADDR", source })?;
-    let bound = server::bind(&common, GRPC_SERVICE)
-        .await
-        .map_err(|source| StartError::Bind { what: "KEYSHARE_LISTEN_ADDR", source })?;
-    let addr = bound.local_addr().map_err(|source| StartError::Bind { what: "KEYSHARE_LISTEN_ADDR", source })?;
+    let metrics_addr = metrics.bind_and_serve(common.metrics_addr).await?;
+    let bound = server::bind(&common, GRPC_SERVICE).await?;
+    let addr = bound.local_addr();
 
     let outbox_task = outbox.spawn();
     let options =

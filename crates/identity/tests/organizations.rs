@@ -24,6 +24,24 @@ async fn create_org(client: &mut Client, token: &str, name: &str) -> String {
         .name
 }
 
+/// Grants a membership the way an accepted invitation does (internal, keyed by invitation).
+async fn grant(
+    client: &mut Client,
+    internal: &str,
+    org: &str,
+    account: &str,
+    role: pb::OrganizationRole,
+    invitation: &str,
+) -> Result<pb::OrganizationMember, tonic::Status> {
+    let request = pb::AddOrganizationMemberRequest {
+        parent: org.into(),
+        account: account.into(),
+        role: role as i32,
+        invitation_id: invitation.into(),
+    };
+    client.add_organization_member(authed(internal, request)).await.map(|r| r.into_inner().member.unwrap())
+}
+
 fn member_name(org: &str, account: &str) -> String {
     format!("{org}/members/{}", account.trim_start_matches("accounts/"))
 }
@@ -62,21 +80,7 @@ async fn roles_and_removals_apply_on_the_next_call_and_the_last_owner_stays() {
     // Grant through the internal, idempotent path (as an accepted invitation does).
     let internal = internal_token(&mut client).await;
     for _ in 0..2 {
-        let member = client
-            .add_organization_member(authed(
-                &internal,
-                pb::AddOrganizationMemberRequest {
-                    parent: org.clone(),
-                    account: reader.clone(),
-                    role: pb::OrganizationRole::Reader as i32,
-                    invitation_id: "inv-1".into(),
-                },
-            ))
-            .await
-            .unwrap()
-            .into_inner()
-            .member
-            .unwrap();
+        let member = grant(&mut client, &internal, &org, &reader, pb::OrganizationRole::Reader, "inv-1").await.unwrap();
         assert_eq!(member.role, pb::OrganizationRole::Reader as i32);
     }
     let members = client
@@ -129,34 +133,13 @@ async fn roles_and_removals_apply_on_the_next_call_and_the_last_owner_stays() {
     assert_eq!(err.code(), Code::NotFound);
 
     // A retried grant does not bring a removed member back.
-    let err = client
-        .add_organization_member(authed(
-            &internal,
-            pb::AddOrganizationMemberRequest {
-                parent: org.clone(),
-                account: reader.clone(),
-                role: pb::OrganizationRole::Reader as i32,
-                invitation_id: "inv-1".into(),
-            },
-        ))
-        .await
-        .unwrap_err();
+    let err = grant(&mut client, &internal, &org, &reader, pb::OrganizationRole::Reader, "inv-1").await.unwrap_err();
     assert_eq!((err.code(), reason(&err).as_str()), (Code::FailedPrecondition, "GRANT_REVOKED"));
 
     // The same invitation id cannot grant a different membership.
     let other_org = create_org(&mut client, &owner_token, "Other").await;
-    let err = client
-        .add_organization_member(authed(
-            &internal,
-            pb::AddOrganizationMemberRequest {
-                parent: other_org,
-                account: reader.clone(),
-                role: pb::OrganizationRole::Reader as i32,
-                invitation_id: "inv-1".into(),
-            },
-        ))
-        .await
-        .unwrap_err();
+    let err =
+        grant(&mut client, &internal, &other_org, &reader, pb::OrganizationRole::Reader, "inv-1").await.unwrap_err();
     assert_eq!(reason(&err), "INVITATION_CONFLICT");
 }
 
@@ -168,18 +151,7 @@ async fn concurrent_demotions_keep_one_owner() {
     let mut client = h.client().await;
     let org = create_org(&mut client, &a_token, "Twin").await;
     let internal = internal_token(&mut client).await;
-    client
-        .add_organization_member(authed(
-            &internal,
-            pb::AddOrganizationMemberRequest {
-                parent: org.clone(),
-                account: b.clone(),
-                role: pb::OrganizationRole::Owner as i32,
-                invitation_id: "inv-twin".into(),
-            },
-        ))
-        .await
-        .unwrap();
+    grant(&mut client, &internal, &org, &b, pb::OrganizationRole::Owner, "inv-twin").await.unwrap();
     // Each owner demotes the other at the same moment: one must fail.
     let (mut c1, mut c2) = (client.clone(), client.clone());
     let (r1, r2) = tokio::join!(
@@ -293,18 +265,7 @@ async fn pagination_walks_every_member_once() {
     for i in 0..7 {
         let email = format!("m{i}@example.com");
         let (account, _, _) = verified_account(&h, &email).await;
-        client
-            .add_organization_member(authed(
-                &internal,
-                pb::AddOrganizationMemberRequest {
-                    parent: org.clone(),
-                    account,
-                    role: pb::OrganizationRole::Reader as i32,
-                    invitation_id: format!("inv-{i}"),
-                },
-            ))
-            .await
-            .unwrap();
+        grant(&mut client, &internal, &org, &account, pb::OrganizationRole::Reader, &format!("inv-{i}")).await.unwrap();
     }
     let mut seen = Vec::new();
     let mut token = String::new();

@@ -12,9 +12,10 @@ use keyshare_proto::invitation::v1::invitation_service_server::InvitationService
 use keyshare_runtime::auth::{IdentityKeySource, TokenVerifier};
 use keyshare_runtime::client::{ServiceToken, lazy_channel};
 use keyshare_runtime::clock::SharedClock;
-use keyshare_runtime::db::{self, DbError};
+use keyshare_runtime::db;
 use keyshare_runtime::mail::OutboxWorker;
 use keyshare_runtime::metrics::Metrics;
+pub use keyshare_runtime::server::StartError;
 use keyshare_runtime::server::{self, ServeError, ServeOptions};
 use tokio::task::JoinHandle;
 
@@ -44,17 +45,6 @@ pub struct Started {
     pub server: JoinHandle<Result<(), ServeError>>,
 }
 
-/// Why the service could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error(transparent)]
-    Db(#[from] DbError),
-    #[error(transparent)]
-    Config(#[from] keyshare_runtime::config::ConfigError),
-    #[error("binding {what}: {source}")]
-    Bind { what: &'static str, source: std::io::Error },
-}
-
 /// Migrates, prepares and starts serving; returns once the listener is bound.
 pub async fn start(
     config: Config,
@@ -80,14 +70,9 @@ pub async fn start(
 
     let metrics = Metrics::new("invitation");
     metrics.register_pool(pool);
-    let metrics_addr = metrics
-        .bind_and_serve(common.metrics_addr)
-        .await
-        .map_err(|source| StartError::Bind { what: "KEYSHARE_METRICS_ADDR", source })?;
-    let bound = server::bind(&common, GRPC_SERVICE)
-        .await
-        .map_err(|source| StartError::Bind { what: "KEYSHARE_LISTEN_ADDR", source })?;
-    let addr = bound.local_addr().map_err(|source| StartError::Bind { what: "KEYSHARE_LISTEN_ADDR", source })?;
+    let metrics_addr = metrics.bind_and_serve(common.metrics_addr).await?;
+    let bound = server::bind(&common, GRPC_SERVICE).await?;
+    let addr = bound.local_addr();
     let outbox_task = outbox.spawn();
     let options =
         ServeOptions { config: common, grpc_service_name: GRPC_SERVICE, metrics, verifier, ready_on_start: true };

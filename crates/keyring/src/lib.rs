@@ -13,8 +13,9 @@ use keyshare_proto::keyring::v1::keyring_service_server::KeyringServiceServer;
 use keyshare_runtime::auth::{IdentityKeySource, TokenVerifier};
 use keyshare_runtime::client::{ServiceToken, lazy_channel};
 use keyshare_runtime::clock::SharedClock;
-use keyshare_runtime::db::{self, DbError};
+use keyshare_runtime::db;
 use keyshare_runtime::metrics::Metrics;
+pub use keyshare_runtime::server::StartError;
 use keyshare_runtime::server::{self, ServeError, ServeOptions};
 use tokio::task::JoinHandle;
 
@@ -47,17 +48,6 @@ pub struct Started {
     pub server: JoinHandle<Result<(), ServeError>>,
 }
 
-/// Why the service could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error(transparent)]
-    Db(#[from] DbError),
-    #[error(transparent)]
-    Config(#[from] keyshare_runtime::config::ConfigError),
-    #[error("binding {what}: {source}")]
-    Bind { what: &'static str, source: std::io::Error },
-}
-
 /// Migrates, prepares and starts serving; returns once the listener is bound.
 pub async fn start(
     config: Config,
@@ -83,14 +73,9 @@ pub async fn start(
     let app = Arc::new(app::Keyring::new(pool.clone(), clock, config.sealer.clone(), directory, invitations));
     let metrics = Metrics::new("keyring");
     metrics.register_pool(pool);
-    let metrics_addr = metrics
-        .bind_and_serve(common.metrics_addr)
-        .await
-        .map_err(|source| StartError::Bind { what: "KEYSHARE_METRICS_ADDR", source })?;
-    let bound = server::bind(&common, GRPC_SERVICE)
-        .await
-        .map_err(|source| StartError::Bind { what: "KEYSHARE_LISTEN_ADDR", source })?;
-    let addr = bound.local_addr().map_err(|source| StartError::Bind { what: "KEYSHARE_LISTEN_ADDR", source })?;
+    let metrics_addr = metrics.bind_and_serve(common.metrics_addr).await?;
+    let bound = server::bind(&common, GRPC_SERVICE).await?;
+    let addr = bound.local_addr();
     let options =
         ServeOptions { config: common, grpc_service_name: GRPC_SERVICE, metrics, verifier, ready_on_start: true };
     let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
@@ -114,7 +99,7 @@ fn spawn_pruning(pool: deadpool_postgres::Pool, clock: SharedClock, retention: s
             ticker.tick().await;
             let Ok(retention) = chrono::Duration::from_std(retention) else { return };
             let result = async {
-                let client = pool.get().await.map_err(DbError::from)?;
+                let client = pool.get().await.map_err(db::DbError::from)?;
                 feed::prune(&client, clock.now() - retention).await
             }
             .await;

@@ -312,13 +312,6 @@ pub async fn key_row(c: &impl GenericClient, key: KeyRef, lock: bool) -> Result<
     }))
 }
 
-/// Whether the key exists at all, deleted or not, in that project.
-pub async fn key_ever_existed(c: &impl GenericClient, key: KeyRef) -> Result<bool> {
-    let row =
-        c.query_opt("SELECT 1 FROM keyring.keys WHERE id = $1 AND project_id = $2", &[&key.key, &key.project]).await?;
-    Ok(row.is_some())
-}
-
 async fn environments(c: &impl GenericClient, key: Uuid, now: DateTime<Utc>) -> Result<Vec<KeyEnvironment>> {
     let rows = c
         .query(
@@ -417,13 +410,6 @@ pub async fn project_keys(
         .iter()
         .map(|r| (KeyRef { project, key: r.get(0) }, r.get::<_, Option<&str>>(1).map(KeyRole::from_db), r.get(2)))
         .collect())
-}
-
-pub async fn count_live_keys(c: &impl GenericClient, project: Uuid) -> Result<i64> {
-    let row = c
-        .query_one("SELECT count(*) FROM keyring.keys WHERE project_id = $1 AND deleted_at IS NULL", &[&project])
-        .await?;
-    Ok(row.get(0))
 }
 
 /// Live key ids of a project.

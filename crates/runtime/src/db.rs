@@ -41,11 +41,6 @@ impl DbError {
         }
     }
 
-    /// Whether the transaction lost a serialization race and may simply be retried.
-    pub fn is_retryable(&self) -> bool {
-        matches!(self.sql_state(), Some(&SqlState::T_R_SERIALIZATION_FAILURE) | Some(&SqlState::T_R_DEADLOCK_DETECTED))
-    }
-
     /// Whether the database could not be reached at all (as opposed to refusing a statement).
     pub fn is_unavailable(&self) -> bool {
         match self {

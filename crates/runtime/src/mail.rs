@@ -78,42 +78,6 @@ pub async fn enqueue(client: &impl GenericClient, schema: &str, mail: &Mail) -> 
     Ok(row.get(0))
 }
 
-/// Delivery state of the newest mail about a topic.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum DeliveryState {
-    Pending { attempts: i32, last_error: Option<String> },
-    Delivered,
-    Failed { last_error: Option<String> },
-}
-
-/// Reads the delivery state of the newest mail about `topic`.
-pub async fn delivery_state(
-    client: &impl GenericClient,
-    schema: &str,
-    topic: &str,
-) -> Result<Option<DeliveryState>, DbError> {
-    let row = client
-        .query_opt(
-            &format!(
-                "SELECT attempts, last_error, delivered_at IS NOT NULL, failed_at IS NOT NULL
-                 FROM {schema}.outbox WHERE topic = $1 ORDER BY id DESC LIMIT 1"
-            ),
-            &[&topic],
-        )
-        .await?;
-    Ok(row.map(|row| {
-        let (attempts, last_error, delivered, failed): (i32, Option<String>, bool, bool) =
-            (row.get(0), row.get(1), row.get(2), row.get(3));
-        if delivered {
-            DeliveryState::Delivered
-        } else if failed {
-            DeliveryState::Failed { last_error }
-        } else {
-            DeliveryState::Pending { attempts, last_error }
-        }
-    }))
-}
-
 /// Where mail goes.
 #[derive(Clone)]
 enum Transport {

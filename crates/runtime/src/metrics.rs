@@ -149,10 +149,12 @@ impl Metrics {
         });
     }
 
-    /// Binds `addr` and serves; returns the bound address (useful with port 0).
-    pub async fn bind_and_serve(self: &Arc<Self>, addr: SocketAddr) -> std::io::Result<SocketAddr> {
-        let listener = TcpListener::bind(addr).await?;
-        let local = listener.local_addr()?;
+    /// Binds `addr` (`KEYSHARE_METRICS_ADDR`) and serves; returns the bound address (useful
+    /// with port 0).
+    pub async fn bind_and_serve(self: &Arc<Self>, addr: SocketAddr) -> Result<SocketAddr, crate::server::StartError> {
+        let bind_error = |source| crate::server::StartError::Bind { what: "KEYSHARE_METRICS_ADDR", source };
+        let listener = TcpListener::bind(addr).await.map_err(bind_error)?;
+        let local = listener.local_addr().map_err(bind_error)?;
         self.serve(listener);
         Ok(local)
     }

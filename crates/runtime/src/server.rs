@@ -57,25 +57,42 @@ pub struct ServeOptions {
     pub ready_on_start: bool,
 }
 
+/// Why a service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Db(#[from] crate::db::DbError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("binding {what}: {source}")]
+    Bind { what: &'static str, source: std::io::Error },
+    #[error("{0}")]
+    Setup(String),
+}
+
 /// A bound listener with its health reporter, before serving starts.
 pub struct Bound {
     listener: TcpListener,
+    addr: std::net::SocketAddr,
     readiness: Readiness,
     routes: Routes,
 }
 
 /// Binds the listen address (port 0 picks a free port) and prepares health reporting.
-pub async fn bind(config: &CommonConfig, grpc_service_name: &'static str) -> std::io::Result<Bound> {
-    let listener = TcpListener::bind(config.listen_addr).await?;
+pub async fn bind(config: &CommonConfig, grpc_service_name: &'static str) -> Result<Bound, StartError> {
+    let bind_error = |source| StartError::Bind { what: "KEYSHARE_LISTEN_ADDR", source };
+    let listener = TcpListener::bind(config.listen_addr).await.map_err(bind_error)?;
+    let addr = listener.local_addr().map_err(bind_error)?;
     let (reporter, health) = tonic_health::server::health_reporter();
     let readiness = Readiness { reporter, service_name: grpc_service_name };
     readiness.set(false).await;
-    Ok(Bound { listener, readiness, routes: Routes::new(health) })
+    Ok(Bound { listener, addr, readiness, routes: Routes::new(health) })
 }
 
 impl Bound {
-    pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
-        self.listener.local_addr()
+    /// The bound address (the real port when port 0 was asked for).
+    pub fn local_addr(&self) -> std::net::SocketAddr {
+        self.addr
     }
 
     pub fn readiness(&self) -> Readiness {
@@ -90,7 +107,7 @@ impl Bound {
         add_services: impl FnOnce(Routes) -> Routes,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
-        let Bound { listener, readiness, routes } = self;
+        let Bound { listener, readiness, routes, .. } = self;
         // Advertise only this service (and health); the descriptor set holds every Keyshare API.
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .with_service_name(options.grpc_service_name)
