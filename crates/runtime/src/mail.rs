@@ -280,8 +280,13 @@ impl OutboxWorker {
                 tokio::fs::create_dir_all(dir)
                     .await
                     .map_err(|e| SendError { permanent: false, message: format!("spool directory: {e}") })?;
+                // Written aside and renamed, so a reader of the spool never sees half a mail.
                 let path = dir.join(format!("{}-{id}.eml", self.schema));
-                tokio::fs::write(&path, message.formatted())
+                let partial = dir.join(format!(".{}-{id}.eml.partial", self.schema));
+                tokio::fs::write(&partial, message.formatted())
+                    .await
+                    .map_err(|e| SendError { permanent: false, message: format!("spool file: {e}") })?;
+                tokio::fs::rename(&partial, &path)
                     .await
                     .map_err(|e| SendError { permanent: false, message: format!("spool file: {e}") })
             }
