@@ -2,7 +2,11 @@
 //! baseline), both measured in this run with h2load on this machine:
 //! - throughput at saturation (ratio to the baseline),
 //! - p50/p99 latency at a moderate load (one request at a time), from h2load's `--log-file`,
-//! - with 1,000 and with 1,000,000 keys in memory, and the memory each key takes.
+//! - with 1,000 and with 1,000,000 keys in memory (a sandbox and a production credential
+//!   each, as keyring issues them), and the memory each key takes.
+//!
+//! CheckKey runs as in production: every check of a known key goes to the usage writer, which
+//! writes counts and call logs to a real PostgreSQL database on this same machine.
 //!
 //! Run: `cargo bench -p keyshare-authorizer --bench check_key` (needs `h2load`, Debian's
 //! `nghttp2-client`; `scripts/bench` installs it). `CHECK_BENCH_KEYS=1000,1000000` sets the sizes.
@@ -16,7 +20,8 @@ use std::time::Duration;
 
 use keyshare_authorizer::check::Checker;
 use keyshare_authorizer::follower::Shared;
-use keyshare_authorizer::index::{CredentialEntry, KeyMeta, Methods};
+use keyshare_authorizer::index::{Methods, NewCredential};
+use keyshare_authorizer::usage::{self, UsageConfig, UsageMetrics};
 use keyshare_proto::authorizer::v1 as pb;
 use keyshare_proto::authorizer::v1::authorizer_service_server::{AuthorizerService, AuthorizerServiceServer};
 use keyshare_runtime::auth::{KeySource, PublicKeyMaterial, TokenPolicy, TokenVerifier};
@@ -25,7 +30,9 @@ use keyshare_runtime::config::{CommonConfig, Env};
 use keyshare_runtime::credential::{Credential, Environment};
 use keyshare_runtime::metrics::Metrics;
 use keyshare_runtime::server::{self, ServeOptions};
+use keyshare_runtime::testkit::TestDatabase;
 use prost::Message;
+use uuid::Uuid;
 
 /// The baseline: answers every call with a fixed response of the real answer's size.
 struct Bare(pb::CheckKeyResponse);
@@ -53,32 +60,37 @@ fn rss_bytes() -> u64 {
     statm.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()).unwrap_or(0) * 4096
 }
 
-/// Loads `keys` keys (one production credential each) into a fresh index; returns one valid
-/// credential and the memory per key.
+const PROJECT: &str = "0193f7e2-0000-7000-8000-000000000001";
+
+/// Loads `keys` keys (a sandbox and a production credential each) into a fresh index; returns
+/// one valid production credential and the memory per key.
 fn load(shared: &Shared, keys: usize) -> (String, f64) {
-    let project: Arc<str> = "projects/0193f7e2-0000-7000-8000-000000000001".into();
+    let project = Uuid::parse_str(PROJECT).unwrap();
+    let credential = |environment| NewCredential {
+        sha256: [0; 32],
+        environment,
+        active: true,
+        methods: Methods::new(true, true, true, true),
+        rate_limit: 0,
+        daily_quota: 0,
+        allowlist: Vec::new(),
+        expire_at: None,
+        grace_end: None,
+    };
     let before = rss_bytes();
     let mut sample = String::new();
     {
         let mut index = shared.index.write().unwrap();
         for n in 0..keys {
-            let credential = Credential::generate(Environment::Production);
-            let name: Arc<str> = format!("{project}/keys/0193f7e2-0000-7000-8000-{n:012}").into();
-            let meta = Arc::new(KeyMeta::new(name, project.clone()));
-            let entry = CredentialEntry {
-                key: meta.clone(),
-                environment: Environment::Production,
-                active: true,
-                methods: Methods::new(true, true, true, true),
-                rate_limit: 0,
-                daily_quota: 0,
-                allowlist: Box::new([]),
-                expire_at: None,
-                grace_end: None,
-            };
-            index.upsert_key(meta, vec![(credential.hash(), entry)]);
+            let production = Credential::generate(Environment::Production);
+            let sandbox = Credential::generate(Environment::Sandbox);
+            let credentials = vec![
+                NewCredential { sha256: sandbox.hash(), ..credential(Environment::Sandbox) },
+                NewCredential { sha256: production.hash(), ..credential(Environment::Production) },
+            ];
+            index.upsert_key(Uuid::now_v7(), project, credentials);
             if n == keys / 2 {
-                sample = credential.expose().to_owned();
+                sample = production.expose().to_owned();
             }
         }
     }
@@ -86,7 +98,7 @@ fn load(shared: &Shared, keys: usize) -> (String, f64) {
     (sample, per_key)
 }
 
-async fn serve_real(shared: Arc<Shared>) -> u16 {
+async fn serve_real(shared: Arc<Shared>, database_url: &str) -> (u16, Arc<UsageMetrics>) {
     let env = Env::from_pairs([
         ("DATABASE_URL", "postgres://unused"),
         ("KEYSHARE_LISTEN_ADDR", "127.0.0.1:0"),
@@ -104,13 +116,22 @@ async fn serve_real(shared: Arc<Shared>) -> u16 {
         verifier,
         ready_on_start: true,
     };
-    let grpc = keyshare_authorizer::grpc::AuthorizerGrpc::new(Checker::new(shared, Arc::new(SystemClock)));
+    let pool = keyshare_runtime::db::pool(database_url, 4).unwrap();
+    let (recorder, writer) =
+        usage::channel(pool, database_url.to_owned(), shared.clone(), Arc::new(SystemClock), UsageConfig::default());
+    let usage = writer.metrics();
+    let (_stop, stopping) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        let _stop = _stop;
+        writer.run(stopping).await
+    });
+    let grpc = keyshare_authorizer::grpc::AuthorizerGrpc::new(Checker::new(shared, Arc::new(SystemClock), recorder));
     tokio::spawn(bound.serve(
         options,
         |routes| routes.add_service(AuthorizerServiceServer::new(grpc)),
         std::future::pending(),
     ));
-    port
+    (port, usage)
 }
 
 async fn serve_bare(response: pb::CheckKeyResponse) -> u16 {
@@ -181,19 +202,20 @@ fn main() {
     let dir = std::env::temp_dir().join(format!("check-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     println!("CheckKey vs a bare tonic server (same message sizes), h2load on one machine");
+    let database = runtime.block_on(TestDatabase::create());
     for keys in sizes {
         let shared = Arc::new(Shared::default());
         let (credential, per_key) = load(&shared, keys);
         let request = pb::CheckKeyRequest {
             key: credential,
-            project: "projects/0193f7e2-0000-7000-8000-000000000001".into(),
+            project: format!("projects/{PROJECT}"),
             method: "GET".into(),
             path: "/v1/things".into(),
             client_ip: "198.51.100.7".into(),
             environment: pb::Environment::Production as i32,
         };
-        let (real_port, expected) = runtime.block_on(async {
-            let port = serve_real(shared.clone()).await;
+        let (real_port, expected, usage) = runtime.block_on(async {
+            let (port, usage) = serve_real(shared.clone(), &database.url).await;
             let channel = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}"))
                 .unwrap()
                 .connect()
@@ -205,7 +227,7 @@ fn main() {
                 .unwrap()
                 .into_inner();
             assert_eq!(answer.outcome, pb::Outcome::Valid as i32, "the benchmark checks a valid key");
-            (port, answer)
+            (port, answer, usage)
         });
         let bare_port = runtime.block_on(serve_bare(expected));
         let body = grpc_body(&dir, &request);
@@ -229,6 +251,13 @@ fn main() {
             pct(&bare_lat, 99.0),
             pct(&real_lat, 50.0),
             pct(&real_lat, 99.0)
+        );
+        std::thread::sleep(Duration::from_millis(1500));
+        println!(
+            "  usage: {} call logs written, {} records dropped (channel full), {} log lines dropped",
+            usage.written_call_logs.get(),
+            usage.dropped_records.get(),
+            usage.dropped_call_logs.get()
         );
         drop(shared);
         std::thread::sleep(Duration::from_millis(200));

@@ -1,17 +1,20 @@
 //! Deciding one check, from memory, in the order PRODUCT §5 fixes: format and checksum, known
 //! credential, expiry and grace, active switch, project, expected environment, method, source
-//! address, then the key's and the project's rate limits. (Quotas are not counted yet.)
+//! address, the key's and the project's rate limits, then the key's daily and the project's
+//! monthly quota. Every limit is checked before any is charged for good: a call refused by one
+//! gives back what the others took.
 
+use std::fmt;
 use std::net::IpAddr;
-use std::sync::Arc;
 
 use keyshare_runtime::credential::{self, Environment};
+use uuid::Uuid;
 
 use crate::index::{self, Index};
-use crate::limits;
+use crate::limits::{self, Period};
 
 /// Why a check passed or failed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Outcome {
     Valid,
     Malformed,
@@ -26,6 +29,19 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    pub const ALL: [Outcome; 10] = [
+        Outcome::Valid,
+        Outcome::Malformed,
+        Outcome::NotFound,
+        Outcome::Expired,
+        Outcome::Disabled,
+        Outcome::WrongEnvironment,
+        Outcome::MethodNotAllowed,
+        Outcome::SourceNotAllowed,
+        Outcome::RateLimited,
+        Outcome::QuotaExceeded,
+    ];
+
     /// The HTTP status a gateway answers with.
     pub fn http_status(self) -> i32 {
         match self {
@@ -33,6 +49,38 @@ impl Outcome {
             Outcome::Malformed | Outcome::NotFound | Outcome::Expired | Outcome::WrongEnvironment => 401,
             Outcome::Disabled | Outcome::MethodNotAllowed | Outcome::SourceNotAllowed => 403,
             Outcome::RateLimited | Outcome::QuotaExceeded => 429,
+        }
+    }
+
+    /// The `keyshare.authorizer.v1.Outcome` number, as stored in usage tables.
+    pub fn number(self) -> i16 {
+        match self {
+            Outcome::Valid => 1,
+            Outcome::Malformed => 2,
+            Outcome::NotFound => 3,
+            Outcome::Expired => 4,
+            Outcome::Disabled => 5,
+            Outcome::WrongEnvironment => 6,
+            Outcome::MethodNotAllowed => 7,
+            Outcome::SourceNotAllowed => 8,
+            Outcome::RateLimited => 9,
+            Outcome::QuotaExceeded => 10,
+        }
+    }
+
+    /// Lowercase name, for metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Valid => "valid",
+            Outcome::Malformed => "malformed",
+            Outcome::NotFound => "not_found",
+            Outcome::Expired => "expired",
+            Outcome::Disabled => "disabled",
+            Outcome::WrongEnvironment => "wrong_environment",
+            Outcome::MethodNotAllowed => "method_not_allowed",
+            Outcome::SourceNotAllowed => "source_not_allowed",
+            Outcome::RateLimited => "rate_limited",
+            Outcome::QuotaExceeded => "quota_exceeded",
         }
     }
 }
@@ -49,19 +97,36 @@ pub struct CheckInput<'a> {
     pub environment: Option<Environment>,
 }
 
+/// A key by its identifiers; displays as `projects/{project}/keys/{key}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct KeyName {
+    pub project: Uuid,
+    pub key: Uuid,
+}
+
+impl fmt::Display for KeyName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "projects/{}/keys/{}", self.project, self.key)
+    }
+}
+
 /// The answer, with what is known of the credential.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Decision {
     pub outcome: Outcome,
-    pub key: Option<Arc<str>>,
+    pub key: Option<KeyName>,
     pub environment: Option<Environment>,
     /// With a rate or quota refusal: seconds until a retry can succeed.
     pub retry_after: i64,
 }
 
+/// Whether the gateway's `projects/{project}` names `project`, compared without allocating.
+fn same_project(gateway: &str, project: Uuid) -> bool {
+    gateway.strip_prefix("projects/").and_then(|id| Uuid::try_parse(id).ok()) == Some(project)
+}
+
 /// Decides a check at `now_nanos` (Unix nanoseconds on the service clock). Touches only memory;
-/// allocates nothing. A valid call is charged to the key's and the project's rate buckets, or
-/// to neither.
+/// allocates nothing. A valid call is charged to every rate bucket and quota, or to none.
 pub fn check(index: &Index, input: &CheckInput<'_>, now_nanos: i64) -> Decision {
     let now = now_nanos.div_euclid(1_000_000_000);
     let reject = |outcome| Decision { outcome, key: None, environment: None, retry_after: 0 };
@@ -69,54 +134,63 @@ pub fn check(index: &Index, input: &CheckInput<'_>, now_nanos: i64) -> Decision 
     if credential::parse(input.credential).is_err() {
         return reject(Outcome::Malformed);
     }
-    let Some(entry) = index.credential(&credential::hash_presented(input.credential)) else {
+    let Some(found) = index.lookup(&credential::hash_presented(input.credential)) else {
         return reject(Outcome::NotFound);
     };
     let known = |outcome| Decision {
         outcome,
-        key: Some(entry.key.name.clone()),
-        environment: Some(entry.environment),
+        key: Some(KeyName { project: found.project.id, key: found.key.id }),
+        environment: Some(found.environment),
         retry_after: 0,
     };
-    if entry.expire_at.is_some_and(|at| now >= at) || entry.grace_end.is_some_and(|end| now >= end) {
+    let settings = found.settings;
+    if settings.expired(now) || found.grace_end.is_some_and(|end| now >= end) {
         return known(Outcome::Expired);
     }
-    if !entry.active {
+    if !settings.active() {
         return known(Outcome::Disabled);
     }
-    if !input.project.is_empty() && *entry.key.project != *input.project {
+    if !input.project.is_empty() && !same_project(input.project, found.project.id) {
         // Another project's key is, to this gateway, no key at all.
         return reject(Outcome::NotFound);
     }
-    if input.environment.is_some_and(|expected| expected != entry.environment) {
+    if input.environment.is_some_and(|expected| expected != found.environment) {
         return known(Outcome::WrongEnvironment);
     }
-    if !entry.methods.allow(input.method) {
+    if !settings.methods.allow(input.method) {
         return known(Outcome::MethodNotAllowed);
     }
-    if !entry.allows_source(input.client_ip) {
+    if !index.allows_source(&found, input.client_ip) {
         return known(Outcome::SourceNotAllowed);
     }
-    let slot = index::slot(entry.environment);
-    let key_rate = (&entry.key.rates[slot], entry.rate_limit);
-    let taken = match index.project(&entry.key.project) {
-        Some(project) => {
-            limits::take_all(&[key_rate, (&project.rates[slot], project.limits[slot].rate_limit)], now_nanos)
-        }
-        None => limits::take_all(&[key_rate], now_nanos),
-    };
-    if let Err(retry_after) = taken {
+    let slot = index::slot(found.environment);
+    let (key, project) = (found.key, found.project);
+    let rates =
+        [(&key.rates[slot], i64::from(settings.rate_limit)), (&project.rates[slot], project.limits[slot].rate_limit)];
+    if let Err(retry_after) = limits::take_all(&rates, now_nanos) {
         return Decision { retry_after, ..known(Outcome::RateLimited) };
+    }
+    let (day, month) = (Period::day(now), Period::month(now));
+    if !key.daily[slot].try_charge(day, i64::from(settings.daily_quota)) {
+        limits::give_back_all(&rates);
+        return Decision { retry_after: Period::seconds_to_next_day(now), ..known(Outcome::QuotaExceeded) };
+    }
+    if !project.monthly[slot].try_charge(month, project.limits[slot].monthly_quota) {
+        key.daily[slot].add(day, -1);
+        limits::give_back_all(&rates);
+        return Decision { retry_after: Period::seconds_to_next_month(now), ..known(Outcome::QuotaExceeded) };
     }
     known(Outcome::Valid)
 }
 
-/// Decides checks against the shared index at the service clock's time: what both the
-/// CheckKey and the Envoy adapters call.
+/// Decides checks against the shared index at the service clock's time, counts them and hands
+/// checks of known keys to the usage recorder: what both the CheckKey and the Envoy adapters
+/// call.
 #[derive(Clone)]
 pub struct Checker {
     shared: std::sync::Arc<crate::follower::Shared>,
     clock: keyshare_runtime::clock::SharedClock,
+    usage: crate::usage::Recorder,
 }
 
 impl std::fmt::Debug for Checker {
@@ -126,14 +200,35 @@ impl std::fmt::Debug for Checker {
 }
 
 impl Checker {
-    pub fn new(shared: std::sync::Arc<crate::follower::Shared>, clock: keyshare_runtime::clock::SharedClock) -> Self {
-        Self { shared, clock }
+    pub fn new(
+        shared: std::sync::Arc<crate::follower::Shared>,
+        clock: keyshare_runtime::clock::SharedClock,
+        usage: crate::usage::Recorder,
+    ) -> Self {
+        Self { shared, clock, usage }
     }
 
-    pub fn decide(&self, input: &CheckInput<'_>) -> Decision {
+    /// Decides a check; `path` (the request path, moved in rather than copied) goes to the
+    /// call log.
+    pub fn decide(&self, input: &CheckInput<'_>, path: String) -> Decision {
         let now = self.clock.now().timestamp_nanos_opt().unwrap_or(i64::MAX);
-        // The read lock covers only the lookup; nothing awaits while it is held.
-        let index = self.shared.index.read().unwrap_or_else(|p| p.into_inner());
-        check(&index, input, now)
+        let decision = {
+            // The read lock covers only the decision; nothing awaits while it is held.
+            let index = self.shared.index.read().unwrap_or_else(|p| p.into_inner());
+            check(&index, input, now)
+        };
+        self.shared.count(decision.outcome);
+        if let (Some(key), Some(environment)) = (decision.key, decision.environment) {
+            self.usage.record(crate::usage::CallRecord {
+                at_nanos: now,
+                key,
+                environment,
+                method: crate::usage::method_label(input.method),
+                path: crate::usage::log_path(path),
+                client_ip: input.client_ip,
+                outcome: decision.outcome,
+            });
+        }
+        decision
     }
 }

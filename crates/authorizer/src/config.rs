@@ -18,6 +18,7 @@ pub struct Config {
     /// This service's internal client (`KEYSHARE_CLIENT_ID`, `KEYSHARE_CLIENT_SECRET`).
     pub credentials: ClientCredentials,
     pub ext_authz: crate::ext_authz::ExtAuthzConfig,
+    pub usage: crate::usage::UsageConfig,
 }
 
 impl Config {
@@ -34,6 +35,19 @@ impl Config {
                     .unwrap_or_else(|| "x-api-key".into())
                     .to_ascii_lowercase(),
                 trust_forwarded_for: env.bool_or("KEYSHARE_TRUST_FORWARDED_FOR", false)?,
+            },
+            usage: {
+                let defaults = crate::usage::UsageConfig::default();
+                crate::usage::UsageConfig {
+                    flush_interval: std::time::Duration::from_millis(
+                        env.parse_or("KEYSHARE_USAGE_FLUSH_MILLIS", 1000u64)?.max(10),
+                    ),
+                    channel: env.parse_or("KEYSHARE_USAGE_CHANNEL", defaults.channel)?,
+                    buffer: env.parse_or("KEYSHARE_USAGE_BUFFER", defaults.buffer)?,
+                    call_log_retention: std::time::Duration::from_secs(
+                        env.parse_or("KEYSHARE_CALL_LOG_RETENTION_DAYS", 30u64)?.saturating_mul(24 * 3600),
+                    ),
+                }
             },
         })
     }

@@ -59,7 +59,14 @@ fn message(outcome: Outcome) -> &'static str {
 #[tonic::async_trait]
 impl Authorization for ExtAuthz {
     async fn check(&self, request: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
-        let request = request.get_ref();
+        let mut request = request.into_inner();
+        let path = request
+            .attributes
+            .as_mut()
+            .and_then(|a| a.request.as_mut())
+            .and_then(|r| r.http.as_mut())
+            .map(|h| std::mem::take(&mut h.path))
+            .unwrap_or_default();
         let empty = Default::default();
         let headers = request.get_client_headers().unwrap_or(&empty);
         let http = request.attributes.as_ref().and_then(|a| a.request.as_ref()).and_then(|r| r.http.as_ref());
@@ -87,12 +94,12 @@ impl Authorization for ExtAuthz {
             client_ip,
             environment: extensions.and_then(|e| e.get("environment")).and_then(|e| Environment::parse(e)),
         };
-        let decision = self.checker.decide(&input);
+        let decision = self.checker.decide(&input, path);
 
         let mut response = CheckResponse::new();
         if decision.outcome == Outcome::Valid {
             let mut ok = OkHttpResponseBuilder::new();
-            ok.add_header("x-keyshare-key", decision.key.as_deref().unwrap_or_default(), None, false);
+            ok.add_header("x-keyshare-key", decision.key.map(|k| k.to_string()).unwrap_or_default(), None, false);
             ok.add_header("x-keyshare-environment", decision.environment.map_or("", |e| e.as_str()), None, false);
             ok.remove_header(header);
             response.set_status(Status::ok("")).set_http_response(ok.build());

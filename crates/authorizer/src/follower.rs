@@ -2,7 +2,7 @@
 //! stream it reconnects with backoff and resumes after the last sequence it applied; meanwhile
 //! checks go on answering from what the index has.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -13,8 +13,14 @@ use keyshare_runtime::client::ServiceToken;
 use keyshare_runtime::credential::Environment;
 use keyshare_runtime::server::Readiness;
 use tonic::transport::Channel;
+use uuid::Uuid;
 
-use crate::index::{CredentialEntry, Index, KeyMeta, Limits, Methods, slot};
+use crate::check::Outcome;
+use crate::index::{Index, Limits, Methods, NewCredential};
+
+/// How long readiness waits, after the first snapshot, for the quota counts stored in the
+/// database; without the database the authorizer serves anyway.
+const QUOTA_RESTORE_WAIT: Duration = Duration::from_secs(5);
 
 /// The index and where it stands in the feed.
 #[derive(Debug, Default)]
@@ -23,11 +29,23 @@ pub struct Shared {
     /// Sequence of the last applied change or complete snapshot.
     pub sequence: AtomicI64,
     pub connected: AtomicBool,
+    /// Whether a first snapshot has been loaded.
+    pub loaded: AtomicBool,
+    /// Whether the quota counts stored in the database have been added to the index.
+    pub quotas_restored: AtomicBool,
+    pub quotas_restored_notify: tokio::sync::Notify,
+    /// Checks answered, by outcome (in [`Outcome::ALL`] order).
+    pub outcomes: [AtomicU64; 10],
     /// When the feed was lost, while it is lost.
     lost_at: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl Shared {
+    pub fn count(&self, outcome: Outcome) {
+        let index = Outcome::ALL.iter().position(|o| *o == outcome).unwrap_or(0);
+        self.outcomes[index].fetch_add(1, Ordering::Relaxed);
+    }
+
     fn set_connected(&self, connected: bool) {
         self.connected.store(connected, Ordering::Relaxed);
         let mut lost_at = self.lost_at.lock().unwrap_or_else(|p| p.into_inner());
@@ -60,23 +78,32 @@ fn limits(l: Option<pb::ProjectEnvironmentLimits>) -> Limits {
     l.map(|l| Limits { rate_limit: l.rate_limit_per_second, monthly_quota: l.monthly_quota }).unwrap_or_default()
 }
 
+/// The UUIDs of `projects/{project}`.
+fn project_id(name: &str) -> Option<Uuid> {
+    Uuid::try_parse(name.strip_prefix("projects/")?).ok()
+}
+
+/// The UUIDs of `projects/{project}/keys/{key}`.
+fn key_id(name: &str) -> Option<(Uuid, Uuid)> {
+    let (project, key) = name.strip_prefix("projects/")?.split_once("/keys/")?;
+    Some((Uuid::try_parse(project).ok()?, Uuid::try_parse(key).ok()?))
+}
+
 /// Applies one feed event to an index.
 pub fn apply(index: &mut Index, event: Event) {
     match event {
         Event::KeyUpserted(state) => {
-            // The key keeps its rate buckets across changes, except a changed limit starts afresh.
-            let previous_limits = index.key_rate_limits(&state.key);
-            let meta = index
-                .key_meta(&state.key)
-                .unwrap_or_else(|| Arc::new(KeyMeta::new(state.key.into(), state.project.into())));
-            let entries: Vec<([u8; 32], CredentialEntry)> = state
+            let Some((project, key)) = key_id(&state.key) else {
+                tracing::warn!(key = %state.key, "feed names a key the authorizer cannot parse; ignored");
+                return;
+            };
+            let credentials = state
                 .credentials
                 .into_iter()
                 .filter_map(|c| {
-                    let sha256: [u8; 32] = c.sha256.as_slice().try_into().ok()?;
                     let permissions = c.permissions.unwrap_or_default();
-                    let entry = CredentialEntry {
-                        key: meta.clone(),
+                    Some(NewCredential {
+                        sha256: c.sha256.as_slice().try_into().ok()?,
                         environment: environment(c.environment)?,
                         active: c.active,
                         methods: Methods::new(
@@ -90,30 +117,40 @@ pub fn apply(index: &mut Index, event: Event) {
                         allowlist: c.ip_allowlist.iter().filter_map(|net| net.parse::<IpNet>().ok()).collect(),
                         expire_at: c.expire_time.map(|t| t.seconds),
                         grace_end: c.grace_end_time.map(|t| t.seconds),
-                    };
-                    Some((sha256, entry))
+                    })
                 })
                 .collect();
-            if let Some(previous) = previous_limits {
-                let mut current = previous;
-                for (_, entry) in entries.iter() {
-                    current[slot(entry.environment)] = entry.rate_limit;
-                }
-                for environment in [Environment::Sandbox, Environment::Production] {
-                    if previous[slot(environment)] != current[slot(environment)] {
-                        meta.rates[slot(environment)].reset();
-                    }
-                }
+            index.upsert_key(key, project, credentials);
+        }
+        Event::KeyRemoved(name) => {
+            if let Some((_, key)) = key_id(&name) {
+                index.remove_key(key);
             }
-            index.upsert_key(meta, entries);
         }
-        Event::KeyRemoved(name) => index.remove_key(&name),
         Event::ProjectUpserted(state) => {
-            index.upsert_project(state.project.into(), limits(state.sandbox), limits(state.production))
+            if let Some(project) = project_id(&state.project) {
+                index.upsert_project(project, limits(state.sandbox), limits(state.production));
+            }
         }
-        Event::ProjectRemoved(name) => index.remove_project(&name),
+        Event::ProjectRemoved(name) => {
+            if let Some(project) = project_id(&name) {
+                index.remove_project(project);
+            }
+        }
         Event::SnapshotStart(_) | Event::SnapshotEnd(_) => {}
     }
+}
+
+/// Reports SERVING once the stored quota counts are in memory, or after a short wait when
+/// the database does not answer: checks must not wait for PostgreSQL.
+fn spawn_ready_after_restore(shared: Arc<Shared>, readiness: Readiness) {
+    tokio::spawn(async move {
+        let restored = shared.quotas_restored_notify.notified();
+        if !shared.quotas_restored.load(Ordering::Acquire) {
+            let _ = tokio::time::timeout(QUOTA_RESTORE_WAIT, restored).await;
+        }
+        readiness.set(true).await;
+    });
 }
 
 /// Follows the feed until the process ends.
@@ -137,7 +174,7 @@ pub fn spawn(keyring: Channel, token: Arc<ServiceToken>, shared: Arc<Shared>, re
 async fn follow_once(
     keyring: &Channel,
     token: &ServiceToken,
-    shared: &Shared,
+    shared: &Arc<Shared>,
     readiness: &Readiness,
 ) -> Result<(), String> {
     let after = shared.sequence.load(Ordering::Acquire);
@@ -157,10 +194,15 @@ async fn follow_once(
             Event::SnapshotEnd(_) => {
                 if let Some(index) = building.take() {
                     let credentials = index.credentials();
+                    // Counters carry over, so a fresh snapshot hands out no fresh budget. Calls
+                    // charged between the copy and the swap are the only ones not carried.
+                    index.carry_counters_from(&shared.index.read().unwrap_or_else(|p| p.into_inner()));
                     *shared.index.write().unwrap_or_else(|p| p.into_inner()) = index;
                     shared.sequence.store(message.sequence, Ordering::Release);
                     tracing::info!(sequence = message.sequence, credentials, "snapshot loaded");
-                    readiness.set(true).await;
+                    if !shared.loaded.swap(true, Ordering::AcqRel) {
+                        spawn_ready_after_restore(shared.clone(), readiness.clone());
+                    }
                 }
             }
             event => match building.as_mut() {

@@ -44,7 +44,7 @@ fn environment_pb(environment: Environment) -> pb::Environment {
 impl pb::authorizer_service_server::AuthorizerService for AuthorizerGrpc {
     /// A rejected key is an answer, never an error: gateways read RPC errors as "authorizer down".
     async fn check_key(&self, request: Request<pb::CheckKeyRequest>) -> Result<Response<pb::CheckKeyResponse>, Status> {
-        let r = request.get_ref();
+        let r = request.into_inner();
         let input = CheckInput {
             credential: &r.key,
             project: &r.project,
@@ -56,12 +56,12 @@ impl pb::authorizer_service_server::AuthorizerService for AuthorizerGrpc {
                 _ => None,
             },
         };
-        let decision = self.checker.decide(&input);
+        let decision = self.checker.decide(&input, r.path);
         Ok(Response::new(pb::CheckKeyResponse {
             allowed: decision.outcome == Outcome::Valid,
             outcome: outcome_pb(decision.outcome) as i32,
             http_status: decision.outcome.http_status(),
-            key: decision.key.as_deref().map(str::to_owned).unwrap_or_default(),
+            key: decision.key.map(|k| k.to_string()).unwrap_or_default(),
             environment: decision.environment.map_or(0, |e| environment_pb(e) as i32),
             retry_after_seconds: i32::try_from(decision.retry_after).unwrap_or(i32::MAX),
         }))

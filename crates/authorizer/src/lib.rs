@@ -1,7 +1,8 @@
 //! Keyshare authorizer: `CheckKey` answered from memory, fed by keyring's change feed.
 //!
 //! Layout: [`grpc`] is the adapter, [`check`] decides one check, [`index`] holds what the feed
-//! said, [`follower`] keeps the index current.
+//! said, [`follower`] keeps the index current. [`usage_grpc`] serves usage statistics and call
+//! logs from [`stats`].
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -12,21 +13,38 @@ use keyshare_proto::authorizer::v1::authorizer_service_server::AuthorizerService
 use keyshare_runtime::auth::{IdentityKeySource, TokenVerifier};
 use keyshare_runtime::client::{ServiceToken, lazy_channel};
 use keyshare_runtime::clock::SharedClock;
+use keyshare_runtime::db;
 use keyshare_runtime::metrics::Metrics;
 pub use keyshare_runtime::server::StartError;
 use keyshare_runtime::server::{self, ServeError, ServeOptions};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::task::JoinHandle;
 
 pub mod check;
 pub mod config;
+pub mod error;
 pub mod ext_authz;
 pub mod follower;
 pub mod grpc;
 pub mod index;
 pub mod limits;
+pub mod stats;
+pub mod usage;
+pub mod usage_grpc;
 
 pub use config::Config;
+
+mod migrations {
+    refinery::embed_migrations!("migrations");
+}
+
+/// Applies the authorizer's migrations to its own schema. The authorizer starts and answers
+/// checks without its database; its usage writer calls this (with retries) before writing.
+pub async fn migrate(database_url: &str) -> Result<(), db::DbError> {
+    db::migrate(database_url, "authorizer", migrations::migrations::runner()).await
+}
 
 /// Fully qualified gRPC service name.
 pub const GRPC_SERVICE: &str = "keyshare.authorizer.v1.AuthorizerService";
@@ -54,32 +72,77 @@ pub async fn start(
     verifier.spawn_refresh();
     let token = ServiceToken::new(identity, config.credentials.clone(), clock.clone());
 
+    // Connections are made lazily: the authorizer starts and answers checks without PostgreSQL.
+    let pool = db::pool(&common.database_url, common.db_pool_size)?;
     let shared = Arc::new(follower::Shared::default());
     let metrics = Metrics::new("authorizer");
+    metrics.register_pool(pool.clone());
     register_feed_metrics(&metrics, shared.clone());
     let metrics_addr = metrics.bind_and_serve(common.metrics_addr).await?;
-    let bound = server::bind(&common, GRPC_SERVICE).await?;
+    let (recorder, writer) =
+        usage::channel(pool.clone(), common.database_url.clone(), shared.clone(), clock.clone(), config.usage.clone());
+    register_usage_metrics(&metrics, &writer.metrics());
+    let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
+    let usage_writer = tokio::spawn(writer.run(stopping));
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stopping_tx.send(true);
+    };
+    let bound = server::bind_services(&common, &[GRPC_SERVICE, usage_grpc::GRPC_SERVICE]).await?;
     let addr = bound.local_addr();
-    follower::spawn(keyring, token, shared.clone(), bound.readiness());
+    follower::spawn(keyring.clone(), token, shared.clone(), bound.readiness());
 
     let options =
         ServeOptions { config: common, grpc_service_name: GRPC_SERVICE, metrics, verifier, ready_on_start: false };
-    let checker = check::Checker::new(shared.clone(), clock);
+    let checker = check::Checker::new(shared.clone(), clock.clone(), recorder);
     let grpc = grpc::AuthorizerGrpc::new(checker.clone());
     let envoy = ext_authz::ExtAuthz::new(checker, config.ext_authz.clone());
+    let usage_api = usage_grpc::UsageGrpc::new(stats::Stats::new(pool.clone(), keyring.clone(), clock.clone()));
     let server = tokio::spawn(async move {
-        bound
+        let served = bound
             .serve(
                 options,
                 |routes| {
-                    routes.add_service(AuthorizerServiceServer::new(grpc)).add_service(AuthorizationServer::new(envoy))
+                    routes
+                        .add_service(AuthorizerServiceServer::new(grpc))
+                        .add_service(AuthorizationServer::new(envoy))
+                        .add_service(usage_api.into_server())
                 },
                 shutdown,
             )
-            .await
+            .await;
+        // The usage writer writes what it holds once the server has drained.
+        let _ = usage_writer.await;
+        served
     });
     tracing::info!(%addr, %metrics_addr, "authorizer serving (ready after the first snapshot)");
     Ok(Started { addr, metrics_addr, shared, server })
+}
+
+/// `keyshare_checks_total{outcome}`, and the usage writer's `keyshare_usage_*` counters.
+fn register_usage_metrics(metrics: &Metrics, usage: &usage::UsageMetrics) {
+    let mut registry = metrics.registry();
+    registry.register(
+        "usage_dropped_records",
+        "Check records dropped whole because the usage channel was full",
+        usage.dropped_records.clone(),
+    );
+    registry.register(
+        "usage_dropped_call_logs",
+        "Call-log lines dropped because the usage buffer was full (their counts were kept)",
+        usage.dropped_call_logs.clone(),
+    );
+    registry.register("usage_written_call_logs", "Call-log lines written", usage.written_call_logs.clone());
+    registry.register(
+        "usage_failed_writes",
+        "Usage writes that failed and will be retried",
+        usage.failed_writes.clone(),
+    );
+    registry.register(
+        "usage_buffered_call_logs",
+        "Call-log lines waiting to be written",
+        usage.buffered_call_logs.clone(),
+    );
 }
 
 /// `keyshare_feed_connected` (0/1), `keyshare_feed_stale_seconds` (how long checks have been
@@ -89,6 +152,7 @@ fn register_feed_metrics(metrics: &Metrics, shared: Arc<follower::Shared>) {
     let (connected, sequence, credentials) =
         (Gauge::<i64>::default(), Gauge::<i64>::default(), Gauge::<i64>::default());
     let stale = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+    let checks = Family::<[(&'static str, &'static str); 1], Counter>::default();
     {
         let mut registry = metrics.registry();
         registry.register(
@@ -103,11 +167,21 @@ fn register_feed_metrics(metrics: &Metrics, shared: Arc<follower::Shared>) {
             stale.clone(),
         );
         registry.register("index_credentials", "Credentials held in memory", credentials.clone());
+        registry.register("checks", "Checks answered, by outcome", checks.clone());
     }
     metrics.on_scrape(move || {
         connected.set(i64::from(shared.connected.load(Ordering::Relaxed)));
         stale.set(shared.stale_for().as_secs_f64());
         sequence.set(shared.sequence.load(Ordering::Relaxed));
         credentials.set(shared.index.read().unwrap_or_else(|p| p.into_inner()).credentials() as i64);
+        // Checks count into plain atomics; the exported counters catch up at each scrape.
+        for (outcome, answered) in check::Outcome::ALL.iter().zip(&shared.outcomes) {
+            let counter = checks.get_or_create(&[("outcome", outcome.as_str())]);
+            let answered = answered.load(Ordering::Relaxed);
+            let exported = counter.get();
+            if answered > exported {
+                counter.inc_by(answered - exported);
+            }
+        }
     });
 }

@@ -27,21 +27,23 @@ use crate::metrics::Metrics;
 #[derive(Clone)]
 pub struct Readiness {
     reporter: HealthReporter,
-    service_name: &'static str,
+    service_names: Arc<[&'static str]>,
 }
 
 impl std::fmt::Debug for Readiness {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Readiness").field("service_name", &self.service_name).finish()
+        f.debug_struct("Readiness").field("service_names", &self.service_names).finish()
     }
 }
 
 impl Readiness {
-    /// SERVING or NOT_SERVING, for the whole server (`""`) and the named service alike.
+    /// SERVING or NOT_SERVING, for the whole server (`""`) and every named service alike.
     pub async fn set(&self, serving: bool) {
         let status = if serving { ServingStatus::Serving } else { ServingStatus::NotServing };
         self.reporter.set_service_status("", status).await;
-        self.reporter.set_service_status(self.service_name, status).await;
+        for name in self.service_names.iter() {
+            self.reporter.set_service_status(*name, status).await;
+        }
     }
 }
 
@@ -80,11 +82,17 @@ pub struct Bound {
 
 /// Binds the listen address (port 0 picks a free port) and prepares health reporting.
 pub async fn bind(config: &CommonConfig, grpc_service_name: &'static str) -> Result<Bound, StartError> {
+    bind_services(config, &[grpc_service_name]).await
+}
+
+/// [`bind`] for a server that serves several gRPC services: health reports each of them, and
+/// reflection lists them all.
+pub async fn bind_services(config: &CommonConfig, grpc_service_names: &[&'static str]) -> Result<Bound, StartError> {
     let bind_error = |source| StartError::Bind { what: "KEYSHARE_LISTEN_ADDR", source };
     let listener = TcpListener::bind(config.listen_addr).await.map_err(bind_error)?;
     let addr = listener.local_addr().map_err(bind_error)?;
     let (reporter, health) = tonic_health::server::health_reporter();
-    let readiness = Readiness { reporter, service_name: grpc_service_name };
+    let readiness = Readiness { reporter, service_names: grpc_service_names.into() };
     readiness.set(false).await;
     Ok(Bound { listener, addr, readiness, routes: Routes::new(health) })
 }
@@ -108,9 +116,13 @@ impl Bound {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
         let Bound { listener, readiness, routes, .. } = self;
-        // Advertise only this service (and health); the descriptor set holds every Keyshare API.
-        let reflection_v1 = tonic_reflection::server::Builder::configure()
-            .with_service_name(options.grpc_service_name)
+        // Advertise only this server's services (and health); the descriptor set holds every
+        // Keyshare API.
+        let mut advertised = vec![options.grpc_service_name];
+        advertised.extend(readiness.service_names.iter().filter(|name| **name != options.grpc_service_name));
+        let reflection_v1 = advertised
+            .iter()
+            .fold(tonic_reflection::server::Builder::configure(), |builder, name| builder.with_service_name(*name))
             .with_service_name("grpc.health.v1.Health")
             .with_service_name("grpc.reflection.v1.ServerReflection")
             .register_encoded_file_descriptor_set(keyshare_proto::FILE_DESCRIPTOR_SET)
@@ -119,8 +131,9 @@ impl Bound {
             .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
             .build_v1()
             .map_err(|e| ServeError::Reflection(e.to_string()))?;
-        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-            .with_service_name(options.grpc_service_name)
+        let reflection_v1alpha = advertised
+            .iter()
+            .fold(tonic_reflection::server::Builder::configure(), |builder, name| builder.with_service_name(*name))
             .with_service_name("grpc.health.v1.Health")
             .with_service_name("grpc.reflection.v1alpha.ServerReflection")
             .register_encoded_file_descriptor_set(keyshare_proto::FILE_DESCRIPTOR_SET)

@@ -275,3 +275,100 @@ mod tests {
         );
     }
 }
+
+/// A PostgreSQL server of the test's own (initdb into a temporary directory, on a free port), for
+/// tests that stop and start the database while services run. Stopped when dropped.
+#[derive(Debug)]
+pub struct PrivateCluster {
+    dir: tempfile::TempDir,
+    bindir: PathBuf,
+    pub port: u16,
+}
+
+impl PrivateCluster {
+    /// Creates and starts the cluster. As root, runs the server as the `postgres` user, since
+    /// initdb refuses root.
+    pub fn start() -> Self {
+        let bindir = postgres_bindir();
+        let dir = tempfile::Builder::new().prefix("keyshare-pg-").tempdir().unwrap();
+        if running_as_root() {
+            let status = Command::new("chown").arg("postgres:postgres").arg(dir.path()).status().unwrap();
+            assert!(status.success(), "chown of the cluster directory failed");
+        }
+        let cluster = Self { dir, bindir, port: free_port() };
+        let data = cluster.data_dir();
+        cluster.run("initdb", &["-D", &data, "--auth=trust", "--username=postgres", "--encoding=UTF8", "--no-locale"]);
+        cluster.start_server();
+        cluster
+    }
+
+    fn data_dir(&self) -> String {
+        self.dir.path().join("data").display().to_string()
+    }
+
+    fn run(&self, program: &str, args: &[&str]) {
+        let program = self.bindir.join(program);
+        let mut command = if running_as_root() {
+            let mut command = Command::new("runuser");
+            command.args(["-u", "postgres", "--"]).arg(&program);
+            command
+        } else {
+            Command::new(&program)
+        };
+        let output = command.args(args).current_dir("/").output().unwrap();
+        assert!(output.status.success(), "{} failed: {}", program.display(), String::from_utf8_lossy(&output.stderr));
+    }
+
+    /// Starts the server (again) and waits until it accepts connections.
+    pub fn start_server(&self) {
+        let (data, log) = (self.data_dir(), self.dir.path().join("log").display().to_string());
+        let options = format!("-p {} -k {} -c listen_addresses=127.0.0.1", self.port, self.dir.path().display());
+        self.run("pg_ctl", &["-D", &data, "-l", &log, "-w", "-t", "30", "-o", &options, "start"]);
+    }
+
+    /// Stops the server (fast shutdown: open connections are closed) and waits until it has.
+    pub fn stop_server(&self) {
+        self.run("pg_ctl", &["-D", &self.data_dir(), "-m", "fast", "-w", "-t", "30", "stop"]);
+    }
+
+    /// The URL of database `postgres` on this server.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for PrivateCluster {
+    fn drop(&mut self) {
+        let program = self.bindir.join("pg_ctl");
+        let data = self.data_dir();
+        let args = ["-D", data.as_str(), "-m", "immediate", "stop"];
+        let _ = if running_as_root() {
+            Command::new("runuser").args(["-u", "postgres", "--"]).arg(&program).args(args).current_dir("/").output()
+        } else {
+            Command::new(&program).args(args).output()
+        };
+    }
+}
+
+fn running_as_root() -> bool {
+    Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"))
+}
+
+/// The newest installed PostgreSQL's programs, or those on PATH.
+fn postgres_bindir() -> PathBuf {
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|dirs| {
+            dirs.filter_map(|d| d.ok()).map(|d| d.path().join("bin")).filter(|b| b.join("initdb").exists()).collect()
+        })
+        .unwrap_or_default();
+    versions.sort_by_key(|path| {
+        path.parent().and_then(|v| v.file_name()).and_then(|v| v.to_str()).and_then(|v| v.parse::<u32>().ok())
+    });
+    if let Some(newest) = versions.pop() {
+        return newest;
+    }
+    let on_path = Command::new("sh").args(["-c", "command -v initdb"]).output().expect("a shell");
+    let initdb = String::from_utf8_lossy(&on_path.stdout).trim().to_owned();
+    assert!(!initdb.is_empty(), "initdb is not installed (install the postgresql package)");
+    PathBuf::from(initdb).parent().expect("initdb's directory").to_path_buf()
+}

@@ -13,11 +13,13 @@ use keyshare_proto::keyring::v1 as krpb;
 use keyshare_runtime::clock::{FrozenClock, ManualClock};
 use keyshare_runtime::config::Env;
 use keyshare_runtime::crypto::Sealer;
-use keyshare_runtime::testkit::{TestDatabase, eventually};
+use keyshare_runtime::testkit::{PrivateCluster, TestDatabase, eventually};
 use prost_types::FieldMask;
 use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+pub mod envoy;
 
 const KEYRING_SECRET: &str = "keyring-secret-for-tests-0123456789abcdef";
 const AUTHORIZER_SECRET: &str = "authorizer-secret-for-tests-0123456789abc";
@@ -59,7 +61,13 @@ pub struct World {
     pub keyring_clock: Arc<ManualClock>,
     pub keyring_stop: Option<tokio::sync::oneshot::Sender<()>>,
     pub keyring_server: Option<tokio::task::JoinHandle<Result<(), keyshare_runtime::server::ServeError>>>,
-    pub db: TestDatabase,
+    /// The database every service uses.
+    pub db_url: String,
+    pub store: Store,
+    pub authorizer_config: keyshare_authorizer::Config,
+    pub authorizer_stop: Option<tokio::sync::oneshot::Sender<()>>,
+    pub authorizer_server: Option<tokio::task::JoinHandle<Result<(), keyshare_runtime::server::ServeError>>>,
+    pub authorizer_metrics: std::net::SocketAddr,
     /// The authorizer's own clock: it moves only when the test moves it.
     pub frozen: Arc<FrozenClock>,
     pub keyring: krpb::keyring_service_client::KeyringServiceClient<Channel>,
@@ -91,9 +99,54 @@ impl World {
         (self.keyring_stop, self.keyring_server) = (Some(stop), Some(server));
     }
 
+    /// Stops the authorizer gracefully (it writes the usage it holds) and starts it again on
+    /// the same database, with empty memory; waits until it reports SERVING.
+    pub async fn restart_authorizer(&mut self) {
+        if let Some(stop) = self.authorizer_stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.authorizer_server.take() {
+            tokio::time::timeout(Duration::from_secs(15), server)
+                .await
+                .expect("the authorizer stops promptly")
+                .unwrap()
+                .unwrap();
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let started = keyshare_authorizer::start(self.authorizer_config.clone(), self.frozen.clone(), async move {
+            let _ = rx.await;
+        })
+        .await
+        .unwrap();
+        serving(started.addr).await;
+        self.authorizer = AuthorizerServiceClient::new(channel(started.addr).await);
+        self.authorizer_addr = started.addr;
+        self.authorizer_metrics = started.metrics_addr;
+        self.shared = started.shared;
+        (self.authorizer_stop, self.authorizer_server) = (Some(tx), Some(started.server));
+    }
+
+    /// A connection to the test database.
+    pub async fn sql(&self) -> tokio_postgres::Client {
+        let (client, connection) = tokio_postgres::connect(&self.db_url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(connection);
+        client
+    }
+
+    /// The authorizer's Prometheus metric `name` (summed over its labels), if exported.
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        let text = scrape(self.authorizer_metrics).await;
+        let values: Vec<f64> = text
+            .lines()
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+            .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+            .collect();
+        (!values.is_empty()).then(|| values.iter().sum())
+    }
+
     /// Waits until the authorizer has applied every change committed so far.
     pub async fn synced(&self) {
-        let (client, connection) = tokio_postgres::connect(&self.db.url, tokio_postgres::NoTls).await.unwrap();
+        let (client, connection) = tokio_postgres::connect(&self.db_url, tokio_postgres::NoTls).await.unwrap();
         tokio::spawn(connection);
         let newest: i64 =
             client.query_one("SELECT coalesce(max(seq), 0) FROM keyring.changes", &[]).await.unwrap().get(0);
@@ -145,14 +198,54 @@ impl World {
     }
 }
 
+/// The database a world runs on.
+#[derive(Debug)]
+pub enum Store {
+    /// A database of its own on the shared test server.
+    Fresh(TestDatabase),
+    /// A server of its own, which the test may stop and start.
+    Cluster(PrivateCluster),
+}
+
+/// GET /metrics over plain HTTP/1.1.
+pub async fn scrape(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: metrics\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    response
+}
+
+/// Waits until a server's health says SERVING.
+pub async fn serving(addr: std::net::SocketAddr) {
+    let health = HealthClient::new(channel(addr).await);
+    eventually("the authorizer to report SERVING", Duration::from_secs(20), || {
+        let mut health = health.clone();
+        async move {
+            let status = health.check(HealthCheckRequest { service: String::new() }).await.ok()?.into_inner().status;
+            (status == ServingStatus::Serving as i32).then_some(())
+        }
+    })
+    .await;
+}
+
 pub async fn world() -> (World, String, String, String, String) {
-    let db = TestDatabase::create().await;
+    world_on(Store::Fresh(TestDatabase::create().await)).await
+}
+
+/// A world on the given database: (world, project, key, sandbox credential, production credential).
+pub async fn world_on(store: Store) -> (World, String, String, String, String) {
+    let db_url = match &store {
+        Store::Fresh(db) => db.url.clone(),
+        Store::Cluster(cluster) => cluster.url(),
+    };
     let (_, kek) = Sealer::generate("k1");
     let clock = ManualClock::new();
     let spool = std::env::temp_dir().join(format!("authorizer-test-{}", std::process::id()));
     let base = |extra: Vec<(&'static str, String)>| {
         let mut all = vec![
-            ("DATABASE_URL", db.url.clone()),
+            ("DATABASE_URL", db_url.clone()),
             ("KEYSHARE_LISTEN_ADDR", "127.0.0.1:0".to_owned()),
             ("KEYSHARE_METRICS_ADDR", "127.0.0.1:0".to_owned()),
             ("KEYSHARE_KEY_ENCRYPTION_KEYS", kek.clone()),
@@ -253,38 +346,35 @@ pub async fn world() -> (World, String, String, String, String) {
         .into_inner();
 
     let frozen = FrozenClock::new();
-    let started = keyshare_authorizer::start(
-        keyshare_authorizer::Config::from_env(&base(vec![
-            ("KEYSHARE_IDENTITY_URL", format!("http://{identity}")),
-            ("KEYSHARE_KEYRING_URL", format!("http://{keyring}")),
-            ("KEYSHARE_CLIENT_ID", "authorizer".into()),
-            ("KEYSHARE_CLIENT_SECRET", AUTHORIZER_SECRET.into()),
-        ]))
-        .unwrap(),
-        frozen.clone(),
-        stopper(),
-    )
+    let authorizer_config = keyshare_authorizer::Config::from_env(&base(vec![
+        ("KEYSHARE_IDENTITY_URL", format!("http://{identity}")),
+        ("KEYSHARE_KEYRING_URL", format!("http://{keyring}")),
+        ("KEYSHARE_CLIENT_ID", "authorizer".into()),
+        ("KEYSHARE_CLIENT_SECRET", AUTHORIZER_SECRET.into()),
+        ("KEYSHARE_USAGE_FLUSH_MILLIS", "100".into()),
+    ]))
+    .unwrap();
+    let (authorizer_stop, rx) = tokio::sync::oneshot::channel::<()>();
+    let started = keyshare_authorizer::start(authorizer_config.clone(), frozen.clone(), async move {
+        let _ = rx.await;
+    })
     .await
     .unwrap();
     // SERVING only once the first snapshot is in memory.
-    let mut health = HealthClient::new(channel(started.addr).await);
+    serving(started.addr).await;
     let shared = started.shared.clone();
-    eventually("the authorizer to report SERVING", Duration::from_secs(10), || {
-        let mut health = health.clone();
-        async move {
-            let status = health.check(HealthCheckRequest { service: String::new() }).await.ok()?.into_inner().status;
-            (status == ServingStatus::Serving as i32).then_some(())
-        }
-    })
-    .await;
     assert!(shared.index.read().unwrap().credentials() >= 2, "SERVING means the snapshot is loaded");
-    let _ = &mut health;
     let world = World {
         keyring_config,
         keyring_clock: clock.clone(),
         keyring_stop: Some(keyring_stop),
         keyring_server: Some(keyring_server),
-        db,
+        db_url,
+        store,
+        authorizer_config,
+        authorizer_stop: Some(authorizer_stop),
+        authorizer_server: Some(started.server),
+        authorizer_metrics: started.metrics_addr,
         frozen,
         keyring: kr,
         authorizer: AuthorizerServiceClient::new(channel(started.addr).await),
@@ -295,4 +385,121 @@ pub async fn world() -> (World, String, String, String, String) {
     };
     let key = created.key.unwrap().name;
     (world, project, key, created.sandbox_credential, created.production_credential)
+}
+
+// --- The usage API (UsageService) and the people around a key ---
+
+impl World {
+    /// A client of the authorizer's UsageService.
+    pub async fn usage(&self) -> pb::usage_service_client::UsageServiceClient<Channel> {
+        pb::usage_service_client::UsageServiceClient::new(channel(self.authorizer_addr).await)
+    }
+
+    pub async fn identity(&self) -> idpb::identity_service_client::IdentityServiceClient<Channel> {
+        let channel = Channel::from_shared(self.keyring_config.identity_url.clone()).unwrap().connect().await.unwrap();
+        idpb::identity_service_client::IdentityServiceClient::new(channel)
+    }
+
+    /// A new, logged-in account: (`accounts/{id}`, access token).
+    pub async fn account(&self, email: &str) -> (String, String) {
+        let mut identity = self.identity().await;
+        let password = "usage test password";
+        let account = identity
+            .create_account(idpb::CreateAccountRequest {
+                email: email.into(),
+                display_name: email.into(),
+                password: password.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .account
+            .unwrap();
+        let grant = identity
+            .login(idpb::LoginRequest { email: email.into(), password: password.into() })
+            .await
+            .unwrap()
+            .into_inner()
+            .grant
+            .unwrap();
+        (account.name, grant.access_token)
+    }
+
+    /// An access token of the authorizer's internal client, which may grant memberships (as
+    /// invitation does for accepted invitations).
+    pub async fn internal_token(&self) -> String {
+        self.identity()
+            .await
+            .issue_service_account_token(idpb::IssueServiceAccountTokenRequest {
+                client_id: "authorizer".into(),
+                client_secret: AUTHORIZER_SECRET.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .grant
+            .unwrap()
+            .access_token
+    }
+
+    /// Makes `account` a member of `key` with `role`.
+    pub async fn add_key_member(&mut self, key: &str, account: &str, role: krpb::KeyRole) {
+        let internal = self.internal_token().await;
+        self.keyring
+            .add_key_member(authed(
+                &internal,
+                krpb::AddKeyMemberRequest {
+                    parent: key.into(),
+                    account: account.into(),
+                    role: role as i32,
+                    invitation_id: format!("{key}:{account}"),
+                },
+            ))
+            .await
+            .unwrap();
+    }
+
+    /// Makes `account` a member of `project` with `role`.
+    pub async fn add_project_member(&mut self, project: &str, account: &str, role: krpb::ProjectRole) {
+        let internal = self.internal_token().await;
+        self.keyring
+            .add_project_member(authed(
+                &internal,
+                krpb::AddProjectMemberRequest {
+                    parent: project.into(),
+                    account: account.into(),
+                    role: role as i32,
+                    invitation_id: format!("{project}:{account}"),
+                },
+            ))
+            .await
+            .unwrap();
+    }
+
+    /// Makes `account` an owner of the organization `project` belongs to.
+    pub async fn add_organization_owner(&mut self, project: &str, account: &str) {
+        let organization = self
+            .keyring
+            .get_project(authed(&self.token, krpb::GetProjectRequest { name: project.into() }))
+            .await
+            .unwrap()
+            .into_inner()
+            .project
+            .unwrap()
+            .organization;
+        let internal = self.internal_token().await;
+        self.identity()
+            .await
+            .add_organization_member(authed(
+                &internal,
+                idpb::AddOrganizationMemberRequest {
+                    parent: organization,
+                    account: account.into(),
+                    role: idpb::OrganizationRole::Owner as i32,
+                    invitation_id: format!("{project}:org:{account}"),
+                },
+            ))
+            .await
+            .unwrap();
+    }
 }

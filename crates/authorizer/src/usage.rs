@@ -1,0 +1,602 @@
+//! Usage counting and call logs, written without ever slowing a check.
+//!
+//! A check of a known key hands a [`CallRecord`] to the [`Recorder`]: a `try_send` into a
+//! bounded channel, so a check never waits; a full channel drops the record and counts the drop.
+//! The [`Writer`] task drains the channel into the current batch: counts per minute × key ×
+//! environment × method × outcome, and the call-log lines. Every flush interval it seals the
+//! batch and writes sealed batches in order, each in one transaction: the call logs with COPY,
+//! the counts and the quota counters as upserts that add to what other replicas wrote. A batch
+//! carries an id recorded in the same transaction, so one retried after an unknown outcome is
+//! not counted twice. While PostgreSQL is away, batches wait in memory; beyond the buffer limit
+//! call-log lines are dropped (and counted) while counts keep adding up.
+//!
+//! Quotas: checks charge counters in the index. At start, once the first snapshot is in memory,
+//! the writer adds what is stored for today and this month (so counts survive a restart); after
+//! each write it moves the counters to the stored totals, which include other replicas' calls.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use chrono::{DateTime, Datelike, NaiveDate, Utc};
+use deadpool_postgres::Pool;
+use futures::pin_mut;
+use keyshare_runtime::clock::SharedClock;
+use keyshare_runtime::credential::Environment;
+use keyshare_runtime::db::DbError;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::sync::{mpsc, watch};
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::Type;
+use uuid::Uuid;
+
+use crate::check::{KeyName, Outcome};
+use crate::follower::Shared;
+use crate::index::slot;
+use crate::limits::Period;
+
+/// Longest path kept in a call log, in bytes.
+const MAX_PATH: usize = 1024;
+
+/// One check of a known key.
+#[derive(Clone, Debug)]
+pub struct CallRecord {
+    /// Unix nanoseconds on the service clock.
+    pub at_nanos: i64,
+    pub key: KeyName,
+    pub environment: Environment,
+    /// See [`method_label`].
+    pub method: &'static str,
+    /// Without its query string (which may carry secrets), at most [`MAX_PATH`] bytes.
+    pub path: String,
+    pub client_ip: Option<IpAddr>,
+    pub outcome: Outcome,
+}
+
+/// The method as counted: an upper-case standard method, or `OTHER`, so a caller cannot grow
+/// the counters with made-up methods.
+pub fn method_label(method: &str) -> &'static str {
+    const KNOWN: [&str; 9] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"];
+    KNOWN.iter().find(|known| known.eq_ignore_ascii_case(method)).copied().unwrap_or("OTHER")
+}
+
+/// Makes a request path fit for a call log in place: no query string or fragment, bounded length.
+pub fn log_path(mut path: String) -> String {
+    if let Some(end) = path.find(['?', '#']) {
+        path.truncate(end);
+    }
+    if path.len() > MAX_PATH {
+        let mut end = MAX_PATH;
+        while !path.is_char_boundary(end) {
+            end -= 1;
+        }
+        path.truncate(end);
+    }
+    path
+}
+
+/// Settings of the usage writer.
+#[derive(Clone, Debug)]
+pub struct UsageConfig {
+    /// How often batches are written (`KEYSHARE_USAGE_FLUSH_MILLIS`, default 1000).
+    pub flush_interval: Duration,
+    /// Records the channel from the checks holds (`KEYSHARE_USAGE_CHANNEL`, default 65536).
+    pub channel: usize,
+    /// Call-log lines held in memory while they cannot be written (`KEYSHARE_USAGE_BUFFER`,
+    /// default 1,000,000); beyond it lines are dropped and counted.
+    pub buffer: usize,
+    /// Call logs older than this are deleted (`KEYSHARE_CALL_LOG_RETENTION_DAYS`, default 30).
+    pub call_log_retention: Duration,
+}
+
+impl Default for UsageConfig {
+    fn default() -> Self {
+        Self {
+            flush_interval: Duration::from_secs(1),
+            channel: 65_536,
+            buffer: 1_000_000,
+            call_log_retention: Duration::from_secs(30 * 24 * 3600),
+        }
+    }
+}
+
+/// Counters exported as metrics.
+#[derive(Debug, Default)]
+pub struct UsageMetrics {
+    /// Records dropped whole: the channel from the checks was full.
+    pub dropped_records: Counter,
+    /// Call-log lines dropped because the buffer was full (their counts were kept).
+    pub dropped_call_logs: Counter,
+    /// Call-log lines written.
+    pub written_call_logs: Counter,
+    /// Writes that failed (and will be retried).
+    pub failed_writes: Counter,
+    /// Call-log lines waiting to be written.
+    pub buffered_call_logs: Gauge,
+}
+
+/// The checks' end of the channel. Cloning is cheap.
+#[derive(Clone, Debug)]
+pub struct Recorder {
+    sender: mpsc::Sender<CallRecord>,
+    metrics: Arc<UsageMetrics>,
+}
+
+impl Recorder {
+    /// Hands a record to the writer without waiting; a full channel drops it and counts it.
+    pub fn record(&self, record: CallRecord) {
+        if self.sender.try_send(record).is_err() {
+            self.metrics.dropped_records.inc();
+        }
+    }
+}
+
+/// Counts are kept per this.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct CountKey {
+    /// Unix minute.
+    minute: i64,
+    key: KeyName,
+    environment: Environment,
+    method: &'static str,
+    outcome: Outcome,
+}
+
+#[derive(Debug)]
+struct Batch {
+    id: Uuid,
+    counts: HashMap<CountKey, i64>,
+    logs: Vec<CallRecord>,
+}
+
+impl Batch {
+    fn new() -> Self {
+        Self { id: Uuid::now_v7(), counts: HashMap::new(), logs: Vec::new() }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.counts.is_empty()
+    }
+
+    /// Valid calls per key, environment and UTC day.
+    fn key_days(&self) -> HashMap<(Uuid, i16, NaiveDate), i64> {
+        let mut days = HashMap::new();
+        for (count, calls) in self.counts.iter().filter(|(c, _)| c.outcome == Outcome::Valid) {
+            *days
+                .entry((count.key.key, environment_number(count.environment), minute_date(count.minute)))
+                .or_default() += calls;
+        }
+        days
+    }
+
+    /// Valid calls per project, environment and UTC month (its first day).
+    fn project_months(&self) -> HashMap<(Uuid, i16, NaiveDate), i64> {
+        let mut months = HashMap::new();
+        for (count, calls) in self.counts.iter().filter(|(c, _)| c.outcome == Outcome::Valid) {
+            let date = minute_date(count.minute);
+            let month = date.with_day(1).unwrap_or(date);
+            *months.entry((count.key.project, environment_number(count.environment), month)).or_default() += calls;
+        }
+        months
+    }
+}
+
+fn minute_date(minute: i64) -> NaiveDate {
+    DateTime::from_timestamp(minute * 60, 0).map_or(NaiveDate::MIN, |t| t.date_naive())
+}
+
+/// The `keyshare.authorizer.v1.Environment` number, as stored.
+pub fn environment_number(environment: Environment) -> i16 {
+    match environment {
+        Environment::Sandbox => 1,
+        Environment::Production => 2,
+    }
+}
+
+fn environment_from_number(number: i16) -> Option<Environment> {
+    match number {
+        1 => Some(Environment::Sandbox),
+        2 => Some(Environment::Production),
+        _ => None,
+    }
+}
+
+/// Creates the recorder the checks use and the writer that drains it.
+pub fn channel(
+    pool: Pool,
+    database_url: String,
+    shared: Arc<Shared>,
+    clock: SharedClock,
+    config: UsageConfig,
+) -> (Recorder, Writer) {
+    let (sender, receiver) = mpsc::channel(config.channel.max(1));
+    let metrics = Arc::new(UsageMetrics::default());
+    let recorder = Recorder { sender, metrics: metrics.clone() };
+    let writer = Writer {
+        pool,
+        database_url,
+        shared,
+        clock,
+        config,
+        metrics,
+        receiver,
+        current: Batch::new(),
+        sealed: VecDeque::new(),
+        buffered: 0,
+        migrated: false,
+        restored: false,
+        known_days: HashMap::new(),
+        known_months: HashMap::new(),
+        failing_since: None,
+        last_pruned: None,
+    };
+    (recorder, writer)
+}
+
+/// Drains the recorder's channel into batches and writes them. See the module docs.
+pub struct Writer {
+    pool: Pool,
+    database_url: String,
+    shared: Arc<Shared>,
+    clock: SharedClock,
+    config: UsageConfig,
+    metrics: Arc<UsageMetrics>,
+    receiver: mpsc::Receiver<CallRecord>,
+    current: Batch,
+    sealed: VecDeque<Batch>,
+    /// Call-log lines in `current` and `sealed`.
+    buffered: usize,
+    migrated: bool,
+    restored: bool,
+    /// Stored totals as last read, per key, environment and day: what the counters already hold
+    /// of the database.
+    known_days: HashMap<(Uuid, i16, NaiveDate), i64>,
+    known_months: HashMap<(Uuid, i16, NaiveDate), i64>,
+    failing_since: Option<std::time::Instant>,
+    last_pruned: Option<std::time::Instant>,
+}
+
+impl std::fmt::Debug for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writer").field("buffered", &self.buffered).finish_non_exhaustive()
+    }
+}
+
+impl Writer {
+    pub fn metrics(&self) -> Arc<UsageMetrics> {
+        self.metrics.clone()
+    }
+
+    /// Runs until `stopping` turns true, then writes what it can within a few seconds.
+    pub async fn run(mut self, mut stopping: watch::Receiver<bool>) {
+        let mut ticker = tokio::time::interval(self.config.flush_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                record = self.receiver.recv() => match record {
+                    Some(record) => self.absorb(record),
+                    None => break,
+                },
+                _ = ticker.tick() => self.flush().await,
+                _ = stopping.changed() => break,
+            }
+        }
+        while let Ok(record) = self.receiver.try_recv() {
+            self.absorb(record);
+        }
+        if tokio::time::timeout(Duration::from_secs(5), self.flush()).await.is_err() || !self.sealed.is_empty() {
+            tracing::warn!(pending_call_logs = self.buffered, "usage not written before shutdown");
+        }
+    }
+
+    fn absorb(&mut self, record: CallRecord) {
+        let count = CountKey {
+            minute: record.at_nanos.div_euclid(60_000_000_000),
+            key: record.key,
+            environment: record.environment,
+            method: record.method,
+            outcome: record.outcome,
+        };
+        *self.current.counts.entry(count).or_default() += 1;
+        if self.buffered >= self.config.buffer {
+            self.metrics.dropped_call_logs.inc();
+        } else {
+            self.current.logs.push(record);
+            self.buffered += 1;
+        }
+        if self.current.logs.len() >= 10_000 {
+            self.seal();
+        }
+    }
+
+    fn seal(&mut self) {
+        if !self.current.is_empty() {
+            self.sealed.push_back(std::mem::replace(&mut self.current, Batch::new()));
+        }
+    }
+
+    /// Seals the current batch and writes every sealed batch in order, stopping at a failure.
+    async fn flush(&mut self) {
+        self.seal();
+        let result = self.write_pending().await;
+        self.metrics.buffered_call_logs.set(self.buffered as i64);
+        match result {
+            Ok(()) => {
+                if let Some(since) = self.failing_since.take() {
+                    tracing::info!(after_secs = since.elapsed().as_secs(), "usage writes resumed");
+                }
+            }
+            Err(e) => {
+                self.metrics.failed_writes.inc();
+                if self.failing_since.is_none() {
+                    self.failing_since = Some(std::time::Instant::now());
+                    tracing::warn!(error = %e, pending_call_logs = self.buffered, "usage not written; keeping it in memory");
+                }
+            }
+        }
+    }
+
+    async fn write_pending(&mut self) -> Result<(), DbError> {
+        if !self.migrated {
+            crate::migrate(&self.database_url).await?;
+            self.migrated = true;
+        }
+        if !self.restored && self.shared.loaded.load(Ordering::Acquire) {
+            self.restore().await?;
+            self.restored = true;
+            self.shared.quotas_restored.store(true, Ordering::Release);
+            self.shared.quotas_restored_notify.notify_waiters();
+        }
+        self.prune().await;
+        while let Some(batch) = self.sealed.front() {
+            let totals = write_batch(&self.pool, batch, self.clock.now()).await?;
+            if let Some(batch) = self.sealed.pop_front() {
+                self.buffered -= batch.logs.len();
+                self.metrics.written_call_logs.inc_by(batch.logs.len() as u64);
+                if let Some((days, months)) = totals {
+                    self.reconcile(&batch, days, months);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds what is stored for today and this month to the counters (a restart, or calls this
+    /// replica has not seen).
+    async fn restore(&mut self) -> Result<(), DbError> {
+        let today = self.clock.now().date_naive();
+        let month = today.with_day(1).unwrap_or(today);
+        let client = self.pool.get().await?;
+        let days = client
+            .query("SELECT key_id, environment, used FROM authorizer.key_daily_usage WHERE day = $1", &[&today])
+            .await?;
+        let months = client
+            .query(
+                "SELECT project_id, environment, used FROM authorizer.project_monthly_usage WHERE month = $1",
+                &[&month],
+            )
+            .await?;
+        drop(client);
+        let index = self.shared.index.read().unwrap_or_else(|p| p.into_inner());
+        for row in days {
+            let (key, environment, used): (Uuid, i16, i64) = (row.get(0), row.get(1), row.get(2));
+            if let (Some(record), Some(env)) = (index.key(key), environment_from_number(environment)) {
+                record.daily[slot(env)].add(Period::of_day(today), used);
+            }
+            self.known_days.insert((key, environment, today), used);
+        }
+        for row in months {
+            let (project, environment, used): (Uuid, i16, i64) = (row.get(0), row.get(1), row.get(2));
+            if let (Some(record), Some(env)) = (index.project(project), environment_from_number(environment)) {
+                record.monthly[slot(env)].add(Period::of_month(month), used);
+            }
+            self.known_months.insert((project, environment, month), used);
+        }
+        tracing::info!(keys = self.known_days.len(), projects = self.known_months.len(), "quota counts restored");
+        Ok(())
+    }
+
+    /// Moves the counters to the stored totals a write returned: they hold what this replica
+    /// charged (written or not) plus what it knew of the database, and the totals add what other
+    /// replicas wrote since.
+    fn reconcile(
+        &mut self,
+        batch: &Batch,
+        days: Vec<(Uuid, i16, NaiveDate, i64)>,
+        months: Vec<(Uuid, i16, NaiveDate, i64)>,
+    ) {
+        let written_days = batch.key_days();
+        let written_months = batch.project_months();
+        let index = self.shared.index.read().unwrap_or_else(|p| p.into_inner());
+        for (key, environment, day, total) in days {
+            let written = written_days.get(&(key, environment, day)).copied().unwrap_or(0);
+            let known = self.known_days.insert((key, environment, day), total).unwrap_or(0);
+            if let (Some(record), Some(env)) = (index.key(key), environment_from_number(environment)) {
+                record.daily[slot(env)].add(Period::of_day(day), total - known - written);
+            }
+        }
+        for (project, environment, month, total) in months {
+            let written = written_months.get(&(project, environment, month)).copied().unwrap_or(0);
+            let known = self.known_months.insert((project, environment, month), total).unwrap_or(0);
+            if let (Some(record), Some(env)) = (index.project(project), environment_from_number(environment)) {
+                record.monthly[slot(env)].add(Period::of_month(month), total - known - written);
+            }
+        }
+        drop(index);
+        let today = self.clock.now().date_naive();
+        let this_month = today.with_day(1).unwrap_or(today);
+        self.known_days.retain(|(_, _, day), _| *day >= today);
+        self.known_months.retain(|(_, _, month), _| *month >= this_month);
+    }
+
+    /// Deletes expired call logs and remembered batch ids, at most once an hour.
+    async fn prune(&mut self) {
+        if self.last_pruned.is_some_and(|at| at.elapsed() < Duration::from_secs(3600)) {
+            return;
+        }
+        self.last_pruned = Some(std::time::Instant::now());
+        let now = self.clock.now();
+        let logs_before =
+            now - chrono::Duration::from_std(self.config.call_log_retention).unwrap_or(chrono::Duration::MAX);
+        let result = async {
+            let client = self.pool.get().await?;
+            let logs = client.execute("DELETE FROM authorizer.call_logs WHERE time < $1", &[&logs_before]).await?;
+            client
+                .execute(
+                    "DELETE FROM authorizer.usage_batches WHERE written_at < $1",
+                    &[&(now - chrono::Duration::days(1))],
+                )
+                .await?;
+            Ok::<_, DbError>(logs)
+        }
+        .await;
+        match result {
+            Ok(0) => {}
+            Ok(deleted) => tracing::info!(deleted, "pruned call logs"),
+            Err(e) => tracing::warn!(error = %e, "pruning call logs failed"),
+        }
+    }
+}
+
+type Totals = (Vec<(Uuid, i16, NaiveDate, i64)>, Vec<(Uuid, i16, NaiveDate, i64)>);
+
+/// Writes one batch in one transaction. `None` when the batch had been written already.
+async fn write_batch(pool: &Pool, batch: &Batch, now: DateTime<Utc>) -> Result<Option<Totals>, DbError> {
+    let mut client = pool.get().await?;
+    let transaction = client.transaction().await?;
+    let fresh = transaction
+        .execute(
+            "INSERT INTO authorizer.usage_batches (id, written_at) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            &[&batch.id, &now],
+        )
+        .await?;
+    if fresh == 0 {
+        return Ok(None);
+    }
+
+    let sink = transaction
+        .copy_in(
+            "COPY authorizer.call_logs (time, project_id, key_id, environment, method, path, client_ip, outcome, \
+             http_status) FROM STDIN BINARY",
+        )
+        .await?;
+    let types = [
+        Type::TIMESTAMPTZ,
+        Type::UUID,
+        Type::UUID,
+        Type::INT2,
+        Type::TEXT,
+        Type::TEXT,
+        Type::INET,
+        Type::INT2,
+        Type::INT2,
+    ];
+    let writer = BinaryCopyInWriter::new(sink, &types);
+    pin_mut!(writer);
+    for log in &batch.logs {
+        let time = DateTime::from_timestamp_nanos(log.at_nanos);
+        let status = log.outcome.http_status() as i16;
+        writer
+            .as_mut()
+            .write(&[
+                &time,
+                &log.key.project,
+                &log.key.key,
+                &environment_number(log.environment),
+                &log.method,
+                &log.path,
+                &log.client_ip,
+                &log.outcome.number(),
+                &status,
+            ])
+            .await?;
+    }
+    writer.finish().await?;
+
+    let n = batch.counts.len();
+    let (mut minutes, mut projects, mut keys, mut environments, mut methods, mut outcomes, mut calls) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for (count, n) in &batch.counts {
+        minutes.push(DateTime::from_timestamp(count.minute * 60, 0).unwrap_or_default());
+        projects.push(count.key.project);
+        keys.push(count.key.key);
+        environments.push(environment_number(count.environment));
+        methods.push(count.method);
+        outcomes.push(count.outcome.number());
+        calls.push(*n);
+    }
+    transaction
+        .execute(
+            "INSERT INTO authorizer.usage_minutes AS u (minute, project_id, key_id, environment, method, outcome, calls) \
+             SELECT * FROM unnest($1::timestamptz[], $2::uuid[], $3::uuid[], $4::int2[], $5::text[], $6::int2[], $7::int8[]) \
+             ORDER BY 3, 1, 4, 5, 6 \
+             ON CONFLICT (key_id, minute, environment, method, outcome) DO UPDATE SET calls = u.calls + excluded.calls",
+            &[&minutes, &projects, &keys, &environments, &methods, &outcomes, &calls],
+        )
+        .await?;
+
+    let days = upsert_quota(
+        &transaction,
+        "INSERT INTO authorizer.key_daily_usage AS q (key_id, environment, day, used) \
+         SELECT * FROM unnest($1::uuid[], $2::int2[], $3::date[], $4::int8[]) ORDER BY 1, 2, 3 \
+         ON CONFLICT (key_id, environment, day) DO UPDATE SET used = q.used + excluded.used \
+         RETURNING key_id, environment, day, used",
+        batch.key_days(),
+    )
+    .await?;
+    let months = upsert_quota(
+        &transaction,
+        "INSERT INTO authorizer.project_monthly_usage AS q (project_id, environment, month, used) \
+         SELECT * FROM unnest($1::uuid[], $2::int2[], $3::date[], $4::int8[]) ORDER BY 1, 2, 3 \
+         ON CONFLICT (project_id, environment, month) DO UPDATE SET used = q.used + excluded.used \
+         RETURNING project_id, environment, month, used",
+        batch.project_months(),
+    )
+    .await?;
+    transaction.commit().await?;
+    Ok(Some((days, months)))
+}
+
+async fn upsert_quota(
+    transaction: &deadpool_postgres::Transaction<'_>,
+    statement: &str,
+    rows: HashMap<(Uuid, i16, NaiveDate), i64>,
+) -> Result<Vec<(Uuid, i16, NaiveDate, i64)>, DbError> {
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (mut ids, mut environments, mut dates, mut used) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for ((id, environment, date), n) in rows {
+        ids.push(id);
+        environments.push(environment);
+        dates.push(date);
+        used.push(n);
+    }
+    let rows = transaction.query(statement, &[&ids, &environments, &dates, &used]).await?;
+    Ok(rows.iter().map(|row| (row.get(0), row.get(1), row.get(2), row.get(3))).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn methods_and_paths_are_bounded() {
+        assert_eq!(method_label("get"), "GET");
+        assert_eq!(method_label("BREW"), "OTHER");
+        assert_eq!(log_path("/v1/things?api_key=secret#x".into()), "/v1/things");
+        let long = format!("/{}", "é".repeat(MAX_PATH));
+        let kept = log_path(long);
+        assert!(kept.len() <= MAX_PATH && kept.is_char_boundary(kept.len()));
+    }
+}

@@ -1,0 +1,101 @@
+//! A real Envoy (the shipped `deploy/envoy/envoy.yaml`) in front of the authorizer and a small
+//! upstream that echoes what reached it.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use keyshare_runtime::testkit::{eventually, free_port, tool, workspace_root};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::World;
+
+pub struct Envoy(Child);
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// An upstream that answers 200 with the request head it received.
+pub async fn echo_upstream() -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else { return };
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).await.unwrap_or(0) == 1 {
+                    head.push(byte[0]);
+                }
+                let body = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                let response =
+                    format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+                let _ = stream.write_all(response.as_bytes()).await;
+            });
+        }
+    });
+    port
+}
+
+/// One HTTP/1.1 request through Envoy: (status, response head, body).
+pub async fn call(port: u16, method: &str, headers: &[(&str, &str)]) -> Option<(u16, String, String)> {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    let mut request = format!("{method} /v1/things HTTP/1.1\r\nHost: api.example\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    if method == "POST" {
+        request.push_str("Content-Length: 0\r\n");
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, head.to_ascii_lowercase(), body.to_owned()))
+}
+
+pub async fn start_envoy(w: &World, project: &str, upstream: u16) -> (Envoy, u16) {
+    let (listen, admin) = (free_port(), free_port());
+    let config = std::fs::read_to_string(workspace_root().join("deploy/envoy/envoy.yaml"))
+        .unwrap()
+        .replace("port_value: 8080", &format!("port_value: {listen}"))
+        .replace("port_value: 9901", &format!("port_value: {admin}"))
+        .replace("address: upstream, port_value: 8000", &format!("address: 127.0.0.1, port_value: {upstream}"))
+        .replace(
+            "address: authorizer, port_value: 50054",
+            &format!("address: 127.0.0.1, port_value: {}", w.authorizer_addr.port()),
+        )
+        .replace("projects/REPLACE-WITH-YOUR-PROJECT-ID", project);
+    let dir = tempfile_dir();
+    let path = dir.join("envoy.yaml");
+    std::fs::write(&path, config).unwrap();
+    let child = Command::new(tool("envoy"))
+        .arg("-c")
+        .arg(&path)
+        .args(["--base-id", &listen.to_string(), "--log-level", "warn", "--disable-hot-restart"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let envoy = Envoy(child);
+    eventually(
+        "Envoy to answer",
+        Duration::from_secs(60),
+        || async move { call(listen, "GET", &[]).await.map(|_| ()) },
+    )
+    .await;
+    (envoy, listen)
+}
+
+pub fn tempfile_dir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("keyshare-envoy-{}-{}", std::process::id(), free_port()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
