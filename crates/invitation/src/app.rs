@@ -4,6 +4,8 @@
 //! in one transaction; the calls then run in order per invitation (each idempotent, keyed by the
 //! invitation id) right away and, if a peer is down, from the retry worker until they succeed.
 //! So an accepted invitation always ends up with its membership, and a revoked one without.
+//! Each call keeps the trace context of the request that queued it, so a retried grant still
+//! shows in the acceptance's trace.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -16,12 +18,14 @@ use keyshare_runtime::crypto::{random_token, sha256};
 use keyshare_runtime::email::Email;
 use keyshare_runtime::mail::{self, Mail, OutboxWaker};
 use keyshare_runtime::page::{self, PageRequest};
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::domain::{Invitation, NotInvited, Role, Status, Target};
 use crate::error::{Error, Result};
 use crate::peers::{CallFailure, Peers, Standing};
 use crate::store;
+use crate::trace::{self, TraceContext};
 
 /// The most emails one CreateInvitations call may carry.
 pub const MAX_INVITEES: usize = 100;
@@ -291,7 +295,7 @@ impl Invitations {
             return Err(Error::EmailNotVerified);
         }
         store::mark_accepted(&tx, id, person.id, now).await?;
-        store::queue_call(&tx, id, "grant").await?;
+        store::queue_call(&tx, id, "grant", &TraceContext::current()).await?;
         tx.commit().await?;
         drop(client);
         tracing::info!(invitation = %id, account = %person.id, "invitation accepted");
@@ -349,7 +353,7 @@ impl Invitations {
             return Err(Error::WrongStatus { expected: "accepted", action: "revoked access" });
         }
         store::mark_revoked(&tx, id, now).await?;
-        store::queue_call(&tx, id, "remove").await?;
+        store::queue_call(&tx, id, "remove", &TraceContext::current()).await?;
         tx.commit().await?;
         drop(client);
         tracing::info!(invitation = %id, "access revoked");
@@ -393,11 +397,16 @@ impl Invitations {
             store::grant_facts(&tx, invitation).await?.ok_or(Error::NotFound("invitation"))?;
         let account = account.ok_or_else(|| Error::Internal("a call for an invitation nobody accepted".into()))?;
         let mut outcome = Ok(());
-        for (id, kind) in calls {
-            let result = match kind.as_str() {
-                "grant" => self.peers.grant(invitation, &target, account, role).await,
-                _ => self.peers.remove(&target, account).await,
-            };
+        for call in calls {
+            let (id, kind) = (call.id, call.kind.as_str());
+            let result = async {
+                match kind {
+                    "grant" => self.peers.grant(invitation, &target, account, role).await,
+                    _ => self.peers.remove(&target, account).await,
+                }
+            }
+            .instrument(trace::call_span(invitation, kind, &call.trace))
+            .await;
             match result {
                 Ok(()) => store::call_done(&tx, id, None).await?,
                 Err(CallFailure::Permanent(why)) => {

@@ -2,7 +2,8 @@
 //! valid 7 days, accepted with a single-use token; the emails leave through the outbox.
 //!
 //! Layout: [`grpc`] is the adapter, [`app`] the use cases, [`domain`] the types and rules,
-//! [`store`] the SQL, [`peers`] what is asked of identity and keyring.
+//! [`store`] the SQL, [`peers`] what is asked of identity and keyring, [`trace`] the trace context
+//! queued calls keep.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -26,6 +27,7 @@ pub mod error;
 pub mod grpc;
 pub mod peers;
 pub mod store;
+pub mod trace;
 
 pub use config::Config;
 

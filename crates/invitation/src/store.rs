@@ -6,6 +6,7 @@ use tokio_postgres::Row;
 use uuid::Uuid;
 
 use crate::domain::{Delivery, Invitation, Role, Status, Target};
+use crate::trace::TraceContext;
 
 type Result<T> = std::result::Result<T, DbError>;
 
@@ -236,20 +237,42 @@ pub async fn revoke_target(c: &impl GenericClient, target: &str, now: DateTime<U
 
 // --- Calls to identity and keyring ---
 
-pub async fn queue_call(c: &impl GenericClient, invitation: Uuid, kind: &str) -> Result<()> {
-    c.execute("INSERT INTO invitation.calls (invitation_id, kind) VALUES ($1, $2)", &[&invitation, &kind]).await?;
+/// A grant or removal waiting to run.
+#[derive(Clone, Debug)]
+pub struct QueuedCall {
+    pub id: i64,
+    /// `grant` or `remove`.
+    pub kind: String,
+    /// The trace of the request that queued it.
+    pub trace: TraceContext,
+}
+
+pub async fn queue_call(c: &impl GenericClient, invitation: Uuid, kind: &str, trace: &TraceContext) -> Result<()> {
+    c.execute(
+        "INSERT INTO invitation.calls (invitation_id, kind, traceparent, tracestate) VALUES ($1, $2, $3, $4)",
+        &[&invitation, &kind, &trace.traceparent, &trace.tracestate],
+    )
+    .await?;
     Ok(())
 }
 
 /// The undone calls of an invitation in order, locked so one drainer runs them at a time.
-pub async fn lock_calls(c: &impl GenericClient, invitation: Uuid) -> Result<Vec<(i64, String)>> {
+pub async fn lock_calls(c: &impl GenericClient, invitation: Uuid) -> Result<Vec<QueuedCall>> {
     let rows = c
         .query(
-            "SELECT id, kind FROM invitation.calls WHERE invitation_id = $1 AND done_at IS NULL ORDER BY id FOR UPDATE",
+            "SELECT id, kind, traceparent, tracestate FROM invitation.calls
+             WHERE invitation_id = $1 AND done_at IS NULL ORDER BY id FOR UPDATE",
             &[&invitation],
         )
         .await?;
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    Ok(rows
+        .iter()
+        .map(|r| QueuedCall {
+            id: r.get(0),
+            kind: r.get(1),
+            trace: TraceContext { traceparent: r.get(2), tracestate: r.get(3) },
+        })
+        .collect())
 }
 
 pub async fn call_done(c: &impl GenericClient, id: i64, error: Option<&str>) -> Result<()> {
