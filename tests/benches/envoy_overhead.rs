@@ -1,0 +1,362 @@
+//! Latency Envoy's ext_authz filter adds when it asks the authorizer about every request: the
+//! shipped `deploy/envoy/envoy.yaml` against the same configuration with the filter taken out,
+//! both in front of the same upstream, measured in this run with h2load on this machine:
+//! - p50/p99 at a moderate fixed rate, from h2load's `--log-file`, the two Envoys driven in
+//!   turn (with, without, with, without) so that drift on a noisy machine hits both,
+//! - throughput at saturation, each Envoy on its own.
+//!
+//! identity, keyring and the authorizer run in this process (as in the other benchmarks), the
+//! authorizer recording usage as in production; the upstream is a small in-process hyper server
+//! answering 200 with a short body. Every request carries a valid production credential, so
+//! every answer must be a 200: other statuses are counted and printed, and fail the run once the
+//! numbers are out. Nothing else is asserted.
+//!
+//! Run: `cargo bench -p keyshare-system-tests --bench envoy_overhead` (needs `h2load`, Debian's
+//! `nghttp2-client`, and the Envoy `scripts/test` installs into `.venv`; `scripts/bench envoy`
+//! installs both). `ENVOY_BENCH_REQUESTS` sets the requests per measured run (default 6000),
+//! `ENVOY_BENCH_RPS` the total rate of the moderate load (default 800 req/s over 4 connections),
+//! `ENVOY_BENCH_SATURATE_SECS` the length of each saturation run (default 4, 0 skips them).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout, clippy::print_stderr)]
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use keyshare_runtime::testkit::{free_port, tool, workspace_root};
+use keyshare_system_tests::{Stack, percentile};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Connections of the moderate load; each sends at `rate / CLIENTS` requests per second.
+const CLIENTS: u32 = 4;
+/// Connections of the saturation runs.
+const SATURATION_CLIENTS: u32 = 16;
+/// What the upstream answers: about the size of a small JSON API response.
+const UPSTREAM_BODY: &[u8] = br#"{"things":[{"id":"thing-1","name":"first"},{"id":"thing-2","name":"second"}]}"#;
+
+#[tokio::main]
+async fn main() {
+    let requests: u32 = setting("ENVOY_BENCH_REQUESTS", 6000);
+    let rate: u32 = setting("ENVOY_BENCH_RPS", 800).max(CLIENTS);
+    let saturate_secs: u32 = setting("ENVOY_BENCH_SATURATE_SECS", 4);
+    let dir = tempfile::tempdir().unwrap();
+
+    let stack = Stack::start().await;
+    let token = stack.account("envoy-bench@example.com").await;
+    let (_keyring, created) = stack.key(&token).await;
+    let key = created.key.unwrap().name;
+    let project = key.split("/keys/").next().unwrap().to_owned();
+    let credential = created.production_credential;
+    let upstream = serve_upstream().await;
+
+    let shipped = std::fs::read_to_string(workspace_root().join("deploy/envoy/envoy.yaml")).unwrap();
+    let authorizer = stack.authorizer.port();
+    let (with_port, without_port) = (free_port(), free_port());
+    let with_config = configure(&shipped, with_port, free_port(), upstream, authorizer, &project);
+    let without_config =
+        without_ext_authz(&configure(&shipped, without_port, free_port(), upstream, authorizer, &project));
+    let mut with = Envoy::start("with-ext-authz", &with_config, with_port, dir.path());
+    let mut without = Envoy::start("without-ext-authz", &without_config, without_port, dir.path());
+    // The first 200 through the filter also means the authorizer has the key in memory.
+    with.wait_until_it_passes(&credential).await;
+    without.wait_until_it_passes(&credential).await;
+
+    let per_client = rate / CLIENTS;
+    println!(
+        "Envoy with ext_authz (deploy/envoy/envoy.yaml) vs the same Envoy without the filter, same upstream, \
+         h2load --h1 on one machine"
+    );
+    println!(
+        "moderate load: {CLIENTS} connections × {per_client} req/s = {} req/s, {requests} requests per run",
+        per_client * CLIENTS
+    );
+    let moderate = ["-c".to_owned(), CLIENTS.to_string(), "--rps".to_owned(), per_client.to_string()];
+    let warm_up = [&moderate[..], &["-n".to_owned(), (requests / 5).max(CLIENTS).to_string()]].concat();
+    let measured = [&moderate[..], &["-n".to_owned(), requests.to_string()]].concat();
+    h2load(with.port, &credential, &warm_up, None).await;
+    h2load(without.port, &credential, &warm_up, None).await;
+
+    let mut failures = Failures::default();
+    let (mut all_with, mut all_without) = (Vec::new(), Vec::new());
+    for round in 1..=2 {
+        for (envoy, all) in [(&with, &mut all_with), (&without, &mut all_without)] {
+            let log = dir.path().join(format!("{}-{round}.log", envoy.name));
+            let run = h2load(envoy.port, &credential, &measured, Some(&log)).await;
+            let (latencies, statuses) = read_log(&log);
+            let missing = u64::from(requests).saturating_sub(latencies.len() as u64);
+            report(&format!("run {round} {}", envoy.name), &latencies, &statuses, missing);
+            failures.add(&format!("run {round} {}", envoy.name), &statuses, missing, &run);
+            all.extend(latencies);
+        }
+    }
+    all_with.sort_unstable();
+    all_without.sort_unstable();
+    println!("all runs:");
+    let (with_p50, with_p99) = report("  with-ext-authz", &all_with, &BTreeMap::new(), 0);
+    let (without_p50, without_p99) = report("  without-ext-authz", &all_without, &BTreeMap::new(), 0);
+    println!(
+        "added by ext_authz: p50 {:+} µs, p99 {:+} µs",
+        with_p50 as i64 - without_p50 as i64,
+        with_p99 as i64 - without_p99 as i64
+    );
+
+    if saturate_secs > 0 {
+        let saturate = [
+            "-c".to_owned(),
+            SATURATION_CLIENTS.to_string(),
+            "-D".to_owned(),
+            saturate_secs.to_string(),
+            "--warm-up-time".to_owned(),
+            "1".to_owned(),
+        ];
+        let without_run = h2load(without.port, &credential, &saturate, None).await;
+        let with_run = h2load(with.port, &credential, &saturate, None).await;
+        println!(
+            "saturation ({SATURATION_CLIENTS} connections, {saturate_secs} s each): without {:>7.0} req/s   \
+             with {:>7.0} req/s   ratio {:.2}",
+            without_run.rps,
+            with_run.rps,
+            with_run.rps / without_run.rps.max(1.0)
+        );
+        for (name, run) in [("saturation without-ext-authz", &without_run), ("saturation with-ext-authz", &with_run)] {
+            failures.add(name, &BTreeMap::new(), 0, run);
+        }
+    }
+
+    drop((with, without));
+    if !failures.0.is_empty() {
+        eprintln!("requests that did not get a 200:");
+        for failure in &failures.0 {
+            eprintln!("{failure}");
+        }
+        std::process::exit(1);
+    }
+}
+
+fn setting(name: &str, default: u32) -> u32 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// An HTTP/1.1 upstream that answers every request with 200 and `UPSTREAM_BODY`.
+async fn serve_upstream() -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            let _ = stream.set_nodelay(true);
+            tokio::spawn(async move {
+                let service = service_fn(|_request: hyper::Request<Incoming>| async {
+                    Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from_static(UPSTREAM_BODY))))
+                });
+                let _ =
+                    hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+            });
+        }
+    });
+    port
+}
+
+/// The shipped configuration with this run's ports, upstream, authorizer and project. Each
+/// placeholder must be there, so that a change to the shipped file stops the benchmark rather
+/// than have it measure something else.
+fn configure(shipped: &str, listen: u16, admin: u16, upstream: u16, authorizer: u16, project: &str) -> String {
+    [
+        ("port_value: 8080", format!("port_value: {listen}")),
+        ("port_value: 9901", format!("port_value: {admin}")),
+        ("address: upstream, port_value: 8000", format!("address: 127.0.0.1, port_value: {upstream}")),
+        ("address: authorizer, port_value: 50054", format!("address: 127.0.0.1, port_value: {authorizer}")),
+        ("projects/REPLACE-WITH-YOUR-PROJECT-ID", project.to_owned()),
+    ]
+    .iter()
+    .fold(shipped.to_owned(), |config, (from, to)| {
+        assert!(config.contains(from), "deploy/envoy/envoy.yaml no longer contains `{from}`");
+        config.replace(from, to)
+    })
+}
+
+/// The same configuration without the ext_authz filter: its entry in `http_filters` and the
+/// route's `typed_per_filter_config` go (each with the lines indented under it); the rest,
+/// including the authorizer's cluster, stays as it is.
+fn without_ext_authz(config: &str) -> String {
+    let mut kept = Vec::new();
+    let mut skipping_below: Option<usize> = None;
+    for line in config.lines() {
+        let indent = line.len() - line.trim_start().len();
+        if let Some(depth) = skipping_below {
+            if line.trim().is_empty() || indent > depth {
+                continue;
+            }
+            skipping_below = None;
+        }
+        let trimmed = line.trim_start();
+        if trimmed.starts_with("typed_per_filter_config:") || trimmed == "- name: envoy.filters.http.ext_authz" {
+            skipping_below = Some(indent);
+            continue;
+        }
+        kept.push(line);
+    }
+    let stripped = kept.join("\n") + "\n";
+    assert!(
+        !stripped.contains("ext_authz") && stripped.contains("envoy.filters.http.router"),
+        "could not take the ext_authz filter out of deploy/envoy/envoy.yaml:\n{stripped}"
+    );
+    stripped
+}
+
+/// An Envoy process, killed when dropped.
+struct Envoy {
+    name: &'static str,
+    port: u16,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Envoy {
+    fn start(name: &'static str, config: &str, port: u16, dir: &Path) -> Self {
+        let path = dir.join(format!("{name}.yaml"));
+        std::fs::write(&path, config).unwrap();
+        let log = dir.join(format!("{name}.stderr"));
+        let child = Command::new(tool("envoy"))
+            .arg("-c")
+            .arg(&path)
+            .args(["--base-id", &port.to_string(), "--log-level", "warn", "--disable-hot-restart"])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Self { name, port, child, log }
+    }
+
+    /// Waits until a request with `credential` gets a 200 through this Envoy.
+    async fn wait_until_it_passes(&mut self, credential: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut last = None;
+        loop {
+            last = get(self.port, credential).await.or(last);
+            if last == Some(200) {
+                return;
+            }
+            let log = || std::fs::read_to_string(&self.log).unwrap_or_default();
+            assert!(
+                Instant::now() < deadline,
+                "{} gave no 200 within 60 s (last status {last:?}); its log:\n{}",
+                self.name,
+                log()
+            );
+            assert!(matches!(self.child.try_wait(), Ok(None)), "{} exited; its log:\n{}", self.name, log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The status of one `GET /v1/things` with the credential, or `None` if there was no answer.
+async fn get(port: u16, credential: &str) -> Option<u16> {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    let request =
+        format!("GET /v1/things HTTP/1.1\r\nHost: api.example\r\nx-api-key: {credential}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok()?;
+    response.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// What h2load said about one run.
+struct Run {
+    rps: f64,
+    /// No request failed, errored or timed out, and every status was a 2xx.
+    clean: bool,
+    /// h2load's `requests:` and `status codes:` lines.
+    summary: String,
+}
+
+/// Runs h2load over HTTP/1.1 (what an API's clients mostly speak to a gateway) against Envoy's
+/// listener, with the credential on every request.
+async fn h2load(port: u16, credential: &str, args: &[String], log: Option<&Path>) -> Run {
+    let mut command = tokio::process::Command::new("h2load");
+    command.args(["--h1", "-t", "1", "-H"]).arg(format!("x-api-key: {credential}")).args(args);
+    if let Some(log) = log {
+        command.arg("--log-file").arg(log);
+    }
+    command.arg(format!("http://127.0.0.1:{port}/v1/things"));
+    let out = command.output().await.expect("h2load is installed (scripts/bench installs it)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = |prefix: &str| text.lines().find(|l| l.starts_with(prefix)).unwrap_or_default().to_owned();
+    let requests = line("requests:");
+    let statuses = line("status codes:");
+    let rps = line("finished in")
+        .split(", ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(0.0);
+    let clean = out.status.success()
+        && requests.contains(" 0 failed, 0 errored, 0 timeout")
+        && statuses.contains(" 0 3xx, 0 4xx, 0 5xx");
+    let summary = if requests.is_empty() {
+        format!("h2load said:\n{text}{}", String::from_utf8_lossy(&out.stderr))
+    } else {
+        format!("{requests}\n{statuses}")
+    };
+    Run { rps, clean, summary }
+}
+
+/// The sorted durations (µs) of an h2load `--log-file` (start µs, status, duration µs per
+/// line) and how many requests got each status other than 200.
+fn read_log(log: &Path) -> (Vec<u64>, BTreeMap<String, u64>) {
+    let mut latencies = Vec::new();
+    let mut other = BTreeMap::new();
+    for line in std::fs::read_to_string(log).unwrap_or_default().lines() {
+        let mut columns = line.split('\t');
+        let (status, duration) = (columns.nth(1).unwrap_or("?").trim(), columns.next().unwrap_or("").trim());
+        if status != "200" {
+            *other.entry(status.to_owned()).or_insert(0) += 1;
+        }
+        if let Ok(duration) = duration.parse() {
+            latencies.push(duration);
+        }
+    }
+    latencies.sort_unstable();
+    (latencies, other)
+}
+
+/// Prints one distribution; returns its p50 and p99 in µs.
+fn report(name: &str, sorted: &[u64], other_statuses: &BTreeMap<String, u64>, missing: u64) -> (u64, u64) {
+    let as_durations: Vec<Duration> = sorted.iter().map(|&us| Duration::from_micros(us)).collect();
+    let micros = |p| percentile(&as_durations, p).as_micros() as u64;
+    let (p50, p99) = (micros(50.0), micros(99.0));
+    let non_200: u64 = other_statuses.values().sum::<u64>() + missing;
+    let detail = if non_200 == 0 { String::new() } else { format!(" {other_statuses:?}, {missing} without an answer") };
+    println!(
+        "{name:<28} n={:<6} p50 {p50:>6} µs   p90 {:>6} µs   p99 {p99:>6} µs   max {:>7} µs   non-200: {non_200}{detail}",
+        sorted.len(),
+        micros(90.0),
+        sorted.last().copied().unwrap_or_default()
+    );
+    (p50, p99)
+}
+
+/// Runs in which a request did not get a 200, for the end of the output.
+#[derive(Default)]
+struct Failures(Vec<String>);
+
+impl Failures {
+    fn add(&mut self, name: &str, other_statuses: &BTreeMap<String, u64>, missing: u64, run: &Run) {
+        if !other_statuses.is_empty() || missing > 0 || !run.clean {
+            let summary = &run.summary;
+            self.0.push(format!("{name}: statuses {other_statuses:?}, {missing} without an answer\n{summary}"));
+        }
+    }
+}

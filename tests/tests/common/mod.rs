@@ -1,0 +1,247 @@
+//! Keyshare's service binaries as separate processes, configured the way `scripts/run`
+//! configures them, on a database and a real SMTP server made for the test: for what only a
+//! whole process shows, such as its trace exporter (process-wide) or its metrics endpoint.
+//!
+//! The binaries are not built by the test: `cargo build --workspace --bins` first (scripts/test
+//! does).
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus};
+use std::time::{Duration, Instant};
+
+use keyshare_proto::identity::v1 as idpb;
+use keyshare_proto::identity::v1::identity_service_client::IdentityServiceClient;
+use keyshare_proto::keyring::v1 as krpb;
+use keyshare_proto::keyring::v1::keyring_service_client::KeyringServiceClient;
+use keyshare_runtime::crypto::Sealer;
+use keyshare_runtime::testkit::{SmtpServer, TestDatabase, free_port};
+use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+/// Every service, in the order they start (identity first: the others authenticate there).
+pub const SERVICES: [&str; 4] = ["identity", "keyring", "invitation", "authorizer"];
+pub const PASSWORD: &str = "a long test passphrase";
+
+/// Internal clients and their secrets, as `var/dev-secrets.env` holds them for `scripts/run`.
+const CLIENT_SECRETS: [(&str, &str); 3] = [
+    ("keyring", "keyring-secret-for-system-tests-0123456789"),
+    ("invitation", "invitation-secret-for-system-tests-0123456"),
+    ("authorizer", "authorizer-secret-for-system-tests-0123456"),
+];
+
+const STARTUP: Duration = Duration::from_secs(30);
+const STOP: Duration = Duration::from_secs(15);
+
+struct Process {
+    child: Option<Child>,
+    grpc: SocketAddr,
+    metrics: SocketAddr,
+    env: Vec<(String, String)>,
+}
+
+/// Running service processes; killed when dropped.
+pub struct Keyshare {
+    pub smtp: SmtpServer,
+    processes: HashMap<&'static str, Process>,
+    pub db: TestDatabase,
+}
+
+/// Where cargo put this test's sibling binaries (`target/<profile>`).
+fn binary(service: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/<test>-<hash>
+    let path = exe.parent().and_then(|deps| deps.parent()).unwrap().join(service);
+    assert!(path.exists(), "{} is missing: run `cargo build --workspace --bins` first", path.display());
+    path
+}
+
+fn loopback() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
+impl Keyshare {
+    /// Starts `services` in order, each with `extra_env` on top of the usual environment, and
+    /// waits until each reports SERVING.
+    pub async fn start(services: &[&'static str], extra_env: &[(&str, String)]) -> Self {
+        let db = TestDatabase::create().await;
+        let smtp = SmtpServer::start().await;
+        let (_, kek) = Sealer::generate("k1");
+        let addrs: HashMap<&str, (SocketAddr, SocketAddr)> =
+            SERVICES.iter().map(|service| (*service, (loopback(), loopback()))).collect();
+        let url = |service: &str| format!("http://{}", addrs[service].0);
+        let internal_clients =
+            CLIENT_SECRETS.iter().map(|(client, secret)| format!("{client}:{secret}")).collect::<Vec<_>>().join(",");
+        let mut keyshare = Self { smtp, processes: HashMap::new(), db };
+        for &service in services {
+            let (grpc, metrics) = addrs[service];
+            let mut env: Vec<(String, String)> = [
+                ("DATABASE_URL", keyshare.db.url.clone()),
+                ("KEYSHARE_LISTEN_ADDR", grpc.to_string()),
+                ("KEYSHARE_METRICS_ADDR", metrics.to_string()),
+                ("KEYSHARE_IDENTITY_URL", url("identity")),
+                ("KEYSHARE_KEYRING_URL", url("keyring")),
+                ("KEYSHARE_INVITATION_URL", url("invitation")),
+                ("KEYSHARE_KEY_ENCRYPTION_KEYS", kek.clone()),
+                ("KEYSHARE_INTERNAL_CLIENTS", internal_clients.clone()),
+                ("KEYSHARE_SMTP_URL", keyshare.smtp.url()),
+                ("KEYSHARE_MAIL_POLL_SECS", "1".into()),
+                ("KEYSHARE_MAIL_RETRY_MAX_SECS", "1".into()),
+                ("KEYSHARE_CALL_RETRY_SECS", "1".into()),
+                ("KEYSHARE_SHUTDOWN_GRACE_SECS", "5".into()),
+                ("KEYSHARE_DB_POOL_SIZE", "4".into()),
+                ("RUST_LOG", "info".into()),
+            ]
+            .into_iter()
+            .map(|(key, value)| (key.to_owned(), value))
+            .collect();
+            if let Some((client, secret)) = CLIENT_SECRETS.iter().find(|(client, _)| *client == service) {
+                env.push(("KEYSHARE_CLIENT_ID".into(), (*client).into()));
+                env.push(("KEYSHARE_CLIENT_SECRET".into(), (*secret).into()));
+            }
+            env.extend(extra_env.iter().map(|(key, value)| ((*key).to_owned(), value.clone())));
+            keyshare.processes.insert(service, Process { child: None, grpc, metrics, env });
+            keyshare.launch(service).await;
+        }
+        keyshare
+    }
+
+    async fn launch(&mut self, service: &'static str) {
+        let process = self.processes.get_mut(service).unwrap();
+        let child = Command::new(binary(service))
+            .env_clear()
+            .envs(process.env.iter().cloned())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {service}: {e}"));
+        process.child = Some(child);
+        let health =
+            HealthClient::new(Channel::from_shared(format!("http://{}", process.grpc)).unwrap().connect_lazy());
+        let start = Instant::now();
+        loop {
+            let process = self.processes.get_mut(service).unwrap();
+            if let Some(status) = process.child.as_mut().and_then(|child| child.try_wait().ok().flatten()) {
+                panic!("{service} exited during startup ({status}); its log is above");
+            }
+            let answer = health.clone().check(HealthCheckRequest { service: String::new() }).await;
+            if answer.is_ok_and(|answer| answer.into_inner().status == ServingStatus::Serving as i32) {
+                return;
+            }
+            assert!(start.elapsed() < STARTUP, "{service} did not report SERVING within {STARTUP:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A service's gRPC address.
+    pub fn grpc(&self, service: &str) -> SocketAddr {
+        self.processes[service].grpc
+    }
+
+    /// A service's `/metrics` address.
+    pub fn metrics(&self, service: &str) -> SocketAddr {
+        self.processes[service].metrics
+    }
+
+    pub fn channel(&self, service: &str) -> Channel {
+        Channel::from_shared(format!("http://{}", self.grpc(service))).unwrap().connect_lazy()
+    }
+
+    pub fn identity(&self) -> IdentityServiceClient<Channel> {
+        IdentityServiceClient::new(self.channel("identity"))
+    }
+
+    pub fn keyring(&self) -> KeyringServiceClient<Channel> {
+        KeyringServiceClient::new(self.channel("keyring"))
+    }
+
+    /// Stops a service as an operator would (SIGTERM) and returns how it exited.
+    pub async fn terminate(&mut self, service: &str) -> ExitStatus {
+        let mut child = self.processes.get_mut(service).and_then(|p| p.child.take()).expect("a running service");
+        Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if start.elapsed() > STOP {
+                let _ = child.kill();
+                panic!("{service} did not stop within {STOP:?} of SIGTERM");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Starts a stopped service again, on the same addresses.
+    pub async fn restart(&mut self, service: &'static str) {
+        assert!(self.processes[service].child.is_none(), "{service} is still running");
+        self.launch(service).await;
+    }
+
+    /// A new account with a verified email; returns its access token.
+    pub async fn account(&self, email: &str) -> String {
+        let mut identity = self.identity();
+        identity
+            .create_account(idpb::CreateAccountRequest {
+                email: email.into(),
+                display_name: email.into(),
+                password: PASSWORD.into(),
+            })
+            .await
+            .unwrap();
+        let mail = self.smtp.wait_for_mail(email, "Verify").await;
+        identity.verify_email(idpb::VerifyEmailRequest { token: token_in(&mail.body) }).await.unwrap();
+        let grant = identity.login(idpb::LoginRequest { email: email.into(), password: PASSWORD.into() }).await;
+        grant.unwrap().into_inner().grant.unwrap().access_token
+    }
+
+    /// An organization, a project and a key owned by the account behind `token`.
+    pub async fn key(&self, token: &str) -> krpb::CreateKeyResponse {
+        let organization = Some(idpb::Organization { display_name: "Acme".into(), ..Default::default() });
+        let org = self
+            .identity()
+            .create_organization(authed(token, idpb::CreateOrganizationRequest { organization }))
+            .await
+            .unwrap()
+            .into_inner()
+            .organization
+            .unwrap()
+            .name;
+        let mut keyring = self.keyring();
+        let project = Some(krpb::Project { display_name: "Payments API".into(), ..Default::default() });
+        let project = keyring
+            .create_project(authed(token, krpb::CreateProjectRequest { parent: org, project }))
+            .await
+            .unwrap()
+            .into_inner()
+            .project
+            .unwrap()
+            .name;
+        let key = Some(krpb::Key { display_name: "Partner".into(), ..Default::default() });
+        let request = krpb::CreateKeyRequest { parent: project, key, ..Default::default() };
+        keyring.create_key(authed(token, request)).await.unwrap().into_inner()
+    }
+}
+
+impl Drop for Keyshare {
+    fn drop(&mut self) {
+        for process in self.processes.values_mut() {
+            if let Some(mut child) = process.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+pub fn authed<T>(token: &str, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    request
+}
+
+/// The token of a mail's link.
+pub fn token_in(body: &str) -> String {
+    body.lines().find_map(|l| l.split("token=").nth(1)).map(|t| t.trim().to_owned()).expect("a token in the mail")
+}
