@@ -1,5 +1,9 @@
-//! The README's promises, checked the way a new user would: `scripts/run` starts Keyshare, and
-//! every shell block of the walkthrough runs against it.
+//! The README's promises, checked the way a new user would: `scripts/run` starts Keyshare, every
+//! shell block of the walkthrough runs against it, and then every block of the operations
+//! section that this machine can run: rendering the Kubernetes manifests, rotating the signing
+//! key, the key-encryption-key queries, backup, restore into a new database and, with the
+//! services stopped, restore of one schema in place. Blocks marked `<!-- needs: … -->` (a
+//! Kubernetes cluster, a container engine) are only checked to be valid shell.
 #![allow(clippy::unwrap_used)]
 
 use std::io::{BufRead, BufReader};
@@ -9,18 +13,36 @@ use std::time::Duration;
 
 use keyshare_runtime::testkit::{TestDatabase, tool, workspace_root};
 
-/// The ```sh blocks of one README section, each with whether it is marked to fail.
-fn shell_blocks(readme: &str, section: &str) -> Vec<(String, bool)> {
+/// How the README says a block is to be run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Mark {
+    /// Runs and must succeed.
+    Run,
+    /// `<!-- expect-failure -->`: runs and must fail.
+    ExpectFailure,
+    /// `<!-- services stopped -->`: runs, after Keyshare has been stopped.
+    ServicesStopped,
+    /// `<!-- needs: … -->`: needs what this machine does not have.
+    Needs(String),
+}
+
+/// The ```sh blocks of one README section (up to the next `## ` heading), with their marks.
+fn shell_blocks(readme: &str, section: &str) -> Vec<(String, Mark)> {
     let start = readme.find(section).unwrap_or_else(|| panic!("README has no section {section:?}"));
     let body = &readme[start + section.len()..];
     let body = &body[..body.find("\n## ").unwrap_or(body.len())];
     let mut blocks = Vec::new();
-    let mut lines = body.lines().peekable();
-    let mut expect_failure = false;
+    let mut lines = body.lines();
+    let mut mark = Mark::Run;
     while let Some(line) = lines.next() {
-        if line.trim() == "<!-- expect-failure -->" {
-            expect_failure = true;
-        } else if line.trim() == "```sh" {
+        let line = line.trim();
+        if line == "<!-- expect-failure -->" {
+            mark = Mark::ExpectFailure;
+        } else if line == "<!-- services stopped -->" {
+            mark = Mark::ServicesStopped;
+        } else if let Some(what) = line.strip_prefix("<!-- needs: ").and_then(|rest| rest.strip_suffix(" -->")) {
+            mark = Mark::Needs(what.to_owned());
+        } else if line == "```sh" {
             let mut block = String::new();
             for inner in lines.by_ref() {
                 if inner.trim() == "```" {
@@ -29,11 +51,35 @@ fn shell_blocks(readme: &str, section: &str) -> Vec<(String, bool)> {
                 block.push_str(inner);
                 block.push('\n');
             }
-            blocks.push((block, expect_failure));
-            expect_failure = false;
+            blocks.push((block, std::mem::replace(&mut mark, Mark::Run)));
         }
     }
     blocks
+}
+
+/// One bash script that runs `blocks` in order in one shell session, so variables set by one
+/// block are there for the next. Each block's output starts with `--- {label} {index}`.
+fn script(label: &str, blocks: &[(String, Mark)]) -> String {
+    let mut script = String::new();
+    for (index, (block, mark)) in blocks.iter().enumerate() {
+        match mark {
+            Mark::Run => script.push_str(&format!("echo '--- {label} {index}'\n{block}\n")),
+            Mark::ExpectFailure => script.push_str(&format!(
+                "if ( {block} ) >/dev/null 2>&1; then echo '{label} {index} should fail'; exit 1; fi\n"
+            )),
+            Mark::ServicesStopped => script.push_str(&format!(
+                "echo '--- {label} {index} (services stopped)'\nstop_keyshare\n{block}\n"
+            )),
+            Mark::Needs(what) => {
+                // Not run here, but it must at least parse.
+                let quoted = block.replace('\'', r"'\''");
+                script.push_str(&format!(
+                    "echo '--- {label} {index} needs {what}: syntax only'\nbash -n -c '{quoted}'\n"
+                ));
+            }
+        }
+    }
+    script
 }
 
 /// Kills the whole process group of `scripts/run` if the test fails before stopping it.
@@ -45,14 +91,57 @@ impl Drop for KillGroup {
     }
 }
 
+/// Drops the database the operations section restores into, before and after the test (the
+/// README names it; it lives on the shared test server).
+struct RestoredDatabase(String);
+
+impl RestoredDatabase {
+    const NAME: &str = "keyshare_restored";
+
+    fn drop_it(&self) {
+        let _ = Command::new("dropdb").args(["--if-exists", "--force", "--maintenance-db", &self.0, Self::NAME]).status();
+    }
+}
+
+impl Drop for RestoredDatabase {
+    fn drop(&mut self) {
+        self.drop_it();
+    }
+}
+
+/// What the shell session starts with: strict mode, and `stop_keyshare` for the blocks that
+/// need the services stopped (SIGTERM to `scripts/run`, then wait until every gRPC port is
+/// closed).
+const PREAMBLE: &str = r#"set -euo pipefail
+stop_keyshare() {
+  kill -TERM "$KEYSHARE_RUN_PID"
+  local port deadline=$((SECONDS + 60))
+  for port in 50051 50052 50053 50054; do
+    while (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do
+      ((SECONDS < deadline)) || { echo "Keyshare did not stop"; return 1; }
+      sleep 0.2
+    done
+  done
+}
+"#;
+
 #[tokio::test]
-async fn scripts_run_and_the_walkthrough_work() {
+async fn scripts_run_the_walkthrough_and_the_operations_section_work() {
     let root = workspace_root();
     let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
-    let blocks = shell_blocks(&readme, "## Walkthrough with grpcurl");
-    assert!(blocks.len() >= 5, "the walkthrough lost its commands");
+    let walkthrough = shell_blocks(&readme, "## Walkthrough with grpcurl");
+    assert!(walkthrough.len() >= 5, "the walkthrough lost its commands");
+    let operations = shell_blocks(&readme, "## Operations");
+    let runnable = operations.iter().filter(|(_, mark)| !matches!(mark, Mark::Needs(_))).count();
+    assert!(runnable >= 6, "the operations section lost its commands: {operations:?}");
+    assert!(
+        operations.iter().any(|(_, mark)| *mark == Mark::ServicesStopped),
+        "no operations block runs with the services stopped"
+    );
 
     let db = TestDatabase::create().await;
+    let restored = RestoredDatabase(db.url.clone());
+    restored.drop_it();
     let work = tempfile::tempdir().unwrap();
     let mut run = Command::new(root.join("scripts/run"))
         .current_dir(work.path())
@@ -76,31 +165,36 @@ async fn scripts_run_and_the_walkthrough_work() {
     });
     ready_rx.recv_timeout(Duration::from_secs(300)).expect("scripts/run did not report that Keyshare is running");
 
-    // One shell session, so variables set by one block are there for the next.
-    let mut script = String::from("set -euo pipefail\n");
-    for (index, (block, expect_failure)) in blocks.iter().enumerate() {
-        if *expect_failure {
-            script.push_str(&format!(
-                "if ( {block} ) >/dev/null 2>&1; then echo 'block {index} should fail'; exit 1; fi\n"
-            ));
-        } else {
-            script.push_str(&format!("echo '--- block {index}'\n{block}\n"));
-        }
-    }
+    // The walkthrough runs where a user would have a terminal open (mail and key.json land
+    // there); the operations section from the repository root, as it says.
+    let mut session = String::from(PREAMBLE);
+    session.push_str(&script("walkthrough", &walkthrough));
+    session.push_str(&format!("cd '{}'\n", root.display()));
+    session.push_str(&script("operations", &operations));
     let path = format!("{}:{}", tool("grpcurl").parent().unwrap().display(), std::env::var("PATH").unwrap_or_default());
-    let walkthrough =
-        Command::new("bash").arg("-c").arg(&script).current_dir(work.path()).env("PATH", path).output().unwrap();
+    let output = Command::new("bash")
+        .arg("-c")
+        .arg(&session)
+        .current_dir(work.path())
+        .env("PATH", path)
+        .env("DATABASE_URL", &db.url)
+        .env("KEYSHARE_PROFILE", "debug")
+        .env("KEYSHARE_RUN_PID", run.id().to_string())
+        .output()
+        .unwrap();
 
-    // Stop it as an operator would. (Ctrl-C's SIGINT cannot be used here: a test harness starts
-    // children with SIGINT ignored, and a non-interactive bash cannot trap a signal ignored at
-    // entry. scripts/run handles SIGTERM the same way.)
-    Command::new("kill").args(["-TERM", &run.id().to_string()]).status().unwrap();
+    // Stop it as an operator would, if the operations section has not already. (Ctrl-C's SIGINT
+    // cannot be used here: a test harness starts children with SIGINT ignored, and a
+    // non-interactive bash cannot trap a signal ignored at entry. scripts/run handles SIGTERM
+    // the same way.)
+    let _ = Command::new("kill").args(["-TERM", &run.id().to_string()]).status();
     let status = run.wait().unwrap();
     std::mem::forget(guard);
 
-    let stdout = String::from_utf8_lossy(&walkthrough.stdout);
-    let stderr = String::from_utf8_lossy(&walkthrough.stderr);
-    assert!(walkthrough.status.success(), "walkthrough failed:\n{stdout}\n{stderr}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "a README block failed:\n{stdout}\n{stderr}");
+    let (walked, operated) = stdout.split_once("--- operations 0").unwrap_or_else(|| panic!("{stdout}"));
     for expected in [
         "ORGANIZATION_ROLE_OWNER",
         r#""sandboxCredential": "ks_test_"#,
@@ -112,7 +206,25 @@ async fn scripts_run_and_the_walkthrough_work() {
         r#""outcome": "OUTCOME_VALID""#,
         r#""outcome": "OUTCOME_DISABLED""#,
     ] {
-        assert!(stdout.contains(expected), "{expected} missing from the walkthrough output:\n{stdout}");
+        assert!(walked.contains(expected), "{expected} missing from the walkthrough output:\n{walked}");
     }
+    for expected in [
+        // identity rotate-signing-key, then the two keys it leaves: the new one signs.
+        "new signing key: ",
+        "(2 rows)",
+        // The KEK queries name the development KEK scripts/run generated.
+        " dev1 ",
+        // Every service's schema is in the dump.
+        "TABLE DATA identity accounts",
+        "TABLE DATA keyring keys",
+        "TABLE DATA invitation invitations",
+        "TABLE DATA authorizer usage_minutes",
+        // The walkthrough's one key, in the restored database and after the in-place restore.
+        " keys \n------\n    1\n(1 row)",
+    ] {
+        assert!(operated.contains(expected), "{expected:?} missing from the operations output:\n{operated}\n{stderr}");
+    }
+    let restored_counts = operated.matches(" keys \n------\n    1\n(1 row)").count();
+    assert_eq!(restored_counts, 2, "both restores should show the key:\n{operated}");
     assert!(status.success(), "scripts/run exited with {status:?}");
 }
