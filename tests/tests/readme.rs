@@ -67,9 +67,9 @@ fn script(label: &str, blocks: &[(String, Mark)]) -> String {
             Mark::ExpectFailure => script.push_str(&format!(
                 "if ( {block} ) >/dev/null 2>&1; then echo '{label} {index} should fail'; exit 1; fi\n"
             )),
-            Mark::ServicesStopped => script.push_str(&format!(
-                "echo '--- {label} {index} (services stopped)'\nstop_keyshare\n{block}\n"
-            )),
+            Mark::ServicesStopped => {
+                script.push_str(&format!("echo '--- {label} {index} (services stopped)'\nstop_keyshare\n{block}\n"))
+            }
             Mark::Needs(what) => {
                 // Not run here, but it must at least parse.
                 let quoted = block.replace('\'', r"'\''");
@@ -99,7 +99,8 @@ impl RestoredDatabase {
     const NAME: &str = "keyshare_restored";
 
     fn drop_it(&self) {
-        let _ = Command::new("dropdb").args(["--if-exists", "--force", "--maintenance-db", &self.0, Self::NAME]).status();
+        let _ =
+            Command::new("dropdb").args(["--if-exists", "--force", "--maintenance-db", &self.0, Self::NAME]).status();
     }
 }
 

@@ -10,6 +10,7 @@ use std::process::Command;
 use common::envoy::*;
 use common::*;
 use keyshare_proto::keyring::v1 as krpb;
+use keyshare_runtime::clock::Clock;
 use keyshare_runtime::credential::{Credential, Environment};
 use keyshare_runtime::testkit::{tool, workspace_root};
 
@@ -69,6 +70,18 @@ async fn envoy_in_front_of_the_authorizer() {
     let (status, head, body) = call(port, "GET", &[("x-api-key", &production)]).await.unwrap();
     assert_eq!((status, body.contains("OUTCOME_RATE_LIMITED")), (429, true), "{body}");
     assert!(head.contains("retry-after: 1"), "{head}");
+
+    // Quota exceeded: 429 with retry-after until the next UTC day. The key made three valid
+    // calls through Envoy above (GET, Bearer, the rate-limited one's first).
+    w.set(&prod_env, "rate_limit_per_second", |e| e.rate_limit_per_second = 0).await;
+    w.set(&prod_env, "daily_quota", |e| e.daily_quota = 4).await;
+    assert_eq!(call(port, "GET", &[("x-api-key", &production)]).await.unwrap().0, 200);
+    let (status, head, body) = call(port, "GET", &[("x-api-key", &production)]).await.unwrap();
+    assert_eq!((status, body.contains("OUTCOME_QUOTA_EXCEEDED")), (429, true), "{body}");
+    let now = w.frozen.now().timestamp();
+    let to_midnight = 86_400 - now.rem_euclid(86_400);
+    assert!(head.contains(&format!("retry-after: {to_midnight}")), "{head}");
+    w.set(&prod_env, "daily_quota", |e| e.daily_quota = 0).await;
 
     // Expired.
     w.frozen.advance(chrono::Duration::seconds(2));
