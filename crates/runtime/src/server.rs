@@ -167,7 +167,7 @@ impl Bound {
             .timeout(options.config.call_timeout)
             .layer(layers)
             .add_routes(routes)
-            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), signal);
+            .serve_with_incoming_shutdown(incoming(listener), signal);
         let grace = options.config.shutdown_grace;
         let drained = async move {
             if stopping_rx.await.is_ok() {
@@ -397,3 +397,10 @@ impl<B: Body + Unpin> Body for ObservedBody<B> {
 
 /// How long a client waits to connect to another Keyshare service.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Accepted connections with Nagle's algorithm off. gRPC writes small frames on connections
+/// that carry many calls at once (a gateway's to the authorizer); with Nagle on, a response
+/// written while an earlier one is unacknowledged waits for the peer's delayed ACK.
+fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+}
