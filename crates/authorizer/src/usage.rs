@@ -78,6 +78,9 @@ pub fn log_path(mut path: String) -> String {
     path
 }
 
+/// The most records the writer takes from the channel at once.
+const RECEIVE_BULK: usize = 1024;
+
 /// Settings of the usage writer.
 #[derive(Clone, Debug)]
 pub struct UsageConfig {
@@ -274,12 +277,18 @@ impl Writer {
     pub async fn run(mut self, mut stopping: watch::Receiver<bool>) {
         let mut ticker = tokio::time::interval(self.config.flush_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Records are taken in bulk: under load one wake-up absorbs many checks.
+        let mut records = Vec::with_capacity(RECEIVE_BULK);
         loop {
             tokio::select! {
-                record = self.receiver.recv() => match record {
-                    Some(record) => self.absorb(record),
-                    None => break,
-                },
+                received = self.receiver.recv_many(&mut records, RECEIVE_BULK) => {
+                    if received == 0 {
+                        break;
+                    }
+                    for record in records.drain(..) {
+                        self.absorb(record);
+                    }
+                }
                 _ = ticker.tick() => self.flush().await,
                 _ = stopping.changed() => break,
             }

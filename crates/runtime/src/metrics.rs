@@ -7,8 +7,9 @@
 //!
 //! Services register their own metrics on [`Metrics::registry`] at start.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -25,7 +26,7 @@ use tokio::net::TcpListener;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CallLabels {
     method: String,
-    code: String,
+    code: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -45,8 +46,20 @@ pub struct Metrics {
     registry: Mutex<Registry>,
     calls: Family<CallLabels, Counter>,
     latency: Family<MethodLabels, Histogram>,
+    /// Handles into `calls` and `latency` by method, so a call of a method seen before records
+    /// without building (allocating) its label set. Handles share the family's atomics.
+    by_method: RwLock<HashMap<Box<str>, MethodMetrics>>,
     scrape_hooks: Mutex<Vec<ScrapeHook>>,
 }
+
+/// One method's latency histogram and its call counters, by status code as they appear.
+struct MethodMetrics {
+    latency: Histogram,
+    calls: [Option<Counter>; CODES],
+}
+
+/// gRPC status codes, 0 (OK) to 16 (UNAUTHENTICATED).
+const CODES: usize = 17;
 
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -66,7 +79,13 @@ impl Metrics {
             Histogram::new(exponential_buckets(0.000_05, 2.0, 20))
         });
         registry.register("rpc_duration_seconds", "gRPC call latency", latency.clone());
-        Arc::new(Self { registry: Mutex::new(registry), calls, latency, scrape_hooks: Mutex::new(Vec::new()) })
+        Arc::new(Self {
+            registry: Mutex::new(registry),
+            calls,
+            latency,
+            by_method: RwLock::default(),
+            scrape_hooks: Mutex::new(Vec::new()),
+        })
     }
 
     /// Registers more metrics. Call at start, not per request.
@@ -93,9 +112,28 @@ impl Metrics {
     }
 
     pub(crate) fn record_call(&self, method: &str, code: tonic::Code, seconds: f64) {
-        let method = method.to_owned();
-        self.latency.get_or_create(&MethodLabels { method: method.clone() }).observe(seconds);
-        self.calls.get_or_create(&CallLabels { method, code: format!("{code:?}") }).inc();
+        let slot = (code as usize).min(CODES - 1);
+        {
+            let by_method = self.by_method.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+            if let Some(known) = by_method.get(method)
+                && let Some(calls) = &known.calls[slot]
+            {
+                known.latency.observe(seconds);
+                calls.inc();
+                return;
+            }
+        }
+        // First call of this method, or first with this code: make the series and keep handles.
+        let mut by_method = self.by_method.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let entry = by_method.entry(method.into()).or_insert_with(|| MethodMetrics {
+            latency: self.latency.get_or_create(&MethodLabels { method: method.to_owned() }).clone(),
+            calls: Default::default(),
+        });
+        let calls = entry.calls[slot].get_or_insert_with(|| {
+            self.calls.get_or_create(&CallLabels { method: method.to_owned(), code: code_name(code) }).clone()
+        });
+        entry.latency.observe(seconds);
+        calls.inc();
     }
 
     /// The text exposition of every metric.
@@ -157,5 +195,60 @@ impl Metrics {
         let local = listener.local_addr().map_err(bind_error)?;
         self.serve(listener);
         Ok(local)
+    }
+}
+
+/// The `code` label: the status code's name as tonic spells it.
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "Ok",
+        Code::Cancelled => "Cancelled",
+        Code::Unknown => "Unknown",
+        Code::InvalidArgument => "InvalidArgument",
+        Code::DeadlineExceeded => "DeadlineExceeded",
+        Code::NotFound => "NotFound",
+        Code::AlreadyExists => "AlreadyExists",
+        Code::PermissionDenied => "PermissionDenied",
+        Code::ResourceExhausted => "ResourceExhausted",
+        Code::FailedPrecondition => "FailedPrecondition",
+        Code::Aborted => "Aborted",
+        Code::OutOfRange => "OutOfRange",
+        Code::Unimplemented => "Unimplemented",
+        Code::Internal => "Internal",
+        Code::Unavailable => "Unavailable",
+        Code::DataLoss => "DataLoss",
+        Code::Unauthenticated => "Unauthenticated",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn code_labels_are_the_codes_debug_names() {
+        for number in 0..CODES as i32 {
+            let code = tonic::Code::from_i32(number);
+            assert_eq!(code_name(code), format!("{code:?}"));
+        }
+    }
+
+    #[test]
+    fn calls_are_counted_per_method_and_code() {
+        let metrics = Metrics::new("test");
+        metrics.record_call("/a.A/One", tonic::Code::Ok, 0.001);
+        metrics.record_call("/a.A/One", tonic::Code::Ok, 0.002);
+        metrics.record_call("/a.A/One", tonic::Code::NotFound, 0.003);
+        metrics.record_call("/a.A/Two", tonic::Code::Ok, 0.004);
+        let text = metrics.encode();
+        for line in [
+            r#"keyshare_rpc_calls_total{service="test",method="/a.A/One",code="Ok"} 2"#,
+            r#"keyshare_rpc_calls_total{service="test",method="/a.A/One",code="NotFound"} 1"#,
+            r#"keyshare_rpc_calls_total{service="test",method="/a.A/Two",code="Ok"} 1"#,
+            r#"keyshare_rpc_duration_seconds_count{service="test",method="/a.A/One"} 3"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing from\n{text}");
+        }
     }
 }

@@ -292,9 +292,10 @@ where
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let method = request.uri().path().to_owned();
-        let request_id =
-            request.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+        // The URI shares the request's buffer: keeping it for the metrics copies no path.
+        let uri = request.uri().clone();
+        let method = uri.path();
+        let request_id = request.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or_default();
         let span = tracing::info_span!(
             "grpc.server",
             otel.name = %method.trim_start_matches('/'),
@@ -306,7 +307,7 @@ where
             rpc.grpc.status_code = tracing::field::Empty,
         );
         crate::telemetry::set_parent_from_headers(&span, request.headers());
-        let recorder = Recorder { metrics: self.metrics.clone(), method, start: Instant::now(), span: span.clone() };
+        let recorder = Recorder { metrics: self.metrics.clone(), uri, start: Instant::now(), span: span.clone() };
         let future = inner.call(request).instrument(span);
         Box::pin(async move {
             let response = future.await?;
@@ -329,7 +330,8 @@ fn grpc_code(value: &http::HeaderValue) -> tonic::Code {
 
 struct Recorder {
     metrics: Arc<Metrics>,
-    method: String,
+    /// The call's URI; its path is the gRPC method.
+    uri: http::Uri,
     start: Instant,
     span: tracing::Span,
 }
@@ -337,7 +339,7 @@ struct Recorder {
 impl Recorder {
     fn finish(self, code: tonic::Code) {
         // Unknown paths would give metrics unbounded label values.
-        let method = if code == tonic::Code::Unimplemented { "unknown" } else { self.method.as_str() };
+        let method = if code == tonic::Code::Unimplemented { "unknown" } else { self.uri.path() };
         self.span.record("rpc.grpc.status_code", code as i32);
         self.metrics.record_call(method, code, self.start.elapsed().as_secs_f64());
     }
