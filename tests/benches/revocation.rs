@@ -1,5 +1,5 @@
-//! Time from a change in keyring (deactivate; regenerate without grace) to the first check the
-//! authorizer rejects, against a plain CheckKey round trip measured in the same run.
+//! Time from a change in keyring (deactivate; regenerate without grace; delete) to the first
+//! check the authorizer rejects, against a plain CheckKey round trip measured in the same run.
 //!
 //! Run: `cargo bench -p keyshare-system-tests --bench revocation` (`REVOCATION_BENCH_CHANGES`
 //! sets the count, default 200 of each kind).
@@ -84,8 +84,34 @@ async fn main() {
         credential = fresh;
         while !check(&credential).await {}
     }
+
+    // Delete: each round creates a key in the same project, waits until it is allowed, deletes it.
+    let project = key.split("/keys/").next().unwrap().to_owned();
+    let mut delete = Vec::new();
+    for round in 0..changes {
+        let created = keyring
+            .create_key(authed(
+                &token,
+                pb::CreateKeyRequest {
+                    parent: project.clone(),
+                    key: Some(pb::Key { display_name: format!("doomed {round}"), ..Default::default() }),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        let doomed = created.production_credential;
+        while !check(&doomed).await {}
+        let name = created.key.unwrap().name;
+        keyring.delete_key(authed(&token, pb::DeleteKeyRequest { name, etag: String::new() })).await.unwrap();
+        let changed = Instant::now();
+        while check(&doomed).await {}
+        delete.push(changed.elapsed());
+    }
     println!("change committed (RPC returned) → first rejected check, one machine:");
     report("baseline: one CheckKey round trip", baseline);
     report("deactivate → rejected", deactivate);
     report("regenerate (no grace) → old one rejected", regenerate);
+    report("delete → rejected", delete);
 }
