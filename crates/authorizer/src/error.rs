@@ -40,17 +40,7 @@ impl From<DbError> for Error {
     }
 }
 
-impl From<deadpool_postgres::PoolError> for Error {
-    fn from(e: deadpool_postgres::PoolError) -> Self {
-        Error::Unavailable(e.to_string())
-    }
-}
-
-impl From<tokio_postgres::Error> for Error {
-    fn from(e: tokio_postgres::Error) -> Self {
-        DbError::Postgres(e).into()
-    }
-}
+keyshare_runtime::from_database_errors!(Error);
 
 impl From<Error> for Status {
     fn from(e: Error) -> Self {

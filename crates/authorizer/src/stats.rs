@@ -131,7 +131,7 @@ pub fn parse_method(raw: &str, field: &str) -> Result<Option<&'static str>, Inva
 
 /// `projects/{project}/keys/{key}`.
 pub fn parse_key(raw: &str, field: &str) -> Result<KeyName, InvalidInput> {
-    match ids(raw, &["projects", "*", "keys", "*"]).as_deref() {
+    match keyshare_runtime::resource::uuids(raw, &["projects", "*", "keys", "*"]).as_deref() {
         Some(&[project, key]) => Ok(KeyName { project, key }),
         _ => Err(InvalidInput::field(field, "must look like projects/{id}/keys/{id}")),
     }
@@ -139,27 +139,10 @@ pub fn parse_key(raw: &str, field: &str) -> Result<KeyName, InvalidInput> {
 
 /// `projects/{project}`.
 pub fn parse_project(raw: &str, field: &str) -> Result<Uuid, InvalidInput> {
-    match ids(raw, &["projects", "*"]).as_deref() {
+    match keyshare_runtime::resource::uuids(raw, &["projects", "*"]).as_deref() {
         Some(&[project]) => Ok(project),
         _ => Err(InvalidInput::field(field, "must look like projects/{id}")),
     }
-}
-
-/// The UUIDs in the `*` positions of a resource name shaped like `pattern`.
-fn ids(raw: &str, pattern: &[&str]) -> Option<Vec<Uuid>> {
-    let parts: Vec<&str> = raw.split('/').collect();
-    if parts.len() != pattern.len() {
-        return None;
-    }
-    let mut ids = Vec::new();
-    for (part, expected) in parts.iter().zip(pattern) {
-        if *expected == "*" {
-            ids.push(Uuid::parse_str(part).ok().filter(|_| part.len() == 36)?);
-        } else if part != expected {
-            return None;
-        }
-    }
-    Some(ids)
 }
 
 /// Which calls a series counts.

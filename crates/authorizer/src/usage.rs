@@ -199,7 +199,8 @@ pub fn environment_number(environment: Environment) -> i16 {
     }
 }
 
-fn environment_from_number(number: i16) -> Option<Environment> {
+/// `None` for a number no version of the writer stores; such rows are skipped.
+pub(crate) fn environment_from_number(number: i16) -> Option<Environment> {
     match number {
         1 => Some(Environment::Sandbox),
         2 => Some(Environment::Production),

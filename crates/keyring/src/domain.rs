@@ -184,38 +184,26 @@ impl KeyAccess {
     }
 }
 
-/// Parses a resource name against a pattern such as `["projects", "*", "keys", "*"]`; returns
-/// the UUIDs in the `*` positions.
-fn name_ids(raw: &str, pattern: &[&str]) -> Option<Vec<Uuid>> {
-    let parts: Vec<&str> = raw.split('/').collect();
-    if parts.len() != pattern.len() {
-        return None;
-    }
-    let mut ids = Vec::new();
-    for (part, expected) in parts.iter().zip(pattern) {
-        if *expected == "*" {
-            ids.push(Uuid::parse_str(part).ok().filter(|_| part.len() == 36)?);
-        } else if part != expected {
-            return None;
-        }
-    }
-    Some(ids)
-}
-
 fn bad_name(field: &str, shape: &str) -> InvalidInput {
     InvalidInput::field(field, format!("must look like {shape}"))
 }
 
 pub fn parse_org(raw: &str, field: &str) -> Result<Uuid, InvalidInput> {
-    name_ids(raw, &["organizations", "*"]).map(|ids| ids[0]).ok_or_else(|| bad_name(field, "organizations/{id}"))
+    keyshare_runtime::resource::uuids(raw, &["organizations", "*"])
+        .map(|ids| ids[0])
+        .ok_or_else(|| bad_name(field, "organizations/{id}"))
 }
 
 pub fn parse_account(raw: &str, field: &str) -> Result<Uuid, InvalidInput> {
-    name_ids(raw, &["accounts", "*"]).map(|ids| ids[0]).ok_or_else(|| bad_name(field, "accounts/{id}"))
+    keyshare_runtime::resource::uuids(raw, &["accounts", "*"])
+        .map(|ids| ids[0])
+        .ok_or_else(|| bad_name(field, "accounts/{id}"))
 }
 
 pub fn parse_project(raw: &str, field: &str) -> Result<Uuid, InvalidInput> {
-    name_ids(raw, &["projects", "*"]).map(|ids| ids[0]).ok_or_else(|| bad_name(field, "projects/{id}"))
+    keyshare_runtime::resource::uuids(raw, &["projects", "*"])
+        .map(|ids| ids[0])
+        .ok_or_else(|| bad_name(field, "projects/{id}"))
 }
 
 /// `projects/{project}/keys/{key}`.
@@ -232,7 +220,7 @@ impl KeyRef {
 }
 
 pub fn parse_key(raw: &str, field: &str) -> Result<KeyRef, InvalidInput> {
-    name_ids(raw, &["projects", "*", "keys", "*"])
+    keyshare_runtime::resource::uuids(raw, &["projects", "*", "keys", "*"])
         .map(|ids| KeyRef { project: ids[0], key: ids[1] })
         .ok_or_else(|| bad_name(field, "projects/{id}/keys/{id}"))
 }
@@ -248,13 +236,13 @@ pub fn parse_key_environment(raw: &str, field: &str) -> Result<(KeyRef, Environm
 }
 
 pub fn parse_project_member(raw: &str, field: &str) -> Result<(Uuid, Uuid), InvalidInput> {
-    name_ids(raw, &["projects", "*", "members", "*"])
+    keyshare_runtime::resource::uuids(raw, &["projects", "*", "members", "*"])
         .map(|ids| (ids[0], ids[1]))
         .ok_or_else(|| bad_name(field, "projects/{id}/members/{id}"))
 }
 
 pub fn parse_key_member(raw: &str, field: &str) -> Result<(KeyRef, Uuid), InvalidInput> {
-    name_ids(raw, &["projects", "*", "keys", "*", "members", "*"])
+    keyshare_runtime::resource::uuids(raw, &["projects", "*", "keys", "*", "members", "*"])
         .map(|ids| (KeyRef { project: ids[0], key: ids[1] }, ids[2]))
         .ok_or_else(|| bad_name(field, "projects/{id}/keys/{id}/members/{id}"))
 }

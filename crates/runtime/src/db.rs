@@ -7,7 +7,8 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
 
-pub use deadpool_postgres::{GenericClient, Object as Connection, Transaction};
+pub use deadpool_postgres::{GenericClient, Object as Connection, PoolError, Transaction};
+pub use tokio_postgres::Error as PostgresError;
 
 /// A database failure, classified so stores can map it to a domain error.
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +21,27 @@ pub enum DbError {
     Migration(#[from] refinery::Error),
     #[error("database configuration: {0}")]
     Config(String),
+}
+
+/// Implements `From<deadpool_postgres::PoolError>` and `From<tokio_postgres::Error>` for a
+/// service's error enum that has `From<DbError>`: both go through [`DbError`], so each service
+/// decides in one place what a database failure means to its callers, and `?` works on pool and
+/// statement results alike.
+#[macro_export]
+macro_rules! from_database_errors {
+    ($error:ty) => {
+        impl From<$crate::db::PoolError> for $error {
+            fn from(e: $crate::db::PoolError) -> Self {
+                $crate::db::DbError::Pool(e).into()
+            }
+        }
+
+        impl From<$crate::db::PostgresError> for $error {
+            fn from(e: $crate::db::PostgresError) -> Self {
+                $crate::db::DbError::Postgres(e).into()
+            }
+        }
+    };
 }
 
 impl DbError {

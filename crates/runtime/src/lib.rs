@@ -11,7 +11,7 @@
 //! - [`mail`]: the transactional email outbox;
 //! - [`client`]: channels to other services and this service's own access token;
 //! - [`credential`]: API-key credentials, their format and checksum;
-//! - [`clock`], [`crypto`], [`page`]: time, secrets, pagination.
+//! - [`clock`], [`crypto`], [`page`], [`resource`]: time, secrets, pagination, resource names.
 
 pub mod auth;
 pub mod client;
@@ -25,6 +25,7 @@ pub mod error;
 pub mod mail;
 pub mod metrics;
 pub mod page;
+pub mod resource;
 pub mod server;
 pub mod telemetry;
 #[cfg(feature = "testkit")]

@@ -3,13 +3,13 @@
 //! their `keyshare.authorizer.v1` enum numbers.
 
 use chrono::{DateTime, Utc};
-use keyshare_runtime::credential::Environment;
 use keyshare_runtime::db::{DbError, GenericClient};
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 use super::{Buckets, CallLog, Filter, LogFilter, Point};
 use crate::check::{KeyName, Outcome};
+use crate::usage::{environment_from_number, environment_number};
 
 type Result<T> = std::result::Result<T, DbError>;
 
@@ -146,22 +146,6 @@ pub async fn call_logs(
             })
         })
         .collect())
-}
-
-fn environment_number(environment: Environment) -> i16 {
-    match environment {
-        Environment::Sandbox => 1,
-        Environment::Production => 2,
-    }
-}
-
-/// `None` for a number no version of the writer stores; such rows are skipped.
-fn environment_from_number(number: i16) -> Option<Environment> {
-    match number {
-        1 => Some(Environment::Sandbox),
-        2 => Some(Environment::Production),
-        _ => None,
-    }
 }
 
 fn outcome_from_number(number: i16) -> Option<Outcome> {
