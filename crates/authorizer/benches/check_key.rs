@@ -119,6 +119,7 @@ async fn serve_real(shared: Arc<Shared>, database_url: &str) -> (u16, Arc<UsageM
         metrics: Metrics::new("bench"),
         verifier,
         ready_on_start: true,
+        untraced_methods: keyshare_authorizer::CHECK_METHODS,
     };
     let pool = keyshare_runtime::db::pool(database_url, 4).unwrap();
     let (recorder, writer) =
@@ -221,6 +222,12 @@ fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let dir = std::env::temp_dir().join(format!("check-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
+    // The telemetry a deployment runs with: `info`, JSON logs (no trace export).
+    let env = Env::from_pairs([
+        ("RUST_LOG", "info,tokio_postgres=warn,refinery_core=warn,deadpool=error"),
+        ("KEYSHARE_LOG_FORMAT", "json"),
+    ]);
+    let _telemetry = keyshare_runtime::telemetry::init("bench", &env).unwrap();
     println!("CheckKey vs a bare tonic server (same message sizes), h2load on one machine");
     let database = runtime.block_on(TestDatabase::create());
     for keys in sizes {

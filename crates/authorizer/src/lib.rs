@@ -49,6 +49,11 @@ pub async fn migrate(database_url: &str) -> Result<(), db::DbError> {
 /// Fully qualified gRPC service name.
 pub const GRPC_SERVICE: &str = "keyshare.authorizer.v1.AuthorizerService";
 
+/// The checks gateways make on every request: CheckKey and Envoy's ext_authz. Counted and timed
+/// like every call, but traced only at debug level (see `ServeOptions::untraced_methods`).
+pub const CHECK_METHODS: &[&str] =
+    &["/keyshare.authorizer.v1.AuthorizerService/CheckKey", "/envoy.service.auth.v3.Authorization/Check"];
+
 /// A service that is listening.
 #[derive(Debug)]
 pub struct Started {
@@ -92,8 +97,14 @@ pub async fn start(
     let addr = bound.local_addr();
     follower::spawn(keyring.clone(), token, shared.clone(), bound.readiness());
 
-    let options =
-        ServeOptions { config: common, grpc_service_name: GRPC_SERVICE, metrics, verifier, ready_on_start: false };
+    let options = ServeOptions {
+        config: common,
+        grpc_service_name: GRPC_SERVICE,
+        metrics,
+        verifier,
+        ready_on_start: false,
+        untraced_methods: CHECK_METHODS,
+    };
     let checker = check::Checker::new(shared.clone(), clock.clone(), recorder);
     let grpc = grpc::AuthorizerGrpc::new(checker.clone());
     let envoy = ext_authz::ExtAuthz::new(checker, config.ext_authz.clone());

@@ -104,8 +104,12 @@ async fn every_check_is_counted_and_logged_exactly() {
         assert_eq!(status, expected_status);
     }
 
-    // Every check, known key or not, in the outcome counter.
+    // Every check, known key or not, in the outcome counter; and in the RPC metrics, although
+    // checks get no span at the default log level.
     assert_eq!(w.metric("keyshare_checks_total").await, Some(22.0));
+    let rpc = r#"keyshare_rpc_calls_total{service="authorizer",method="/keyshare.authorizer.v1.AuthorizerService/CheckKey",code="Ok"} 22"#;
+    let text = scrape(w.authorizer_metrics).await;
+    assert!(text.lines().any(|line| line == rpc), "{rpc} missing from\n{text}");
     assert_eq!(w.metric("keyshare_usage_written_call_logs_total").await, Some(17.0));
     assert_eq!(w.metric("keyshare_usage_dropped_records_total").await, Some(0.0));
 }
