@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use keyshare_authorizer::check::Checker;
 use keyshare_authorizer::follower::Shared;
-use keyshare_authorizer::index::{Methods, NewCredential};
+use keyshare_authorizer::index::NewCredential;
 use keyshare_authorizer::usage::{self, UsageConfig, UsageMetrics};
 use keyshare_proto::authorizer::v1 as pb;
 use keyshare_proto::authorizer::v1::authorizer_service_server::{AuthorizerService, AuthorizerServiceServer};
@@ -67,17 +67,7 @@ const PROJECT: &str = "0193f7e2-0000-7000-8000-000000000001";
 /// one valid production credential and the memory per key.
 fn load(shared: &Shared, keys: usize) -> (String, f64) {
     let project = Uuid::parse_str(PROJECT).unwrap();
-    let credential = |environment| NewCredential {
-        sha256: [0; 32],
-        environment,
-        active: true,
-        methods: Methods::new(true, true, true, true),
-        rate_limit: 0,
-        daily_quota: 0,
-        allowlist: Vec::new(),
-        expire_at: None,
-        grace_end: None,
-    };
+    let credential = |environment| NewCredential::unrestricted([0; 32], environment);
     let before = rss_bytes();
     let mut sample = String::new();
     {

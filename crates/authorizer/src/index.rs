@@ -184,6 +184,24 @@ pub struct NewCredential {
     pub grace_end: Option<i64>,
 }
 
+impl NewCredential {
+    /// An active credential with every permission and no limits, allowlist, expiry or grace:
+    /// what keyring issues by default.
+    pub fn unrestricted(sha256: [u8; 32], environment: Environment) -> Self {
+        Self {
+            sha256,
+            environment,
+            active: true,
+            methods: Methods::new(true, true, true, true),
+            rate_limit: 0,
+            daily_quota: 0,
+            allowlist: Vec::new(),
+            expire_at: None,
+            grace_end: None,
+        }
+    }
+}
+
 /// What a lookup found: the credential's key, project and environment.
 #[derive(Clone, Copy, Debug)]
 pub struct Found<'a> {
@@ -454,17 +472,7 @@ mod tests {
     use super::*;
 
     fn credential(byte: u8, environment: Environment) -> NewCredential {
-        NewCredential {
-            sha256: [byte; 32],
-            environment,
-            active: true,
-            methods: Methods::new(true, true, true, true),
-            rate_limit: 0,
-            daily_quota: 0,
-            allowlist: Vec::new(),
-            expire_at: None,
-            grace_end: None,
-        }
+        NewCredential::unrestricted([byte; 32], environment)
     }
 
     #[test]
