@@ -4,7 +4,8 @@
 //! - The credential comes from `x-api-key` or `authorization: Bearer …` (the header is
 //!   configurable); the method and path from the HTTP attributes; the project and the expected
 //!   environment from the route's `context_extensions` (`project`, `environment`); the client
-//!   address from the source peer, or from `x-forwarded-for` when told to trust it.
+//!   address from the source peer, or from the last `x-forwarded-for` entry when told to trust
+//!   the load balancer in front of Envoy.
 //! - Allowed: `x-keyshare-key` and `x-keyshare-environment` are added for the upstream and the
 //!   credential header is removed. Denied: the outcome's HTTP status with a small JSON body
 //!   `{"outcome": …, "message": …}`, and `retry-after` on 429. A denial is a normal response
@@ -25,8 +26,8 @@ pub struct ExtAuthzConfig {
     /// Lowercase header carrying the credential (`KEYSHARE_CREDENTIAL_HEADER`, default
     /// `x-api-key`); `authorization: Bearer` is always accepted too.
     pub credential_header: String,
-    /// Use the first `x-forwarded-for` address as the client (`KEYSHARE_TRUST_FORWARDED_FOR`):
-    /// only behind a proxy that sets it.
+    /// Take the client address from `x-forwarded-for` (`KEYSHARE_TRUST_FORWARDED_FOR`): only
+    /// behind a load balancer that appends the address it saw. See [`forwarded_client`].
     pub trust_forwarded_for: bool,
 }
 
@@ -56,6 +57,14 @@ fn message(outcome: Outcome) -> &'static str {
     }
 }
 
+/// The client address in an `x-forwarded-for` value: its last entry, the one the trusted load
+/// balancer appended. Everything before it came from the caller, who could write any address
+/// there (and so slip past an allowlist); an unreadable last entry is no address at all, which
+/// an allowlist refuses.
+fn forwarded_client(value: &str) -> Option<IpAddr> {
+    value.rsplit(',').next()?.trim().parse().ok()
+}
+
 #[tonic::async_trait]
 impl Authorization for ExtAuthz {
     async fn check(&self, request: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
@@ -80,10 +89,7 @@ impl Authorization for ExtAuthz {
             ),
         };
         let client_ip = if self.config.trust_forwarded_for {
-            headers
-                .get("x-forwarded-for")
-                .and_then(|v| v.split(',').next())
-                .and_then(|v| v.trim().parse::<IpAddr>().ok())
+            headers.get("x-forwarded-for").and_then(|v| forwarded_client(v))
         } else {
             request.get_client_address().and_then(|a| a.parse::<IpAddr>().ok())
         };
@@ -121,5 +127,26 @@ impl Authorization for ExtAuthz {
             response.set_status(status).set_http_response(denied.build());
         }
         Ok(Response::new(response))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_client_is_the_last_forwarded_address() {
+        let ip = |s: &str| s.parse::<IpAddr>().ok();
+        for (header, client) in [
+            ("198.51.100.7", ip("198.51.100.7")),
+            // The caller wrote the first entry; the load balancer appended the second.
+            ("10.0.0.1, 198.51.100.7", ip("198.51.100.7")),
+            ("10.0.0.1,198.51.100.7", ip("198.51.100.7")),
+            ("203.0.113.1, 10.0.0.1, 2001:db8::7", ip("2001:db8::7")),
+            ("10.0.0.1, garbage", None),
+            ("", None),
+        ] {
+            assert_eq!(forwarded_client(header), client, "{header:?}");
+        }
     }
 }

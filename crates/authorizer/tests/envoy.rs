@@ -91,6 +91,35 @@ async fn envoy_in_front_of_the_authorizer() {
     assert_eq!((status, body.contains("OUTCOME_EXPIRED")), (401, true), "{body}");
 }
 
+/// Behind a load balancer that appends the address it saw to `x-forwarded-for`, the client is
+/// that last entry: an address the caller wrote before it does not get past an allowlist.
+#[tokio::test]
+async fn only_the_last_forwarded_address_is_trusted() {
+    let (mut w, project, key, _, production) = world().await;
+    w.authorizer_config.ext_authz.trust_forwarded_for = true;
+    w.restart_authorizer().await;
+    let upstream = echo_upstream().await;
+    let (_envoy, port) = start_envoy(&w, &project, upstream).await;
+    let prod_env = format!("{key}/environments/production");
+    w.set(&prod_env, "ip_allowlist", |e| e.ip_allowlist = vec!["10.0.0.0/8".into()]).await;
+
+    for (forwarded, expected) in [
+        ("10.1.2.3", 200),
+        ("198.51.100.7, 10.1.2.3", 200),
+        // A caller outside the allowlist claiming an address inside it.
+        ("10.1.2.3, 198.51.100.7", 403),
+        ("198.51.100.7", 403),
+        ("10.1.2.3, not-an-address", 403),
+    ] {
+        let headers = [("x-api-key", production.as_str()), ("x-forwarded-for", forwarded)];
+        let (status, _, body) = call(port, "GET", &headers).await.unwrap();
+        assert_eq!(status, expected, "x-forwarded-for: {forwarded}: {body}");
+        if expected == 403 {
+            assert!(body.contains("OUTCOME_SOURCE_NOT_ALLOWED"), "{body}");
+        }
+    }
+}
+
 #[test]
 fn the_shipped_envoy_configuration_validates() {
     let out = Command::new(tool("envoy"))
