@@ -7,8 +7,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use common::envoy::*;
@@ -197,62 +195,28 @@ async fn checks_go_on_while_postgres_is_down_and_usage_is_written_after() {
     let upstream = echo_upstream().await;
     let (_envoy, port) = start_envoy(&w, &project, upstream).await;
 
-    // Checks through CheckKey and through Envoy, without pause, until told to stop.
-    let stop = Arc::new(AtomicBool::new(false));
-    let (answered, failures) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let mut client = w.authorizer.clone();
-    let load = {
-        let (stop, answered, failures, production) =
-            (stop.clone(), answered.clone(), failures.clone(), production.clone());
-        tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                let request = pb::CheckKeyRequest {
-                    key: production.clone(),
-                    method: "GET".into(),
-                    path: "/v1/things".into(),
-                    client_ip: IP.into(),
-                    ..Default::default()
-                };
-                let grpc_ok =
-                    matches!(client.check_key(request).await, Ok(r) if r.get_ref().outcome == O::Valid as i32);
-                let envoy_ok = call(port, "GET", &[("x-api-key", &production)]).await.is_some_and(|(s, _, _)| s == 200);
-                answered.fetch_add(2, Ordering::Relaxed);
-                if !grpc_ok || !envoy_ok {
-                    failures.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        })
-    };
+    // Checks through CheckKey and through Envoy, without pause, across the outage.
+    let load = Load::start(&w, port, &production, IP);
     let Store::Cluster(cluster) = &w.store else { unreachable!() };
-    eventually("checks to run", Duration::from_secs(10), || {
-        let answered = answered.clone();
-        async move { (answered.load(Ordering::Relaxed) >= 20).then_some(()) }
-    })
-    .await;
+    load.wait_for("checks to run", 20).await;
     cluster.stop_server();
-    let before_outage = answered.load(Ordering::Relaxed);
     eventually("a usage write to fail", Duration::from_secs(20), || {
         let w = &w;
         async move { (w.metric("keyshare_usage_failed_writes_total").await? > 0.0).then_some(()) }
     })
     .await;
-    eventually("checks to go on during the outage", Duration::from_secs(20), || {
-        let answered = answered.clone();
-        async move { (answered.load(Ordering::Relaxed) >= before_outage + 200).then_some(()) }
-    })
-    .await;
+    load.wait_for("checks to go on during the outage", 200).await;
     cluster.start_server();
     eventually("usage writes to resume", Duration::from_secs(30), || {
         let w = &w;
         async move { (w.metric("keyshare_usage_buffered_call_logs").await? == 0.0).then_some(()) }
     })
     .await;
-    stop.store(true, Ordering::Relaxed);
-    load.await.unwrap();
-    assert_eq!(failures.load(Ordering::Relaxed), 0, "no check failed and no error reached Envoy");
+    let (answered, failures) = load.finish().await;
+    assert_eq!(failures, 0, "no check failed and no error reached Envoy");
 
     // Every check, made before, during and after the outage, is counted once.
-    let total = answered.load(Ordering::Relaxed) as i64;
+    let total = answered as i64;
     let counts = stored_usage(&w, &key, total).await;
     assert_eq!(counts.values().sum::<i64>(), total);
     assert_eq!(w.metric("keyshare_usage_dropped_records_total").await, Some(0.0));

@@ -99,3 +99,71 @@ pub fn tempfile_dir() -> std::path::PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+/// Valid checks without pause, each made twice: through CheckKey and through Envoy, until
+/// [`Load::finish`]. Counts what was answered and what was not a valid answer (an RPC error, a
+/// refusal, or anything but a 200 from Envoy).
+pub struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    answered: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    failures: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Load {
+    /// Starts checking `credential` (valid from 127.0.0.1 and `client_ip`) at the authorizer and
+    /// at the Envoy on `envoy_port`.
+    pub fn start(w: &World, envoy_port: u16, credential: &str, client_ip: &str) -> Self {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let answered = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let failures = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut client = w.authorizer.clone();
+        let (credential, client_ip) = (credential.to_owned(), client_ip.to_owned());
+        let task = tokio::spawn({
+            let (stop, answered, failures) = (stop.clone(), answered.clone(), failures.clone());
+            async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let request = keyshare_proto::authorizer::v1::CheckKeyRequest {
+                        key: credential.clone(),
+                        method: "GET".into(),
+                        path: "/v1/things".into(),
+                        client_ip: client_ip.clone(),
+                        ..Default::default()
+                    };
+                    let valid = keyshare_proto::authorizer::v1::Outcome::Valid as i32;
+                    let grpc_ok = matches!(client.check_key(request).await, Ok(r) if r.get_ref().outcome == valid);
+                    let envoy_ok =
+                        call(envoy_port, "GET", &[("x-api-key", &credential)]).await.is_some_and(|(s, _, _)| s == 200);
+                    answered.fetch_add(2, Ordering::Relaxed);
+                    failures.fetch_add(u64::from(!grpc_ok) + u64::from(!envoy_ok), Ordering::Relaxed);
+                }
+            }
+        });
+        Self { stop, answered, failures, task }
+    }
+
+    /// Checks answered so far (both paths).
+    pub fn answered(&self) -> u64 {
+        self.answered.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Waits until `more` further checks have been answered.
+    pub async fn wait_for(&self, what: &str, more: u64) {
+        let target = self.answered() + more;
+        let answered = self.answered.clone();
+        eventually(what, Duration::from_secs(30), || {
+            let answered = answered.clone();
+            async move { (answered.load(std::sync::atomic::Ordering::Relaxed) >= target).then_some(()) }
+        })
+        .await;
+    }
+
+    /// Stops and returns (answered, failures).
+    pub async fn finish(self) -> (u64, u64) {
+        let Self { stop, answered, failures, task } = self;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        task.await.unwrap();
+        (answered.load(std::sync::atomic::Ordering::Relaxed), failures.load(std::sync::atomic::Ordering::Relaxed))
+    }
+}
