@@ -112,6 +112,31 @@ ensure_kubectl() {
 }
 
 # ---------------------------------------------------------------------------
+# Ports
+# ---------------------------------------------------------------------------
+
+# The fixed ports scripts/run listens on that lie inside Linux's ephemeral
+# range (32768-60999): the services' gRPC ports and the private cluster's.
+KEYSHARE_EPHEMERAL_RANGE_PORTS="50051-50054,$KEYSHARE_PRIVATE_PG_PORT"
+
+# Keeps the kernel from handing KEYSHARE_EPHEMERAL_RANGE_PORTS to outgoing
+# connections and port-0 listeners, which tests open by the hundred: one left
+# over on 50052 once kept the README test's scripts/run from starting. Needs
+# root (it is a machine-wide setting, merged into what is there); without it
+# only a warning, as the README test also runs alone.
+reserve_ports() {
+  local file=/proc/sys/net/ipv4/ip_local_reserved_ports current
+  current="$(cat "$file" 2>/dev/null)" || { warn "cannot read $file; ports not reserved"; return 0; }
+  # The kernel keeps the list normalised: ranges as "a-b", comma-separated.
+  [[ ",$current," == *",50051-50054,"* ]] && return 0
+  if [[ -w "$file" ]] && printf '%s\n' "${current:+$current,}$KEYSHARE_EPHEMERAL_RANGE_PORTS" >"$file" 2>/dev/null; then
+    log "Reserved ports $KEYSHARE_EPHEMERAL_RANGE_PORTS from the ephemeral range ($file)"
+  else
+    warn "could not reserve ports $KEYSHARE_EPHEMERAL_RANGE_PORTS in $file (needs root)"
+  fi
+}
+
+# ---------------------------------------------------------------------------
 # PostgreSQL
 # ---------------------------------------------------------------------------
 
