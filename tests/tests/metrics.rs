@@ -12,7 +12,7 @@ use keyshare_proto::authorizer::v1 as azpb;
 use keyshare_proto::authorizer::v1::authorizer_service_client::AuthorizerServiceClient;
 use keyshare_proto::invitation::v1 as ivpb;
 use keyshare_proto::invitation::v1::invitation_service_client::InvitationServiceClient;
-use keyshare_runtime::testkit::workspace_root;
+use keyshare_runtime::testkit::{scrape, workspace_root};
 
 /// A documented metric: its name and the labels its series carry (besides `service`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -100,18 +100,6 @@ fn samples(exposition: &str) -> Vec<Sample> {
             Sample { name, labels }
         })
         .collect()
-}
-
-/// `GET /metrics` over plain HTTP/1.1; returns the body.
-async fn scrape(addr: std::net::SocketAddr) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: metrics\r\nConnection: close\r\n\r\n").await.unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.1 200"), "scraping {addr}: {head}");
-    body.to_owned()
 }
 
 #[test]

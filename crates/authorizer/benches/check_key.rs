@@ -105,7 +105,6 @@ async fn serve_real(shared: Arc<Shared>, database_url: &str) -> (u16, Arc<UsageM
         TokenVerifier::new(NoKeys, TokenPolicy { issuer: "i".into(), audience: "a".into() }, Arc::new(SystemClock));
     let options = ServeOptions {
         config,
-        grpc_service_name: keyshare_authorizer::GRPC_SERVICE,
         metrics: Metrics::new("bench"),
         verifier,
         ready_on_start: true,

@@ -42,6 +42,16 @@ impl Outcome {
         Outcome::QuotaExceeded,
     ];
 
+    /// Position in [`Outcome::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The outcome stored as `number` (see [`Outcome::number`]).
+    pub fn from_number(number: i16) -> Option<Outcome> {
+        Outcome::ALL.into_iter().find(|outcome| outcome.number() == number)
+    }
+
     /// The HTTP status a gateway answers with.
     pub fn http_status(self) -> i32 {
         match self {
@@ -230,5 +240,19 @@ impl Checker {
             });
         }
         decision
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcomes_index_their_counters_and_round_trip_their_numbers() {
+        for (position, outcome) in Outcome::ALL.iter().enumerate() {
+            assert_eq!(outcome.index(), position, "{outcome:?}");
+            assert_eq!(Outcome::from_number(outcome.number()), Some(*outcome));
+        }
+        assert_eq!(Outcome::from_number(0), None);
     }
 }

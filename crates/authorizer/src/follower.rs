@@ -35,15 +35,14 @@ pub struct Shared {
     pub quotas_restored: AtomicBool,
     pub quotas_restored_notify: tokio::sync::Notify,
     /// Checks answered, by outcome (in [`Outcome::ALL`] order).
-    pub outcomes: [AtomicU64; 10],
+    pub outcomes: [AtomicU64; Outcome::ALL.len()],
     /// When the feed was lost, while it is lost.
     lost_at: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl Shared {
     pub fn count(&self, outcome: Outcome) {
-        let index = Outcome::ALL.iter().position(|o| *o == outcome).unwrap_or(0);
-        self.outcomes[index].fetch_add(1, Ordering::Relaxed);
+        self.outcomes[outcome.index()].fetch_add(1, Ordering::Relaxed);
     }
 
     fn set_connected(&self, connected: bool) {
@@ -78,15 +77,14 @@ fn limits(l: Option<pb::ProjectEnvironmentLimits>) -> Limits {
     l.map(|l| Limits { rate_limit: l.rate_limit_per_second, monthly_quota: l.monthly_quota }).unwrap_or_default()
 }
 
-/// The UUIDs of `projects/{project}`.
+/// The UUID of `projects/{project}`.
 fn project_id(name: &str) -> Option<Uuid> {
-    Uuid::try_parse(name.strip_prefix("projects/")?).ok()
+    crate::stats::parse_project(name, "project").ok()
 }
 
 /// The UUIDs of `projects/{project}/keys/{key}`.
 fn key_id(name: &str) -> Option<(Uuid, Uuid)> {
-    let (project, key) = name.strip_prefix("projects/")?.split_once("/keys/")?;
-    Some((Uuid::try_parse(project).ok()?, Uuid::try_parse(key).ok()?))
+    crate::stats::parse_key(name, "key").ok().map(|name| (name.project, name.key))
 }
 
 /// Applies one feed event to an index.

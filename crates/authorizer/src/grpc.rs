@@ -33,7 +33,7 @@ pub(crate) fn outcome_pb(outcome: Outcome) -> pb::Outcome {
     }
 }
 
-fn environment_pb(environment: Environment) -> pb::Environment {
+pub(crate) fn environment_pb(environment: Environment) -> pb::Environment {
     match environment {
         Environment::Sandbox => pb::Environment::Sandbox,
         Environment::Production => pb::Environment::Production,

@@ -219,6 +219,20 @@ fn reference(slot: u32, environment: usize) -> u32 {
     slot << 1 | environment as u32
 }
 
+/// Puts `record` into a free slot of `records` (or a new one at the end); returns the slot.
+fn place<T>(records: &mut Vec<T>, free: &mut Vec<u32>, record: T) -> u32 {
+    match free.pop() {
+        Some(slot) => {
+            records[slot as usize] = record;
+            slot
+        }
+        None => {
+            records.push(record);
+            (records.len() - 1) as u32
+        }
+    }
+}
+
 fn clamp_u32(value: i64) -> u32 {
     value.clamp(0, i64::from(u32::MAX)) as u32
 }
@@ -295,17 +309,7 @@ impl Index {
         if let Some(&slot) = self.project_slots.get(&id) {
             return slot;
         }
-        let record = ProjectRecord { id, ..Default::default() };
-        let slot = match self.free_projects.pop() {
-            Some(slot) => {
-                self.projects[slot as usize] = record;
-                slot
-            }
-            None => {
-                self.projects.push(record);
-                (self.projects.len() - 1) as u32
-            }
-        };
+        let slot = place(&mut self.projects, &mut self.free_projects, ProjectRecord { id, ..Default::default() });
         self.project_slots.insert(id, slot);
         slot
     }
@@ -320,17 +324,7 @@ impl Index {
                 slot
             }
             None => {
-                let record = KeyRecord { id, project, ..Default::default() };
-                let slot = match self.free_keys.pop() {
-                    Some(slot) => {
-                        self.keys[slot as usize] = record;
-                        slot
-                    }
-                    None => {
-                        self.keys.push(record);
-                        (self.keys.len() - 1) as u32
-                    }
-                };
+                let slot = place(&mut self.keys, &mut self.free_keys, KeyRecord { id, project, ..Default::default() });
                 self.key_slots.insert(id, slot);
                 self.projects[project as usize].keys += 1;
                 slot
@@ -383,7 +377,6 @@ impl Index {
     /// Removes a key's credentials and allowlists from the maps, keeping its record.
     fn forget_credentials(&mut self, slot: u32) {
         let record = &self.keys[slot as usize];
-        let mut had_grace = false;
         for (environment, settings) in record.environments.iter().enumerate() {
             if record.current[environment] != [0; 16] {
                 self.credentials.remove(&record.current[environment]);
@@ -391,13 +384,10 @@ impl Index {
             if settings.has_allowlist() {
                 self.allowlists.remove(&reference(slot, environment));
             }
-            had_grace |= settings.present() && record.current[environment] == [0; 16];
         }
-        // Grace credentials are few; a key with one also has a current credential unless it was
-        // regenerated and then lost its environment, so scan whenever any are held.
-        if had_grace || !self.grace.is_empty() {
-            self.grace.retain(|_, (reference, _)| *reference >> 1 != slot);
-        }
+        // Grace credentials are few (only regenerations within their grace period): a scan is
+        // cheaper than keeping a per-key list of them.
+        self.grace.retain(|_, (reference, _)| *reference >> 1 != slot);
     }
 
     pub fn remove_key(&mut self, id: Uuid) {

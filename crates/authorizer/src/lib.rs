@@ -97,14 +97,8 @@ pub async fn start(
     let addr = bound.local_addr();
     follower::spawn(keyring.clone(), token, shared.clone(), bound.readiness());
 
-    let options = ServeOptions {
-        config: common,
-        grpc_service_name: GRPC_SERVICE,
-        metrics,
-        verifier,
-        ready_on_start: false,
-        untraced_methods: CHECK_METHODS,
-    };
+    let options =
+        ServeOptions { config: common, metrics, verifier, ready_on_start: false, untraced_methods: CHECK_METHODS };
     let checker = check::Checker::new(shared.clone(), clock.clone(), recorder);
     let grpc = grpc::AuthorizerGrpc::new(checker.clone());
     let envoy = ext_authz::ExtAuthz::new(checker, config.ext_authz.clone());
@@ -130,7 +124,7 @@ pub async fn start(
     Ok(Started { addr, metrics_addr, shared, server })
 }
 
-/// `keyshare_checks_total{outcome}`, and the usage writer's `keyshare_usage_*` counters.
+/// The usage writer's `keyshare_usage_*` counters.
 fn register_usage_metrics(metrics: &Metrics, usage: &usage::UsageMetrics) {
     let mut registry = metrics.registry();
     registry.register(
@@ -157,7 +151,8 @@ fn register_usage_metrics(metrics: &Metrics, usage: &usage::UsageMetrics) {
 }
 
 /// `keyshare_feed_connected` (0/1), `keyshare_feed_stale_seconds` (how long checks have been
-/// answered without the feed), `keyshare_feed_sequence` and `keyshare_index_credentials`.
+/// answered without the feed), `keyshare_feed_sequence`, `keyshare_index_credentials` and
+/// `keyshare_checks_total{outcome}`.
 fn register_feed_metrics(metrics: &Metrics, shared: Arc<follower::Shared>) {
     use std::sync::atomic::Ordering;
     let (connected, sequence, credentials) =

@@ -45,6 +45,11 @@ impl Rate {
         self.tat.store(0, Ordering::Release);
     }
 
+    /// Copies another bucket's state (the same limit in a freshly loaded index).
+    pub fn copy_from(&self, other: &Rate) {
+        self.tat.store(other.tat.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+
     /// Returns a request taken by [`take`](Self::take) that was then refused by another limit.
     pub fn give_back(&self, per_second: i64) {
         if per_second > 0 {
@@ -92,9 +97,7 @@ impl Period {
     pub fn of_month(date: NaiveDate) -> Self {
         Self::month(date.and_hms_opt(0, 0, 0).map_or(0, |t| t.and_utc().timestamp()))
     }
-}
 
-impl Period {
     /// The UTC day that Unix second `now` falls in.
     pub fn day(now: i64) -> Self {
         Self(now.div_euclid(SECONDS_PER_DAY).clamp(0, i64::from(u16::MAX)) as u16)
@@ -187,13 +190,6 @@ impl Quota {
     /// Copies another counter's value (the same quota in a freshly loaded index).
     pub fn copy_from(&self, other: &Quota) {
         self.0.store(other.0.load(Ordering::Relaxed), Ordering::Relaxed);
-    }
-}
-
-impl Rate {
-    /// Copies another bucket's state (the same limit in a freshly loaded index).
-    pub fn copy_from(&self, other: &Rate) {
-        self.tat.store(other.tat.load(Ordering::Relaxed), Ordering::Relaxed);
     }
 }
 

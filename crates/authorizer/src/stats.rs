@@ -20,6 +20,7 @@ use uuid::Uuid;
 
 use crate::check::{KeyName, Outcome};
 use crate::error::{Error, Result};
+use crate::usage::METHOD_LABELS;
 use access::{Access, ProjectStanding};
 
 /// Most buckets one series may span (a day of minutes, 60 days of hours, about 4 years of days).
@@ -113,20 +114,17 @@ impl Buckets {
     }
 }
 
-/// The standard HTTP methods counted by name; any other counts as `OTHER` (see
-/// [`crate::usage::method_label`]).
-const METHODS: [&str; 10] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE", "OTHER"];
-
-/// A method filter: empty means every method; otherwise one of the counted methods, in any case.
+/// A method filter: empty means every method; otherwise one of the [`METHOD_LABELS`] counted
+/// (see [`crate::usage::method_label`]), in any case.
 pub fn parse_method(raw: &str, field: &str) -> Result<Option<&'static str>, InvalidInput> {
     if raw.is_empty() {
         return Ok(None);
     }
-    METHODS
+    METHOD_LABELS
         .iter()
         .find(|method| method.eq_ignore_ascii_case(raw))
         .map(|method| Some(*method))
-        .ok_or_else(|| InvalidInput::field(field, format!("must be empty or one of {}", METHODS.join(", "))))
+        .ok_or_else(|| InvalidInput::field(field, format!("must be empty or one of {}", METHOD_LABELS.join(", "))))
 }
 
 /// `projects/{project}/keys/{key}`.

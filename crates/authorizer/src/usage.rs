@@ -59,9 +59,12 @@ pub struct CallRecord {
 /// The method as counted: an upper-case standard method, or `OTHER`, so a caller cannot grow
 /// the counters with made-up methods.
 pub fn method_label(method: &str) -> &'static str {
-    const KNOWN: [&str; 9] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"];
-    KNOWN.iter().find(|known| known.eq_ignore_ascii_case(method)).copied().unwrap_or("OTHER")
+    METHOD_LABELS.iter().find(|label| label.eq_ignore_ascii_case(method)).copied().unwrap_or("OTHER")
 }
+
+/// Every method label: the standard HTTP methods, then `OTHER` for any other.
+pub const METHOD_LABELS: [&str; 10] =
+    ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE", "OTHER"];
 
 /// Makes a request path fit for a call log in place: no query string or fragment, bounded length.
 pub fn log_path(mut path: String) -> String {
@@ -179,12 +182,16 @@ impl Batch {
     fn project_months(&self) -> HashMap<(Uuid, i16, NaiveDate), i64> {
         let mut months = HashMap::new();
         for (count, calls) in self.counts.iter().filter(|(c, _)| c.outcome == Outcome::Valid) {
-            let date = minute_date(count.minute);
-            let month = date.with_day(1).unwrap_or(date);
+            let month = month_start(minute_date(count.minute));
             *months.entry((count.key.project, environment_number(count.environment), month)).or_default() += calls;
         }
         months
     }
+}
+
+/// The first day of `date`'s month: how monthly quotas are keyed.
+fn month_start(date: NaiveDate) -> NaiveDate {
+    date.with_day(1).unwrap_or(date)
 }
 
 fn minute_date(minute: i64) -> NaiveDate {
@@ -378,7 +385,7 @@ impl Writer {
     /// replica has not seen).
     async fn restore(&mut self) -> Result<(), DbError> {
         let today = self.clock.now().date_naive();
-        let month = today.with_day(1).unwrap_or(today);
+        let month = month_start(today);
         let client = self.pool.get().await?;
         let days = client
             .query("SELECT key_id, environment, used FROM authorizer.key_daily_usage WHERE day = $1", &[&today])
@@ -437,7 +444,7 @@ impl Writer {
         }
         drop(index);
         let today = self.clock.now().date_naive();
-        let this_month = today.with_day(1).unwrap_or(today);
+        let this_month = month_start(today);
         self.known_days.retain(|(_, _, day), _| *day >= today);
         self.known_months.retain(|(_, _, month), _| *month >= this_month);
     }

@@ -10,6 +10,7 @@ use keyshare_runtime::auth;
 use keyshare_runtime::credential::Environment;
 use keyshare_runtime::error::{FieldViolation, InvalidInput};
 use keyshare_runtime::page::PageRequest;
+use keyshare_runtime::wire::timestamp;
 use prost_types::Timestamp;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
@@ -53,14 +54,7 @@ fn finish<T>(errors: InvalidInput, value: Option<T>) -> Result<T, Error> {
 /// The caller's verified bearer token, to forward to keyring (UNAUTHENTICATED without one).
 fn caller_token<T>(request: &Request<T>) -> Result<String, Status> {
     auth::caller(request)?;
-    Ok(request
-        .metadata()
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or_default()
-        .trim()
-        .to_owned())
+    Ok(auth::bearer_token(request))
 }
 
 #[tonic::async_trait]
@@ -152,8 +146,8 @@ impl SeriesInput<'_> {
     /// Records every violation in `errors`; `Some` when all of it parsed.
     fn parse(self, errors: &mut InvalidInput, now: DateTime<Utc>) -> Option<(Buckets, Filter)> {
         let granularity = errors.check(granularity(self.granularity));
-        let start = errors.check(timestamp(self.start_time, "start_time"));
-        let end = errors.check(timestamp(self.end_time, "end_time"));
+        let start = errors.check(parse_timestamp(self.start_time, "start_time"));
+        let end = errors.check(parse_timestamp(self.end_time, "end_time"));
         let environment = errors.check(environment(self.environment, "environment"));
         let method = errors.check(stats::parse_method(self.method, "method"));
         let outcome = errors.check(outcome(self.outcome, "outcome"));
@@ -193,9 +187,9 @@ fn outcome(raw: i32, field: &str) -> Result<Option<Outcome>, InvalidInput> {
     if raw == pb::Outcome::Unspecified as i32 {
         return Ok(None);
     }
-    Outcome::ALL
-        .into_iter()
-        .find(|outcome| i32::from(outcome.number()) == raw)
+    i16::try_from(raw)
+        .ok()
+        .and_then(Outcome::from_number)
         .map(Some)
         .ok_or_else(|| InvalidInput::field(field, "is not a known outcome"))
 }
@@ -203,7 +197,7 @@ fn outcome(raw: i32, field: &str) -> Result<Option<Outcome>, InvalidInput> {
 /// Earliest and latest seconds a `google.protobuf.Timestamp` may hold (years 1 to 9999).
 const TIMESTAMP_SECONDS: std::ops::RangeInclusive<i64> = -62_135_596_800..=253_402_300_799;
 
-fn timestamp(raw: Option<Timestamp>, field: &str) -> Result<Option<DateTime<Utc>>, InvalidInput> {
+fn parse_timestamp(raw: Option<Timestamp>, field: &str) -> Result<Option<DateTime<Utc>>, InvalidInput> {
     let Some(raw) = raw else { return Ok(None) };
     let valid = TIMESTAMP_SECONDS.contains(&raw.seconds) && (0..1_000_000_000).contains(&raw.nanos);
     valid
@@ -211,17 +205,6 @@ fn timestamp(raw: Option<Timestamp>, field: &str) -> Result<Option<DateTime<Utc>
         .flatten()
         .map(Some)
         .ok_or_else(|| InvalidInput(vec![FieldViolation::new(field, "is not a valid timestamp (years 1 to 9999)")]))
-}
-
-fn timestamp_pb(at: DateTime<Utc>) -> Timestamp {
-    Timestamp { seconds: at.timestamp(), nanos: at.timestamp_subsec_nanos() as i32 }
-}
-
-fn environment_pb(environment: Environment) -> pb::Environment {
-    match environment {
-        Environment::Sandbox => pb::Environment::Sandbox,
-        Environment::Production => pb::Environment::Production,
-    }
 }
 
 type SeriesPb = (i32, Option<Timestamp>, Option<Timestamp>, Vec<pb::UsagePoint>, Vec<pb::UsageTotal>, i64);
@@ -236,8 +219,8 @@ fn series_pb(series: Series) -> SeriesPb {
         .points
         .into_iter()
         .map(|point| pb::UsagePoint {
-            start_time: Some(timestamp_pb(point.start)),
-            environment: environment_pb(point.environment) as i32,
+            start_time: Some(timestamp(point.start)),
+            environment: crate::grpc::environment_pb(point.environment) as i32,
             outcome: crate::grpc::outcome_pb(point.outcome) as i32,
             calls: point.calls,
             key: point.key.map(|key| key.to_string()).unwrap_or_default(),
@@ -250,8 +233,8 @@ fn series_pb(series: Series) -> SeriesPb {
         .collect();
     (
         granularity as i32,
-        Some(timestamp_pb(series.buckets.start)),
-        Some(timestamp_pb(series.buckets.end)),
+        Some(timestamp(series.buckets.start)),
+        Some(timestamp(series.buckets.end)),
         points,
         totals,
         series.total_calls,
@@ -262,8 +245,8 @@ fn call_log_pb(log: CallLog) -> pb::CallLog {
     pb::CallLog {
         name: format!("{}/callLogs/{}", log.key, log.id),
         key: log.key.to_string(),
-        call_time: Some(timestamp_pb(log.at)),
-        environment: environment_pb(log.environment) as i32,
+        call_time: Some(timestamp(log.at)),
+        environment: crate::grpc::environment_pb(log.environment) as i32,
         method: log.method,
         path: log.path,
         client_ip: log.client_ip.map(|ip| ip.to_string()).unwrap_or_default(),

@@ -164,22 +164,7 @@ const DAY_MINUTES: i64 = 24 * 60;
 #[tokio::test]
 async fn key_usage_at_every_granularity_and_filter() {
     let (mut w, project, key, _, _) = world().await;
-    let other_key = w
-        .keyring
-        .create_key(authed(
-            &w.token,
-            krpb::CreateKeyRequest {
-                parent: project.clone(),
-                key: Some(krpb::Key { display_name: "K2".into(), ..Default::default() }),
-                ..Default::default()
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .key
-        .unwrap()
-        .name;
+    let other_key = create_key(&mut w.keyring, &w.token, &project, "K2").await.key.unwrap().name;
     let (_, key_id) = ids(&key);
     // The same key id under a project it does not belong to: never counted for the key.
     let stray = format!("projects/{}/keys/{}", Uuid::new_v4(), key_id.unwrap());
@@ -336,22 +321,7 @@ async fn key_usage_at_every_granularity_and_filter() {
 #[tokio::test]
 async fn project_usage_counts_keys_together_or_apart() {
     let (mut w, project, key, _, _) = world().await;
-    let other_key = w
-        .keyring
-        .create_key(authed(
-            &w.token,
-            krpb::CreateKeyRequest {
-                parent: project.clone(),
-                key: Some(krpb::Key { display_name: "K2".into(), ..Default::default() }),
-                ..Default::default()
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .key
-        .unwrap()
-        .name;
+    let other_key = create_key(&mut w.keyring, &w.token, &project, "K2").await.key.unwrap().name;
     let elsewhere = format!("projects/{}/keys/{}", Uuid::new_v4(), Uuid::new_v4());
     let zero = day_zero(&w);
     seed_minutes(
@@ -414,22 +384,7 @@ async fn project_usage_counts_keys_together_or_apart() {
 #[tokio::test]
 async fn call_logs_page_newest_first_without_duplicates_or_gaps() {
     let (mut w, project, key, _, _) = world().await;
-    let other_key = w
-        .keyring
-        .create_key(authed(
-            &w.token,
-            krpb::CreateKeyRequest {
-                parent: project.clone(),
-                key: Some(krpb::Key { display_name: "K2".into(), ..Default::default() }),
-                ..Default::default()
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .key
-        .unwrap()
-        .name;
+    let other_key = create_key(&mut w.keyring, &w.token, &project, "K2").await.key.unwrap().name;
     migrated(&w).await;
     let sql = w.sql().await;
     let base = w.frozen.now() - TimeDelta::hours(2);

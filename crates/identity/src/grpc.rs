@@ -3,11 +3,11 @@
 
 use std::sync::Arc;
 
-use chrono::{DateTime, Utc};
 use keyshare_proto::identity::v1 as pb;
 use keyshare_runtime::auth::{self, Caller};
 use keyshare_runtime::error::{InvalidInput, update_paths};
 use keyshare_runtime::page::PageRequest;
+use keyshare_runtime::wire::timestamp;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 use uuid::Uuid;
@@ -433,10 +433,6 @@ fn role_pb(role: OrgRole) -> i32 {
         OrgRole::Owner => pb::OrganizationRole::Owner as i32,
         OrgRole::Reader => pb::OrganizationRole::Reader as i32,
     }
-}
-
-fn timestamp(at: DateTime<Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp { seconds: at.timestamp(), nanos: at.timestamp_subsec_nanos() as i32 }
 }
 
 fn account_pb(a: Account) -> pb::Account {

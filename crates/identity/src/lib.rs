@@ -85,14 +85,7 @@ pub async fn start(
     let addr = bound.local_addr();
 
     let outbox_task = outbox.spawn();
-    let options = ServeOptions {
-        config: common,
-        grpc_service_name: GRPC_SERVICE,
-        metrics,
-        verifier,
-        ready_on_start: true,
-        untraced_methods: &[],
-    };
+    let options = ServeOptions { config: common, metrics, verifier, ready_on_start: true, untraced_methods: &[] };
     let grpc = grpc::IdentityGrpc::new(app);
     let server = tokio::spawn(async move {
         let result =

@@ -3,12 +3,12 @@
 
 use std::sync::Arc;
 
-use chrono::{DateTime, Utc};
 use keyshare_proto::invitation::v1 as pb;
 use keyshare_runtime::auth::{self, Authentication};
 use keyshare_runtime::email::Email;
 use keyshare_runtime::error::{FieldViolation, InvalidInput};
 use keyshare_runtime::page::PageRequest;
+use keyshare_runtime::wire::timestamp;
 use tonic::{Request, Response, Status as GrpcStatus};
 use tracing::Instrument;
 
@@ -36,19 +36,8 @@ async fn handle<T>(name: &'static str, body: impl Future<Output = Result<T, Erro
         .map_err(GrpcStatus::from)
 }
 
-fn bearer<T>(request: &Request<T>) -> String {
-    request
-        .metadata()
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or_default()
-        .trim()
-        .to_owned()
-}
-
 fn ctx<T>(request: &Request<T>) -> Result<Ctx, GrpcStatus> {
-    Ok(Ctx { caller: auth::caller(request)?, token: bearer(request) })
+    Ok(Ctx { caller: auth::caller(request)?, token: auth::bearer_token(request) })
 }
 
 /// The caller if the request carried a valid token; `None` without one.
@@ -320,10 +309,6 @@ fn role_pb(role: Role) -> i32 {
         Role::KeyAdmin => pb::InvitationRole::KeyAdmin,
         Role::KeyContributor => pb::InvitationRole::KeyContributor,
     }) as i32
-}
-
-fn timestamp(at: DateTime<Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp { seconds: at.timestamp(), nanos: at.timestamp_subsec_nanos() as i32 }
 }
 
 fn invitation_pb(i: Invitation) -> pb::Invitation {

@@ -76,14 +76,7 @@ pub async fn start(
     let bound = server::bind(&common, GRPC_SERVICE).await?;
     let addr = bound.local_addr();
     let outbox_task = outbox.spawn();
-    let options = ServeOptions {
-        config: common,
-        grpc_service_name: GRPC_SERVICE,
-        metrics,
-        verifier,
-        ready_on_start: true,
-        untraced_methods: &[],
-    };
+    let options = ServeOptions { config: common, metrics, verifier, ready_on_start: true, untraced_methods: &[] };
     let grpc = grpc::InvitationGrpc::new(app);
     let server = tokio::spawn(async move {
         let result =

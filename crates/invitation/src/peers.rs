@@ -53,10 +53,7 @@ pub struct Peers {
 }
 
 fn bearer<T>(token: &str, message: T) -> Result<tonic::Request<T>> {
-    let mut request = keyshare_runtime::telemetry::traced(message);
-    let value = format!("Bearer {token}").parse().map_err(|_| Error::Unauthenticated)?;
-    request.metadata_mut().insert("authorization", value);
-    Ok(request)
+    keyshare_runtime::client::with_bearer(token, message).ok_or(Error::Unauthenticated)
 }
 
 fn unavailable(what: &str, status: &tonic::Status) -> Error {

@@ -10,6 +10,7 @@ use keyshare_proto::keyring::v1 as pb;
 use keyshare_runtime::auth;
 use keyshare_runtime::error::{FieldViolation, InvalidInput, update_paths};
 use keyshare_runtime::page::PageRequest;
+use keyshare_runtime::wire::timestamp;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
@@ -627,10 +628,6 @@ fn permissions_domain(p: pb::Permissions) -> Permissions {
 
 fn permissions_pb(p: Permissions) -> pb::Permissions {
     pb::Permissions { create: p.create, read: p.read, update: p.update, delete: p.delete }
-}
-
-fn timestamp(at: DateTime<Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp { seconds: at.timestamp(), nanos: at.timestamp_subsec_nanos() as i32 }
 }
 
 fn timestamp_domain(t: &prost_types::Timestamp) -> Option<DateTime<Utc>> {

@@ -76,14 +76,7 @@ pub async fn start(
     let metrics_addr = metrics.bind_and_serve(common.metrics_addr).await?;
     let bound = server::bind(&common, GRPC_SERVICE).await?;
     let addr = bound.local_addr();
-    let options = ServeOptions {
-        config: common,
-        grpc_service_name: GRPC_SERVICE,
-        metrics,
-        verifier,
-        ready_on_start: true,
-        untraced_methods: &[],
-    };
+    let options = ServeOptions { config: common, metrics, verifier, ready_on_start: true, untraced_methods: &[] };
     let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
     let shutdown = async move {
         shutdown.await;

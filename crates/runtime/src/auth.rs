@@ -380,6 +380,19 @@ impl TokenSigner {
 #[derive(Clone, Debug)]
 pub struct Authentication(pub Result<Caller, AuthError>);
 
+/// The bearer token a request carried (empty without one), to forward with calls made on the
+/// caller's behalf. [`caller`] says whether it was valid.
+pub fn bearer_token<T>(request: &tonic::Request<T>) -> String {
+    request
+        .metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
 /// The authenticated caller of a request, or UNAUTHENTICATED.
 pub fn caller<T>(request: &tonic::Request<T>) -> Result<Caller, Status> {
     match request.extensions().get::<Authentication>() {

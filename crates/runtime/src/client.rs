@@ -19,6 +19,14 @@ pub fn lazy_channel(var: &str, url: &str) -> Result<Channel, ConfigError> {
         .connect_lazy())
 }
 
+/// A request for another Keyshare service carrying `token` as `authorization: Bearer` and the
+/// current trace context. `None` if the token cannot be a header value (it then is no token).
+pub fn with_bearer<T>(token: &str, message: T) -> Option<tonic::Request<T>> {
+    let mut request = crate::telemetry::traced(message);
+    request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().ok()?);
+    Some(request)
+}
+
 /// This service's identity as an internal client (`KEYSHARE_CLIENT_ID`/`KEYSHARE_CLIENT_SECRET`).
 #[derive(Clone)]
 pub struct ClientCredentials {
@@ -99,9 +107,6 @@ impl ServiceToken {
     /// A request carrying this service's token and the current trace context.
     pub async fn request<T>(&self, message: T) -> Result<tonic::Request<T>, TokenError> {
         let token = self.get().await?;
-        let mut request = crate::telemetry::traced(message);
-        let value = format!("Bearer {token}").parse().map_err(|_| TokenError("token is not a header value".into()))?;
-        request.metadata_mut().insert("authorization", value);
-        Ok(request)
+        with_bearer(&token, message).ok_or_else(|| TokenError("token is not a header value".into()))
     }
 }

@@ -11,7 +11,8 @@
 //! - [`mail`]: the transactional email outbox;
 //! - [`client`]: channels to other services and this service's own access token;
 //! - [`credential`]: API-key credentials, their format and checksum;
-//! - [`clock`], [`crypto`], [`page`], [`resource`]: time, secrets, pagination, resource names.
+//! - [`clock`], [`crypto`], [`page`], [`resource`]: time, secrets, pagination, resource names;
+//! - [`wire`]: domain values as protobuf well-known types.
 
 pub mod auth;
 pub mod client;
@@ -30,3 +31,4 @@ pub mod server;
 pub mod telemetry;
 #[cfg(feature = "testkit")]
 pub mod testkit;
+pub mod wire;

@@ -50,8 +50,6 @@ impl Readiness {
 /// What a service hands to [`serve`].
 pub struct ServeOptions {
     pub config: CommonConfig,
-    /// Fully qualified gRPC service name, e.g. `keyshare.identity.v1.IdentityService`.
-    pub grpc_service_name: &'static str,
     pub metrics: Arc<Metrics>,
     pub verifier: Arc<TokenVerifier>,
     /// Whether the service is ready as soon as it listens. Services that must load state first
@@ -121,29 +119,25 @@ impl Bound {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
         let Bound { listener, readiness, routes, .. } = self;
-        // Advertise only this server's services (and health); the descriptor set holds every
-        // Keyshare API.
-        let mut advertised = vec![options.grpc_service_name];
-        advertised.extend(readiness.service_names.iter().filter(|name| **name != options.grpc_service_name));
-        let reflection_v1 = advertised
-            .iter()
-            .fold(tonic_reflection::server::Builder::configure(), |builder, name| builder.with_service_name(*name))
-            .with_service_name("grpc.health.v1.Health")
+        // Advertise only this server's services (the ones it was bound for) and health; the
+        // descriptor sets hold every Keyshare API and the google.rpc error details, so grpcurl
+        // can print ErrorInfo and BadRequest.
+        let reflection = || {
+            readiness
+                .service_names
+                .iter()
+                .fold(tonic_reflection::server::Builder::configure(), |builder, name| builder.with_service_name(*name))
+                .with_service_name("grpc.health.v1.Health")
+                .register_encoded_file_descriptor_set(keyshare_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_v1 = reflection()
             .with_service_name("grpc.reflection.v1.ServerReflection")
-            .register_encoded_file_descriptor_set(keyshare_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            // google.rpc error details, so grpcurl can print ErrorInfo and BadRequest.
-            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
             .build_v1()
             .map_err(|e| ServeError::Reflection(e.to_string()))?;
-        let reflection_v1alpha = advertised
-            .iter()
-            .fold(tonic_reflection::server::Builder::configure(), |builder, name| builder.with_service_name(*name))
-            .with_service_name("grpc.health.v1.Health")
+        let reflection_v1alpha = reflection()
             .with_service_name("grpc.reflection.v1alpha.ServerReflection")
-            .register_encoded_file_descriptor_set(keyshare_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()
             .map_err(|e| ServeError::Reflection(e.to_string()))?;
         let routes = add_services(routes).add_service(reflection_v1).add_service(reflection_v1alpha);

@@ -30,6 +30,19 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// `GET /metrics` of a service's metrics endpoint over plain HTTP/1.1; the body, after checking
+/// the answer is a 200.
+pub async fn scrape(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: metrics\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    assert!(head.starts_with("HTTP/1.1 200"), "scraping {addr}: {head}");
+    body.to_owned()
+}
+
 /// Polls `probe` until it returns `Some`, or panics after `deadline` naming `what`.
 pub async fn eventually<T, F, Fut>(what: &str, deadline: Duration, mut probe: F) -> T
 where
@@ -306,17 +319,24 @@ impl PrivateCluster {
         self.dir.path().join("data").display().to_string()
     }
 
-    fn run(&self, program: &str, args: &[&str]) {
+    /// One of the server's programs, run as `postgres` when we are root (initdb and the server
+    /// refuse root).
+    fn command(&self, program: &str) -> Command {
         let program = self.bindir.join(program);
         let mut command = if running_as_root() {
             let mut command = Command::new("runuser");
-            command.args(["-u", "postgres", "--"]).arg(&program);
+            command.args(["-u", "postgres", "--"]).arg(program);
             command
         } else {
-            Command::new(&program)
+            Command::new(program)
         };
-        let output = command.args(args).current_dir("/").output().unwrap();
-        assert!(output.status.success(), "{} failed: {}", program.display(), String::from_utf8_lossy(&output.stderr));
+        command.current_dir("/");
+        command
+    }
+
+    fn run(&self, program: &str, args: &[&str]) {
+        let output = self.command(program).args(args).output().unwrap();
+        assert!(output.status.success(), "{program} failed: {}", String::from_utf8_lossy(&output.stderr));
     }
 
     /// Starts the server (again) and waits until it accepts connections.
@@ -339,19 +359,13 @@ impl PrivateCluster {
 
 impl Drop for PrivateCluster {
     fn drop(&mut self) {
-        let program = self.bindir.join("pg_ctl");
-        let data = self.data_dir();
-        let args = ["-D", data.as_str(), "-m", "immediate", "stop"];
-        let _ = if running_as_root() {
-            Command::new("runuser").args(["-u", "postgres", "--"]).arg(&program).args(args).current_dir("/").output()
-        } else {
-            Command::new(&program).args(args).output()
-        };
+        let _ = self.command("pg_ctl").args(["-D", &self.data_dir(), "-m", "immediate", "stop"]).output();
     }
 }
 
 fn running_as_root() -> bool {
-    Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"))
+    static ROOT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ROOT.get_or_init(|| Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n")))
 }
 
 /// The newest installed PostgreSQL's programs, or those on PATH.

@@ -235,11 +235,7 @@ impl Drop for Keyshare {
     }
 }
 
-pub fn authed<T>(token: &str, message: T) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
-    request
-}
+pub use keyshare_system_tests::authed;
 
 /// The token of a mail's link.
 pub fn token_in(body: &str) -> String {

@@ -56,12 +56,10 @@ impl Access {
 
     /// The subset of `permissions` the caller holds on `resource`.
     async fn test(&self, caller_token: &str, resource: String, permissions: &[&str]) -> Result<Vec<String>> {
-        let mut request = keyshare_runtime::telemetry::traced(krpb::TestPermissionsRequest {
-            resource,
-            permissions: permissions.iter().map(|p| (*p).to_owned()).collect(),
-        });
-        let bearer = format!("Bearer {caller_token}").parse().map_err(|_| Error::Unauthenticated)?;
-        request.metadata_mut().insert("authorization", bearer);
+        let permissions = permissions.iter().map(|p| (*p).to_owned()).collect();
+        let request =
+            keyshare_runtime::client::with_bearer(caller_token, krpb::TestPermissionsRequest { resource, permissions })
+                .ok_or(Error::Unauthenticated)?;
         match KeyringServiceClient::new(self.keyring.clone()).test_permissions(request).await {
             Ok(response) => Ok(response.into_inner().permissions),
             Err(status) if status.code() == Code::Unauthenticated => Err(Error::Unauthenticated),

@@ -31,37 +31,31 @@ pub async fn series(
     per_key: bool,
     limit: usize,
 ) -> Result<Vec<Point>> {
-    let mut params: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
-    let mut conditions = vec!["minute >= $1".to_owned(), "minute < $2".to_owned()];
-    params.push(Box::new(buckets.start));
-    params.push(Box::new(buckets.end));
-    let mut condition =
-        |params: &mut Vec<Box<dyn ToSql + Sync + Send>>, column: &str, value: Box<dyn ToSql + Sync + Send>| {
-            params.push(value);
-            conditions.push(format!("{column} = ${}", params.len()));
-        };
+    let mut conditions = Conditions::default();
+    let (start, end) = (conditions.param(buckets.start), conditions.param(buckets.end));
+    conditions.push(format!("minute >= {start} AND minute < {end}"));
     let key_column = match scope {
         Scope::Key(key) => {
-            condition(&mut params, "key_id", Box::new(key.key));
-            condition(&mut params, "project_id", Box::new(key.project));
+            conditions.eq("key_id", key.key);
+            conditions.eq("project_id", key.project);
             "key_id"
         }
         Scope::Project(project) => {
-            condition(&mut params, "project_id", Box::new(project));
+            conditions.eq("project_id", project);
             // One constant key (the nil UUID) when the project's keys are counted together.
             if per_key { "key_id" } else { "'00000000-0000-0000-0000-000000000000'::uuid" }
         }
     };
     if let Some(environment) = filter.environment {
-        condition(&mut params, "environment", Box::new(environment_number(environment)));
+        conditions.eq("environment", environment_number(environment));
     }
     if let Some(method) = filter.method {
-        condition(&mut params, "method", Box::new(method));
+        conditions.eq("method", method);
     }
     if let Some(outcome) = filter.outcome {
-        condition(&mut params, "outcome", Box::new(outcome.number()));
+        conditions.eq("outcome", outcome.number());
     }
-    params.push(Box::new(limit as i64));
+    let limit = conditions.param(limit as i64);
     // date_trunc on the UTC wall time, so buckets are UTC whatever the session's time zone.
     let sql = format!(
         "SELECT date_trunc('{unit}', minute AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS bucket,
@@ -70,19 +64,17 @@ pub async fn series(
          WHERE {conditions}
          GROUP BY 1, 2, 3, 4, 5
          ORDER BY 1, 3, 4, 5
-         LIMIT ${limit}",
+         LIMIT {limit}",
         unit = buckets.granularity.sql_unit(),
-        conditions = conditions.join(" AND "),
-        limit = params.len(),
+        conditions = conditions.sql(),
     );
-    let params: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| &**p as &(dyn ToSql + Sync)).collect();
-    let rows = c.query(&sql, &params).await?;
+    let rows = c.query(&sql, &conditions.params()).await?;
     let show_key = matches!(scope, Scope::Project(_)) && per_key;
     Ok(rows
         .iter()
         .filter_map(|row| {
             let environment = environment_from_number(row.get(3))?;
-            let outcome = outcome_from_number(row.get(4))?;
+            let outcome = Outcome::from_number(row.get(4))?;
             Some(Point {
                 start: row.get(0),
                 key: show_key.then(|| KeyName { project: row.get(1), key: row.get(2) }),
@@ -103,33 +95,29 @@ pub async fn call_logs(
     after: Option<(DateTime<Utc>, i64)>,
     limit: i64,
 ) -> Result<Vec<CallLog>> {
-    let mut params: Vec<Box<dyn ToSql + Sync + Send>> = vec![Box::new(key.key), Box::new(key.project)];
-    let mut conditions = vec!["key_id = $1".to_owned(), "project_id = $2".to_owned()];
+    let mut conditions = Conditions::default();
+    conditions.eq("key_id", key.key);
+    conditions.eq("project_id", key.project);
     if let Some((at, id)) = after {
-        params.push(Box::new(at));
-        params.push(Box::new(id));
-        conditions.push(format!("(time, id) < (${}, ${})", params.len() - 1, params.len()));
+        let (at, id) = (conditions.param(at), conditions.param(id));
+        conditions.push(format!("(time, id) < ({at}, {id})"));
     }
     if let Some(environment) = filter.environment {
-        params.push(Box::new(environment_number(environment)));
-        conditions.push(format!("environment = ${}", params.len()));
+        conditions.eq("environment", environment_number(environment));
     }
     if let Some(outcome) = filter.outcome {
-        params.push(Box::new(outcome.number()));
-        conditions.push(format!("outcome = ${}", params.len()));
+        conditions.eq("outcome", outcome.number());
     }
-    params.push(Box::new(limit));
+    let limit = conditions.param(limit);
     let sql = format!(
         "SELECT id, time, environment, method, path, client_ip, outcome, http_status
          FROM authorizer.call_logs
          WHERE {}
          ORDER BY time DESC, id DESC
-         LIMIT ${}",
-        conditions.join(" AND "),
-        params.len(),
+         LIMIT {limit}",
+        conditions.sql(),
     );
-    let params: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| &**p as &(dyn ToSql + Sync)).collect();
-    let rows = c.query(&sql, &params).await?;
+    let rows = c.query(&sql, &conditions.params()).await?;
     Ok(rows
         .iter()
         .filter_map(|row| {
@@ -141,13 +129,43 @@ pub async fn call_logs(
                 method: row.get(3),
                 path: row.get(4),
                 client_ip: row.get(5),
-                outcome: outcome_from_number(row.get(6))?,
+                outcome: Outcome::from_number(row.get(6))?,
                 http_status: row.get(7),
             })
         })
         .collect())
 }
 
-fn outcome_from_number(number: i16) -> Option<Outcome> {
-    Outcome::ALL.into_iter().find(|outcome| outcome.number() == number)
+/// A `WHERE` clause and its parameters, built up together so placeholders stay numbered right.
+#[derive(Default)]
+struct Conditions {
+    params: Vec<Box<dyn ToSql + Sync + Send>>,
+    conditions: Vec<String>,
+}
+
+impl Conditions {
+    /// Adds a parameter; returns its placeholder (`$n`).
+    fn param(&mut self, value: impl ToSql + Sync + Send + 'static) -> String {
+        self.params.push(Box::new(value));
+        format!("${}", self.params.len())
+    }
+
+    /// Adds `column = value`.
+    fn eq(&mut self, column: &str, value: impl ToSql + Sync + Send + 'static) {
+        let placeholder = self.param(value);
+        self.conditions.push(format!("{column} = {placeholder}"));
+    }
+
+    /// Adds a condition written with placeholders from [`Conditions::param`].
+    fn push(&mut self, condition: String) {
+        self.conditions.push(condition);
+    }
+
+    fn sql(&self) -> String {
+        self.conditions.join(" AND ")
+    }
+
+    fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
+        self.params.iter().map(|p| &**p as &(dyn ToSql + Sync)).collect()
+    }
 }

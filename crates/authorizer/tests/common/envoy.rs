@@ -151,12 +151,7 @@ impl Load {
     /// Waits until `more` further checks have been answered.
     pub async fn wait_for(&self, what: &str, more: u64) {
         let target = self.answered() + more;
-        let answered = self.answered.clone();
-        eventually(what, Duration::from_secs(30), || {
-            let answered = answered.clone();
-            async move { (answered.load(std::sync::atomic::Ordering::Relaxed) >= target).then_some(()) }
-        })
-        .await;
+        eventually(what, Duration::from_secs(30), || async { (self.answered() >= target).then_some(()) }).await;
     }
 
     /// Stops and returns (answered, failures).

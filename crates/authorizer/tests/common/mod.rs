@@ -13,6 +13,7 @@ use keyshare_proto::keyring::v1 as krpb;
 use keyshare_runtime::clock::{FrozenClock, ManualClock};
 use keyshare_runtime::config::Env;
 use keyshare_runtime::crypto::Sealer;
+pub use keyshare_runtime::testkit::scrape;
 use keyshare_runtime::testkit::{PrivateCluster, TestDatabase, eventually};
 use prost_types::FieldMask;
 use tonic::transport::Channel;
@@ -207,16 +208,6 @@ pub enum Store {
     Cluster(PrivateCluster),
 }
 
-/// GET /metrics over plain HTTP/1.1.
-pub async fn scrape(addr: std::net::SocketAddr) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: metrics\r\nConnection: close\r\n\r\n").await.unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    response
-}
-
 /// Waits until a server's health says SERVING.
 pub async fn serving(addr: std::net::SocketAddr) {
     let health = HealthClient::new(channel(addr).await);
@@ -232,6 +223,18 @@ pub async fn serving(addr: std::net::SocketAddr) {
 
 pub async fn world() -> (World, String, String, String, String) {
     world_on(Store::Fresh(TestDatabase::create().await)).await
+}
+
+/// Creates a key named `name` in `project` as the holder of `token`.
+pub async fn create_key(
+    keyring: &mut krpb::keyring_service_client::KeyringServiceClient<Channel>,
+    token: &str,
+    project: &str,
+    name: &str,
+) -> krpb::CreateKeyResponse {
+    let key = Some(krpb::Key { display_name: name.into(), ..Default::default() });
+    let request = krpb::CreateKeyRequest { parent: project.to_owned(), key, ..Default::default() };
+    keyring.create_key(authed(token, request)).await.unwrap().into_inner()
 }
 
 /// A world on the given database: (world, project, key, sandbox credential, production credential).
@@ -332,18 +335,7 @@ pub async fn world_on(store: Store) -> (World, String, String, String, String) {
         .project
         .unwrap()
         .name;
-    let created = kr
-        .create_key(authed(
-            &token,
-            krpb::CreateKeyRequest {
-                parent: project.clone(),
-                key: Some(krpb::Key { display_name: "K".into(), ..Default::default() }),
-                ..Default::default()
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let created = create_key(&mut kr, &token, &project, "K").await;
 
     let frozen = FrozenClock::new();
     let authorizer_config = keyshare_authorizer::Config::from_env(&base(vec![
