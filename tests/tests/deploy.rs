@@ -223,16 +223,9 @@ impl Rendered {
     }
 }
 
-/// The renderer `ensure_tools` (scripts/lib.sh) provides: kubectl in the tools directory when it
-/// installed one there, else the machine's.
+/// The renderer `ensure_tools` (scripts/lib.sh) installs, pinned, so renders are reproducible.
 fn kubectl() -> PathBuf {
-    let tools =
-        std::env::var_os("KEYSHARE_TOOLS_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join(".venv/bin"));
-    std::iter::once(tools)
-        .chain(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()))
-        .map(|dir| dir.join("kubectl"))
-        .find(|path| path.is_file())
-        .expect("no kubectl: `source scripts/lib.sh && ensure_tools` installs one")
+    tool("kubectl")
 }
 
 fn run(command: &mut Command, stdin: Option<&[u8]>) -> Output {
