@@ -16,7 +16,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 KEYSHARE_DEFAULT_TEST_DATABASE_URL="postgres://postgres@127.0.0.1:5432/postgres"
 # Fallback private cluster (shared with scripts/run), git-ignored via /var.
 KEYSHARE_PRIVATE_PG_DIR="$ROOT/var/pg"
-KEYSHARE_PRIVATE_PG_PORT=55432
+KEYSHARE_PRIVATE_PG_PORT="${KEYSHARE_PRIVATE_PG_PORT:-55432}"
 
 # Set by start_private_cluster: 1 if that call started the server, 0 if it
 # was already running (so callers stop only what they started).
@@ -83,35 +83,6 @@ ensure_tools() {
     *) PATH="$venv/bin:$PATH" ;;
   esac
   export PATH
-}
-
-# ---------------------------------------------------------------------------
-# Ports
-# ---------------------------------------------------------------------------
-
-# The fixed ports scripts/run listens on that lie inside Linux's ephemeral
-# range (32768-60999): the services' gRPC ports and the private cluster's.
-KEYSHARE_EPHEMERAL_RANGE_PORTS="50051-50054,$KEYSHARE_PRIVATE_PG_PORT"
-
-# Keeps the kernel from handing KEYSHARE_EPHEMERAL_RANGE_PORTS to outgoing
-# connections and port-0 listeners, which tests open by the hundred: one left
-# over on 50052 once kept the README test's scripts/run from starting. Needs
-# root (it is a machine-wide setting, merged into what is there); without it
-# only a warning, as the README test also runs alone.
-reserve_ports() {
-  local file=/proc/sys/net/ipv4/ip_local_reserved_ports current
-  current="$(cat "$file" 2>/dev/null)" || { warn "cannot read $file; ports not reserved"; return 0; }
-  # Done already if every one of ours is in the kernel's (normalised) list.
-  local port missing=0
-  for port in ${KEYSHARE_EPHEMERAL_RANGE_PORTS//,/ }; do
-    [[ ",$current," == *",$port,"* ]] || missing=1
-  done
-  ((missing)) || return 0
-  if [[ -w "$file" ]] && printf '%s\n' "${current:+$current,}$KEYSHARE_EPHEMERAL_RANGE_PORTS" >"$file" 2>/dev/null; then
-    log "Reserved ports $KEYSHARE_EPHEMERAL_RANGE_PORTS from the ephemeral range ($file)"
-  else
-    warn "could not reserve ports $KEYSHARE_EPHEMERAL_RANGE_PORTS in $file (needs root)"
-  fi
 }
 
 # ---------------------------------------------------------------------------

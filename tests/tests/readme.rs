@@ -11,7 +11,7 @@ use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use keyshare_runtime::testkit::{TestDatabase, tool, workspace_root};
+use keyshare_runtime::testkit::{TestDatabase, free_ports, tool, workspace_root};
 
 /// How the README says a block is to be run.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -110,6 +110,24 @@ impl Drop for RestoredDatabase {
     }
 }
 
+/// The ports `scripts/run` uses when not told otherwise: gRPC from 50051, metrics from 9051.
+const DEFAULT_GRPC_BASE: u16 = 50051;
+const DEFAULT_METRICS_BASE: u16 = 9051;
+/// How many services `scripts/run` numbers from its port base.
+const SERVICES: u16 = 4;
+
+/// `text` with every documented default port of `scripts/run` moved to the ports it serves on
+/// with `KEYSHARE_PORT_BASE=base`, so the README's blocks run unchanged against an instance
+/// on free ports.
+fn moved_ports(text: &str, base: u16) -> String {
+    let mut text = text.to_owned();
+    for i in 0..SERVICES {
+        text = text.replace(&format!("127.0.0.1:{}", DEFAULT_GRPC_BASE + i), &format!("127.0.0.1:{}", base + i));
+        text = text.replace(&format!("127.0.0.1:{}", DEFAULT_METRICS_BASE + i), &format!("127.0.0.1:{}", base + 10 + i));
+    }
+    text
+}
+
 /// What the shell session starts with: strict mode, and `stop_keyshare` for the blocks that
 /// need the services stopped (SIGTERM to `scripts/run`, then wait until every gRPC port is
 /// closed).
@@ -117,7 +135,7 @@ const PREAMBLE: &str = r#"set -euo pipefail
 stop_keyshare() {
   kill -TERM "$KEYSHARE_RUN_PID"
   local port deadline=$((SECONDS + 60))
-  for port in 50051 50052 50053 50054; do
+  for port in $KEYSHARE_GRPC_PORTS; do
     while (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do
       ((SECONDS < deadline)) || { echo "Keyshare did not stop"; return 1; }
       sleep 0.2
@@ -144,8 +162,12 @@ async fn scripts_run_the_walkthrough_and_the_operations_section_work() {
     let restored = RestoredDatabase(db.url.clone());
     restored.drop_it();
     let work = tempfile::tempdir().unwrap();
+    // Free ports, so this test runs beside every other: gRPC on base..base+3, metrics on
+    // base+10..base+13.
+    let base = free_ports(2 * 10);
     let mut run = Command::new(root.join("scripts/run"))
         .current_dir(work.path())
+        .env("KEYSHARE_PORT_BASE", base.to_string())
         .env("DATABASE_URL", &db.url)
         .env("KEYSHARE_PROFILE", "debug")
         .env("KEYSHARE_MAIL_SPOOL_DIR", "var/mail")
@@ -172,6 +194,8 @@ async fn scripts_run_the_walkthrough_and_the_operations_section_work() {
     session.push_str(&script("walkthrough", &walkthrough));
     session.push_str(&format!("cd '{}'\n", root.display()));
     session.push_str(&script("operations", &operations));
+    let session = moved_ports(&session, base);
+    let grpc_ports = (0..SERVICES).map(|i| (base + i).to_string()).collect::<Vec<_>>().join(" ");
     let path = format!("{}:{}", tool("grpcurl").parent().unwrap().display(), std::env::var("PATH").unwrap_or_default());
     let output = Command::new("bash")
         .arg("-c")
@@ -181,6 +205,7 @@ async fn scripts_run_the_walkthrough_and_the_operations_section_work() {
         .env("DATABASE_URL", &db.url)
         .env("KEYSHARE_PROFILE", "debug")
         .env("KEYSHARE_RUN_PID", run.id().to_string())
+        .env("KEYSHARE_GRPC_PORTS", grpc_ports)
         .output()
         .unwrap();
 

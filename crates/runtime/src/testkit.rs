@@ -25,9 +25,70 @@ pub fn tool(name: &str) -> PathBuf {
     path
 }
 
-/// A port that was free a moment ago.
+/// A port for a test's server to listen on, which no other test of this machine is handed.
+///
+/// A port the kernel chose for a moment (`bind` to port 0, then close) can be taken again by
+/// any outgoing connection before the server binds it, and tests open thousands. So the port
+/// comes from below the kernel's ephemeral range, where neither port-0 listeners nor outgoing
+/// connections land, and a lock file held for the life of the process keeps other test
+/// processes from picking it too.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    free_ports(1)
+}
+
+/// The first of `count` consecutive ports, reserved as [`free_port`] reserves one.
+pub fn free_ports(count: u16) -> u16 {
+    use rand::Rng as _;
+    use std::sync::Mutex;
+
+    // The lock files of this process's ports: held until the process exits.
+    static HELD: Mutex<Vec<std::fs::File>> = Mutex::new(Vec::new());
+
+    assert!((1..=100).contains(&count), "free_ports({count}): between 1 and 100 ports");
+    let (low, high) = reservable_range();
+    let dir = std::env::temp_dir().join("keyshare-test-ports");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut rng = rand::thread_rng();
+    for _ in 0..1000 {
+        let first = rng.gen_range(low..=high - count);
+        let mut locks = Vec::with_capacity(usize::from(count));
+        let all = (first..first + count).all(|port| {
+            let Ok(file) = std::fs::OpenOptions::new().create(true).write(true).truncate(false).open(dir.join(port.to_string()))
+            else {
+                return false;
+            };
+            if file.try_lock().is_err() || TcpListener::bind(("127.0.0.1", port)).is_err() {
+                return false;
+            }
+            locks.push(file);
+            true
+        });
+        if all {
+            HELD.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).extend(locks);
+            return first;
+        }
+    }
+    panic!("no {count} free consecutive ports in {low}-{high}");
+}
+
+/// Ports that no port-0 bind or outgoing connection is given: outside the ephemeral range
+/// (`net.ipv4.ip_local_port_range`) and above the well-known and common service ports.
+fn reservable_range() -> (u16, u16) {
+    let (low, high) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| {
+            let mut bounds = text.split_whitespace().map(|bound| bound.parse::<u16>().ok());
+            Some((bounds.next()??, bounds.next()??))
+        })
+        .unwrap_or((32768, 60999));
+    if low > 21_000 {
+        (20_000, low - 1)
+    } else if high < 64_000 {
+        (high + 1, 65_000)
+    } else {
+        // No room outside the range: the lock files still keep tests apart.
+        (low.max(20_000), high.min(65_000))
+    }
 }
 
 /// `GET /metrics` of a service's metrics endpoint over plain HTTP/1.1; the body, after checking
