@@ -226,6 +226,8 @@ start_private_cluster() {
 stop_private_cluster() {
   local dir="$1" bindir
   [[ -f "$dir/PG_VERSION" ]] || return 0
+  # pg_ctl runs from / as another user (as_pg_owner): it needs the absolute path.
+  dir="$(cd "$dir" && pwd)" || return 1
   bindir="$(pg_bindir)" || return 1
   if as_pg_owner "$bindir/pg_ctl" -D "$dir" status >/dev/null 2>&1; then
     log "Stopping PostgreSQL in $dir"

@@ -123,7 +123,8 @@ fn moved_ports(text: &str, base: u16) -> String {
     let mut text = text.to_owned();
     for i in 0..SERVICES {
         text = text.replace(&format!("127.0.0.1:{}", DEFAULT_GRPC_BASE + i), &format!("127.0.0.1:{}", base + i));
-        text = text.replace(&format!("127.0.0.1:{}", DEFAULT_METRICS_BASE + i), &format!("127.0.0.1:{}", base + 10 + i));
+        text =
+            text.replace(&format!("127.0.0.1:{}", DEFAULT_METRICS_BASE + i), &format!("127.0.0.1:{}", base + 10 + i));
     }
     text
 }

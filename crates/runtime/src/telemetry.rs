@@ -55,7 +55,9 @@ pub fn init(service: &'static str, env: &Env) -> Result<TelemetryGuard, ConfigEr
     let fmt = if json {
         tracing_subscriber::fmt::layer().json().with_current_span(true).boxed()
     } else {
-        tracing_subscriber::fmt::layer().boxed()
+        // Colour only for a person at a terminal: in a file, escape codes break `grep`.
+        use std::io::IsTerminal as _;
+        tracing_subscriber::fmt::layer().with_ansi(std::io::stdout().is_terminal()).boxed()
     };
 
     let mut guard = TelemetryGuard::default();

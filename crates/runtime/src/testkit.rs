@@ -53,7 +53,8 @@ pub fn free_ports(count: u16) -> u16 {
         let first = rng.gen_range(low..=high - count);
         let mut locks = Vec::with_capacity(usize::from(count));
         let all = (first..first + count).all(|port| {
-            let Ok(file) = std::fs::OpenOptions::new().create(true).write(true).truncate(false).open(dir.join(port.to_string()))
+            let Ok(file) =
+                std::fs::OpenOptions::new().create(true).write(true).truncate(false).open(dir.join(port.to_string()))
             else {
                 return false;
             };
