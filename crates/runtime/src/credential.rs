@@ -85,12 +85,13 @@ impl Credential {
     pub fn generate(environment: Environment) -> Self {
         let mut bytes = [0u8; RANDOM_BYTES];
         OsRng.fill_bytes(&mut bytes);
-        Self::from_bytes(environment, bytes)
+        Self::from_random_bytes(environment, bytes)
     }
 
     /// The credential whose random part is `bytes`; separate from [`Credential::generate`] so
-    /// that the encoding can be tested against fixed vectors.
-    fn from_bytes(environment: Environment, bytes: [u8; RANDOM_BYTES]) -> Self {
+    /// that the encoding can be tested against fixed vectors and fuzzed. Real credentials come
+    /// only from [`Credential::generate`].
+    pub fn from_random_bytes(environment: Environment, bytes: [u8; RANDOM_BYTES]) -> Self {
         let mut value = String::with_capacity(CREDENTIAL_LEN);
         value.push_str(environment.prefix());
         push_ascii(&mut value, &encode_body(bytes));
@@ -311,18 +312,18 @@ mod tests {
 
     #[test]
     fn known_vectors() {
-        let zeros = Credential::from_bytes(Environment::Sandbox, [0; 32]);
+        let zeros = Credential::from_random_bytes(Environment::Sandbox, [0; 32]);
         assert_eq!(zeros.expose(), ALL_ZEROS_SANDBOX);
         assert_eq!(&zeros.expose()[8..51], "0".repeat(43));
         let checksum = encode_checksum(crc32(&zeros.expose().as_bytes()[..51]));
         assert_eq!(&zeros.expose().as_bytes()[51..], checksum);
 
-        let counting = Credential::from_bytes(Environment::Production, counting_bytes());
+        let counting = Credential::from_random_bytes(Environment::Production, counting_bytes());
         assert_eq!(counting.expose(), COUNTING_PRODUCTION);
 
-        let ones = Credential::from_bytes(Environment::Production, [0xFF; 32]);
+        let ones = Credential::from_random_bytes(Environment::Production, [0xFF; 32]);
         assert_eq!(ones.expose(), ALL_ONES_PRODUCTION);
-        let ones = Credential::from_bytes(Environment::Sandbox, [0xFF; 32]);
+        let ones = Credential::from_random_bytes(Environment::Sandbox, [0xFF; 32]);
         assert_eq!(ones.expose(), ALL_ONES_SANDBOX);
 
         for (vector, environment) in [
@@ -398,7 +399,7 @@ mod tests {
 
     #[test]
     fn hint_shows_prefix_and_last_four() {
-        let credential = Credential::from_bytes(Environment::Production, counting_bytes());
+        let credential = Credential::from_random_bytes(Environment::Production, counting_bytes());
         assert_eq!(credential.hint(), CredentialHint { prefix: "ks_live_", last_four: "BOAS".into() });
     }
 
@@ -466,7 +467,7 @@ mod tests {
     proptest! {
         #[test]
         fn every_credential_parses_to_its_environment(bytes in any::<[u8; 32]>(), environment in environment()) {
-            let credential = Credential::from_bytes(environment, bytes);
+            let credential = Credential::from_random_bytes(environment, bytes);
             let value = credential.expose();
             prop_assert_eq!(value.len(), CREDENTIAL_LEN);
             prop_assert_eq!(parse(value), Ok(environment));
@@ -481,7 +482,7 @@ mod tests {
             index in 0..CREDENTIAL_LEN,
             replacement in any::<char>(),
         ) {
-            let credential = Credential::from_bytes(environment, bytes);
+            let credential = Credential::from_random_bytes(environment, bytes);
             let original = credential.expose();
             prop_assume!(char::from(original.as_bytes()[index]) != replacement);
             let mut altered = original.to_owned();
@@ -501,7 +502,7 @@ mod tests {
             length in 0..CREDENTIAL_LEN,
             extra in any::<char>(),
         ) {
-            let credential = Credential::from_bytes(environment, bytes);
+            let credential = Credential::from_random_bytes(environment, bytes);
             let value = credential.expose();
             prop_assert_eq!(parse(&value[..length]), Err(MalformedCredential::Length));
             prop_assert_eq!(parse(&format!("{value}{extra}")), Err(MalformedCredential::Length));

@@ -4,8 +4,8 @@
 use uuid::Uuid;
 
 /// The UUIDs in the `*` positions of `raw`, if it has the shape of `pattern` (such as
-/// `["projects", "*", "keys", "*"]`). Only the hyphenated 36-character form is accepted, so
-/// each resource has exactly one name.
+/// `["projects", "*", "keys", "*"]`). Only the lowercase hyphenated 36-character form, the one
+/// the services write, is accepted, so each resource has exactly one name.
 pub fn uuids(raw: &str, pattern: &[&str]) -> Option<Vec<Uuid>> {
     let parts: Vec<&str> = raw.split('/').collect();
     if parts.len() != pattern.len() {
@@ -14,7 +14,8 @@ pub fn uuids(raw: &str, pattern: &[&str]) -> Option<Vec<Uuid>> {
     let mut ids = Vec::new();
     for (part, expected) in parts.iter().zip(pattern) {
         if *expected == "*" {
-            ids.push(Uuid::parse_str(part).ok().filter(|_| part.len() == 36)?);
+            let canonical = part.len() == 36 && !part.bytes().any(|b| b.is_ascii_uppercase());
+            ids.push(Uuid::parse_str(part).ok().filter(|_| canonical)?);
         } else if part != expected {
             return None;
         }
@@ -41,6 +42,9 @@ mod tests {
             format!("project/{id}/keys/{key}"),
             format!("projects/{}/keys/{key}", id.replace('-', "")),
             format!("projects/{id}/keys/nope"),
+            // Found by the resource_name fuzz target: a second name for the same key.
+            format!("projects/{}/keys/{key}", id.to_uppercase()),
+            format!("projects/{{{id}}}/keys/{key}"),
             String::new(),
         ] {
             assert_eq!(uuids(&bad, &pattern), None, "{bad}");
