@@ -120,7 +120,23 @@ impl pb::keyring_service_server::KeyringService for KeyringGrpc {
             ];
             let mut errors = InvalidInput::default();
             let id = errors.check(domain::parse_project(&project.name, "project.name"));
-            let paths = errors.check(update_paths(r.update_mask, &allowed)).unwrap_or_default();
+            let limits = |env: &str, l: &Option<pb::ProjectEnvironmentLimits>| {
+                let l = l.unwrap_or_default();
+                [
+                    (l.rate_limit_per_second != 0).then(|| format!("{env}.rate_limit_per_second")),
+                    (l.monthly_quota != 0).then(|| format!("{env}.monthly_quota")),
+                ]
+            };
+            let mut populated: Vec<String> = limits("sandbox", &project.sandbox)
+                .into_iter()
+                .chain(limits("production", &project.production))
+                .flatten()
+                .collect();
+            if !project.display_name.is_empty() {
+                populated.push("display_name".into());
+            }
+            let populated: Vec<&str> = populated.iter().map(String::as_str).collect();
+            let paths = errors.check(update_paths(r.update_mask, &allowed, &populated)).unwrap_or_default();
             let has = |path: &str| paths.iter().any(|p| p == path || path.starts_with(&format!("{p}.")));
             let mut change = ProjectChange::default();
             if has("display_name") {
@@ -187,7 +203,8 @@ impl pb::keyring_service_server::KeyringService for KeyringGrpc {
             let member = r.member.ok_or_else(|| InvalidInput::field("member", "is required"))?;
             let mut errors = InvalidInput::default();
             let name = errors.check(domain::parse_project_member(&member.name, "member.name"));
-            errors.check(update_paths(r.update_mask, &["role"]));
+            let populated: &[&str] = if member.role == 0 { &[] } else { &["role"] };
+            errors.check(update_paths(r.update_mask, &["role"], populated));
             let role = errors.check(project_role(member.role, "member.role"));
             let ((project, account), role) = finish(errors, name.zip(role))?;
             let member = self.app.set_project_role(&ctx, project, account, role).await?;
@@ -288,7 +305,14 @@ impl pb::keyring_service_server::KeyringService for KeyringGrpc {
             let key = r.key.ok_or_else(|| InvalidInput::field("key", "is required"))?;
             let mut errors = InvalidInput::default();
             let name = errors.check(domain::parse_key(&key.name, "key.name"));
-            let paths = errors.check(update_paths(r.update_mask, &["display_name", "description"])).unwrap_or_default();
+            let populated = [("display_name", &key.display_name), ("description", &key.description)]
+                .into_iter()
+                .filter(|(_, value)| !value.is_empty())
+                .map(|(path, _)| path)
+                .collect::<Vec<_>>();
+            let paths = errors
+                .check(update_paths(r.update_mask, &["display_name", "description"], &populated))
+                .unwrap_or_default();
             let display_name = paths
                 .iter()
                 .any(|p| p == "display_name")
@@ -322,7 +346,18 @@ impl pb::keyring_service_server::KeyringService for KeyringGrpc {
                 ["active", "permissions", "rate_limit_per_second", "daily_quota", "ip_allowlist", "expire_time"];
             let mut errors = InvalidInput::default();
             let name = errors.check(domain::parse_key_environment(&env.name, "environment.name"));
-            let paths = errors.check(update_paths(r.update_mask, &allowed)).unwrap_or_default();
+            let populated = [
+                ("active", env.active),
+                ("permissions", env.permissions.is_some()),
+                ("rate_limit_per_second", env.rate_limit_per_second != 0),
+                ("daily_quota", env.daily_quota != 0),
+                ("ip_allowlist", !env.ip_allowlist.is_empty()),
+                ("expire_time", env.expire_time.is_some()),
+            ]
+            .into_iter()
+            .filter_map(|(path, set)| set.then_some(path))
+            .collect::<Vec<_>>();
+            let paths = errors.check(update_paths(r.update_mask, &allowed, &populated)).unwrap_or_default();
             let has = |path: &str| paths.iter().any(|p| p == path);
             let mut change = EnvironmentChange::default();
             if has("active") {
@@ -344,7 +379,10 @@ impl pb::keyring_service_server::KeyringService for KeyringGrpc {
                     .map(|nets| nets.iter().map(ToString::to_string).collect());
             }
             if has("expire_time") {
-                change.expire_at = Some(env.expire_time.and_then(|t| timestamp_domain(&t)));
+                change.expire_at = match env.expire_time {
+                    None => Some(None),
+                    Some(t) => errors.check(timestamp_domain(&t, "environment.expire_time")).map(Some),
+                };
             }
             let etag = errors.check(app::parse_etag(&r.etag)).flatten();
             let (key, environment) = finish(errors, name)?;
@@ -424,7 +462,8 @@ impl pb::keyring_service_server::KeyringService for KeyringGrpc {
             let member = r.member.ok_or_else(|| InvalidInput::field("member", "is required"))?;
             let mut errors = InvalidInput::default();
             let name = errors.check(domain::parse_key_member(&member.name, "member.name"));
-            errors.check(update_paths(r.update_mask, &["role"]));
+            let populated: &[&str] = if member.role == 0 { &[] } else { &["role"] };
+            errors.check(update_paths(r.update_mask, &["role"], populated));
             let role = errors.check(shared_role(member.role, "member.role"));
             let ((key, account), role) = finish(errors, name.zip(role))?;
             let member = self.app.set_key_role(&ctx, key, account, role).await?;
@@ -630,8 +669,15 @@ fn permissions_pb(p: Permissions) -> pb::Permissions {
     pb::Permissions { create: p.create, read: p.read, update: p.update, delete: p.delete }
 }
 
-fn timestamp_domain(t: &prost_types::Timestamp) -> Option<DateTime<Utc>> {
-    DateTime::from_timestamp(t.seconds, t.nanos.max(0) as u32)
+/// A timestamp a caller sent: out of range (or with nanos outside 0..1e9) is bad input, never
+/// taken as "no time".
+fn timestamp_domain(t: &prost_types::Timestamp, field: &str) -> Result<DateTime<Utc>, InvalidInput> {
+    u32::try_from(t.nanos)
+        .ok()
+        .filter(|nanos| *nanos < 1_000_000_000)
+        .and_then(|nanos| DateTime::from_timestamp(t.seconds, nanos))
+        .filter(|at| at.timestamp() >= 0 && at.timestamp() < 253_402_300_800)
+        .ok_or_else(|| InvalidInput::field(field, "must be a time between 1970-01-01 and 9999-12-31"))
 }
 
 fn environment_pb(env: Environment) -> i32 {
