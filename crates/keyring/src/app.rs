@@ -511,16 +511,19 @@ impl Keyring {
         let client = self.pool.get().await?;
         let p = store::project(&client, project).await?.ok_or(Error::NotFound("project"))?;
         let project_role = store::project_role(&client, project, account).await?;
+        let key_member = project_role.is_none() && store::has_key_role_in(&client, project, account).await?;
         drop(client);
         let manager = project_role == Some(ProjectRole::Owner) || self.is_org_owner(p.organization_id, account).await?;
+        // Decided before the page token is looked at, so no token can tell an outsider whether
+        // the project exists.
+        if !manager && project_role.is_none() && !key_member {
+            return Err(Error::NotFound("project"));
+        }
         let after = page.after.as_deref().map(page::parse_time_id_cursor).transpose()?;
         let client = self.pool.get().await?;
         let member = if manager { None } else { Some(account) };
         let mut rows = store::project_keys(&client, project, member, after, page.size as i64 + 1).await?;
         drop(client);
-        if !manager && project_role.is_none() && rows.is_empty() && after.is_none() {
-            return Err(Error::NotFound("project"));
-        }
         let scope = format!("projects/{project}/keys");
         let next_page_token =
             page::next_token(&mut rows, page.size, &scope, |(k, _, at)| page::time_id_cursor(*at, k.key));

@@ -412,6 +412,18 @@ pub async fn project_keys(
         .collect())
 }
 
+/// Whether the account holds a role on some live key of the project.
+pub async fn has_key_role_in(c: &impl GenericClient, project: Uuid, account: Uuid) -> Result<bool> {
+    let row = c
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM keyring.key_members m JOIN keyring.keys k ON k.id = m.key_id
+                            WHERE k.project_id = $1 AND k.deleted_at IS NULL AND m.account_id = $2)",
+            &[&project, &account],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
 /// Live key ids of a project.
 pub async fn live_keys(c: &impl GenericClient, project: Uuid) -> Result<Vec<Uuid>> {
     let rows = c.query("SELECT id FROM keyring.keys WHERE project_id = $1 AND deleted_at IS NULL", &[&project]).await?;

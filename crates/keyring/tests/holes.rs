@@ -177,3 +177,59 @@ async fn an_out_of_range_expire_time_is_refused_not_taken_as_never() {
         .unwrap();
     assert_eq!(shown.sandbox.unwrap().expire_time.map(|t| t.seconds), Some(soon));
 }
+
+async fn list_keys(keyring: &mut Keyring, token: &str, project: &str, page_token: &str) -> Result<pb::ListKeysResponse, tonic::Status> {
+    keyring
+        .list_keys(authed(
+            token,
+            pb::ListKeysRequest { parent: project.into(), page_size: 1, page_token: page_token.into() },
+        ))
+        .await
+        .map(|r| r.into_inner())
+}
+
+#[tokio::test]
+async fn a_crafted_page_token_cannot_tell_an_outsider_a_project_exists() {
+    use base64::Engine as _;
+    let mut h = Harness::start().await;
+    let (owner, project, _) = owner_with_key(&h).await;
+    let (_, outsider) = h.account("outsider@example.com").await;
+    let mut keyring = h.keyring().await;
+    create_key(&mut keyring, &owner, &project, "Second").await;
+    let missing = format!("projects/{}", uuid::Uuid::now_v7());
+
+    // A genuine token of the owner's listing, handed to (or kept by) an outsider.
+    let genuine = list_keys(&mut keyring, &owner, &project, "").await.unwrap().next_page_token;
+    assert!(!genuine.is_empty());
+    // Tokens of the old shape anyone could write: scope and cursor in plain base64.
+    let crafted = |parent: &str| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(format!("v1\n{parent}/keys\n0_{}", uuid::Uuid::nil()))
+    };
+
+    // Without a token, with a genuine one and with a crafted one, the outsider learns nothing:
+    // the existing project answers exactly as a missing one does.
+    for (token, code) in [(String::new(), Code::NotFound), (genuine.clone(), Code::NotFound)] {
+        let err = list_keys(&mut keyring, &outsider, &project, &token).await.unwrap_err();
+        assert_eq!(err.code(), code, "existing project, token {token:?}");
+    }
+    let err = list_keys(&mut keyring, &outsider, &missing, "").await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let existing = list_keys(&mut keyring, &outsider, &project, &crafted(&project)).await.unwrap_err();
+    let absent = list_keys(&mut keyring, &outsider, &missing, &crafted(&missing)).await.unwrap_err();
+    assert_eq!((existing.code(), absent.code()), (Code::InvalidArgument, Code::InvalidArgument));
+    assert_eq!(bad_fields(&existing), ["page_token"]);
+
+    // A genuine token with one character changed is refused too.
+    let mut tampered = genuine.clone().into_bytes();
+    tampered[3] = if tampered[3] == b'A' { b'B' } else { b'A' };
+    let err = list_keys(&mut keyring, &owner, &project, &String::from_utf8(tampered).unwrap()).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+
+    // The owner's token works, on this replica and on another one.
+    let other = keyring_at(h.start_keyring(&h.kek.clone()).await).await;
+    for mut replica in [keyring.clone(), other] {
+        let next = list_keys(&mut replica, &owner, &project, &genuine).await.unwrap();
+        assert_eq!(next.keys.len(), 1);
+    }
+}
