@@ -272,7 +272,8 @@ impl pb::identity_service_server::IdentityService for IdentityGrpc {
         let r = request.into_inner();
         handle("identity.delete_organization_member", async {
             let (org, account) = domain::parse_child_name(&r.name, "members", "name")?;
-            self.app.remove_member(&caller, org, account).await?;
+            let invitation = Some(r.invitation_id.as_str()).filter(|id| !id.is_empty());
+            self.app.remove_member(&caller, org, account, invitation).await?;
             Ok(pb::DeleteOrganizationMemberResponse {})
         })
         .await

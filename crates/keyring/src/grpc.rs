@@ -17,8 +17,8 @@ use tracing::Instrument;
 
 use crate::app::{self, Ctx, EnvironmentChange, Keyring, ProjectChange};
 use crate::domain::{
-    self, Environment, Key, KeyEnvironment, KeyMember, KeyRole, Permissions, Project, ProjectLimits, ProjectMember,
-    ProjectRole,
+    self, Environment, InvitationSummary, Key, KeyEnvironment, KeyMember, KeyRole, Permissions, Project, ProjectLimits,
+    ProjectMember, ProjectRole,
 };
 use crate::error::Error;
 use crate::feed::{self, FeedEvent, FeedMessage};
@@ -221,7 +221,8 @@ impl pb::keyring_service_server::KeyringService for KeyringGrpc {
         let r = request.into_inner();
         handle("keyring.delete_project_member", async {
             let (project, account) = domain::parse_project_member(&r.name, "name")?;
-            self.app.remove_project_member(&ctx, project, account).await?;
+            let invitation = Some(r.invitation_id.as_str()).filter(|id| !id.is_empty());
+            self.app.remove_project_member(&ctx, project, account, invitation).await?;
             Ok(pb::DeleteProjectMemberResponse {})
         })
         .await
@@ -480,7 +481,8 @@ impl pb::keyring_service_server::KeyringService for KeyringGrpc {
         let r = request.into_inner();
         handle("keyring.delete_key_member", async {
             let (key, account) = domain::parse_key_member(&r.name, "name")?;
-            self.app.remove_key_member(&ctx, key, account).await?;
+            let invitation = Some(r.invitation_id.as_str()).filter(|id| !id.is_empty());
+            self.app.remove_key_member(&ctx, key, account, invitation).await?;
             Ok(pb::DeleteKeyMemberResponse {})
         })
         .await
@@ -583,8 +585,10 @@ impl pb::keyring_service_server::KeyringService for KeyringGrpc {
                     }
                 }
             }
+            let on_behalf_of =
+                (!r.account.is_empty()).then(|| errors.check(domain::parse_account(&r.account, "account"))).flatten();
             errors.finish()?;
-            let held = self.app.test_permissions(&ctx, project, key, &permissions).await?;
+            let held = self.app.test_permissions(&ctx, project, key, &permissions, on_behalf_of).await?;
             Ok(pb::TestPermissionsResponse { permissions: held.into_iter().map(|p| p.as_str().to_owned()).collect() })
         })
         .await
@@ -617,6 +621,33 @@ impl pb::keyring_service_server::KeyringService for KeyringGrpc {
             Err(e) => Err(Status::from(Error::from(e))),
         });
         Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn end_organization_membership(
+        &self,
+        request: Request<pb::EndOrganizationMembershipRequest>,
+    ) -> Reply<pb::EndOrganizationMembershipResponse> {
+        let ctx = ctx(&request)?;
+        let r = request.into_inner();
+        handle("keyring.end_organization_membership", async {
+            let mut errors = InvalidInput::default();
+            let member = errors.check(
+                keyshare_runtime::resource::uuids(&r.name, &["organizations", "*", "members", "*"])
+                    .map(|ids| (ids[0], ids[1]))
+                    .ok_or_else(|| InvalidInput::field("name", "must look like organizations/{id}/members/{id}")),
+            );
+            let removed_at = match r.remove_time {
+                Some(t) => errors.check(timestamp_domain(&t, "remove_time")),
+                None => errors.check(Err(InvalidInput::field("remove_time", "is required"))),
+            };
+            let ((org, account), removed_at) = finish(errors, member.zip(removed_at))?;
+            let (projects, keys) = self.app.end_org_membership(&ctx, org, account, removed_at).await?;
+            Ok(pb::EndOrganizationMembershipResponse {
+                project_memberships: i32::try_from(projects).unwrap_or(i32::MAX),
+                key_memberships: i32::try_from(keys).unwrap_or(i32::MAX),
+            })
+        })
+        .await
     }
 }
 
@@ -768,10 +799,13 @@ fn key_pb(k: Key) -> pb::Key {
         production: Some(key_environment_pb(&name, k.production)),
         display_name: k.display_name,
         description: k.description,
-        invitations: Some(match k.invitations {
-            Some(counts) => pb::InvitationCounts { known: true, accepted: counts.accepted, pending: counts.pending },
-            None => pb::InvitationCounts { known: false, accepted: 0, pending: 0 },
-        }),
+        invitations: match k.invitations {
+            InvitationSummary::Hidden => None,
+            InvitationSummary::Unknown => Some(pb::InvitationCounts { known: false, accepted: 0, pending: 0 }),
+            InvitationSummary::Counts(c) => {
+                Some(pb::InvitationCounts { known: true, accepted: c.accepted, pending: c.pending })
+            }
+        },
         create_time: Some(timestamp(k.created_at)),
         update_time: Some(timestamp(k.updated_at)),
         etag: app::etag(k.version),

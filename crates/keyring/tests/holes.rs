@@ -178,7 +178,12 @@ async fn an_out_of_range_expire_time_is_refused_not_taken_as_never() {
     assert_eq!(shown.sandbox.unwrap().expire_time.map(|t| t.seconds), Some(soon));
 }
 
-async fn list_keys(keyring: &mut Keyring, token: &str, project: &str, page_token: &str) -> Result<pb::ListKeysResponse, tonic::Status> {
+async fn list_keys(
+    keyring: &mut Keyring,
+    token: &str,
+    project: &str,
+    page_token: &str,
+) -> Result<pb::ListKeysResponse, tonic::Status> {
     keyring
         .list_keys(authed(
             token,
@@ -203,8 +208,7 @@ async fn a_crafted_page_token_cannot_tell_an_outsider_a_project_exists() {
     assert!(!genuine.is_empty());
     // Tokens of the old shape anyone could write: scope and cursor in plain base64.
     let crafted = |parent: &str| {
-        base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .encode(format!("v1\n{parent}/keys\n0_{}", uuid::Uuid::nil()))
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("v1\n{parent}/keys\n0_{}", uuid::Uuid::nil()))
     };
 
     // Without a token, with a genuine one and with a crafted one, the outsider learns nothing:
