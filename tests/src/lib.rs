@@ -51,6 +51,9 @@ impl Stack {
             keyshare_identity::Config::from_env(&common(&[
                 ("KEYSHARE_REQUIRE_VERIFIED_EMAIL", "false".into()),
                 ("KEYSHARE_MAIL_SPOOL_DIR", spool.display().to_string()),
+                // These stacks remove nobody from an organization; keep identity from calling
+                // whatever else may listen on keyring's default port.
+                ("KEYSHARE_KEYRING_URL", "http://127.0.0.1:1".into()),
                 (
                     "KEYSHARE_INTERNAL_CLIENTS",
                     format!("keyring:{KEYRING_SECRET},watcher:{WATCHER_SECRET},authorizer:{AUTHORIZER_SECRET}"),

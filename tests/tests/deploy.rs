@@ -505,7 +505,7 @@ fn check_network_policies(rendered: &Rendered) {
                 ("client" | "ingress", "identity" | "keyring" | "invitation")
                     | ("gateway", "authorizer")
                     | ("keyring" | "invitation" | "authorizer", "identity")
-                    | ("invitation" | "authorizer", "keyring")
+                    | ("identity" | "invitation" | "authorizer", "keyring")
                     | ("keyring", "invitation")
             );
             let grpc_open = allowed(&policies, from, &to, grpc, "TCP");

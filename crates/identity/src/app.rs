@@ -25,9 +25,14 @@ use crate::store;
 /// How long an email verification token works.
 const VERIFICATION_TTL: chrono::Duration = chrono::Duration::hours(24);
 
+/// The internal client identity calls keyring as (its secret is random: nobody logs in as it).
+const SELF_CLIENT: &str = "identity";
+
 /// Identity's use cases, shared by every call.
 pub struct Identity {
     pool: Pool,
+    /// Keyring, told when someone leaves an organization.
+    keyring: tonic::transport::Channel,
     clock: SharedClock,
     config: Config,
     keys: Arc<SigningKeys>,
@@ -41,11 +46,18 @@ pub struct Identity {
 }
 
 impl Identity {
-    pub fn new(pool: Pool, clock: SharedClock, config: Config, keys: Arc<SigningKeys>, outbox: OutboxWaker) -> Self {
+    pub fn new(
+        pool: Pool,
+        clock: SharedClock,
+        config: Config,
+        keys: Arc<SigningKeys>,
+        outbox: OutboxWaker,
+        keyring: tonic::transport::Channel,
+    ) -> Self {
         let dummy_hash = hash_password_blocking("keyshare-timing-equaliser").unwrap_or_default();
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let hashing = Arc::new(tokio::sync::Semaphore::new(cores));
-        Self { pool, clock, config, keys, outbox, dummy_hash, hashing }
+        Self { pool, keyring, clock, config, keys, outbox, dummy_hash, hashing }
     }
 
     fn now(&self) -> DateTime<Utc> {
@@ -416,23 +428,109 @@ impl Identity {
     }
 
     /// Owners remove anyone, a member may leave, and internal services remove on behalf of a
-    /// revoked invitation.
-    pub async fn remove_member(&self, caller: &Caller, org: Uuid, account: Uuid) -> Result<()> {
+    /// revoked invitation (`invitation`: only a membership that invitation made). Keyring is
+    /// told in the same transaction's queue and right after it, so the person's project and key
+    /// roles in the organization end before this answers (or as soon as keyring is back).
+    pub async fn remove_member(
+        &self,
+        caller: &Caller,
+        org: Uuid,
+        account: Uuid,
+        invitation: Option<&str>,
+    ) -> Result<()> {
         let role = self.role_in(caller, org).await?;
         let allowed = caller.is_internal() || role == OrgRole::Owner || caller.account_id() == Some(account);
         if !allowed {
             return Err(Error::PermissionDenied("only organization owners may remove members"));
         }
+        let now = self.now();
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         store::lock_organization(&tx, org).await?;
+        if let Some(invitation) = invitation.filter(|_| caller.is_internal()) {
+            match store::grant_created(&tx, invitation).await? {
+                Some((granted_org, granted_account, _)) if (granted_org, granted_account) != (org, account) => {
+                    return Err(Error::InvitationConflict(invitation.to_owned()));
+                }
+                // The invitation made nothing (it never ran, or the person was a member already).
+                None | Some((_, _, false)) => return Ok(()),
+                Some(_) => {}
+            }
+        }
         let current = store::member_role(&tx, org, account).await?.ok_or(Error::NotFound("member"))?;
         if current == OrgRole::Owner && store::count_owners(&tx, org).await? <= 1 {
             return Err(Error::LastOwner);
         }
         store::delete_member(&tx, org, account).await?;
+        store::queue_keyring_call(&tx, org, account, now).await?;
         tx.commit().await?;
+        tracing::info!(organization = %org, account = %account, "organization member removed");
+        self.tell_keyring().await;
         Ok(())
+    }
+
+    /// Tells keyring of the removals it has not confirmed yet; failures are retried with backoff.
+    pub async fn tell_keyring(&self) {
+        let client = match self.pool.get().await {
+            Ok(client) => client,
+            Err(e) => return tracing::debug!(error = %e, "keyring calls wait for the database"),
+        };
+        let due = match store::due_keyring_calls(&client).await {
+            Ok(due) => due,
+            Err(e) => return tracing::debug!(error = %e, "reading keyring calls failed"),
+        };
+        for call in due {
+            let outcome = self.end_in_keyring(&call).await;
+            let written = match &outcome {
+                Ok(()) => store::keyring_call_done(&client, call.id).await,
+                Err(why) => {
+                    tracing::warn!(organization = %call.org, account = %call.account, error = %why,
+                        "keyring did not take the end of a membership yet; will retry");
+                    store::keyring_call_failed(&client, call.id, why, 2f64.powi(call.attempts.clamp(0, 8))).await
+                }
+            };
+            if let Err(e) = written {
+                tracing::debug!(error = %e, "recording a keyring call failed");
+            }
+        }
+    }
+
+    async fn end_in_keyring(&self, call: &store::KeyringCall) -> std::result::Result<(), String> {
+        use keyshare_proto::keyring::v1 as kpb;
+        let token = self.self_token().await.map_err(|e| e.to_string())?;
+        let message = kpb::EndOrganizationMembershipRequest {
+            name: format!("organizations/{}/members/{}", call.org, call.account),
+            remove_time: Some(keyshare_runtime::wire::timestamp(call.removed_at)),
+        };
+        let request = keyshare_runtime::client::with_bearer(&token, message).ok_or("token is no header value")?;
+        kpb::keyring_service_client::KeyringServiceClient::new(self.keyring.clone())
+            .end_organization_membership(request)
+            .await
+            .map(|_| ())
+            .map_err(|status| format!("{:?}: {}", status.code(), status.message()))
+    }
+
+    /// An access token of identity's own internal client, signed here.
+    async fn self_token(&self) -> Result<String> {
+        let client = self.pool.get().await?;
+        let (account, _, _) = store::service_account_by_client_id(&client, SELF_CLIENT)
+            .await?
+            .ok_or_else(|| Error::Internal("identity's own internal client is missing".into()))?;
+        drop(client);
+        Ok(self.sign(format!("serviceAccounts/{}", account.id), None, None, true, self.now()).await?.access_token)
+    }
+
+    /// Retries keyring calls until the process ends.
+    pub fn spawn_keyring_calls(self: &Arc<Self>, every: std::time::Duration) {
+        let app = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(every);
+            loop {
+                ticker.tick().await;
+                let Some(app) = app.upgrade() else { return };
+                app.tell_keyring().await;
+            }
+        });
     }
 
     /// Internal: grants a membership for an accepted invitation, once per invitation.
@@ -462,8 +560,10 @@ impl Identity {
             }
             Some(_) => return Err(Error::InvitationConflict(invitation_id.to_owned())),
             None => {
-                store::insert_grant(&tx, invitation_id, org, account, role, now).await?;
-                store::insert_member(&tx, org, account, role, now).await?;
+                // A member already keeps their role; the grant records that it made nothing, so
+                // revoking the invitation's access later removes nothing.
+                let created = store::insert_member(&tx, org, account, role, now).await?;
+                store::insert_grant(&tx, invitation_id, org, account, role, created, now).await?;
             }
         }
         let member = store::member(&tx, org, account).await?.ok_or(Error::NotFound("member"))?;
@@ -538,6 +638,7 @@ impl Identity {
     /// Creates or updates Keyshare's own service accounts from configuration.
     pub async fn provision_internal_clients(&self) -> Result<()> {
         let client = self.pool.get().await?;
+        store::upsert_internal_client(&client, SELF_CLIENT, &sha256(random_token(32).as_bytes()), self.now()).await?;
         for (name, secret) in &self.config.internal_clients {
             store::upsert_internal_client(&client, name, &sha256(secret.as_bytes()), self.now()).await?;
         }

@@ -32,6 +32,8 @@ pub struct Config {
     pub login_max_failures: i32,
     pub login_window: Duration,
     pub login_lockout: Duration,
+    /// Where keyring is (`KEYSHARE_KEYRING_URL`): told when someone leaves an organization.
+    pub keyring_url: String,
 }
 
 impl Config {
@@ -59,6 +61,7 @@ impl Config {
             login_max_failures: env.parse_or("KEYSHARE_LOGIN_MAX_FAILURES", 5)?,
             login_window: env.secs_or("KEYSHARE_LOGIN_WINDOW_SECS", 900)?,
             login_lockout: env.secs_or("KEYSHARE_LOGIN_LOCKOUT_SECS", 900)?,
+            keyring_url: env.get("KEYSHARE_KEYRING_URL").unwrap_or_else(|| "http://127.0.0.1:50052".into()),
         })
     }
 }

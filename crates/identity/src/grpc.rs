@@ -128,7 +128,8 @@ impl pb::identity_service_server::IdentityService for IdentityGrpc {
         handle("identity.update_account", async {
             let account = r.account.ok_or_else(|| InvalidInput::field("account", "is required"))?;
             let id = account_name(&account.name, "account.name")?;
-            let paths = update_paths(r.update_mask, &["display_name"])?;
+            let populated: &[&str] = if account.display_name.is_empty() { &[] } else { &["display_name"] };
+            let paths = update_paths(r.update_mask, &["display_name"], populated)?;
             let display_name = if paths.iter().any(|p| p == "display_name") {
                 Some(DisplayName::parse(&account.display_name, "account.display_name")?)
             } else {
@@ -252,7 +253,8 @@ impl pb::identity_service_server::IdentityService for IdentityGrpc {
             let member = r.member.ok_or_else(|| InvalidInput::field("member", "is required"))?;
             let mut errors = InvalidInput::default();
             let name = errors.check(domain::parse_child_name(&member.name, "members", "member.name"));
-            let paths = errors.check(update_paths(r.update_mask, &["role"]));
+            let populated: &[&str] = if member.role == 0 { &[] } else { &["role"] };
+            let paths = errors.check(update_paths(r.update_mask, &["role"], populated));
             let role = errors.check(org_role(member.role, "member.role"));
             errors.finish()?;
             let (Some((org, account)), Some(_), Some(role)) = (name, paths, role) else { unreachable!() };
@@ -270,7 +272,8 @@ impl pb::identity_service_server::IdentityService for IdentityGrpc {
         let r = request.into_inner();
         handle("identity.delete_organization_member", async {
             let (org, account) = domain::parse_child_name(&r.name, "members", "name")?;
-            self.app.remove_member(&caller, org, account).await?;
+            let invitation = Some(r.invitation_id.as_str()).filter(|id| !id.is_empty());
+            self.app.remove_member(&caller, org, account, invitation).await?;
             Ok(pb::DeleteOrganizationMemberResponse {})
         })
         .await

@@ -75,8 +75,10 @@ pub async fn start(
     );
     verifier.spawn_refresh();
 
-    let app = Arc::new(app::Identity::new(pool.clone(), clock, config, signing_keys, waker));
+    let keyring = keyshare_runtime::client::lazy_channel("KEYSHARE_KEYRING_URL", &config.keyring_url)?;
+    let app = Arc::new(app::Identity::new(pool.clone(), clock, config, signing_keys, waker, keyring));
     app.provision_internal_clients().await?;
+    app.spawn_keyring_calls(std::time::Duration::from_secs(2));
 
     let metrics = Metrics::new("identity");
     metrics.register_pool(pool);

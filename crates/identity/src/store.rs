@@ -432,12 +432,85 @@ pub async fn insert_grant(
     org: Uuid,
     account: Uuid,
     role: OrgRole,
+    created: bool,
     now: DateTime<Utc>,
 ) -> Result<()> {
     c.execute(
-        "INSERT INTO identity.organization_grants (invitation_id, organization_id, account_id, role, created_at)
-         VALUES ($1, $2, $3, $4, $5)",
-        &[&invitation_id, &org, &account, &role.as_str(), &now],
+        "INSERT INTO identity.organization_grants (invitation_id, organization_id, account_id, role, created, created_at)
+         VALUES ($1, $2, $3, $4, $5, $6)",
+        &[&invitation_id, &org, &account, &role.as_str(), &created, &now],
+    )
+    .await?;
+    Ok(())
+}
+
+/// What an invitation granted and whether it made the membership: (org, account, created).
+pub async fn grant_created(c: &impl GenericClient, invitation_id: &str) -> Result<Option<(Uuid, Uuid, bool)>> {
+    let row = c
+        .query_opt(
+            "SELECT organization_id, account_id, created FROM identity.organization_grants WHERE invitation_id = $1",
+            &[&invitation_id],
+        )
+        .await?;
+    Ok(row.map(|r| (r.get(0), r.get(1), r.get(2))))
+}
+
+// --- What keyring must hear of ---
+
+/// A removal from an organization keyring has not confirmed yet.
+#[derive(Clone, Debug)]
+pub struct KeyringCall {
+    pub id: i64,
+    pub org: Uuid,
+    pub account: Uuid,
+    pub removed_at: DateTime<Utc>,
+    pub attempts: i32,
+}
+
+pub async fn queue_keyring_call(
+    c: &impl GenericClient,
+    org: Uuid,
+    account: Uuid,
+    removed_at: DateTime<Utc>,
+) -> Result<()> {
+    c.execute(
+        "INSERT INTO identity.keyring_calls (organization_id, account_id, removed_at) VALUES ($1, $2, $3)",
+        &[&org, &account, &removed_at],
+    )
+    .await?;
+    Ok(())
+}
+
+pub async fn due_keyring_calls(c: &impl GenericClient) -> Result<Vec<KeyringCall>> {
+    let rows = c
+        .query(
+            "SELECT id, organization_id, account_id, removed_at, attempts FROM identity.keyring_calls
+             WHERE done_at IS NULL AND next_attempt_at <= now() ORDER BY id LIMIT 50",
+            &[],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| KeyringCall {
+            id: r.get(0),
+            org: r.get(1),
+            account: r.get(2),
+            removed_at: r.get(3),
+            attempts: r.get(4),
+        })
+        .collect())
+}
+
+pub async fn keyring_call_done(c: &impl GenericClient, id: i64) -> Result<()> {
+    c.execute("UPDATE identity.keyring_calls SET done_at = now(), last_error = NULL WHERE id = $1", &[&id]).await?;
+    Ok(())
+}
+
+pub async fn keyring_call_failed(c: &impl GenericClient, id: i64, error: &str, retry_in_secs: f64) -> Result<()> {
+    c.execute(
+        "UPDATE identity.keyring_calls SET attempts = attempts + 1, last_error = $2,
+            next_attempt_at = now() + make_interval(secs => $3) WHERE id = $1",
+        &[&id, &error, &retry_in_secs],
     )
     .await?;
     Ok(())

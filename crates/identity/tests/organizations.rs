@@ -111,7 +111,7 @@ async fn roles_and_removals_apply_on_the_next_call_and_the_last_owner_stays() {
     let err = client
         .delete_organization_member(authed(
             &owner_token,
-            pb::DeleteOrganizationMemberRequest { name: member_name(&org, &owner) },
+            pb::DeleteOrganizationMemberRequest { name: member_name(&org, &owner), ..Default::default() },
         ))
         .await
         .unwrap_err();
@@ -122,7 +122,7 @@ async fn roles_and_removals_apply_on_the_next_call_and_the_last_owner_stays() {
     client
         .delete_organization_member(authed(
             &owner_token,
-            pb::DeleteOrganizationMemberRequest { name: member_name(&org, &reader) },
+            pb::DeleteOrganizationMemberRequest { name: member_name(&org, &reader), ..Default::default() },
         ))
         .await
         .unwrap();

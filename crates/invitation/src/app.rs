@@ -23,7 +23,7 @@ use uuid::Uuid;
 
 use crate::domain::{Invitation, NotInvited, Role, Status, Target};
 use crate::error::{Error, Result};
-use crate::peers::{CallFailure, Peers, Standing};
+use crate::peers::{CallFailure, Grantable, Peers, Standing};
 use crate::store;
 use crate::trace::{self, TraceContext};
 
@@ -268,6 +268,18 @@ impl Invitations {
         ctx.account().map_err(|_| Error::LoginToAccept)?;
         let person = self.peers.person(&ctx.token).await?;
         let hash = sha256(token.as_bytes());
+        // Whether the target still exists and the inviter may still grant the role is asked
+        // now, of the services that know; an invitation that fails either is revoked below.
+        let client = self.pool.get().await?;
+        let found = store::by_token(&client, &hash, self.now()).await?;
+        // No connection is held across the call to another service.
+        drop(client);
+        let grantable = match found {
+            Some(found) if found.status == Status::Pending => {
+                Some(self.peers.grantable(&found.target, found.inviter).await?)
+            }
+            _ => None,
+        };
         let now = self.now();
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
@@ -294,13 +306,34 @@ impl Invitations {
         if !person.email_verified {
             return Err(Error::EmailNotVerified);
         }
+        match grantable {
+            Some(Grantable::Yes) => {}
+            Some(refused) => {
+                store::mark_revoked(&tx, id, now).await?;
+                tx.commit().await?;
+                tracing::info!(invitation = %id, ?refused, "invitation can no longer be accepted; revoked");
+                return Err(if refused == Grantable::InviterLostRole {
+                    Error::InviterLostRole
+                } else {
+                    Error::TargetGone
+                });
+            }
+            // It became pending again between the two reads (a resend): ask again.
+            None => return Err(Error::Unavailable("the invitation changed meanwhile; try again".into())),
+        }
         store::mark_accepted(&tx, id, person.id, now).await?;
         store::queue_call(&tx, id, "grant", &TraceContext::current()).await?;
         tx.commit().await?;
         drop(client);
         tracing::info!(invitation = %id, account = %person.id, "invitation accepted");
         self.drain(id).await?;
-        self.load(id).await
+        let accepted = self.load(id).await?;
+        // A grant the target's service refused for good (the target went meanwhile) left the
+        // invitation revoked: say so instead of answering ACCEPTED.
+        if accepted.status == Status::Revoked {
+            return Err(Error::TargetGone);
+        }
+        Ok(accepted)
     }
 
     pub async fn resend(&self, ctx: &Ctx, id: Uuid) -> Result<Invitation> {
@@ -377,6 +410,14 @@ impl Invitations {
             .collect())
     }
 
+    /// A membership the invitation granted ended elsewhere: its accepted invitations become
+    /// revoked, so lists and counts stop showing them as accepted.
+    pub async fn end_accepted(&self, ctx: &Ctx, target: Target, account: Uuid) -> Result<u64> {
+        ctx.require_internal()?;
+        let client = self.pool.get().await?;
+        Ok(store::end_accepted(&client, &target.name(), account, self.now()).await?)
+    }
+
     pub async fn revoke_target(&self, ctx: &Ctx, target: Target) -> Result<u64> {
         ctx.require_internal()?;
         let client = self.pool.get().await?;
@@ -402,7 +443,7 @@ impl Invitations {
             let result = async {
                 match kind {
                     "grant" => self.peers.grant(invitation, &target, account, role).await,
-                    _ => self.peers.remove(&target, account).await,
+                    _ => self.peers.remove(invitation, &target, account).await,
                 }
             }
             .instrument(trace::call_span(invitation, kind, &call.trace))
@@ -412,6 +453,10 @@ impl Invitations {
                 Err(CallFailure::Permanent(why)) => {
                     tracing::warn!(invitation = %invitation, call = %kind, error = %why, "call to a peer refused for good");
                     store::call_done(&tx, id, Some(&why)).await?;
+                    // A grant that can never happen must not leave the invitation ACCEPTED.
+                    if kind == "grant" {
+                        store::mark_revoked(&tx, invitation, self.now()).await?;
+                    }
                 }
                 Err(CallFailure::Retry(why)) => {
                     tracing::warn!(invitation = %invitation, call = %kind, error = %why, "call to a peer failed; will retry");

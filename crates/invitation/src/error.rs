@@ -33,6 +33,10 @@ pub enum Error {
     Superseded,
     #[error("only a {expected} invitation can be {action}")]
     WrongStatus { expected: &'static str, action: &'static str },
+    #[error("what this invitation leads to no longer exists")]
+    TargetGone,
+    #[error("the person who sent this invitation may no longer grant this role; ask for a new invitation")]
+    InviterLostRole,
     #[error("a dependency is unavailable: {0}")]
     Unavailable(String),
     #[error("internal: {0}")]
@@ -63,6 +67,8 @@ impl From<Error> for Status {
             Error::AlreadyAccepted => simple(Code::FailedPrecondition, "INVITATION_ALREADY_ACCEPTED", &e),
             Error::Superseded => simple(Code::FailedPrecondition, "INVITATION_LINK_REPLACED", &e),
             Error::WrongStatus { .. } => simple(Code::FailedPrecondition, "INVITATION_WRONG_STATUS", &e),
+            Error::TargetGone => simple(Code::FailedPrecondition, "INVITATION_TARGET_GONE", &e),
+            Error::InviterLostRole => simple(Code::FailedPrecondition, "INVITER_LOST_ROLE", &e),
             Error::Unavailable(cause) => error::unavailable(DOMAIN, &cause),
             Error::Internal(cause) => error::internal(DOMAIN, &cause),
         }

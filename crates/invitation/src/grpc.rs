@@ -286,6 +286,31 @@ impl pb::invitation_service_server::InvitationService for InvitationGrpc {
         })
         .await
     }
+
+    async fn end_accepted_invitations(
+        &self,
+        request: Request<pb::EndAcceptedInvitationsRequest>,
+    ) -> Reply<pb::EndAcceptedInvitationsResponse> {
+        let ctx = ctx(&request)?;
+        let r = request.into_inner();
+        handle("invitation.end_accepted_invitations", async {
+            let mut errors = InvalidInput::default();
+            let target = errors.check(Target::parse(&r.target, "target"));
+            let account = errors.check(
+                r.account
+                    .strip_prefix("accounts/")
+                    .and_then(|id| uuid::Uuid::parse_str(id).ok())
+                    .ok_or_else(|| InvalidInput::field("account", "must look like accounts/{id}")),
+            );
+            errors.finish()?;
+            let (Some(target), Some(account)) = (target, account) else {
+                return Err(Error::Internal("parsed input missing".into()));
+            };
+            let ended = self.app.end_accepted(&ctx, target, account).await?;
+            Ok(pb::EndAcceptedInvitationsResponse { ended: i32::try_from(ended).unwrap_or(i32::MAX) })
+        })
+        .await
+    }
 }
 
 fn role_domain(value: i32) -> Option<Role> {

@@ -36,6 +36,16 @@ pub enum Standing {
     Stranger,
 }
 
+/// Whether an invitation may still be accepted, as its target's service sees it now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Grantable {
+    Yes,
+    /// The organization, project or key is gone.
+    TargetGone,
+    /// The inviter no longer holds the right to grant the invitation's role.
+    InviterLostRole,
+}
+
 /// A grant or removal that did not go through.
 #[derive(Debug)]
 pub enum CallFailure {
@@ -130,6 +140,7 @@ impl Peers {
                     krpb::TestPermissionsRequest {
                         resource: target.name(),
                         permissions: vec![see.into(), manage.into()],
+                        account: String::new(),
                     },
                 )?;
                 let held = self
@@ -146,6 +157,55 @@ impl Peers {
                 } else {
                     Standing::Stranger
                 })
+            }
+        }
+    }
+
+    /// Whether `inviter` may still grant a role on `target` (organization owner; manager of the
+    /// project or key), and whether the target still exists. Asked as invitation's internal
+    /// client, for the inviter, at the moment of acceptance.
+    pub async fn grantable(&self, target: &Target, inviter: Uuid) -> Result<Grantable> {
+        match target {
+            Target::Organization(org) => {
+                let request = self.internal(idpb::GetOrganizationRequest { name: target.name() }).await?;
+                match self.identity().get_organization(request).await {
+                    Ok(_) => {}
+                    Err(status) if status.code() == Code::NotFound => return Ok(Grantable::TargetGone),
+                    Err(status) => return Err(unavailable("identity GetOrganization", &status)),
+                }
+                let request = self
+                    .internal(idpb::GetOrganizationMemberRequest {
+                        name: format!("organizations/{org}/members/{inviter}"),
+                    })
+                    .await?;
+                match self.identity().get_organization_member(request).await {
+                    Ok(response) => {
+                        let role = response.into_inner().member.map(|m| m.role).unwrap_or_default();
+                        Ok(if role == idpb::OrganizationRole::Owner as i32 {
+                            Grantable::Yes
+                        } else {
+                            Grantable::InviterLostRole
+                        })
+                    }
+                    Err(status) if status.code() == Code::NotFound => Ok(Grantable::InviterLostRole),
+                    Err(status) => Err(unavailable("identity GetOrganizationMember", &status)),
+                }
+            }
+            Target::Project(_) | Target::Key { .. } => {
+                let manage = if matches!(target, Target::Project(_)) { "projects.manage" } else { "keys.manage" };
+                let request = self
+                    .internal(krpb::TestPermissionsRequest {
+                        resource: target.name(),
+                        permissions: vec![manage.into()],
+                        account: format!("accounts/{inviter}"),
+                    })
+                    .await?;
+                match self.keyring().test_permissions(request).await {
+                    Ok(response) if response.get_ref().permissions.iter().any(|p| p == manage) => Ok(Grantable::Yes),
+                    Ok(_) => Ok(Grantable::InviterLostRole),
+                    Err(status) if status.code() == Code::NotFound => Ok(Grantable::TargetGone),
+                    Err(status) => Err(unavailable("keyring TestPermissions", &status)),
+                }
             }
         }
     }
@@ -284,13 +344,16 @@ impl Peers {
         classify(result)
     }
 
-    /// Removes the membership an invitation granted; a membership already gone counts as done.
-    pub async fn remove(&self, target: &Target, account: Uuid) -> Result<(), CallFailure> {
+    /// Removes the membership an invitation granted (only if the invitation made it); a
+    /// membership already gone counts as done.
+    pub async fn remove(&self, invitation: Uuid, target: &Target, account: Uuid) -> Result<(), CallFailure> {
+        let invitation_id = invitation.to_string();
         let result = match target {
             Target::Organization(org) => {
                 let request = self
                     .internal(idpb::DeleteOrganizationMemberRequest {
                         name: format!("organizations/{org}/members/{account}"),
+                        invitation_id,
                     })
                     .await
                     .map_err(|e| CallFailure::Retry(e.to_string()))?;
@@ -300,6 +363,7 @@ impl Peers {
                 let request = self
                     .internal(krpb::DeleteProjectMemberRequest {
                         name: format!("projects/{project}/members/{account}"),
+                        invitation_id,
                     })
                     .await
                     .map_err(|e| CallFailure::Retry(e.to_string()))?;
@@ -307,7 +371,10 @@ impl Peers {
             }
             Target::Key { .. } => {
                 let request = self
-                    .internal(krpb::DeleteKeyMemberRequest { name: format!("{}/members/{account}", target.name()) })
+                    .internal(krpb::DeleteKeyMemberRequest {
+                        name: format!("{}/members/{account}", target.name()),
+                        invitation_id,
+                    })
                     .await
                     .map_err(|e| CallFailure::Retry(e.to_string()))?;
                 self.keyring().delete_key_member(request).await.map(|_| ())

@@ -235,6 +235,18 @@ pub async fn revoke_target(c: &impl GenericClient, target: &str, now: DateTime<U
     .map_err(DbError::from)
 }
 
+/// Marks revoked the accepted invitations to `target` that `account` accepted: their
+/// membership ended elsewhere.
+pub async fn end_accepted(c: &impl GenericClient, target: &str, account: Uuid, now: DateTime<Utc>) -> Result<u64> {
+    c.execute(
+        "UPDATE invitation.invitations SET status = 'revoked', revoked_at = $3
+         WHERE target = $1 AND accepted_by = $2 AND status = 'accepted'",
+        &[&target, &account, &now],
+    )
+    .await
+    .map_err(DbError::from)
+}
+
 // --- Calls to identity and keyring ---
 
 /// A grant or removal waiting to run.

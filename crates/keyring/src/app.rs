@@ -12,8 +12,8 @@ use uuid::Uuid;
 
 use crate::directory::{Directory, OrgRole};
 use crate::domain::{
-    AuditEvent, Environment, Key, KeyAccess, KeyAction, KeyEnvironment, KeyMember, KeyRef, KeyRole, Page, Permissions,
-    Project, ProjectLimits, ProjectMember, ProjectRole,
+    AuditEvent, Environment, InvitationSummary, Key, KeyAccess, KeyAction, KeyEnvironment, KeyMember, KeyRef, KeyRole,
+    Page, Permissions, Project, ProjectLimits, ProjectMember, ProjectRole,
 };
 use crate::error::{Error, Result};
 use crate::feed::{self, FeedEvent};
@@ -290,6 +290,8 @@ impl Keyring {
             store::delete_key(&tx, key.key, now).await?;
             store::queue_call(&tx, "revoke_invitations", &key.name()).await?;
         }
+        // Invitations to the project itself end with it, whether or not it had keys.
+        store::queue_call(&tx, "revoke_invitations", &format!("projects/{project}")).await?;
         store::delete_project(&tx, project).await?;
         // The project's audit events stay (they reference it by id only).
         self.audit(&tx, ctx, project, None, "project.delete", &format!("projects/{project}")).await?;
@@ -298,6 +300,7 @@ impl Keyring {
         }
         feed::record(&tx, &FeedEvent::ProjectRemoved { project }).await?;
         tx.commit().await?;
+        self.invitations.run_now(&self.pool).await;
         Ok(())
     }
 
@@ -345,13 +348,27 @@ impl Keyring {
         Ok(member)
     }
 
-    pub async fn remove_project_member(&self, ctx: &Ctx, project: Uuid, account: Uuid) -> Result<()> {
+    /// Removes a project member. With `invitation` (internal callers revoking an invitation's
+    /// access), only a membership that invitation made is removed.
+    pub async fn remove_project_member(
+        &self,
+        ctx: &Ctx,
+        project: Uuid,
+        account: Uuid,
+        invitation: Option<&str>,
+    ) -> Result<()> {
+        let by_invitation = ctx.caller.is_internal() && invitation.is_some();
         if !ctx.caller.is_internal() {
             self.project_access(ctx.account()?, project, true).await?;
         }
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         store::lock_project(&tx, project).await?.ok_or(Error::NotFound("project"))?;
+        if let Some(invitation) = invitation.filter(|_| by_invitation)
+            && !self.granted_by(&tx, invitation, &format!("projects/{project}"), account).await?
+        {
+            return Ok(());
+        }
         let current = store::project_role(&tx, project, account).await?.ok_or(Error::NotFound("member"))?;
         if current == ProjectRole::Owner && store::count_project_owners(&tx, project).await? <= 1 {
             return Err(Error::LastProjectOwner);
@@ -359,8 +376,60 @@ impl Keyring {
         store::delete_project_member(&tx, project, account).await?;
         self.audit(&tx, ctx, project, None, "project_member.delete", &format!("projects/{project}/members/{account}"))
             .await?;
+        if !by_invitation {
+            store::queue_member_call(&tx, "end_invitations", &format!("projects/{project}"), account).await?;
+        }
         tx.commit().await?;
+        self.invitations.run_now(&self.pool).await;
         Ok(())
+    }
+
+    /// Whether the invitation's grant made this membership (so revoking its access removes
+    /// it). A grant that never ran, or found the person a member already, made nothing.
+    async fn granted_by(&self, tx: &Transaction<'_>, invitation: &str, target: &str, account: Uuid) -> Result<bool> {
+        match store::grant_created(tx, invitation).await? {
+            None => Ok(false),
+            Some((granted_target, granted_account, created)) => {
+                if (granted_target.as_str(), granted_account) != (target, account) {
+                    return Err(Error::InvitationConflict(invitation.to_owned()));
+                }
+                Ok(created)
+            }
+        }
+    }
+
+    /// Ends what a person held in an organization's projects once identity removed them from
+    /// it: project memberships and key roles made up to `removed_at`. Later ones (granted after
+    /// a return) stay, so a late retry cannot take them.
+    pub async fn end_org_membership(
+        &self,
+        ctx: &Ctx,
+        org: Uuid,
+        account: Uuid,
+        removed_at: DateTime<Utc>,
+    ) -> Result<(usize, usize)> {
+        ctx.require_internal()?;
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let keys = store::end_org_key_roles(&tx, org, account, removed_at).await?;
+        let projects = store::end_org_project_roles(&tx, org, account, removed_at).await?;
+        for key in &keys {
+            let target = format!("{}/members/{account}", key.name());
+            self.audit(&tx, ctx, key.project, Some(key.key), "key_member.delete", &target).await?;
+            store::queue_member_call(&tx, "end_invitations", &key.name(), account).await?;
+        }
+        for project in &projects {
+            let target = format!("projects/{project}/members/{account}");
+            self.audit(&tx, ctx, *project, None, "project_member.delete", &target).await?;
+            store::queue_member_call(&tx, "end_invitations", &format!("projects/{project}"), account).await?;
+        }
+        // The organization invitation that made them a member, if any, ends too.
+        store::queue_member_call(&tx, "end_invitations", &format!("organizations/{org}"), account).await?;
+        tx.commit().await?;
+        tracing::info!(organization = %org, account = %account, projects = projects.len(), keys = keys.len(),
+            "organization membership ended in keyring");
+        self.invitations.run_now(&self.pool).await;
+        Ok((projects.len(), keys.len()))
     }
 
     pub async fn add_project_member(
@@ -375,7 +444,7 @@ impl Keyring {
         let target = format!("projects/{project}");
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
-        store::lock_project(&tx, project).await?.ok_or(Error::NotFound("project"))?;
+        store::share_project(&tx, project).await?.ok_or(Error::NotFound("project"))?;
         match store::grant(&tx, invitation_id).await? {
             Some(existing) if existing == (target.clone(), account) => {
                 return store::project_member(&tx, project, account).await?.ok_or(Error::GrantRevoked);
@@ -384,9 +453,13 @@ impl Keyring {
             None => {}
         }
         let now = self.now();
-        store::insert_grant(&tx, invitation_id, &target, account, role.as_str(), now).await?;
-        store::insert_project_member(&tx, project, account, role, now).await?;
-        self.audit(&tx, ctx, project, None, "project_member.add", &format!("{target}/members/{account}")).await?;
+        // A person who is a member already keeps their membership as it is; the grant records
+        // that it made nothing, so revoking the invitation's access later removes nothing.
+        let created = store::insert_project_member(&tx, project, account, role, now).await?;
+        store::insert_grant(&tx, invitation_id, &target, account, role.as_str(), created, now).await?;
+        if created {
+            self.audit(&tx, ctx, project, None, "project_member.add", &format!("{target}/members/{account}")).await?;
+        }
         let member = store::project_member(&tx, project, account).await?.ok_or(Error::NotFound("member"))?;
         tx.commit().await?;
         Ok(member)
@@ -511,24 +584,38 @@ impl Keyring {
         let client = self.pool.get().await?;
         let p = store::project(&client, project).await?.ok_or(Error::NotFound("project"))?;
         let project_role = store::project_role(&client, project, account).await?;
+        let key_member = project_role.is_none() && store::has_key_role_in(&client, project, account).await?;
         drop(client);
         let manager = project_role == Some(ProjectRole::Owner) || self.is_org_owner(p.organization_id, account).await?;
+        // Decided before the page token is looked at, so no token can tell an outsider whether
+        // the project exists.
+        if !manager && project_role.is_none() && !key_member {
+            return Err(Error::NotFound("project"));
+        }
         let after = page.after.as_deref().map(page::parse_time_id_cursor).transpose()?;
         let client = self.pool.get().await?;
         let member = if manager { None } else { Some(account) };
         let mut rows = store::project_keys(&client, project, member, after, page.size as i64 + 1).await?;
         drop(client);
-        if !manager && project_role.is_none() && rows.is_empty() && after.is_none() {
-            return Err(Error::NotFound("project"));
-        }
         let scope = format!("projects/{project}/keys");
         let next_page_token =
             page::next_token(&mut rows, page.size, &scope, |(k, _, at)| page::time_id_cursor(*at, k.key));
-        let counts = self.invitations.counts(rows.iter().map(|(key, _, _)| key.name()).collect()).await;
+        // Invitation counts are sharing information: only for those who may see who a key is
+        // shared with (its owner and admins, project and organization owners), never contributors.
+        let sees_sharing = |role: Option<KeyRole>| {
+            KeyAccess { key_role: role, project_owner: manager, org_owner: false }.allows(KeyAction::Manage)
+        };
+        let shown: Vec<String> =
+            rows.iter().filter(|(_, role, _)| sees_sharing(*role)).map(|(key, _, _)| key.name()).collect();
+        let counts = self.invitations.counts(shown).await;
         let mut items = Vec::with_capacity(rows.len());
         for (key, role, _) in rows {
             let mut loaded = self.load(key, role).await?;
-            loaded.invitations = counts.as_ref().map(|c| c.get(&key.name()).copied().unwrap_or_default());
+            loaded.invitations = match &counts {
+                _ if !sees_sharing(role) => InvitationSummary::Hidden,
+                Some(counts) => InvitationSummary::Counts(counts.get(&key.name()).copied().unwrap_or_default()),
+                None => InvitationSummary::Unknown,
+            };
             items.push(loaded);
         }
         Ok(Page { items, next_page_token })
@@ -649,6 +736,7 @@ impl Keyring {
         self.audit(&tx, ctx, key.project, Some(key.key), "key.delete", &key.name()).await?;
         feed::record(&tx, &FeedEvent::KeyRemoved { project: key.project, key: key.key }).await?;
         tx.commit().await?;
+        self.invitations.run_now(&self.pool).await;
         Ok(())
     }
 
@@ -684,13 +772,27 @@ impl Keyring {
         Ok(member)
     }
 
-    pub async fn remove_key_member(&self, ctx: &Ctx, key: KeyRef, account: Uuid) -> Result<()> {
+    /// Removes a key member (never the owner). With `invitation` (internal callers revoking an
+    /// invitation's access), only a membership that invitation made is removed.
+    pub async fn remove_key_member(
+        &self,
+        ctx: &Ctx,
+        key: KeyRef,
+        account: Uuid,
+        invitation: Option<&str>,
+    ) -> Result<()> {
+        let by_invitation = ctx.caller.is_internal() && invitation.is_some();
         if !ctx.caller.is_internal() {
             self.key_access(ctx.account()?, key, KeyAction::Manage).await?;
         }
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         store::key_row(&tx, key, true).await?.ok_or(Error::NotFound("key"))?;
+        if let Some(invitation) = invitation.filter(|_| by_invitation)
+            && !self.granted_by(&tx, invitation, &key.name(), account).await?
+        {
+            return Ok(());
+        }
         let current = store::key_role(&tx, key.key, account).await?.ok_or(Error::NotFound("member"))?;
         if current == KeyRole::Owner {
             return Err(Error::OwnerImmutable);
@@ -698,7 +800,11 @@ impl Keyring {
         store::delete_key_member(&tx, key.key, account).await?;
         let target = format!("{}/members/{account}", key.name());
         self.audit(&tx, ctx, key.project, Some(key.key), "key_member.delete", &target).await?;
+        if !by_invitation {
+            store::queue_member_call(&tx, "end_invitations", &key.name(), account).await?;
+        }
         tx.commit().await?;
+        self.invitations.run_now(&self.pool).await;
         Ok(())
     }
 
@@ -723,10 +829,14 @@ impl Keyring {
             None => {}
         }
         let now = self.now();
-        store::insert_grant(&tx, invitation_id, &target, account, role.as_str(), now).await?;
-        store::insert_key_member(&tx, key.key, account, role, now).await?;
-        self.audit(&tx, ctx, key.project, Some(key.key), "key_member.add", &format!("{target}/members/{account}"))
-            .await?;
+        // As for projects: an existing member keeps their role, and the grant records that it
+        // made nothing.
+        let created = store::insert_key_member(&tx, key.key, account, role, now).await?;
+        store::insert_grant(&tx, invitation_id, &target, account, role.as_str(), created, now).await?;
+        if created {
+            self.audit(&tx, ctx, key.project, Some(key.key), "key_member.add", &format!("{target}/members/{account}"))
+                .await?;
+        }
         let member = store::key_member(&tx, key, account).await?.ok_or(Error::NotFound("member"))?;
         tx.commit().await?;
         Ok(member)
@@ -750,21 +860,31 @@ impl Keyring {
 
     /// Which of `permissions` the caller holds on a project or key (none for what they cannot
     /// see). Unknown permission names are refused by the adapter.
+    /// With `on_behalf_of` (internal callers only), answers for that account, and a resource
+    /// that does not exist is NOT_FOUND.
     pub async fn test_permissions(
         &self,
         ctx: &Ctx,
         project: Uuid,
         key: Option<KeyRef>,
         permissions: &[Permission],
+        on_behalf_of: Option<Uuid>,
     ) -> Result<Vec<Permission>> {
-        let Ok(account) = ctx.account() else { return Ok(Vec::new()) };
+        if on_behalf_of.is_some() {
+            ctx.require_internal()?;
+        }
+        let missing = || if on_behalf_of.is_some() { Err(Error::NotFound("resource")) } else { Ok(Vec::new()) };
+        let account = match (on_behalf_of, ctx.account()) {
+            (Some(account), _) | (None, Ok(account)) => account,
+            (None, Err(_)) => return Ok(Vec::new()),
+        };
         let client = self.pool.get().await?;
-        let Some(p) = store::project(&client, project).await? else { return Ok(Vec::new()) };
+        let Some(p) = store::project(&client, project).await? else { return missing() };
         let project_role = store::project_role(&client, project, account).await?;
         let key_role = match key {
             Some(key) => {
                 if store::key_row(&client, key, false).await?.is_none() {
-                    return Ok(Vec::new());
+                    return missing();
                 }
                 store::key_role(&client, key.key, account).await?
             }

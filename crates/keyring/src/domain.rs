@@ -297,11 +297,23 @@ pub struct KeyEnvironment {
     pub previous: Option<(CredentialInfo, DateTime<Utc>)>,
 }
 
-/// Invitation counts for the key list; `None` when the invitation service could not answer.
+/// Invitation counts for the key list.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct InvitationCounts {
     pub accepted: i32,
     pub pending: i32,
+}
+
+/// What the key list shows of a key's invitations.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum InvitationSummary {
+    /// Not shown: the caller may not see the key's sharing settings (PRODUCT §3), or the
+    /// answer is not a key list.
+    #[default]
+    Hidden,
+    /// The invitation service could not answer in time.
+    Unknown,
+    Counts(InvitationCounts),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -315,7 +327,7 @@ pub struct Key {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub caller_role: Option<KeyRole>,
-    pub invitations: Option<InvitationCounts>,
+    pub invitations: InvitationSummary,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -17,8 +17,8 @@ use tracing::Instrument;
 
 use crate::app::{self, Ctx, EnvironmentChange, Keyring, ProjectChange};
 use crate::domain::{
-    self, Environment, Key, KeyEnvironment, KeyMember, KeyRole, Permissions, Project, ProjectLimits, ProjectMember,
-    ProjectRole,
+    self, Environment, InvitationSummary, Key, KeyEnvironment, KeyMember, KeyRole, Permissions, Project, ProjectLimits,
+    ProjectMember, ProjectRole,
 };
 use crate::error::Error;
 use crate::feed::{self, FeedEvent, FeedMessage};
@@ -120,7 +120,23 @@ impl pb::keyring_service_server::KeyringService for KeyringGrpc {
             ];
             let mut errors = InvalidInput::default();
             let id = errors.check(domain::parse_project(&project.name, "project.name"));
-            let paths = errors.check(update_paths(r.update_mask, &allowed)).unwrap_or_default();
+            let limits = |env: &str, l: &Option<pb::ProjectEnvironmentLimits>| {
+                let l = l.unwrap_or_default();
+                [
+                    (l.rate_limit_per_second != 0).then(|| format!("{env}.rate_limit_per_second")),
+                    (l.monthly_quota != 0).then(|| format!("{env}.monthly_quota")),
+                ]
+            };
+            let mut populated: Vec<String> = limits("sandbox", &project.sandbox)
+                .into_iter()
+                .chain(limits("production", &project.production))
+                .flatten()
+                .collect();
+            if !project.display_name.is_empty() {
+                populated.push("display_name".into());
+            }
+            let populated: Vec<&str> = populated.iter().map(String::as_str).collect();
+            let paths = errors.check(update_paths(r.update_mask, &allowed, &populated)).unwrap_or_default();
             let has = |path: &str| paths.iter().any(|p| p == path || path.starts_with(&format!("{p}.")));
             let mut change = ProjectChange::default();
             if has("display_name") {
@@ -187,7 +203,8 @@ impl pb::keyring_service_server::KeyringService for KeyringGrpc {
             let member = r.member.ok_or_else(|| InvalidInput::field("member", "is required"))?;
             let mut errors = InvalidInput::default();
             let name = errors.check(domain::parse_project_member(&member.name, "member.name"));
-            errors.check(update_paths(r.update_mask, &["role"]));
+            let populated: &[&str] = if member.role == 0 { &[] } else { &["role"] };
+            errors.check(update_paths(r.update_mask, &["role"], populated));
             let role = errors.check(project_role(member.role, "member.role"));
             let ((project, account), role) = finish(errors, name.zip(role))?;
             let member = self.app.set_project_role(&ctx, project, account, role).await?;
@@ -204,7 +221,8 @@ impl pb::keyring_service_server::KeyringService for KeyringGrpc {
         let r = request.into_inner();
         handle("keyring.delete_project_member", async {
             let (project, account) = domain::parse_project_member(&r.name, "name")?;
-            self.app.remove_project_member(&ctx, project, account).await?;
+            let invitation = Some(r.invitation_id.as_str()).filter(|id| !id.is_empty());
+            self.app.remove_project_member(&ctx, project, account, invitation).await?;
             Ok(pb::DeleteProjectMemberResponse {})
         })
         .await
@@ -288,7 +306,14 @@ impl pb::keyring_service_server::KeyringService for KeyringGrpc {
             let key = r.key.ok_or_else(|| InvalidInput::field("key", "is required"))?;
             let mut errors = InvalidInput::default();
             let name = errors.check(domain::parse_key(&key.name, "key.name"));
-            let paths = errors.check(update_paths(r.update_mask, &["display_name", "description"])).unwrap_or_default();
+            let populated = [("display_name", &key.display_name), ("description", &key.description)]
+                .into_iter()
+                .filter(|(_, value)| !value.is_empty())
+                .map(|(path, _)| path)
+                .collect::<Vec<_>>();
+            let paths = errors
+                .check(update_paths(r.update_mask, &["display_name", "description"], &populated))
+                .unwrap_or_default();
             let display_name = paths
                 .iter()
                 .any(|p| p == "display_name")
@@ -322,7 +347,18 @@ impl pb::keyring_service_server::KeyringService for KeyringGrpc {
                 ["active", "permissions", "rate_limit_per_second", "daily_quota", "ip_allowlist", "expire_time"];
             let mut errors = InvalidInput::default();
             let name = errors.check(domain::parse_key_environment(&env.name, "environment.name"));
-            let paths = errors.check(update_paths(r.update_mask, &allowed)).unwrap_or_default();
+            let populated = [
+                ("active", env.active),
+                ("permissions", env.permissions.is_some()),
+                ("rate_limit_per_second", env.rate_limit_per_second != 0),
+                ("daily_quota", env.daily_quota != 0),
+                ("ip_allowlist", !env.ip_allowlist.is_empty()),
+                ("expire_time", env.expire_time.is_some()),
+            ]
+            .into_iter()
+            .filter_map(|(path, set)| set.then_some(path))
+            .collect::<Vec<_>>();
+            let paths = errors.check(update_paths(r.update_mask, &allowed, &populated)).unwrap_or_default();
             let has = |path: &str| paths.iter().any(|p| p == path);
             let mut change = EnvironmentChange::default();
             if has("active") {
@@ -344,7 +380,10 @@ impl pb::keyring_service_server::KeyringService for KeyringGrpc {
                     .map(|nets| nets.iter().map(ToString::to_string).collect());
             }
             if has("expire_time") {
-                change.expire_at = Some(env.expire_time.and_then(|t| timestamp_domain(&t)));
+                change.expire_at = match env.expire_time {
+                    None => Some(None),
+                    Some(t) => errors.check(timestamp_domain(&t, "environment.expire_time")).map(Some),
+                };
             }
             let etag = errors.check(app::parse_etag(&r.etag)).flatten();
             let (key, environment) = finish(errors, name)?;
@@ -424,7 +463,8 @@ impl pb::keyring_service_server::KeyringService for KeyringGrpc {
             let member = r.member.ok_or_else(|| InvalidInput::field("member", "is required"))?;
             let mut errors = InvalidInput::default();
             let name = errors.check(domain::parse_key_member(&member.name, "member.name"));
-            errors.check(update_paths(r.update_mask, &["role"]));
+            let populated: &[&str] = if member.role == 0 { &[] } else { &["role"] };
+            errors.check(update_paths(r.update_mask, &["role"], populated));
             let role = errors.check(shared_role(member.role, "member.role"));
             let ((key, account), role) = finish(errors, name.zip(role))?;
             let member = self.app.set_key_role(&ctx, key, account, role).await?;
@@ -441,7 +481,8 @@ impl pb::keyring_service_server::KeyringService for KeyringGrpc {
         let r = request.into_inner();
         handle("keyring.delete_key_member", async {
             let (key, account) = domain::parse_key_member(&r.name, "name")?;
-            self.app.remove_key_member(&ctx, key, account).await?;
+            let invitation = Some(r.invitation_id.as_str()).filter(|id| !id.is_empty());
+            self.app.remove_key_member(&ctx, key, account, invitation).await?;
             Ok(pb::DeleteKeyMemberResponse {})
         })
         .await
@@ -544,8 +585,10 @@ impl pb::keyring_service_server::KeyringService for KeyringGrpc {
                     }
                 }
             }
+            let on_behalf_of =
+                (!r.account.is_empty()).then(|| errors.check(domain::parse_account(&r.account, "account"))).flatten();
             errors.finish()?;
-            let held = self.app.test_permissions(&ctx, project, key, &permissions).await?;
+            let held = self.app.test_permissions(&ctx, project, key, &permissions, on_behalf_of).await?;
             Ok(pb::TestPermissionsResponse { permissions: held.into_iter().map(|p| p.as_str().to_owned()).collect() })
         })
         .await
@@ -578,6 +621,33 @@ impl pb::keyring_service_server::KeyringService for KeyringGrpc {
             Err(e) => Err(Status::from(Error::from(e))),
         });
         Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn end_organization_membership(
+        &self,
+        request: Request<pb::EndOrganizationMembershipRequest>,
+    ) -> Reply<pb::EndOrganizationMembershipResponse> {
+        let ctx = ctx(&request)?;
+        let r = request.into_inner();
+        handle("keyring.end_organization_membership", async {
+            let mut errors = InvalidInput::default();
+            let member = errors.check(
+                keyshare_runtime::resource::uuids(&r.name, &["organizations", "*", "members", "*"])
+                    .map(|ids| (ids[0], ids[1]))
+                    .ok_or_else(|| InvalidInput::field("name", "must look like organizations/{id}/members/{id}")),
+            );
+            let removed_at = match r.remove_time {
+                Some(t) => errors.check(timestamp_domain(&t, "remove_time")),
+                None => errors.check(Err(InvalidInput::field("remove_time", "is required"))),
+            };
+            let ((org, account), removed_at) = finish(errors, member.zip(removed_at))?;
+            let (projects, keys) = self.app.end_org_membership(&ctx, org, account, removed_at).await?;
+            Ok(pb::EndOrganizationMembershipResponse {
+                project_memberships: i32::try_from(projects).unwrap_or(i32::MAX),
+                key_memberships: i32::try_from(keys).unwrap_or(i32::MAX),
+            })
+        })
+        .await
     }
 }
 
@@ -630,8 +700,15 @@ fn permissions_pb(p: Permissions) -> pb::Permissions {
     pb::Permissions { create: p.create, read: p.read, update: p.update, delete: p.delete }
 }
 
-fn timestamp_domain(t: &prost_types::Timestamp) -> Option<DateTime<Utc>> {
-    DateTime::from_timestamp(t.seconds, t.nanos.max(0) as u32)
+/// A timestamp a caller sent: out of range (or with nanos outside 0..1e9) is bad input, never
+/// taken as "no time".
+fn timestamp_domain(t: &prost_types::Timestamp, field: &str) -> Result<DateTime<Utc>, InvalidInput> {
+    u32::try_from(t.nanos)
+        .ok()
+        .filter(|nanos| *nanos < 1_000_000_000)
+        .and_then(|nanos| DateTime::from_timestamp(t.seconds, nanos))
+        .filter(|at| at.timestamp() >= 0 && at.timestamp() < 253_402_300_800)
+        .ok_or_else(|| InvalidInput::field(field, "must be a time between 1970-01-01 and 9999-12-31"))
 }
 
 fn environment_pb(env: Environment) -> i32 {
@@ -722,10 +799,13 @@ fn key_pb(k: Key) -> pb::Key {
         production: Some(key_environment_pb(&name, k.production)),
         display_name: k.display_name,
         description: k.description,
-        invitations: Some(match k.invitations {
-            Some(counts) => pb::InvitationCounts { known: true, accepted: counts.accepted, pending: counts.pending },
-            None => pb::InvitationCounts { known: false, accepted: 0, pending: 0 },
-        }),
+        invitations: match k.invitations {
+            InvitationSummary::Hidden => None,
+            InvitationSummary::Unknown => Some(pb::InvitationCounts { known: false, accepted: 0, pending: 0 }),
+            InvitationSummary::Counts(c) => {
+                Some(pb::InvitationCounts { known: true, accepted: c.accepted, pending: c.pending })
+            }
+        },
         create_time: Some(timestamp(k.created_at)),
         update_time: Some(timestamp(k.updated_at)),
         etag: app::etag(k.version),

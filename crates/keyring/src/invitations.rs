@@ -1,5 +1,7 @@
-//! What keyring asks the invitation service: invitation counts for the key list, and revoking a
-//! deleted key's invitations (queued in `pending_calls` with the deletion, retried until done).
+//! What keyring asks the invitation service: invitation counts for the key list, revoking a
+//! deleted key's or project's invitations, and marking the invitation that granted a membership
+//! which ended here. Calls are queued in `pending_calls` with the change, run right after its
+//! commit and retried until done.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -15,6 +17,8 @@ use crate::domain::InvitationCounts;
 
 /// The key list answers without counts rather than wait longer than this.
 const COUNT_TIMEOUT: Duration = Duration::from_millis(500);
+/// A change waits at most this long for its queued calls before answering; the worker retries.
+const RUN_NOW_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Clone, Debug)]
 pub struct InvitationClient {
@@ -66,6 +70,33 @@ impl InvitationClient {
             .map_err(|status| format!("{:?}: {}", status.code(), status.message()))
     }
 
+    async fn end_invitations(&self, target: &str, account: Option<uuid::Uuid>) -> Result<(), String> {
+        let account = account.ok_or("no account")?;
+        let request = self
+            .token
+            .request(pb::EndAcceptedInvitationsRequest {
+                target: target.to_owned(),
+                account: format!("accounts/{account}"),
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        InvitationServiceClient::new(self.channel.clone())
+            .end_accepted_invitations(request)
+            .await
+            .map(|_| ())
+            .map_err(|status| format!("{:?}: {}", status.code(), status.message()))
+    }
+
+    /// Runs the due calls now, so a change's effect on invitations shows from the very next
+    /// call; whatever fails or takes too long is left to the worker.
+    pub async fn run_now(&self, pool: &Pool) {
+        match tokio::time::timeout(RUN_NOW_TIMEOUT, self.run_due(pool)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "pending calls left to the worker"),
+            Err(_) => tracing::debug!("pending calls took too long; left to the worker"),
+        }
+    }
+
     /// Carries out queued calls until the process ends.
     pub fn spawn_worker(self, pool: Pool, every: Duration) {
         tokio::spawn(async move {
@@ -83,17 +114,18 @@ impl InvitationClient {
         let client = pool.get().await.map_err(|e| e.to_string())?;
         let rows = client
             .query(
-                "SELECT id, kind, target, attempts FROM keyring.pending_calls
+                "SELECT id, kind, target, attempts, account_id FROM keyring.pending_calls
                  WHERE done_at IS NULL AND next_attempt_at <= now() ORDER BY id LIMIT 50",
                 &[],
             )
             .await
             .map_err(|e| e.to_string())?;
         for row in rows {
-            let (id, kind, target, attempts): (i64, String, String, i32) =
-                (row.get(0), row.get(1), row.get(2), row.get(3));
+            let (id, kind, target, attempts, account): (i64, String, String, i32, Option<uuid::Uuid>) =
+                (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
             let result = match kind.as_str() {
                 "revoke_invitations" => self.revoke_target(&target).await,
+                "end_invitations" => self.end_invitations(&target, account).await,
                 other => Err(format!("unknown call kind {other}")),
             };
             match result {

@@ -63,6 +63,14 @@ pub async fn lock_project(c: &impl GenericClient, id: Uuid) -> Result<Option<Pro
     Ok(row.as_ref().map(project_row))
 }
 
+/// The project, share-locked: concurrent grants to it proceed together, while a deletion or a
+/// change of owners (which lock it for update) waits for them, and they for it.
+pub async fn share_project(c: &impl GenericClient, id: Uuid) -> Result<Option<Project>> {
+    let row =
+        c.query_opt(&format!("SELECT {PROJECT_COLUMNS} FROM keyring.projects WHERE id = $1 FOR SHARE"), &[&id]).await?;
+    Ok(row.as_ref().map(project_row))
+}
+
 /// Projects of an organization; with `member`, only those the account belongs to.
 pub async fn projects(
     c: &impl GenericClient,
@@ -164,14 +172,15 @@ pub async fn insert_project_member(
     account: Uuid,
     role: ProjectRole,
     now: DateTime<Utc>,
-) -> Result<()> {
-    c.execute(
-        "INSERT INTO keyring.project_members (project_id, account_id, role, created_at) VALUES ($1, $2, $3, $4)
-         ON CONFLICT (project_id, account_id) DO NOTHING",
-        &[&project, &account, &role.as_str(), &now],
-    )
-    .await?;
-    Ok(())
+) -> Result<bool> {
+    let inserted = c
+        .execute(
+            "INSERT INTO keyring.project_members (project_id, account_id, role, created_at) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (project_id, account_id) DO NOTHING",
+            &[&project, &account, &role.as_str(), &now],
+        )
+        .await?;
+    Ok(inserted == 1)
 }
 
 pub async fn set_project_role(c: &impl GenericClient, project: Uuid, account: Uuid, role: ProjectRole) -> Result<()> {
@@ -206,20 +215,70 @@ pub async fn grant(c: &impl GenericClient, invitation_id: &str) -> Result<Option
     Ok(row.map(|r| (r.get(0), r.get(1))))
 }
 
+/// Whether the invitation's grant made the membership it is about (`None`: no such grant).
+pub async fn grant_created(c: &impl GenericClient, invitation_id: &str) -> Result<Option<(String, Uuid, bool)>> {
+    let row = c
+        .query_opt("SELECT target, account_id, created FROM keyring.grants WHERE invitation_id = $1", &[&invitation_id])
+        .await?;
+    Ok(row.map(|r| (r.get(0), r.get(1), r.get(2))))
+}
+
+/// Records an invitation's grant; `created` says whether it made the membership.
 pub async fn insert_grant(
     c: &impl GenericClient,
     invitation_id: &str,
     target: &str,
     account: Uuid,
     role: &str,
+    created: bool,
     now: DateTime<Utc>,
 ) -> Result<()> {
     c.execute(
-        "INSERT INTO keyring.grants (invitation_id, target, account_id, role, created_at) VALUES ($1, $2, $3, $4, $5)",
-        &[&invitation_id, &target, &account, &role, &now],
+        "INSERT INTO keyring.grants (invitation_id, target, account_id, role, created, created_at)
+         VALUES ($1, $2, $3, $4, $5, $6)",
+        &[&invitation_id, &target, &account, &role, &created, &now],
     )
     .await?;
     Ok(())
+}
+
+/// Deletes the account's project memberships in the organization made before `before`:
+/// the projects they were in.
+pub async fn end_org_project_roles(
+    c: &impl GenericClient,
+    org: Uuid,
+    account: Uuid,
+    before: DateTime<Utc>,
+) -> Result<Vec<Uuid>> {
+    let rows = c
+        .query(
+            "DELETE FROM keyring.project_members m USING keyring.projects p
+             WHERE m.project_id = p.id AND p.organization_id = $1 AND m.account_id = $2 AND m.created_at <= $3
+             RETURNING m.project_id",
+            &[&org, &account, &before],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// Deletes the account's key roles in the organization's projects made before `before`: the
+/// keys they were on.
+pub async fn end_org_key_roles(
+    c: &impl GenericClient,
+    org: Uuid,
+    account: Uuid,
+    before: DateTime<Utc>,
+) -> Result<Vec<KeyRef>> {
+    let rows = c
+        .query(
+            "DELETE FROM keyring.key_members m USING keyring.keys k, keyring.projects p
+             WHERE m.key_id = k.id AND k.project_id = p.id AND p.organization_id = $1
+               AND m.account_id = $2 AND m.created_at <= $3
+             RETURNING k.project_id, k.id",
+            &[&org, &account, &before],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| KeyRef { project: r.get(0), key: r.get(1) }).collect())
 }
 
 // --- Keys ---
@@ -383,7 +442,7 @@ pub async fn load_key(c: &impl GenericClient, key: KeyRef, now: DateTime<Utc>) -
         created_at: row.created_at,
         updated_at: row.updated_at,
         caller_role: None,
-        invitations: None,
+        invitations: crate::domain::InvitationSummary::Hidden,
     }))
 }
 
@@ -410,6 +469,18 @@ pub async fn project_keys(
         .iter()
         .map(|r| (KeyRef { project, key: r.get(0) }, r.get::<_, Option<&str>>(1).map(KeyRole::from_db), r.get(2)))
         .collect())
+}
+
+/// Whether the account holds a role on some live key of the project.
+pub async fn has_key_role_in(c: &impl GenericClient, project: Uuid, account: Uuid) -> Result<bool> {
+    let row = c
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM keyring.key_members m JOIN keyring.keys k ON k.id = m.key_id
+                            WHERE k.project_id = $1 AND k.deleted_at IS NULL AND m.account_id = $2)",
+            &[&project, &account],
+        )
+        .await?;
+    Ok(row.get(0))
 }
 
 /// Live key ids of a project.
@@ -555,14 +626,15 @@ pub async fn insert_key_member(
     account: Uuid,
     role: KeyRole,
     now: DateTime<Utc>,
-) -> Result<()> {
-    c.execute(
-        "INSERT INTO keyring.key_members (key_id, account_id, role, created_at) VALUES ($1, $2, $3, $4)
-         ON CONFLICT (key_id, account_id) DO NOTHING",
-        &[&key, &account, &role.as_str(), &now],
-    )
-    .await?;
-    Ok(())
+) -> Result<bool> {
+    let inserted = c
+        .execute(
+            "INSERT INTO keyring.key_members (key_id, account_id, role, created_at) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (key_id, account_id) DO NOTHING",
+            &[&key, &account, &role.as_str(), &now],
+        )
+        .await?;
+    Ok(inserted == 1)
 }
 
 pub async fn set_key_role(c: &impl GenericClient, key: Uuid, account: Uuid, role: KeyRole) -> Result<()> {
@@ -657,5 +729,15 @@ pub async fn audit_events(
 
 pub async fn queue_call(c: &impl GenericClient, kind: &str, target: &str) -> Result<()> {
     c.execute("INSERT INTO keyring.pending_calls (kind, target) VALUES ($1, $2)", &[&kind, &target]).await?;
+    Ok(())
+}
+
+/// Queues a call about one account's membership of `target`.
+pub async fn queue_member_call(c: &impl GenericClient, kind: &str, target: &str, account: Uuid) -> Result<()> {
+    c.execute(
+        "INSERT INTO keyring.pending_calls (kind, target, account_id) VALUES ($1, $2, $3)",
+        &[&kind, &target, &account],
+    )
+    .await?;
     Ok(())
 }

@@ -164,8 +164,10 @@ fn matrix() -> Vec<(&'static str, Call, [Code; 9])> {
         ),
         (
             "DeleteKeyMember",
-            call!(|k, t, c| k
-                .delete_key_member(req(t, pb::DeleteKeyMemberRequest { name: member(&c.key, &c.contributor) }))),
+            call!(|k, t, c| k.delete_key_member(req(
+                t,
+                pb::DeleteKeyMemberRequest { name: member(&c.key, &c.contributor), ..Default::default() }
+            ))),
             [OK, OK, PD, OK, NF, OK, NF, NF, UA],
         ),
         (
@@ -302,6 +304,7 @@ async fn roles_matrix() {
             &project_owner,
             pb::DeleteProjectMemberRequest {
                 name: format!("{project}/members/{}", org_owner_id.trim_start_matches("accounts/")),
+                ..Default::default()
             },
         ))
         .await

@@ -118,6 +118,8 @@ pub struct CommonConfig {
     pub max_concurrent_calls: usize,
     /// Longest a graceful shutdown waits for in-flight calls (`KEYSHARE_SHUTDOWN_GRACE_SECS`).
     pub shutdown_grace: Duration,
+    /// Authenticates page tokens (`KEYSHARE_PAGE_TOKEN_KEY`), the same in every service.
+    pub page_token_key: crate::page::TokenKey,
 }
 
 impl CommonConfig {
@@ -140,6 +142,7 @@ impl CommonConfig {
             call_timeout: env.secs_or("KEYSHARE_CALL_TIMEOUT_SECS", 30)?,
             max_concurrent_calls: max_calls,
             shutdown_grace: env.secs_or("KEYSHARE_SHUTDOWN_GRACE_SECS", 30)?,
+            page_token_key: crate::page::TokenKey::from_env(env)?,
         })
     }
 }

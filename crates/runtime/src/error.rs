@@ -63,11 +63,19 @@ impl InvalidInput {
     }
 }
 
-/// The paths of an AIP-134 update mask, each one of `allowed`. An empty mask means every
-/// allowed path.
-pub fn update_paths(mask: Option<prost_types::FieldMask>, allowed: &[&str]) -> Result<Vec<String>, InvalidInput> {
+/// The paths of an AIP-134 update mask, each one of `allowed`. An absent or empty mask means
+/// the fields the request populates (`populated`, those with a non-default value), so what the
+/// caller did not send is never reset; `*` means every allowed path (a full replacement).
+pub fn update_paths(
+    mask: Option<prost_types::FieldMask>,
+    allowed: &[&str],
+    populated: &[&str],
+) -> Result<Vec<String>, InvalidInput> {
     let paths = mask.map(|m| m.paths).unwrap_or_default();
     if paths.is_empty() {
+        return Ok(populated.iter().filter(|p| allowed.contains(p)).map(|p| (*p).to_owned()).collect());
+    }
+    if paths.len() == 1 && paths[0] == "*" {
         return Ok(allowed.iter().map(|p| (*p).to_owned()).collect());
     }
     match paths.iter().find(|p| !allowed.contains(&p.as_str())) {
@@ -149,5 +157,16 @@ mod tests {
         assert_eq!(fields, ["email", "password"]);
         let info = status.get_details_error_info().unwrap();
         assert_eq!(info.reason, "INVALID_ARGUMENT");
+    }
+
+    #[test]
+    fn update_masks_follow_aip_134() {
+        let mask = |paths: &[&str]| Some(prost_types::FieldMask { paths: paths.iter().map(|p| (*p).into()).collect() });
+        let allowed = ["a", "b", "c"];
+        assert_eq!(update_paths(None, &allowed, &["b"]).unwrap(), ["b"]);
+        assert_eq!(update_paths(mask(&[]), &allowed, &[]).unwrap(), Vec::<String>::new());
+        assert_eq!(update_paths(mask(&["*"]), &allowed, &["b"]).unwrap(), ["a", "b", "c"]);
+        assert_eq!(update_paths(mask(&["c"]), &allowed, &["b"]).unwrap(), ["c"]);
+        assert_eq!(update_paths(mask(&["d"]), &allowed, &[]).unwrap_err().0[0].field, "update_mask");
     }
 }

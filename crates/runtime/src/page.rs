@@ -1,12 +1,79 @@
 //! Pagination for every List RPC: page size rules and opaque page tokens.
 //!
-//! A token carries the position after the last item returned and the scope of the listing it
-//! belongs to (e.g. the parent), so a token cannot be replayed against another listing.
+//! A token carries the position after the last item returned and an HMAC-SHA256 tag over that
+//! position and the scope of the listing it belongs to (e.g. the parent), under a server key
+//! (`KEYSHARE_PAGE_TOKEN_KEY`). So a token cannot be replayed against another listing, and a
+//! token nobody was given (a crafted position) is refused before any query runs. Every replica
+//! and every service of a deployment shares the key, so a token works on any of them.
+
+use std::sync::RwLock;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
 
+use crate::config::{ConfigError, Env};
 use crate::error::InvalidInput;
+
+/// The variable holding the page-token key.
+pub const KEY_VAR: &str = "KEYSHARE_PAGE_TOKEN_KEY";
+
+/// The key used when `KEYSHARE_PAGE_TOKEN_KEY` is unset: the same in every service, so a
+/// development install works as is. A production install sets its own (tokens made with this
+/// one can be forged by anyone who reads this file).
+const DEV_KEY: &[u8] = b"keyshare development page-token key; set KEYSHARE_PAGE_TOKEN_KEY";
+
+/// Bytes of the tag a token carries (128 bits of HMAC-SHA256).
+const TAG_LEN: usize = 16;
+
+/// The server key page tokens are authenticated with.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TokenKey(Vec<u8>);
+
+impl std::fmt::Debug for TokenKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0 == DEV_KEY { "TokenKey(development)" } else { "TokenKey(..)" })
+    }
+}
+
+impl TokenKey {
+    /// Reads `KEYSHARE_PAGE_TOKEN_KEY` (at least 32 characters), or the development key.
+    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        match env.get(KEY_VAR) {
+            None => Ok(Self::development()),
+            Some(key) if key.len() >= 32 => Ok(Self(key.into_bytes())),
+            Some(_) => Err(ConfigError::new(KEY_VAR, "must be at least 32 characters")),
+        }
+    }
+
+    pub fn development() -> Self {
+        Self(DEV_KEY.to_vec())
+    }
+}
+
+static KEY: RwLock<Option<TokenKey>> = RwLock::new(None);
+
+/// Makes `key` the one this process signs and checks page tokens with. Services call it at
+/// start; until then the development key applies.
+pub fn use_key(key: &TokenKey) {
+    if let Ok(mut current) = KEY.write() {
+        *current = Some(key.clone());
+    }
+}
+
+fn tag(scope: &str, cursor: &str) -> [u8; TAG_LEN] {
+    let key = KEY.read().ok().and_then(|k| k.clone()).unwrap_or_else(TokenKey::development);
+    // HMAC takes keys of any length; this cannot fail.
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&key.0).unwrap_or_else(|_| unreachable!());
+    for part in ["v2", scope, cursor] {
+        mac.update(&(part.len() as u64).to_be_bytes());
+        mac.update(part.as_bytes());
+    }
+    let mut tag = [0u8; TAG_LEN];
+    tag.copy_from_slice(&mac.finalize().into_bytes()[..TAG_LEN]);
+    tag
+}
 
 /// Results per page when the caller does not say.
 pub const DEFAULT_PAGE_SIZE: usize = 50;
@@ -47,21 +114,21 @@ impl PageRequest {
     }
 }
 
-/// Encodes a cursor as an opaque page token for `scope`.
+/// Encodes a cursor as an opaque page token for `scope`: the tag, then the cursor.
 pub fn encode(cursor: &str, scope: &str) -> String {
-    URL_SAFE_NO_PAD.encode(format!("v1\n{scope}\n{cursor}"))
+    let mut bytes = tag(scope, cursor).to_vec();
+    bytes.extend_from_slice(cursor.as_bytes());
+    URL_SAFE_NO_PAD.encode(bytes)
 }
 
 fn decode(token: &str, scope: &str) -> Result<String, ()> {
     let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| ())?;
-    let text = String::from_utf8(bytes).map_err(|_| ())?;
-    let mut parts = text.splitn(3, '\n');
-    match (parts.next(), parts.next(), parts.next()) {
-        (Some("v1"), Some(token_scope), Some(cursor)) if token_scope == scope && !cursor.is_empty() => {
-            Ok(cursor.to_owned())
-        }
-        _ => Err(()),
+    if bytes.len() <= TAG_LEN {
+        return Err(());
     }
+    let (presented, cursor) = bytes.split_at(TAG_LEN);
+    let cursor = std::str::from_utf8(cursor).map_err(|_| ())?;
+    if crate::crypto::constant_time_eq(presented, &tag(scope, cursor)) { Ok(cursor.to_owned()) } else { Err(()) }
 }
 
 /// Builds the next page token: `Some` only when a full page was returned and there is more.
@@ -112,6 +179,16 @@ mod tests {
             prop_assert_eq!(page.after, Some(cursor));
             let other_scope = format!("{scope}x");
             prop_assert!(PageRequest::parse(10, &token, &other_scope).is_err());
+        }
+
+        #[test]
+        fn tampered_tokens_are_refused(cursor in "[ -~]{1,64}", flip in 0usize..80, bit in 0u8..8) {
+            let token = encode(&cursor, "scope");
+            let mut bytes = URL_SAFE_NO_PAD.decode(&token).unwrap();
+            let at = flip % bytes.len();
+            bytes[at] ^= 1 << bit;
+            let tampered = URL_SAFE_NO_PAD.encode(bytes);
+            prop_assert!(PageRequest::parse(10, &tampered, "scope").is_err());
         }
 
         #[test]

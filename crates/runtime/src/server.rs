@@ -91,6 +91,7 @@ pub async fn bind(config: &CommonConfig, grpc_service_name: &'static str) -> Res
 /// [`bind`] for a server that serves several gRPC services: health reports each of them, and
 /// reflection lists them all.
 pub async fn bind_services(config: &CommonConfig, grpc_service_names: &[&'static str]) -> Result<Bound, StartError> {
+    crate::page::use_key(&config.page_token_key);
     let bind_error = |source| StartError::Bind { what: "KEYSHARE_LISTEN_ADDR", source };
     let listener = TcpListener::bind(config.listen_addr).await.map_err(bind_error)?;
     let addr = listener.local_addr().map_err(bind_error)?;

@@ -57,9 +57,11 @@ impl Access {
     /// The subset of `permissions` the caller holds on `resource`.
     async fn test(&self, caller_token: &str, resource: String, permissions: &[&str]) -> Result<Vec<String>> {
         let permissions = permissions.iter().map(|p| (*p).to_owned()).collect();
-        let request =
-            keyshare_runtime::client::with_bearer(caller_token, krpb::TestPermissionsRequest { resource, permissions })
-                .ok_or(Error::Unauthenticated)?;
+        let request = keyshare_runtime::client::with_bearer(
+            caller_token,
+            krpb::TestPermissionsRequest { resource, permissions, account: String::new() },
+        )
+        .ok_or(Error::Unauthenticated)?;
         match KeyringServiceClient::new(self.keyring.clone()).test_permissions(request).await {
             Ok(response) => Ok(response.into_inner().permissions),
             Err(status) if status.code() == Code::Unauthenticated => Err(Error::Unauthenticated),

@@ -265,8 +265,12 @@ pub async fn world_on(store: Store) -> (World, String, String, String, String) {
             let _ = rx.await;
         }
     };
+    // keyring listens on a fixed port, so a test can stop it and start it again at one address
+    // (and identity knows where to find it).
+    let keyring_port = keyshare_runtime::testkit::free_port();
     let identity = keyshare_identity::start(
         keyshare_identity::Config::from_env(&base(vec![
+            ("KEYSHARE_KEYRING_URL", format!("http://127.0.0.1:{keyring_port}")),
             ("KEYSHARE_INTERNAL_CLIENTS", format!("keyring:{KEYRING_SECRET},authorizer:{AUTHORIZER_SECRET}")),
             ("KEYSHARE_REQUIRE_VERIFIED_EMAIL", "false".into()),
         ]))
@@ -277,8 +281,6 @@ pub async fn world_on(store: Store) -> (World, String, String, String, String) {
     .await
     .unwrap()
     .addr;
-    // keyring listens on a fixed port, so a test can stop it and start it again at one address.
-    let keyring_port = keyshare_runtime::testkit::free_port();
     let keyring_config = keyshare_keyring::Config::from_env(&base(vec![
         ("KEYSHARE_LISTEN_ADDR", format!("127.0.0.1:{keyring_port}")),
         ("KEYSHARE_IDENTITY_URL", format!("http://{identity}")),

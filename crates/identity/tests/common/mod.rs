@@ -60,6 +60,8 @@ impl Harness {
             ("KEYSHARE_MAIL_RETRY_MAX_SECS", "1".into()),
             ("KEYSHARE_INTERNAL_CLIENTS", format!("invitation:{INTERNAL_SECRET}")),
             ("KEYSHARE_DB_POOL_SIZE", "4".into()),
+            // No keyring here: removals from organizations stay queued for it.
+            ("KEYSHARE_KEYRING_URL", "http://127.0.0.1:1".into()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))

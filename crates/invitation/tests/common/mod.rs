@@ -70,8 +70,11 @@ impl Harness {
         let mut stops = Vec::new();
         let (stop, stopped) = stopper();
         stops.push(stop);
+        // Keyring's port is chosen first so identity can tell it when someone leaves an organization.
+        let keyring_port = free_port();
         let identity = keyshare_identity::start(
             keyshare_identity::Config::from_env(&base(vec![
+                ("KEYSHARE_KEYRING_URL", format!("http://127.0.0.1:{keyring_port}")),
                 ("KEYSHARE_INTERNAL_CLIENTS", format!("keyring:{KEYRING_SECRET},invitation:{INVITATION_SECRET}")),
                 // Unverified accounts may log in here, so tests can show they cannot accept.
                 ("KEYSHARE_REQUIRE_VERIFIED_EMAIL", "false".into()),
@@ -89,6 +92,7 @@ impl Harness {
         stops.push(stop);
         let keyring = keyshare_keyring::start(
             keyshare_keyring::Config::from_env(&base(vec![
+                ("KEYSHARE_LISTEN_ADDR", format!("127.0.0.1:{keyring_port}")),
                 ("KEYSHARE_IDENTITY_URL", format!("http://{identity}")),
                 ("KEYSHARE_INVITATION_URL", format!("http://127.0.0.1:{invitation_port}")),
                 ("KEYSHARE_CLIENT_ID", "keyring".into()),
@@ -111,6 +115,10 @@ impl Harness {
                 ("KEYSHARE_CLIENT_ID", "invitation".into()),
                 ("KEYSHARE_CLIENT_SECRET", INVITATION_SECRET.into()),
                 ("KEYSHARE_CALL_RETRY_SECS", "1".into()),
+                // Drains hold a connection across their grant, and accepting asks keyring first
+                // whether the inviter may still grant: the race test's twenty accepts and twenty
+                // revokes at once need more than eight.
+                ("KEYSHARE_DB_POOL_SIZE", "16".into()),
             ]))
             .unwrap(),
             clock.clone(),
@@ -215,6 +223,23 @@ impl Harness {
             .unwrap()
             .name;
         (owner, org, project, key)
+    }
+
+    /// An access token of the invitation service's internal client, for what only Keyshare's
+    /// own services may do (adding a membership directly, as a grant does).
+    pub async fn internal_token(&self) -> String {
+        self.identity()
+            .await
+            .issue_service_account_token(idpb::IssueServiceAccountTokenRequest {
+                client_id: "invitation".into(),
+                client_secret: INVITATION_SECRET.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .grant
+            .unwrap()
+            .access_token
     }
 
     pub async fn count(&self, table: &str) -> i64 {

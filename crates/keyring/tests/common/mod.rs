@@ -11,7 +11,7 @@ use keyshare_proto::keyring::v1::keyring_service_client::KeyringServiceClient;
 use keyshare_runtime::clock::ManualClock;
 use keyshare_runtime::config::Env;
 use keyshare_runtime::crypto::Sealer;
-use keyshare_runtime::testkit::{SmtpServer, TestDatabase};
+use keyshare_runtime::testkit::{SmtpServer, TestDatabase, free_port};
 use tonic::transport::Channel;
 use tonic_types::StatusExt;
 
@@ -43,7 +43,11 @@ impl Harness {
         let (_, kek) = Sealer::generate("kek1");
         let clock = ManualClock::new();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        // The first keyring's port is chosen first so identity can tell it when someone leaves
+        // an organization.
+        let keyring_port = free_port();
         let identity_env = pairs(&[
+            ("KEYSHARE_KEYRING_URL", format!("http://127.0.0.1:{keyring_port}")),
             ("DATABASE_URL", db.url.clone()),
             ("KEYSHARE_LISTEN_ADDR", "127.0.0.1:0".into()),
             ("KEYSHARE_METRICS_ADDR", "127.0.0.1:0".into()),
@@ -63,16 +67,21 @@ impl Harness {
         .unwrap();
         let mut harness =
             Self { db, smtp, clock, kek, identity_addr: identity.addr, keyring_addr: identity.addr, stops: vec![tx] };
-        harness.keyring_addr = harness.start_keyring(&harness.kek.clone()).await;
+        harness.keyring_addr =
+            harness.start_keyring_at(&harness.kek.clone(), &format!("127.0.0.1:{keyring_port}")).await;
         harness
     }
 
     /// Starts (another) keyring on the same database with the given key-encryption keys.
     pub async fn start_keyring(&mut self, kek: &str) -> std::net::SocketAddr {
+        self.start_keyring_at(kek, "127.0.0.1:0").await
+    }
+
+    async fn start_keyring_at(&mut self, kek: &str, listen: &str) -> std::net::SocketAddr {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let env = pairs(&[
             ("DATABASE_URL", self.db.url.clone()),
-            ("KEYSHARE_LISTEN_ADDR", "127.0.0.1:0".into()),
+            ("KEYSHARE_LISTEN_ADDR", listen.into()),
             ("KEYSHARE_METRICS_ADDR", "127.0.0.1:0".into()),
             ("KEYSHARE_KEY_ENCRYPTION_KEYS", kek.to_owned()),
             ("KEYSHARE_IDENTITY_URL", format!("http://{}", self.identity_addr)),
