@@ -44,6 +44,8 @@ impl Config {
                     ),
                     channel: env.parse_or("KEYSHARE_USAGE_CHANNEL", defaults.channel)?,
                     buffer: env.parse_or("KEYSHARE_USAGE_BUFFER", defaults.buffer)?,
+                    buffer_bytes: env.parse_or("KEYSHARE_USAGE_BUFFER_BYTES", defaults.buffer_bytes)?,
+                    counts_bytes: env.parse_or("KEYSHARE_USAGE_COUNTS_BYTES", defaults.counts_bytes)?,
                     call_log_retention: std::time::Duration::from_secs(
                         env.parse_or("KEYSHARE_CALL_LOG_RETENTION_DAYS", 30u64)?.saturating_mul(24 * 3600),
                     ),

@@ -134,8 +134,18 @@ fn register_usage_metrics(metrics: &Metrics, usage: &usage::UsageMetrics) {
     );
     registry.register(
         "usage_dropped_call_logs",
-        "Call-log lines dropped because the usage buffer was full (their counts were kept)",
+        "Call-log lines dropped because the usage buffer was full, in lines or bytes (their counts were kept)",
         usage.dropped_call_logs.clone(),
+    );
+    registry.register(
+        "usage_dropped_counts",
+        "Check counts dropped because the counts held unwritten reached KEYSHARE_USAGE_COUNTS_BYTES",
+        usage.dropped_counts.clone(),
+    );
+    registry.register(
+        "usage_buffered_bytes",
+        "Bytes of call-log lines held in memory, against KEYSHARE_USAGE_BUFFER_BYTES",
+        usage.buffered_bytes.clone(),
     );
     registry.register("usage_written_call_logs", "Call-log lines written", usage.written_call_logs.clone());
     registry.register(
