@@ -42,6 +42,7 @@ impl Stack {
                 ("KEYSHARE_LISTEN_ADDR", "127.0.0.1:0".into()),
                 ("KEYSHARE_METRICS_ADDR", "127.0.0.1:0".into()),
                 ("KEYSHARE_KEY_ENCRYPTION_KEYS", kek.clone()),
+                ("KEYSHARE_DRAIN_DELAY_SECS", "0".into()),
             ];
             all.extend(extra.iter().cloned());
             env(&all)
@@ -87,6 +88,7 @@ impl Stack {
                 ("KEYSHARE_KEYRING_URL", format!("http://{}", keyring.addr)),
                 ("KEYSHARE_CLIENT_ID", "authorizer".into()),
                 ("KEYSHARE_CLIENT_SECRET", AUTHORIZER_SECRET.into()),
+                ("KEYSHARE_MANAGEMENT_ADDR", "127.0.0.1:0".into()),
             ]))
             .unwrap(),
             Arc::new(SystemClock),

@@ -75,7 +75,10 @@ pub struct World {
     pub authorizer: AuthorizerServiceClient<Channel>,
     pub shared: Arc<keyshare_authorizer::follower::Shared>,
     pub token: String,
+    /// The authorizer's check port (CheckKey, ext_authz).
     pub authorizer_addr: std::net::SocketAddr,
+    /// The authorizer's management port (UsageService).
+    pub management_addr: std::net::SocketAddr,
     _stops: Vec<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -122,6 +125,7 @@ impl World {
         serving(started.addr).await;
         self.authorizer = AuthorizerServiceClient::new(channel(started.addr).await);
         self.authorizer_addr = started.addr;
+        self.management_addr = started.management_addr;
         self.authorizer_metrics = started.metrics_addr;
         self.shared = started.shared;
         (self.authorizer_stop, self.authorizer_server) = (Some(tx), Some(started.server));
@@ -253,6 +257,8 @@ pub async fn world_on(store: Store) -> (World, String, String, String, String) {
             ("KEYSHARE_METRICS_ADDR", "127.0.0.1:0".to_owned()),
             ("KEYSHARE_KEY_ENCRYPTION_KEYS", kek.clone()),
             ("KEYSHARE_MAIL_SPOOL_DIR", spool.display().to_string()),
+            // Nothing balances load here: a stopping service need not wait for anyone to notice.
+            ("KEYSHARE_DRAIN_DELAY_SECS", "0".to_owned()),
         ];
         all.extend(extra);
         env(all)
@@ -344,6 +350,7 @@ pub async fn world_on(store: Store) -> (World, String, String, String, String) {
         ("KEYSHARE_CLIENT_ID", "authorizer".into()),
         ("KEYSHARE_CLIENT_SECRET", AUTHORIZER_SECRET.into()),
         ("KEYSHARE_USAGE_FLUSH_MILLIS", "100".into()),
+        ("KEYSHARE_MANAGEMENT_ADDR", "127.0.0.1:0".into()),
     ]))
     .unwrap();
     let (authorizer_stop, rx) = tokio::sync::oneshot::channel::<()>();
@@ -371,6 +378,7 @@ pub async fn world_on(store: Store) -> (World, String, String, String, String) {
         keyring: kr,
         authorizer: AuthorizerServiceClient::new(channel(started.addr).await),
         authorizer_addr: started.addr,
+        management_addr: started.management_addr,
         shared,
         token,
         _stops: stops,
@@ -384,7 +392,7 @@ pub async fn world_on(store: Store) -> (World, String, String, String, String) {
 impl World {
     /// A client of the authorizer's UsageService.
     pub async fn usage(&self) -> pb::usage_service_client::UsageServiceClient<Channel> {
-        pb::usage_service_client::UsageServiceClient::new(channel(self.authorizer_addr).await)
+        pb::usage_service_client::UsageServiceClient::new(channel(self.management_addr).await)
     }
 
     pub async fn identity(&self) -> idpb::identity_service_client::IdentityServiceClient<Channel> {
