@@ -88,7 +88,10 @@ pub async fn start_envoy_at(project: &str, upstream: u16, authorizers: &[u16]) -
         .replace("port_value: 8080", &format!("port_value: {listen}"))
         .replace("port_value: 9901", &format!("port_value: {admin}"))
         .replace("address: upstream, port_value: 8000", &format!("address: 127.0.0.1, port_value: {upstream}"))
-        .replace("projects/REPLACE-WITH-YOUR-PROJECT-ID", project);
+        .replace("projects/REPLACE-WITH-YOUR-PROJECT-ID", project)
+        // A loaded test machine may take longer than a production authorizer to answer; a
+        // timeout here would be the machine's failure, not the authorizer's.
+        .replace("timeout: 0.25s", "timeout: 10s");
     let dir = tempfile_dir();
     let path = dir.join("envoy.yaml");
     std::fs::write(&path, config).unwrap();

@@ -21,9 +21,10 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 pub mod envoy;
+pub mod process;
 
 const KEYRING_SECRET: &str = "keyring-secret-for-tests-0123456789abcdef";
-const AUTHORIZER_SECRET: &str = "authorizer-secret-for-tests-0123456789abc";
+pub const AUTHORIZER_SECRET: &str = "authorizer-secret-for-tests-0123456789abc";
 
 pub fn env(pairs: Vec<(&str, String)>) -> Env {
     Env::from_pairs(pairs.into_iter().map(|(k, v)| (k.to_owned(), v)))
@@ -140,13 +141,7 @@ impl World {
 
     /// The authorizer's Prometheus metric `name` (summed over its labels), if exported.
     pub async fn metric(&self, name: &str) -> Option<f64> {
-        let text = scrape(self.authorizer_metrics).await;
-        let values: Vec<f64> = text
-            .lines()
-            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-            .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
-            .collect();
-        (!values.is_empty()).then(|| values.iter().sum())
+        metric_at(self.authorizer_metrics, name).await
     }
 
     /// Waits until the authorizer has applied every change committed so far.
@@ -203,6 +198,17 @@ impl World {
     }
 }
 
+/// The metric `name` (summed over its labels) at a metrics endpoint, if exported.
+pub async fn metric_at(metrics: std::net::SocketAddr, name: &str) -> Option<f64> {
+    let text = scrape(metrics).await;
+    let values: Vec<f64> = text
+        .lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
+}
+
 /// The database a world runs on.
 #[derive(Debug)]
 pub enum Store {
@@ -214,7 +220,8 @@ pub enum Store {
 
 /// Waits until a server's health says SERVING.
 pub async fn serving(addr: std::net::SocketAddr) {
-    let health = HealthClient::new(channel(addr).await);
+    // Lazily: a process may not be listening yet.
+    let health = HealthClient::new(Channel::from_shared(format!("http://{addr}")).unwrap().connect_lazy());
     eventually("the authorizer to report SERVING", Duration::from_secs(20), || {
         let mut health = health.clone();
         async move {
