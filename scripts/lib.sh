@@ -90,8 +90,9 @@ ensure_tools() {
 # ---------------------------------------------------------------------------
 
 # The fixed ports scripts/run listens on that lie inside Linux's ephemeral
-# range (32768-60999): the services' gRPC ports and the private cluster's.
-KEYSHARE_EPHEMERAL_RANGE_PORTS="50051-50054,$KEYSHARE_PRIVATE_PG_PORT"
+# range (32768-60999): the services' gRPC ports (with the authorizer's
+# management port, 50055) and the private cluster's.
+KEYSHARE_EPHEMERAL_RANGE_PORTS="50051-50055,$KEYSHARE_PRIVATE_PG_PORT"
 
 # Keeps the kernel from handing KEYSHARE_EPHEMERAL_RANGE_PORTS to outgoing
 # connections and port-0 listeners, which tests open by the hundred: one left
