@@ -19,9 +19,16 @@ use keyshare_runtime::testkit::{PrivateCluster, eventually};
 
 /// How far the authorizer's resident memory may grow above what it used before the load.
 const CEILING: u64 = 64 << 20;
-/// How long PostgreSQL stays stopped under load.
+/// How long PostgreSQL stays stopped under load, at least: longer if the line budget has not
+/// been reached yet (a slow machine), up to [`OUTAGE_LIMIT`].
 const OUTAGE: Duration = Duration::from_secs(30);
+const OUTAGE_LIMIT: Duration = Duration::from_secs(180);
 const PATH_BYTES: usize = 60_000;
+
+/// Call-log lines dropped so far.
+async fn dropped_lines(authorizer: &AuthorizerProcess) -> f64 {
+    authorizer.metric("keyshare_usage_dropped_call_logs_total").await.unwrap_or(0.0)
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_paths_while_postgres_is_down_keep_memory_bounded() {
@@ -31,7 +38,7 @@ async fn long_paths_while_postgres_is_down_keep_memory_bounded() {
     w.set(&format!("{key}/environments/production"), "active", |e| e.active = false).await;
     // A small line budget, so that even a slow machine reaches it within the outage: what is
     // dropped beyond it must be counted, and the checks go on.
-    let authorizer = AuthorizerProcess::start(&w, &[("KEYSHARE_USAGE_BUFFER_BYTES", (1 << 20).to_string())]).await;
+    let authorizer = AuthorizerProcess::start(&w, &[("KEYSHARE_USAGE_BUFFER_BYTES", (256 << 10).to_string())]).await;
     let upstream = echo_upstream().await;
     let (_envoy, port) = start_envoy_at(&project, upstream, &[authorizer.addr.port()]).await;
     let path = format!("/{}", "a".repeat(PATH_BYTES - 1));
@@ -78,19 +85,25 @@ async fn long_paths_while_postgres_is_down_keep_memory_bounded() {
     }
     let started = Instant::now();
     let mut peak = base;
-    while started.elapsed() < OUTAGE {
+    loop {
         peak = peak.max(authorizer.memory("VmRSS"));
+        let elapsed = started.elapsed();
+        if elapsed >= OUTAGE && dropped_lines(&authorizer).await > 0.0 {
+            break;
+        }
+        assert!(elapsed < OUTAGE_LIMIT, "the line budget was not reached within {OUTAGE_LIMIT:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let outage = started.elapsed();
     stop.store(true, Ordering::Relaxed);
     for task in tasks {
         task.await.unwrap();
     }
     let high_water = authorizer.memory("VmHWM");
     let (answered, failed) = (answered.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
-    let dropped_lines = authorizer.metric("keyshare_usage_dropped_call_logs_total").await.unwrap();
+    let dropped_lines = dropped_lines(&authorizer).await;
     eprintln!(
-        "{answered} checks with {PATH_BYTES}-byte paths in {OUTAGE:?} without PostgreSQL: RSS {} MiB before, peak {} \
+        "{answered} checks with {PATH_BYTES}-byte paths in {outage:.1?} without PostgreSQL: RSS {} MiB before, peak {} \
          MiB (VmHWM {} MiB); {dropped_lines} call-log lines dropped",
         base >> 20,
         peak >> 20,
@@ -98,7 +111,6 @@ async fn long_paths_while_postgres_is_down_keep_memory_bounded() {
     );
     assert_eq!(failed, 0, "{failed} of {answered} checks failed");
     assert!(high_water < base + CEILING, "RSS grew from {} MiB to {} MiB", base >> 20, high_water >> 20);
-    assert!(dropped_lines > 0.0, "the line budget was never reached: the test proves nothing");
 
     // PostgreSQL returns: every check that was counted is written.
     cluster.start_server();
