@@ -42,6 +42,7 @@ impl Stack {
                 ("KEYSHARE_LISTEN_ADDR", "127.0.0.1:0".into()),
                 ("KEYSHARE_METRICS_ADDR", "127.0.0.1:0".into()),
                 ("KEYSHARE_KEY_ENCRYPTION_KEYS", kek.clone()),
+                ("KEYSHARE_DRAIN_DELAY_SECS", "0".into()),
             ];
             all.extend(extra.iter().cloned());
             env(&all)
@@ -83,28 +84,59 @@ impl Stack {
         )
         .await
         .unwrap();
-        let (authorizer_stop, authorizer_stopped) = tokio::sync::oneshot::channel::<()>();
-        let authorizer = keyshare_authorizer::start(
-            keyshare_authorizer::Config::from_env(&common(&[
-                ("KEYSHARE_IDENTITY_URL", format!("http://{}", identity.addr)),
-                ("KEYSHARE_KEYRING_URL", format!("http://{}", keyring.addr)),
-                ("KEYSHARE_CLIENT_ID", "authorizer".into()),
-                ("KEYSHARE_CLIENT_SECRET", AUTHORIZER_SECRET.into()),
-            ]))
-            .unwrap(),
+        let mut stack = Self {
+            db,
+            identity: identity.addr,
+            keyring: keyring.addr,
+            authorizer: identity.addr,
+            stops: vec![identity_stop, keyring_stop],
+        };
+        stack.authorizer = stack.start_authorizer().await;
+        stack
+    }
+
+    /// Starts another authorizer replica on the same database, identity and keyring (its own
+    /// index, feed and usage writer), stopped with the stack; returns its check port without
+    /// waiting for it to be SERVING.
+    pub async fn start_authorizer(&mut self) -> SocketAddr {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let env = env(&[
+            ("DATABASE_URL", self.db.url.clone()),
+            ("KEYSHARE_LISTEN_ADDR", "127.0.0.1:0".into()),
+            ("KEYSHARE_METRICS_ADDR", "127.0.0.1:0".into()),
+            ("KEYSHARE_DRAIN_DELAY_SECS", "0".into()),
+            ("KEYSHARE_IDENTITY_URL", format!("http://{}", self.identity)),
+            ("KEYSHARE_KEYRING_URL", format!("http://{}", self.keyring)),
+            ("KEYSHARE_CLIENT_ID", "authorizer".into()),
+            ("KEYSHARE_CLIENT_SECRET", AUTHORIZER_SECRET.into()),
+            ("KEYSHARE_MANAGEMENT_ADDR", "127.0.0.1:0".into()),
+        ]);
+        let started = keyshare_authorizer::start(
+            keyshare_authorizer::Config::from_env(&env).unwrap(),
             Arc::new(SystemClock),
             async move {
-                let _ = authorizer_stopped.await;
+                let _ = stopped.await;
             },
         )
         .await
         .unwrap();
-        Self {
-            db,
-            identity: identity.addr,
-            keyring: keyring.addr,
-            authorizer: authorizer.addr,
-            stops: vec![identity_stop, keyring_stop, authorizer_stop],
+        self.stops.push(stop);
+        started.addr
+    }
+
+    /// Waits until the server at `addr` reports SERVING (at most `deadline`).
+    pub async fn serving(addr: SocketAddr, deadline: std::time::Duration) {
+        use tonic_health::pb::health_check_response::ServingStatus;
+        use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+        let health = HealthClient::new(Channel::from_shared(format!("http://{addr}")).unwrap().connect_lazy());
+        let start = std::time::Instant::now();
+        loop {
+            let status = health.clone().check(HealthCheckRequest { service: String::new() }).await;
+            if status.is_ok_and(|s| s.into_inner().status == ServingStatus::Serving as i32) {
+                return;
+            }
+            assert!(start.elapsed() < deadline, "{addr} did not report SERVING within {deadline:?}");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
     }
 

@@ -18,6 +18,9 @@ use serde_json::Value;
 const SERVICES: &[(&str, u64, u64)] =
     &[("identity", 50051, 9051), ("keyring", 50052, 9052), ("invitation", 50053, 9053), ("authorizer", 50054, 9054)];
 
+/// The authorizer's management port (UsageService), besides its check port in [`SERVICES`].
+const AUTHORIZER_MANAGEMENT: u64 = 50055;
+
 /// Variables whose values are secret: given only through a Secret, never in a manifest.
 const SECRET_VARS: &[&str] = &[
     "DATABASE_URL",
@@ -408,8 +411,20 @@ fn check_services(rendered: &Rendered) {
         }
         let grace: u64 =
             provided.get("KEYSHARE_SHUTDOWN_GRACE_SECS").and_then(literal).unwrap_or("30").parse().unwrap();
+        let drain_delay: f64 =
+            provided.get("KEYSHARE_DRAIN_DELAY_SECS").and_then(literal).unwrap_or("5").parse().unwrap();
         let termination = pod_spec(deployment)["terminationGracePeriodSeconds"].as_u64().unwrap();
-        assert!(termination > grace, "{overlay}: {service} is killed before its {grace} s drain ends");
+        assert!(
+            termination as f64 > grace as f64 + drain_delay,
+            "{overlay}: {service} is killed before its {drain_delay} s drain delay and {grace} s drain end"
+        );
+        // Kubernetes takes a few seconds to take a stopping pod out of its endpoints.
+        assert!(drain_delay >= 3.0, "{overlay}: {service} stops answering {drain_delay} s after SIGTERM");
+        if service == "authorizer" {
+            assert_eq!(container_port(container, "management"), Some(AUTHORIZER_MANAGEMENT), "{overlay}");
+            let management = provided.get("KEYSHARE_MANAGEMENT_ADDR").and_then(literal);
+            assert_eq!(management, Some(format!("0.0.0.0:{AUTHORIZER_MANAGEMENT}").as_str()), "{overlay}");
+        }
         if let Some(spool) = provided.get("KEYSHARE_MAIL_SPOOL_DIR").and_then(literal)
             && ["identity", "invitation"].contains(&service)
         {
@@ -434,6 +449,16 @@ fn check_services(rendered: &Rendered) {
                 .any(|port| port["port"] == grpc && port["targetPort"] == "grpc"),
             "{overlay}: Service {service} does not expose {grpc}"
         );
+        if service == "authorizer" {
+            assert!(
+                svc["spec"]["ports"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|port| port["port"] == AUTHORIZER_MANAGEMENT && port["targetPort"] == "management"),
+                "{overlay}: Service authorizer does not expose its management port"
+            );
+        }
 
         // Peers find it where the shared configuration says.
         let config = rendered.config_map("keyshare-config");
@@ -513,6 +538,14 @@ fn check_network_policies(rendered: &Rendered) {
             let metrics_open = allowed(&policies, from, &to, metrics, "TCP");
             assert_eq!(metrics_open, *source == "prometheus", "{overlay}: {source} -> {service}:{metrics}");
         }
+        // Gateways reach the checks only; people and the ingress the usage statistics only.
+        let authorizer = pod(pod_labels(rendered.get("Deployment", "authorizer")));
+        let management_open = allowed(&policies, from, &authorizer, AUTHORIZER_MANAGEMENT, "TCP");
+        assert_eq!(
+            management_open,
+            matches!(*source, "client" | "ingress"),
+            "{overlay}: {source} -> authorizer:{AUTHORIZER_MANAGEMENT}"
+        );
     }
 
     // Out of the cluster (or to the database's pods when it runs in the namespace).

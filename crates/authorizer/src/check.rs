@@ -237,6 +237,8 @@ impl Checker {
                 path: crate::usage::log_path(path),
                 client_ip: input.client_ip,
                 outcome: decision.outcome,
+                // The recorder decides, against its budget.
+                logged: false,
             });
         }
         decision

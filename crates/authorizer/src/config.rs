@@ -4,12 +4,19 @@ use keyshare_runtime::auth::TokenPolicy;
 use keyshare_runtime::client::ClientCredentials;
 use keyshare_runtime::config::{CommonConfig, ConfigError, Env};
 
-/// Default gRPC port.
+/// Default gRPC port: the check port, for gateways (CheckKey, Envoy ext_authz).
 pub const PORT: u16 = 50054;
+
+/// Default management port: UsageService, for people and their tools.
+pub const MANAGEMENT_PORT: u16 = 50055;
 
 #[derive(Clone, Debug)]
 pub struct Config {
+    /// `listen_addr` is the check port.
     pub common: CommonConfig,
+    /// The management port's listen address (`KEYSHARE_MANAGEMENT_ADDR`): UsageService, apart
+    /// from the checks, so NetworkPolicies can keep gateways and people apart.
+    pub management_addr: std::net::SocketAddr,
     pub tokens: TokenPolicy,
     /// identity's address (`KEYSHARE_IDENTITY_URL`).
     pub identity_url: String,
@@ -25,6 +32,7 @@ impl Config {
     pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
         Ok(Self {
             common: CommonConfig::from_env(env, "authorizer", PORT)?,
+            management_addr: env.addr_or("KEYSHARE_MANAGEMENT_ADDR", &format!("0.0.0.0:{MANAGEMENT_PORT}"))?,
             tokens: TokenPolicy::from_env(env),
             identity_url: env.get("KEYSHARE_IDENTITY_URL").unwrap_or_else(|| "http://127.0.0.1:50051".into()),
             keyring_url: env.get("KEYSHARE_KEYRING_URL").unwrap_or_else(|| "http://127.0.0.1:50052".into()),
@@ -44,6 +52,8 @@ impl Config {
                     ),
                     channel: env.parse_or("KEYSHARE_USAGE_CHANNEL", defaults.channel)?,
                     buffer: env.parse_or("KEYSHARE_USAGE_BUFFER", defaults.buffer)?,
+                    buffer_bytes: env.parse_or("KEYSHARE_USAGE_BUFFER_BYTES", defaults.buffer_bytes)?,
+                    counts_bytes: env.parse_or("KEYSHARE_USAGE_COUNTS_BYTES", defaults.counts_bytes)?,
                     call_log_retention: std::time::Duration::from_secs(
                         env.parse_or("KEYSHARE_CALL_LOG_RETENTION_DAYS", 30u64)?.saturating_mul(24 * 3600),
                     ),

@@ -2,7 +2,7 @@
 //! port: the same check, read from the HTTP request Envoy describes.
 //!
 //! - The credential comes from `x-api-key` or `authorization: Bearer …` (the header is
-//!   configurable); the method and path from the HTTP attributes; the project and the expected
+//!   configurable; the scheme is case-insensitive, RFC 9110 §11.1); the method and path from the HTTP attributes; the project and the expected
 //!   environment from the route's `context_extensions` (`project`, `environment`); the client
 //!   address from the source peer, or from the last `x-forwarded-for` entry when told to trust
 //!   the load balancer in front of Envoy.
@@ -57,6 +57,13 @@ fn message(outcome: Outcome) -> &'static str {
     }
 }
 
+/// The credentials of an `authorization` value with the `Bearer` scheme, in any case (RFC 9110
+/// §11.1: the scheme is case-insensitive); `None` for another scheme.
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, credentials) = value.trim_start().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then_some(credentials)
+}
+
 /// The client address in an `x-forwarded-for` value: its last entry, the one the trusted load
 /// balancer appended. Everything before it came from the caller, who could write any address
 /// there (and so slip past an allowlist); an unreadable last entry is no address at all, which
@@ -83,10 +90,7 @@ impl Authorization for ExtAuthz {
         let from_header = headers.get(&self.config.credential_header).map(String::as_str);
         let (credential, header) = match from_header {
             Some(value) => (value, self.config.credential_header.as_str()),
-            None => (
-                headers.get("authorization").and_then(|v| v.strip_prefix("Bearer ")).unwrap_or_default(),
-                "authorization",
-            ),
+            None => (headers.get("authorization").and_then(|v| bearer(v)).unwrap_or_default(), "authorization"),
         };
         let client_ip = if self.config.trust_forwarded_for {
             headers.get("x-forwarded-for").and_then(|v| forwarded_client(v))
@@ -133,6 +137,21 @@ impl Authorization for ExtAuthz {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        for (value, credentials) in [
+            ("Bearer ks_live_x", Some("ks_live_x")),
+            ("bearer ks_live_x", Some("ks_live_x")),
+            ("BEARER ks_live_x", Some("ks_live_x")),
+            ("bEaReR   ks_live_x", Some("  ks_live_x")),
+            ("Basic a2V5", None),
+            ("Bearerks_live_x", None),
+            ("", None),
+        ] {
+            assert_eq!(bearer(value), credentials, "{value:?}");
+        }
+    }
 
     #[test]
     fn the_client_is_the_last_forwarded_address() {

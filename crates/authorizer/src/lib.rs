@@ -49,6 +49,9 @@ pub async fn migrate(database_url: &str) -> Result<(), db::DbError> {
 /// Fully qualified gRPC service name.
 pub const GRPC_SERVICE: &str = "keyshare.authorizer.v1.AuthorizerService";
 
+/// Envoy's external authorization service, served next to [`GRPC_SERVICE`] on the check port.
+pub const EXT_AUTHZ_SERVICE: &str = "envoy.service.auth.v3.Authorization";
+
 /// The checks gateways make on every request: CheckKey and Envoy's ext_authz. Counted and timed
 /// like every call, but traced only at debug level (see `ServeOptions::untraced_methods`).
 pub const CHECK_METHODS: &[&str] =
@@ -57,14 +60,19 @@ pub const CHECK_METHODS: &[&str] =
 /// A service that is listening.
 #[derive(Debug)]
 pub struct Started {
+    /// The check port: CheckKey and ext_authz, for gateways.
     pub addr: SocketAddr,
+    /// The management port: UsageService.
+    pub management_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
     pub shared: Arc<follower::Shared>,
-    /// Ends when the server has shut down.
+    /// Ends when both listeners have shut down and the usage writer has written what it held.
     pub server: JoinHandle<Result<(), ServeError>>,
 }
 
-/// Starts serving. Health stays NOT_SERVING until the first snapshot of the feed is loaded.
+/// Starts serving on two listeners: the check port (CheckKey, ext_authz), whose health stays
+/// NOT_SERVING until the first snapshot of the feed is loaded, and the management port
+/// (UsageService). Both serve health and reflection, and both drain on `shutdown`.
 pub async fn start(
     config: Config,
     clock: SharedClock,
@@ -89,39 +97,52 @@ pub async fn start(
     register_usage_metrics(&metrics, &writer.metrics());
     let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
     let usage_writer = tokio::spawn(writer.run(stopping));
-    let shutdown = async move {
+    // One shutdown for both listeners.
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
         shutdown.await;
-        let _ = stopping_tx.send(true);
+        let _ = shutdown_tx.send(true);
+    });
+    let shutdown = move || {
+        let mut shutdown_rx = shutdown_rx.clone();
+        async move {
+            let _ = shutdown_rx.wait_for(|stop| *stop).await;
+        }
     };
-    let bound = server::bind_services(&common, &[GRPC_SERVICE, usage_grpc::GRPC_SERVICE]).await?;
-    let addr = bound.local_addr();
-    follower::spawn(keyring.clone(), token, shared.clone(), bound.readiness());
+    let gateway = server::bind_services(&common, &[GRPC_SERVICE, EXT_AUTHZ_SERVICE]).await?;
+    let management =
+        server::bind_services_at(config.management_addr, "KEYSHARE_MANAGEMENT_ADDR", &[usage_grpc::GRPC_SERVICE])
+            .await?;
+    let (addr, management_addr) = (gateway.local_addr(), management.local_addr());
+    follower::spawn(keyring.clone(), token, shared.clone(), gateway.readiness());
 
-    let options =
-        ServeOptions { config: common, metrics, verifier, ready_on_start: false, untraced_methods: CHECK_METHODS };
+    let options = |ready_on_start| ServeOptions {
+        config: common.clone(),
+        metrics: metrics.clone(),
+        verifier: verifier.clone(),
+        ready_on_start,
+        untraced_methods: CHECK_METHODS,
+    };
     let checker = check::Checker::new(shared.clone(), clock.clone(), recorder);
     let grpc = grpc::AuthorizerGrpc::new(checker.clone());
     let envoy = ext_authz::ExtAuthz::new(checker, config.ext_authz.clone());
     let usage_api = usage_grpc::UsageGrpc::new(stats::Stats::new(pool.clone(), keyring.clone(), clock.clone()));
+    let checks = gateway.serve(
+        options(false),
+        |routes| routes.add_service(AuthorizerServiceServer::new(grpc)).add_service(AuthorizationServer::new(envoy)),
+        shutdown(),
+    );
+    // Statistics need no snapshot: the management port is ready at once.
+    let statistics = management.serve(options(true), |routes| routes.add_service(usage_api.into_server()), shutdown());
     let server = tokio::spawn(async move {
-        let served = bound
-            .serve(
-                options,
-                |routes| {
-                    routes
-                        .add_service(AuthorizerServiceServer::new(grpc))
-                        .add_service(AuthorizationServer::new(envoy))
-                        .add_service(usage_api.into_server())
-                },
-                shutdown,
-            )
-            .await;
-        // The usage writer writes what it holds once the server has drained.
+        let (checks, statistics) = tokio::join!(checks, statistics);
+        // The usage writer writes what it holds once no check can arrive any more.
+        let _ = stopping_tx.send(true);
         let _ = usage_writer.await;
-        served
+        checks.and(statistics)
     });
-    tracing::info!(%addr, %metrics_addr, "authorizer serving (ready after the first snapshot)");
-    Ok(Started { addr, metrics_addr, shared, server })
+    tracing::info!(%addr, %management_addr, %metrics_addr, "authorizer serving (checks ready after the first snapshot)");
+    Ok(Started { addr, management_addr, metrics_addr, shared, server })
 }
 
 /// The usage writer's `keyshare_usage_*` counters.
@@ -134,8 +155,18 @@ fn register_usage_metrics(metrics: &Metrics, usage: &usage::UsageMetrics) {
     );
     registry.register(
         "usage_dropped_call_logs",
-        "Call-log lines dropped because the usage buffer was full (their counts were kept)",
+        "Call-log lines dropped because the usage buffer was full, in lines or bytes (their counts were kept)",
         usage.dropped_call_logs.clone(),
+    );
+    registry.register(
+        "usage_dropped_counts",
+        "Check counts dropped because the counts held unwritten reached KEYSHARE_USAGE_COUNTS_BYTES",
+        usage.dropped_counts.clone(),
+    );
+    registry.register(
+        "usage_buffered_bytes",
+        "Bytes of call-log lines held in memory, against KEYSHARE_USAGE_BUFFER_BYTES",
+        usage.buffered_bytes.clone(),
     );
     registry.register("usage_written_call_logs", "Call-log lines written", usage.written_call_logs.clone());
     registry.register(

@@ -10,6 +10,15 @@
 //! not counted twice. While PostgreSQL is away, batches wait in memory; beyond the buffer limit
 //! call-log lines are dropped (and counted) while counts keep adding up.
 //!
+//! Memory: whatever a caller controls is bounded before it is stored (the path is cut to
+//! [`MAX_PATH`] bytes into an allocation of its own size, the method is one of
+//! [`METHOD_LABELS`], the client address a parsed `IpAddr`). Call-log lines in the channel and in
+//! the batches are charged, path included, to one byte budget ([`UsageConfig::buffer_bytes`]):
+//! beyond it a check's record still carries its count but no call-log line. The channel holds at
+//! most [`UsageConfig::channel`] records of fixed size besides, and the counts kept unwritten at
+//! most [`UsageConfig::counts_bytes`]; batches that have not been tried yet are merged, so an
+//! outage grows the counts only by new minutes, not by flush intervals. Every drop is counted.
+//!
 //! Quotas: checks charge counters in the index. At start, once the first snapshot is in memory,
 //! the writer adds what is stored for today and this month (so counts survive a restart); after
 //! each write it moves the counters to the stored totals, which include other replicas' calls.
@@ -17,7 +26,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Datelike, NaiveDate, Utc};
@@ -41,7 +50,8 @@ use crate::limits::Period;
 /// Longest path kept in a call log, in bytes.
 const MAX_PATH: usize = 1024;
 
-/// One check of a known key.
+/// One check of a known key: its count, and its call-log line unless the budget for lines was
+/// used up (then `logged` is false and `path` empty).
 #[derive(Clone, Debug)]
 pub struct CallRecord {
     /// Unix nanoseconds on the service clock.
@@ -54,6 +64,15 @@ pub struct CallRecord {
     pub path: String,
     pub client_ip: Option<IpAddr>,
     pub outcome: Outcome,
+    /// Whether the record carries a call-log line (charged to the line budget).
+    pub logged: bool,
+}
+
+impl CallRecord {
+    /// What the call-log line costs in memory: the record and its path's allocation.
+    fn log_bytes(&self) -> usize {
+        std::mem::size_of::<CallRecord>() + self.path.capacity()
+    }
 }
 
 /// The method as counted: an upper-case standard method, or `OTHER`, so a caller cannot grow
@@ -66,7 +85,9 @@ pub fn method_label(method: &str) -> &'static str {
 pub const METHOD_LABELS: [&str; 10] =
     ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE", "OTHER"];
 
-/// Makes a request path fit for a call log in place: no query string or fragment, bounded length.
+/// Makes a request path fit for a call log: no query string or fragment, at most [`MAX_PATH`]
+/// bytes, in an allocation of about its own size. A path that was cut is copied out, so the
+/// caller's (possibly huge) buffer is freed rather than kept behind a short string.
 pub fn log_path(mut path: String) -> String {
     if let Some(end) = path.find(['?', '#']) {
         path.truncate(end);
@@ -78,8 +99,18 @@ pub fn log_path(mut path: String) -> String {
         }
         path.truncate(end);
     }
+    if path.capacity() > path.len() + PATH_SLACK {
+        path = path.as_str().to_owned();
+    }
     path
 }
+
+/// Spare capacity a kept path may have before it is copied into a tight allocation.
+const PATH_SLACK: usize = 64;
+
+/// What one count entry (a key × environment × minute × method × outcome) costs in a batch's
+/// map, with the map's own overhead.
+const COUNT_ENTRY_BYTES: usize = std::mem::size_of::<(CountKey, i64)>() * 2;
 
 /// The most records the writer takes from the channel at once.
 const RECEIVE_BULK: usize = 1024;
@@ -90,10 +121,19 @@ pub struct UsageConfig {
     /// How often batches are written (`KEYSHARE_USAGE_FLUSH_MILLIS`, default 1000).
     pub flush_interval: Duration,
     /// Records the channel from the checks holds (`KEYSHARE_USAGE_CHANNEL`, default 65536).
+    /// A record without its line is about a hundred bytes, so this bounds the channel's memory
+    /// besides the lines' budget.
     pub channel: usize,
     /// Call-log lines held in memory while they cannot be written (`KEYSHARE_USAGE_BUFFER`,
     /// default 1,000,000); beyond it lines are dropped and counted.
     pub buffer: usize,
+    /// Bytes of call-log lines (record and path) held in the channel and the batches
+    /// (`KEYSHARE_USAGE_BUFFER_BYTES`, default 32 MiB); beyond it lines are dropped and counted,
+    /// and checks are still counted.
+    pub buffer_bytes: usize,
+    /// Bytes of counts held unwritten (`KEYSHARE_USAGE_COUNTS_BYTES`, default 16 MiB, about
+    /// 100,000 key-minutes); beyond it further counts are dropped and counted.
+    pub counts_bytes: usize,
     /// Call logs older than this are deleted (`KEYSHARE_CALL_LOG_RETENTION_DAYS`, default 30).
     pub call_log_retention: Duration,
 }
@@ -104,6 +144,8 @@ impl Default for UsageConfig {
             flush_interval: Duration::from_secs(1),
             channel: 65_536,
             buffer: 1_000_000,
+            buffer_bytes: 32 << 20,
+            counts_bytes: 16 << 20,
             call_log_retention: Duration::from_secs(30 * 24 * 3600),
         }
     }
@@ -116,6 +158,10 @@ pub struct UsageMetrics {
     pub dropped_records: Counter,
     /// Call-log lines dropped because the buffer was full (their counts were kept).
     pub dropped_call_logs: Counter,
+    /// Counts dropped because the counts held unwritten reached their limit.
+    pub dropped_counts: Counter,
+    /// Bytes of call-log lines held (channel and batches), against `buffer_bytes`.
+    pub buffered_bytes: Gauge,
     /// Call-log lines written.
     pub written_call_logs: Counter,
     /// Writes that failed (and will be retried).
@@ -129,14 +175,51 @@ pub struct UsageMetrics {
 pub struct Recorder {
     sender: mpsc::Sender<CallRecord>,
     metrics: Arc<UsageMetrics>,
+    budget: Arc<LineBudget>,
 }
 
 impl Recorder {
-    /// Hands a record to the writer without waiting; a full channel drops it and counts it.
-    pub fn record(&self, record: CallRecord) {
-        if self.sender.try_send(record).is_err() {
+    /// Hands a record to the writer without waiting. Its line is charged to the budget first;
+    /// over budget the record goes without its line. A full channel drops it and counts it.
+    pub fn record(&self, mut record: CallRecord) {
+        let cost = record.log_bytes();
+        record.logged = self.budget.try_take(cost);
+        if !record.logged {
+            record.path = String::new();
+            self.metrics.dropped_call_logs.inc();
+        }
+        if let Err(e) = self.sender.try_send(record) {
+            if e.into_inner().logged {
+                self.budget.give_back(cost);
+            }
             self.metrics.dropped_records.inc();
         }
+    }
+}
+
+/// Bytes of call-log lines held between the checks and the database: taken by the checks,
+/// given back by the writer once a line is written.
+#[derive(Debug)]
+struct LineBudget {
+    used: AtomicUsize,
+    limit: usize,
+}
+
+impl LineBudget {
+    fn try_take(&self, bytes: usize) -> bool {
+        self.used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+                used.checked_add(bytes).filter(|&after| after <= self.limit)
+            })
+            .is_ok()
+    }
+
+    fn give_back(&self, bytes: usize) {
+        self.used.fetch_sub(bytes, Ordering::Relaxed);
+    }
+
+    fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
     }
 }
 
@@ -156,15 +239,29 @@ struct Batch {
     id: Uuid,
     counts: HashMap<CountKey, i64>,
     logs: Vec<CallRecord>,
+    /// Bytes its lines hold of the line budget.
+    log_bytes: usize,
+    /// Whether a write was tried: from then on its id and contents are fixed, so a retry after
+    /// an unknown outcome is recognised.
+    tried: bool,
 }
 
 impl Batch {
     fn new() -> Self {
-        Self { id: Uuid::now_v7(), counts: HashMap::new(), logs: Vec::new() }
+        Self { id: Uuid::now_v7(), counts: HashMap::new(), logs: Vec::new(), log_bytes: 0, tried: false }
     }
 
     fn is_empty(&self) -> bool {
         self.counts.is_empty()
+    }
+
+    /// Adds an untried batch's counts and lines to this one.
+    fn merge(&mut self, other: Batch) {
+        for (count, calls) in other.counts {
+            *self.counts.entry(count).or_default() += calls;
+        }
+        self.logs.extend(other.logs);
+        self.log_bytes += other.log_bytes;
     }
 
     /// Valid calls per key, environment and UTC day.
@@ -225,7 +322,8 @@ pub fn channel(
 ) -> (Recorder, Writer) {
     let (sender, receiver) = mpsc::channel(config.channel.max(1));
     let metrics = Arc::new(UsageMetrics::default());
-    let recorder = Recorder { sender, metrics: metrics.clone() };
+    let budget = Arc::new(LineBudget { used: AtomicUsize::new(0), limit: config.buffer_bytes });
+    let recorder = Recorder { sender, metrics: metrics.clone(), budget: budget.clone() };
     let writer = Writer {
         pool,
         database_url,
@@ -233,10 +331,12 @@ pub fn channel(
         clock,
         config,
         metrics,
+        budget,
         receiver,
         current: Batch::new(),
         sealed: VecDeque::new(),
         buffered: 0,
+        count_entries: 0,
         migrated: false,
         restored: false,
         known_days: HashMap::new(),
@@ -255,11 +355,14 @@ pub struct Writer {
     clock: SharedClock,
     config: UsageConfig,
     metrics: Arc<UsageMetrics>,
+    budget: Arc<LineBudget>,
     receiver: mpsc::Receiver<CallRecord>,
     current: Batch,
     sealed: VecDeque<Batch>,
     /// Call-log lines in `current` and `sealed`.
     buffered: usize,
+    /// Count entries in `current` and `sealed` (an upper bound after merges).
+    count_entries: usize,
     migrated: bool,
     restored: bool,
     /// Stored totals as last read, per key, environment and day: what the counters already hold
@@ -317,10 +420,24 @@ impl Writer {
             method: record.method,
             outcome: record.outcome,
         };
-        *self.current.counts.entry(count).or_default() += 1;
+        match self.current.counts.get_mut(&count) {
+            Some(calls) => *calls += 1,
+            None if self.count_entries.saturating_mul(COUNT_ENTRY_BYTES) >= self.config.counts_bytes => {
+                self.metrics.dropped_counts.inc();
+            }
+            None => {
+                self.current.counts.insert(count, 1);
+                self.count_entries += 1;
+            }
+        }
+        if !record.logged {
+            return;
+        }
         if self.buffered >= self.config.buffer {
+            self.budget.give_back(record.log_bytes());
             self.metrics.dropped_call_logs.inc();
         } else {
+            self.current.log_bytes += record.log_bytes();
             self.current.logs.push(record);
             self.buffered += 1;
         }
@@ -329,10 +446,18 @@ impl Writer {
         }
     }
 
+    /// Moves the current batch to the sealed ones, merged into the last if that one has not
+    /// been tried yet (the database is away): batches then grow by new count entries only.
     fn seal(&mut self) {
-        if !self.current.is_empty() {
-            self.sealed.push_back(std::mem::replace(&mut self.current, Batch::new()));
+        if self.current.is_empty() {
+            return;
         }
+        let current = std::mem::replace(&mut self.current, Batch::new());
+        match self.sealed.back_mut() {
+            Some(last) if !last.tried => last.merge(current),
+            _ => self.sealed.push_back(current),
+        }
+        self.count_entries = self.sealed.iter().map(|batch| batch.counts.len()).sum();
     }
 
     /// Seals the current batch and writes every sealed batch in order, stopping at a failure.
@@ -340,6 +465,7 @@ impl Writer {
         self.seal();
         let result = self.write_pending().await;
         self.metrics.buffered_call_logs.set(self.buffered as i64);
+        self.metrics.buffered_bytes.set(self.budget.used() as i64);
         match result {
             Ok(()) => {
                 if let Some(since) = self.failing_since.take() {
@@ -368,10 +494,13 @@ impl Writer {
             self.shared.quotas_restored_notify.notify_waiters();
         }
         self.prune().await;
-        while let Some(batch) = self.sealed.front() {
+        while let Some(batch) = self.sealed.front_mut() {
+            batch.tried = true;
             let totals = write_batch(&self.pool, batch, self.clock.now()).await?;
             if let Some(batch) = self.sealed.pop_front() {
                 self.buffered -= batch.logs.len();
+                self.budget.give_back(batch.log_bytes);
+                self.count_entries = self.count_entries.saturating_sub(batch.counts.len());
                 self.metrics.written_call_logs.inc_by(batch.logs.len() as u64);
                 if let Some((days, months)) = totals {
                     self.reconcile(&batch, days, months);
@@ -615,5 +744,24 @@ mod tests {
         let long = format!("/{}", "é".repeat(MAX_PATH));
         let kept = log_path(long);
         assert!(kept.len() <= MAX_PATH && kept.is_char_boundary(kept.len()));
+        // A cut path does not keep the caller's allocation alive.
+        let huge = format!("/{}", "a".repeat(60_000));
+        let kept = log_path(huge);
+        assert_eq!(kept.len(), MAX_PATH);
+        assert!(kept.capacity() <= MAX_PATH + PATH_SLACK, "{}", kept.capacity());
+        let with_query = log_path(format!("/v1/things?{}", "q".repeat(60_000)));
+        assert_eq!(with_query, "/v1/things");
+        assert!(with_query.capacity() <= with_query.len() + PATH_SLACK, "{}", with_query.capacity());
+    }
+
+    #[test]
+    fn the_line_budget_refuses_what_does_not_fit() {
+        let budget = LineBudget { used: AtomicUsize::new(0), limit: 100 };
+        assert!(budget.try_take(60));
+        assert!(!budget.try_take(41));
+        assert!(budget.try_take(40));
+        budget.give_back(60);
+        assert_eq!(budget.used(), 40);
+        assert!(budget.try_take(60));
     }
 }

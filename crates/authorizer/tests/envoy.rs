@@ -120,6 +120,46 @@ async fn only_the_last_forwarded_address_is_trusted() {
     }
 }
 
+/// What a gateway operator and a browser expect: the Bearer scheme in any case (RFC 9110), and a
+/// CORS preflight from the web app's origin answered by Envoy before ext_authz (a preflight
+/// carries no credential), while the real calls from that origin are checked and get the CORS
+/// headers.
+#[tokio::test]
+async fn browsers_and_any_case_bearer_get_through_envoy() {
+    let (w, project, _key, _, production) = world().await;
+    let upstream = echo_upstream().await;
+    let (_envoy, port) = start_envoy(&w, &project, upstream).await;
+    for scheme in ["Bearer", "bearer", "BEARER"] {
+        let (status, _, body) =
+            call(port, "GET", &[("authorization", &format!("{scheme} {production}"))]).await.unwrap();
+        assert_eq!(status, 200, "{scheme}: {body}");
+    }
+    let (status, _, body) = call(port, "GET", &[("authorization", &format!("Basic {production}"))]).await.unwrap();
+    assert_eq!((status, body.contains("OUTCOME_MALFORMED")), (401, true), "{body}");
+
+    let checks = w.metric("keyshare_checks_total").await.unwrap();
+    let origin = "https://app.example.com";
+    let preflight =
+        [("origin", origin), ("access-control-request-method", "GET"), ("access-control-request-headers", "x-api-key")];
+    let (status, head, _) = call(port, "OPTIONS", &preflight).await.unwrap();
+    assert_eq!(status, 200, "{head}");
+    assert!(head.contains(&format!("access-control-allow-origin: {origin}")), "{head}");
+    assert!(head.contains("access-control-allow-headers: authorization, content-type, x-api-key"), "{head}");
+    assert_eq!(w.metric("keyshare_checks_total").await.unwrap(), checks, "a preflight reached the authorizer");
+
+    // The call itself is checked like any other, and the browser may read the answer.
+    let (status, head, _) = call(port, "GET", &[("origin", origin), ("x-api-key", &production)]).await.unwrap();
+    assert_eq!(status, 200);
+    assert!(head.contains(&format!("access-control-allow-origin: {origin}")), "{head}");
+    let (status, head, _) = call(port, "GET", &[("origin", origin)]).await.unwrap();
+    assert_eq!(status, 401, "{head}");
+    // Another origin's preflight is no preflight Envoy answers: it needs a key like any call.
+    let elsewhere = [("origin", "https://evil.example"), ("access-control-request-method", "GET")];
+    let (status, head, _) = call(port, "OPTIONS", &elsewhere).await.unwrap();
+    assert_eq!(status, 401, "{head}");
+    assert!(!head.contains("access-control-allow-origin"), "{head}");
+}
+
 #[test]
 fn the_shipped_envoy_configuration_validates() {
     let out = Command::new(tool("envoy"))

@@ -817,32 +817,17 @@ async fn a_deleted_keys_history_stays_with_project_and_organization_owners() {
     }
 }
 
-/// UsageService is served, reported healthy and listed by reflection next to AuthorizerService
-/// (what `grpcurl list` shows); CheckKey still needs no token.
-#[tokio::test]
-async fn usage_service_is_listed_and_healthy() {
-    use tonic_health::pb::health_client::HealthClient;
-    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
+/// The services reflection lists at `addr` (what `grpcurl list` shows), sorted.
+async fn listed_services(addr: std::net::SocketAddr) -> Vec<String> {
     use tonic_reflection::pb::v1::ServerReflectionRequest;
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-
-    let (mut w, _project, _key, sandbox, _) = world().await;
-    let channel = channel(w.authorizer_addr).await;
-    let status = HealthClient::new(channel.clone())
-        .check(HealthCheckRequest { service: "keyshare.authorizer.v1.UsageService".into() })
-        .await
-        .unwrap()
-        .into_inner()
-        .status;
-    assert_eq!(status, ServingStatus::Serving as i32);
-
     let request = ServerReflectionRequest {
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),
     };
-    let mut responses = ServerReflectionClient::new(channel)
+    let mut responses = ServerReflectionClient::new(channel(addr).await)
         .server_reflection_info(tokio_stream::iter([request]))
         .await
         .unwrap()
@@ -854,16 +839,74 @@ async fn usage_service_is_listed_and_healthy() {
     };
     let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
     names.sort();
+    names
+}
+
+/// Two listeners: the check port serves CheckKey and Envoy's ext_authz (for gateways), the
+/// management port UsageService (for people with tokens), and neither serves the other's. Both
+/// report health and list what they serve in reflection, Envoy's service included, described
+/// fully enough for grpcurl.
+#[tokio::test]
+async fn checks_and_usage_have_a_port_each() {
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
+
+    let (mut w, _project, key, sandbox, _) = world().await;
+    assert_ne!(w.authorizer_addr, w.management_addr);
+    for (addr, service) in [
+        (w.authorizer_addr, ""),
+        (w.authorizer_addr, "keyshare.authorizer.v1.AuthorizerService"),
+        (w.authorizer_addr, "envoy.service.auth.v3.Authorization"),
+        (w.management_addr, ""),
+        (w.management_addr, "keyshare.authorizer.v1.UsageService"),
+    ] {
+        let status = HealthClient::new(channel(addr).await)
+            .check(HealthCheckRequest { service: service.into() })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        assert_eq!(status, ServingStatus::Serving as i32, "{addr} {service:?}");
+    }
     assert_eq!(
-        names,
+        listed_services(w.authorizer_addr).await,
         [
+            "envoy.service.auth.v3.Authorization",
             "grpc.health.v1.Health",
             "grpc.reflection.v1.ServerReflection",
             "keyshare.authorizer.v1.AuthorizerService",
-            "keyshare.authorizer.v1.UsageService",
         ]
     );
+    assert_eq!(
+        listed_services(w.management_addr).await,
+        ["grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection", "keyshare.authorizer.v1.UsageService"]
+    );
+    // grpcurl runs aside: the services answer on this test's runtime.
+    let target = w.authorizer_addr.to_string();
+    let described = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(keyshare_runtime::testkit::tool("grpcurl"))
+            .args(["-plaintext", &target, "describe", "envoy.service.auth.v3.CheckRequest"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(described.status.success(), "{}", String::from_utf8_lossy(&described.stderr));
+    assert!(String::from_utf8_lossy(&described.stdout).contains("AttributeContext attributes"));
 
+    // CheckKey answers on the check port only, UsageService on the management port only.
     let answer = w.check(&sandbox, "GET", "198.51.100.7", "", ANY_ENV).await;
     assert!(answer.allowed);
+    let mut checks_at_management =
+        pb::authorizer_service_client::AuthorizerServiceClient::new(channel(w.management_addr).await);
+    let refused = checks_at_management
+        .check_key(pb::CheckKeyRequest { key: sandbox.clone(), method: "GET".into(), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unimplemented);
+    let usage_request = || authed(&w.token, pb::QueryKeyUsageRequest { name: key.clone(), ..Default::default() });
+    let mut usage_at_checks = pb::usage_service_client::UsageServiceClient::new(channel(w.authorizer_addr).await);
+    assert_eq!(usage_at_checks.query_key_usage(usage_request()).await.unwrap_err().code(), Code::Unimplemented);
+    let at_management = w.usage().await.query_key_usage(usage_request()).await;
+    assert!(!matches!(at_management, Err(ref status) if status.code() == Code::Unimplemented), "{at_management:?}");
 }

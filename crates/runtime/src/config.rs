@@ -118,6 +118,10 @@ pub struct CommonConfig {
     pub max_concurrent_calls: usize,
     /// Longest a graceful shutdown waits for in-flight calls (`KEYSHARE_SHUTDOWN_GRACE_SECS`).
     pub shutdown_grace: Duration,
+    /// How long a stopping service goes on answering after it reports NOT_SERVING, before it
+    /// drains (`KEYSHARE_DRAIN_DELAY_SECS`, default 5: Kubernetes endpoints and gateways' health
+    /// checks take a few seconds to notice).
+    pub drain_delay: Duration,
     /// Authenticates page tokens (`KEYSHARE_PAGE_TOKEN_KEY`), the same in every service.
     pub page_token_key: crate::page::TokenKey,
 }
@@ -142,9 +146,20 @@ impl CommonConfig {
             call_timeout: env.secs_or("KEYSHARE_CALL_TIMEOUT_SECS", 30)?,
             max_concurrent_calls: max_calls,
             shutdown_grace: env.secs_or("KEYSHARE_SHUTDOWN_GRACE_SECS", 30)?,
+            drain_delay: Duration::from_secs_f64(drain_delay(env)?),
             page_token_key: crate::page::TokenKey::from_env(env)?,
         })
     }
+}
+
+/// `KEYSHARE_DRAIN_DELAY_SECS`: seconds (fractions allowed, 0 for none), at most an hour.
+fn drain_delay(env: &Env) -> Result<f64, ConfigError> {
+    const VAR: &str = "KEYSHARE_DRAIN_DELAY_SECS";
+    let secs: f64 = env.parse_or(VAR, 5.0)?;
+    if !(0.0..=3600.0).contains(&secs) {
+        return Err(ConfigError::new(VAR, "must be between 0 and 3600 seconds"));
+    }
+    Ok(secs)
 }
 
 #[cfg(test)]
@@ -173,5 +188,19 @@ mod tests {
         let config = CommonConfig::from_env(&env, "test", 50053).unwrap();
         assert_eq!(config.listen_addr.port(), 50053);
         assert_eq!(config.metrics_addr.port(), 9053);
+        assert_eq!(config.drain_delay, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn the_drain_delay_may_be_zero_but_not_negative() {
+        let with = |value: &str| {
+            let env = Env::from_pairs([("DATABASE_URL", "postgres://x"), ("KEYSHARE_DRAIN_DELAY_SECS", value)]);
+            CommonConfig::from_env(&env, "test", 50051).map(|config| config.drain_delay)
+        };
+        assert_eq!(with("0").unwrap(), Duration::ZERO);
+        assert_eq!(with("0.5").unwrap(), Duration::from_millis(500));
+        for bad in ["-1", "NaN", "soon", "100000"] {
+            assert_eq!(with(bad).unwrap_err().var, "KEYSHARE_DRAIN_DELAY_SECS", "{bad}");
+        }
     }
 }

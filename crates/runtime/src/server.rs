@@ -92,8 +92,18 @@ pub async fn bind(config: &CommonConfig, grpc_service_name: &'static str) -> Res
 /// reflection lists them all.
 pub async fn bind_services(config: &CommonConfig, grpc_service_names: &[&'static str]) -> Result<Bound, StartError> {
     crate::page::use_key(&config.page_token_key);
-    let bind_error = |source| StartError::Bind { what: "KEYSHARE_LISTEN_ADDR", source };
-    let listener = TcpListener::bind(config.listen_addr).await.map_err(bind_error)?;
+    bind_services_at(config.listen_addr, "KEYSHARE_LISTEN_ADDR", grpc_service_names).await
+}
+
+/// [`bind_services`] on another address than `KEYSHARE_LISTEN_ADDR`, for a service with a second
+/// listener; `setting` names the variable that gave `addr`, for the error.
+pub async fn bind_services_at(
+    addr: std::net::SocketAddr,
+    setting: &'static str,
+    grpc_service_names: &[&'static str],
+) -> Result<Bound, StartError> {
+    let bind_error = |source| StartError::Bind { what: setting, source };
+    let listener = TcpListener::bind(addr).await.map_err(bind_error)?;
     let addr = listener.local_addr().map_err(bind_error)?;
     let (reporter, health) = tonic_health::server::health_reporter();
     let readiness = Readiness { reporter, service_names: grpc_service_names.into() };
@@ -111,8 +121,10 @@ impl Bound {
         self.readiness.clone()
     }
 
-    /// Serves `routes` until `shutdown` completes, then reports NOT_SERVING, stops accepting
-    /// connections and lets in-flight calls finish (at most `shutdown_grace`).
+    /// Serves `routes` until `shutdown` completes. Then it reports NOT_SERVING at once but goes
+    /// on answering for `drain_delay`, while load balancers and Kubernetes endpoints notice and
+    /// send new calls elsewhere; then it stops accepting connections and lets in-flight calls
+    /// finish (at most `shutdown_grace`).
     pub async fn serve(
         self,
         options: ServeOptions,
@@ -130,6 +142,7 @@ impl Bound {
                 .fold(tonic_reflection::server::Builder::configure(), |builder, name| builder.with_service_name(*name))
                 .with_service_name("grpc.health.v1.Health")
                 .register_encoded_file_descriptor_set(keyshare_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(keyshare_proto::EXT_AUTHZ_FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
         };
@@ -155,11 +168,19 @@ impl Bound {
         }
         let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
         let drain_readiness = readiness.clone();
+        let drain_delay = options.config.drain_delay;
         let signal = async move {
             shutdown.await;
-            // Health checkers see NOT_SERVING before the listener closes, so load balancers
-            // stop routing new calls here while in-flight ones finish.
+            // Health checkers see NOT_SERVING while calls are still answered: a load balancer
+            // that has not noticed yet still gets answers rather than refused connections.
             drain_readiness.set(false).await;
+            if !drain_delay.is_zero() {
+                tracing::info!(
+                    drain_delay_secs = drain_delay.as_secs_f64(),
+                    "shutting down: not serving, still answering"
+                );
+                tokio::time::sleep(drain_delay).await;
+            }
             tracing::info!("shutting down: draining in-flight calls");
             let _ = stopping_tx.send(());
         };

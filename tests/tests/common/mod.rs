@@ -92,6 +92,9 @@ impl Keyshare {
                 ("KEYSHARE_MAIL_RETRY_MAX_SECS", "1".into()),
                 ("KEYSHARE_CALL_RETRY_SECS", "1".into()),
                 ("KEYSHARE_SHUTDOWN_GRACE_SECS", "5".into()),
+                ("KEYSHARE_DRAIN_DELAY_SECS", "0".into()),
+                // The authorizer's second listener (UsageService); the others ignore it.
+                ("KEYSHARE_MANAGEMENT_ADDR", loopback().to_string()),
                 ("KEYSHARE_DB_POOL_SIZE", "4".into()),
                 ("RUST_LOG", "info".into()),
             ]

@@ -42,10 +42,15 @@ pub async fn echo_upstream() -> u16 {
     port
 }
 
-/// One HTTP/1.1 request through Envoy: (status, response head, body).
+/// One HTTP/1.1 request for `/v1/things` through Envoy: (status, response head, body).
 pub async fn call(port: u16, method: &str, headers: &[(&str, &str)]) -> Option<(u16, String, String)> {
+    call_path(port, method, "/v1/things", headers).await
+}
+
+/// [`call`] for another path.
+pub async fn call_path(port: u16, method: &str, path: &str, headers: &[(&str, &str)]) -> Option<(u16, String, String)> {
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-    let mut request = format!("{method} /v1/things HTTP/1.1\r\nHost: api.example\r\nConnection: close\r\n");
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: api.example\r\nConnection: close\r\n");
     for (name, value) in headers {
         request.push_str(&format!("{name}: {value}\r\n"));
     }
@@ -62,17 +67,31 @@ pub async fn call(port: u16, method: &str, headers: &[(&str, &str)]) -> Option<(
 }
 
 pub async fn start_envoy(w: &World, project: &str, upstream: u16) -> (Envoy, u16) {
+    start_envoy_at(project, upstream, &[w.authorizer_addr.port()]).await
+}
+
+/// The shipped configuration with `authorizers` (check ports on 127.0.0.1) as the authorizer
+/// cluster's endpoints.
+pub async fn start_envoy_at(project: &str, upstream: u16, authorizers: &[u16]) -> (Envoy, u16) {
     let (listen, admin) = (free_port(), free_port());
-    let config = std::fs::read_to_string(workspace_root().join("deploy/envoy/envoy.yaml"))
-        .unwrap()
+    let shipped = std::fs::read_to_string(workspace_root().join("deploy/envoy/envoy.yaml")).unwrap();
+    let endpoint = shipped.lines().find(|line| line.contains("address: authorizer, port_value: 50054")).unwrap();
+    let endpoints: Vec<String> = authorizers
+        .iter()
+        .map(|port| {
+            endpoint
+                .replace("address: authorizer, port_value: 50054", &format!("address: 127.0.0.1, port_value: {port}"))
+        })
+        .collect();
+    let config = shipped
+        .replace(endpoint, &endpoints.join("\n"))
         .replace("port_value: 8080", &format!("port_value: {listen}"))
         .replace("port_value: 9901", &format!("port_value: {admin}"))
         .replace("address: upstream, port_value: 8000", &format!("address: 127.0.0.1, port_value: {upstream}"))
-        .replace(
-            "address: authorizer, port_value: 50054",
-            &format!("address: 127.0.0.1, port_value: {}", w.authorizer_addr.port()),
-        )
-        .replace("projects/REPLACE-WITH-YOUR-PROJECT-ID", project);
+        .replace("projects/REPLACE-WITH-YOUR-PROJECT-ID", project)
+        // A loaded test machine may take longer than a production authorizer to answer; a
+        // timeout here would be the machine's failure, not the authorizer's.
+        .replace("timeout: 0.25s", "timeout: 10s");
     let dir = tempfile_dir();
     let path = dir.join("envoy.yaml");
     std::fs::write(&path, config).unwrap();

@@ -21,9 +21,10 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 pub mod envoy;
+pub mod process;
 
 const KEYRING_SECRET: &str = "keyring-secret-for-tests-0123456789abcdef";
-const AUTHORIZER_SECRET: &str = "authorizer-secret-for-tests-0123456789abc";
+pub const AUTHORIZER_SECRET: &str = "authorizer-secret-for-tests-0123456789abc";
 
 pub fn env(pairs: Vec<(&str, String)>) -> Env {
     Env::from_pairs(pairs.into_iter().map(|(k, v)| (k.to_owned(), v)))
@@ -75,7 +76,10 @@ pub struct World {
     pub authorizer: AuthorizerServiceClient<Channel>,
     pub shared: Arc<keyshare_authorizer::follower::Shared>,
     pub token: String,
+    /// The authorizer's check port (CheckKey, ext_authz).
     pub authorizer_addr: std::net::SocketAddr,
+    /// The authorizer's management port (UsageService).
+    pub management_addr: std::net::SocketAddr,
     _stops: Vec<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -122,6 +126,7 @@ impl World {
         serving(started.addr).await;
         self.authorizer = AuthorizerServiceClient::new(channel(started.addr).await);
         self.authorizer_addr = started.addr;
+        self.management_addr = started.management_addr;
         self.authorizer_metrics = started.metrics_addr;
         self.shared = started.shared;
         (self.authorizer_stop, self.authorizer_server) = (Some(tx), Some(started.server));
@@ -136,13 +141,7 @@ impl World {
 
     /// The authorizer's Prometheus metric `name` (summed over its labels), if exported.
     pub async fn metric(&self, name: &str) -> Option<f64> {
-        let text = scrape(self.authorizer_metrics).await;
-        let values: Vec<f64> = text
-            .lines()
-            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-            .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
-            .collect();
-        (!values.is_empty()).then(|| values.iter().sum())
+        metric_at(self.authorizer_metrics, name).await
     }
 
     /// Waits until the authorizer has applied every change committed so far.
@@ -199,6 +198,17 @@ impl World {
     }
 }
 
+/// The metric `name` (summed over its labels) at a metrics endpoint, if exported.
+pub async fn metric_at(metrics: std::net::SocketAddr, name: &str) -> Option<f64> {
+    let text = scrape(metrics).await;
+    let values: Vec<f64> = text
+        .lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
+}
+
 /// The database a world runs on.
 #[derive(Debug)]
 pub enum Store {
@@ -210,7 +220,8 @@ pub enum Store {
 
 /// Waits until a server's health says SERVING.
 pub async fn serving(addr: std::net::SocketAddr) {
-    let health = HealthClient::new(channel(addr).await);
+    // Lazily: a process may not be listening yet.
+    let health = HealthClient::new(Channel::from_shared(format!("http://{addr}")).unwrap().connect_lazy());
     eventually("the authorizer to report SERVING", Duration::from_secs(20), || {
         let mut health = health.clone();
         async move {
@@ -253,6 +264,8 @@ pub async fn world_on(store: Store) -> (World, String, String, String, String) {
             ("KEYSHARE_METRICS_ADDR", "127.0.0.1:0".to_owned()),
             ("KEYSHARE_KEY_ENCRYPTION_KEYS", kek.clone()),
             ("KEYSHARE_MAIL_SPOOL_DIR", spool.display().to_string()),
+            // Nothing balances load here: a stopping service need not wait for anyone to notice.
+            ("KEYSHARE_DRAIN_DELAY_SECS", "0".to_owned()),
         ];
         all.extend(extra);
         env(all)
@@ -346,6 +359,7 @@ pub async fn world_on(store: Store) -> (World, String, String, String, String) {
         ("KEYSHARE_CLIENT_ID", "authorizer".into()),
         ("KEYSHARE_CLIENT_SECRET", AUTHORIZER_SECRET.into()),
         ("KEYSHARE_USAGE_FLUSH_MILLIS", "100".into()),
+        ("KEYSHARE_MANAGEMENT_ADDR", "127.0.0.1:0".into()),
     ]))
     .unwrap();
     let (authorizer_stop, rx) = tokio::sync::oneshot::channel::<()>();
@@ -373,6 +387,7 @@ pub async fn world_on(store: Store) -> (World, String, String, String, String) {
         keyring: kr,
         authorizer: AuthorizerServiceClient::new(channel(started.addr).await),
         authorizer_addr: started.addr,
+        management_addr: started.management_addr,
         shared,
         token,
         _stops: stops,
@@ -386,7 +401,7 @@ pub async fn world_on(store: Store) -> (World, String, String, String, String) {
 impl World {
     /// A client of the authorizer's UsageService.
     pub async fn usage(&self) -> pb::usage_service_client::UsageServiceClient<Channel> {
-        pb::usage_service_client::UsageServiceClient::new(channel(self.authorizer_addr).await)
+        pb::usage_service_client::UsageServiceClient::new(channel(self.management_addr).await)
     }
 
     pub async fn identity(&self) -> idpb::identity_service_client::IdentityServiceClient<Channel> {
