@@ -183,3 +183,58 @@ async fn with_redis_stopped_checks_go_on_each_replica_keeps_its_share_and_rejoin
     assert_eq!(back.failed, 0, "{back:?}");
     assert!((back.admitted as f64) <= bound(back.elapsed) + 3.0, "{back:?}");
 }
+
+/// Checks `calls` times as fast as answers come, round robin: (admitted, refused for a quota).
+async fn drive_flat_out(replicas: &mut [Replica], credential: &str, calls: usize) -> (u64, u64) {
+    let (mut admitted, mut refused) = (0, 0);
+    for call in 0..calls {
+        let n = replicas.len();
+        let request = pb::CheckKeyRequest { key: credential.into(), method: "GET".into(), ..Default::default() };
+        let answer = replicas[call % n].client.check_key(request).await.expect("a check never fails").into_inner();
+        if answer.outcome == pb::Outcome::Valid as i32 {
+            admitted += 1;
+        } else {
+            assert_eq!(answer.outcome, pb::Outcome::QuotaExceeded as i32, "{answer:?}");
+            refused += 1;
+        }
+    }
+    (admitted, refused)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_replicas_hold_a_daily_and_a_monthly_quota_between_them() {
+    const DAILY: i64 = 100;
+    const MONTHLY: i64 = 160;
+    let redis = RedisServer::start();
+    let (mut w, project, key, _sandbox, production) = world().await;
+    w.set(&format!("{key}/environments/production"), "daily_quota", |e| e.daily_quota = DAILY).await;
+    let token = w.token.clone();
+    let update = keyshare_proto::keyring::v1::UpdateProjectRequest {
+        project: Some(keyshare_proto::keyring::v1::Project {
+            name: project.clone(),
+            production: Some(keyshare_proto::keyring::v1::ProjectEnvironmentLimits {
+                rate_limit_per_second: 0,
+                monthly_quota: MONTHLY,
+            }),
+            ..Default::default()
+        }),
+        update_mask: Some(prost_types::FieldMask { paths: vec!["production.monthly_quota".into()] }),
+    };
+    w.keyring.update_project(authed(&token, update)).await.unwrap();
+    let other = create_key(&mut w.keyring, &token, &project, "K2").await.production_credential;
+    w.synced().await;
+    let mut replicas = fleet(&w, &redis.url(), Duration::from_secs(2)).await;
+
+    // The key's daily quota: overrun by at most 5 calls (1 % of 100 is less).
+    let (day, refused) = drive_flat_out(&mut replicas, &production, 3 * DAILY as usize).await;
+    eprintln!("daily quota {DAILY}: admitted {day}, refused {refused}");
+    assert!(day <= DAILY as u64 + 5, "admitted {day} of a daily quota of {DAILY}");
+    assert!(day as f64 >= 0.9 * DAILY as f64, "admitted only {day} of {DAILY}");
+
+    // The project's monthly quota, of which the first key spent `day`: another key of the
+    // project gets the rest, and no more than 5 beyond it.
+    let (month, refused) = drive_flat_out(&mut replicas, &other, 3 * MONTHLY as usize).await;
+    eprintln!("monthly quota {MONTHLY}: admitted {day} + {month}, refused {refused}");
+    assert!(day + month <= MONTHLY as u64 + 5, "admitted {} of a monthly quota of {MONTHLY}", day + month);
+    assert!((day + month) as f64 >= 0.9 * MONTHLY as f64, "admitted only {} of {MONTHLY}", day + month);
+}
