@@ -250,8 +250,12 @@ impl Engine {
                 if spent > 0 || state.wanted {
                     track.last_used = Some(Instant::now());
                 }
+                // Enough for the next intervals at the pace of the last one, and while the fleet
+                // is far from the limit a quarter of this replica's share of what is left, so a
+                // burst far below the limit is never refused for want of a lease.
                 let share = sharing.share(limit).max(1);
-                let want = (2 * spent).clamp(1, share);
+                let left_share = sharing.share((limit - track.total).max(0));
+                let want = (2 * spent).max(left_share / 4).clamp(1, share);
                 let ask =
                     if state.wanted || (spent > 0 && state.left < want) { want - state.left.min(want) } else { 0 };
                 if ask > 0 || track.unpushed != 0 {
