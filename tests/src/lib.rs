@@ -209,6 +209,26 @@ impl Stack {
     }
 }
 
+/// More authorizer replicas on a stack's database and keyring.
+impl Stack {
+    /// Starts another authorizer (on the system clock, serving until the process ends) with
+    /// `extra` settings, e.g. `KEYSHARE_REDIS_URL`; returns once it is listening.
+    pub async fn authorizer_replica(&self, extra: &[(&str, String)]) -> keyshare_authorizer::Started {
+        let mut all = vec![
+            ("DATABASE_URL", self.db.url.clone()),
+            ("KEYSHARE_LISTEN_ADDR", "127.0.0.1:0".into()),
+            ("KEYSHARE_METRICS_ADDR", "127.0.0.1:0".into()),
+            ("KEYSHARE_IDENTITY_URL", format!("http://{}", self.identity)),
+            ("KEYSHARE_KEYRING_URL", format!("http://{}", self.keyring)),
+            ("KEYSHARE_CLIENT_ID", "authorizer".into()),
+            ("KEYSHARE_CLIENT_SECRET", AUTHORIZER_SECRET.into()),
+        ];
+        all.extend(extra.iter().cloned());
+        let config = keyshare_authorizer::Config::from_env(&env(&all)).unwrap();
+        keyshare_authorizer::start(config, Arc::new(SystemClock), std::future::pending()).await.unwrap()
+    }
+}
+
 impl Drop for Stack {
     fn drop(&mut self) {
         for stop in self.stops.drain(..) {

@@ -122,6 +122,56 @@ fn production_is_highly_available() {
 }
 
 #[test]
+fn production_authorizers_share_limits_through_a_redis_only_they_reach() {
+    let rendered = Rendered::overlay("production");
+    let namespace = rendered.namespace();
+    let config = rendered.config_map("keyshare-config");
+    let url = config["data"]["KEYSHARE_REDIS_URL"].as_str().expect("production sets KEYSHARE_REDIS_URL");
+    let (host, port) = url.strip_prefix("redis://").and_then(|rest| rest.split_once(':')).unwrap();
+    let port: u64 = port.trim_end_matches('/').parse().unwrap();
+    let service = rendered.get("Service", host);
+    assert!(service["spec"]["ports"].as_array().unwrap().iter().any(|p| p["port"] == port), "{service}");
+    let redis = rendered
+        .all("Deployment")
+        .find(|d| selector_matches(&serde_json::json!({"matchLabels": service["spec"]["selector"]}), &pod_labels(d)))
+        .expect("a Deployment behind the Redis Service");
+    let container = containers(redis).next().unwrap();
+    assert!(container_port(container, "redis") == Some(port), "{container}");
+    // The authorizer reads it from the ConfigMap it loads.
+    let authorizer = rendered.get("Deployment", "authorizer");
+    let loads = containers(authorizer).next().unwrap()["envFrom"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|source| source["configMapRef"]["name"] == config["metadata"]["name"]);
+    assert!(loads && env_var(authorizer, "KEYSHARE_REDIS_URL").is_none(), "the authorizer does not get {url}");
+
+    // Only the authorizer reaches it; it reaches nothing.
+    let policies: Vec<&Value> = rendered.all("NetworkPolicy").collect();
+    let pod = |labels: BTreeMap<String, String>| Endpoint::Pod { namespace: namespace.clone(), labels };
+    let to = pod(pod_labels(redis));
+    for (source, _, _) in SERVICES {
+        let from = pod(pod_labels(rendered.get("Deployment", source)));
+        assert_eq!(allowed(&policies, &from, &to, port, "TCP"), *source == "authorizer", "{source} -> redis:{port}");
+    }
+    let gateway = pod(pod_labels(rendered.get("Deployment", "gateway")));
+    let client = pod(BTreeMap::from([("keyshare.dev/client".to_owned(), "true".to_owned())]));
+    let ingress = Endpoint::Pod { namespace: "ingress-nginx".into(), labels: BTreeMap::new() };
+    for (source, from) in
+        [("gateway", &gateway), ("client", &client), ("ingress", &ingress), ("outside", &Endpoint::Outside)]
+    {
+        assert!(!allowed(&policies, from, &to, port, "TCP"), "{source} -> redis:{port}");
+    }
+    for (port, protocol) in [(443, "TCP"), (5432, "TCP"), (53, "UDP")] {
+        assert!(!allowed(&policies, &to, &Endpoint::Outside, port, protocol), "redis -> outside:{port}");
+    }
+    // The authorizer reaches Redis and still nothing it could not before.
+    let authorizer = pod(pod_labels(authorizer));
+    assert!(!allowed(&policies, &authorizer, &Endpoint::Outside, port, "TCP"), "authorizer -> outside:{port}");
+    assert!(!allowed(&policies, &authorizer, &Endpoint::Outside, 443, "TCP"), "authorizer -> outside:443");
+}
+
+#[test]
 fn the_readme_creates_every_secret_the_dev_overlay_needs() {
     let readme = std::fs::read_to_string(workspace_root().join("README.md")).unwrap();
     let start = readme.find("\n## Operations").expect("README has no Operations section");

@@ -11,7 +11,7 @@ use keyshare_runtime::credential::{self, Environment};
 use uuid::Uuid;
 
 use crate::index::{self, Index};
-use crate::limits::{self, Period};
+use crate::limits::{self, Bucket, Period, Sharing};
 
 /// Why a check passed or failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -137,7 +137,7 @@ fn same_project(gateway: &str, project: Uuid) -> bool {
 
 /// Decides a check at `now_nanos` (Unix nanoseconds on the service clock). Touches only memory;
 /// allocates nothing. A valid call is charged to every rate bucket and quota, or to none.
-pub fn check(index: &Index, input: &CheckInput<'_>, now_nanos: i64) -> Decision {
+pub fn check(index: &Index, sharing: &Sharing, input: &CheckInput<'_>, now_nanos: i64) -> Decision {
     let now = now_nanos.div_euclid(1_000_000_000);
     let reject = |outcome| Decision { outcome, key: None, environment: None, retry_after: 0 };
     // Cheap rejections first: a mistyped or forged credential never reaches a lookup.
@@ -175,20 +175,57 @@ pub fn check(index: &Index, input: &CheckInput<'_>, now_nanos: i64) -> Decision 
     }
     let slot = index::slot(found.environment);
     let (key, project) = (found.key, found.project);
-    let rates =
-        [(&key.rates[slot], i64::from(settings.rate_limit)), (&project.rates[slot], project.limits[slot].rate_limit)];
+    let (key_rate, project_rate) = (i64::from(settings.rate_limit), project.limits[slot].rate_limit);
+    let rates = [(&key.rates[slot], key_rate), (&project.rates[slot], project_rate)];
     if let Err(retry_after) = limits::take_all(&rates, now_nanos) {
         return Decision { retry_after, ..known(Outcome::RateLimited) };
     }
-    let (day, month) = (Period::day(now), Period::month(now));
-    if !key.daily[slot].try_charge(day, i64::from(settings.daily_quota)) {
+    // With limits shared across replicas, each limit also takes one call from this replica's
+    // lease of the fleet's budget (a count-down in memory; the leases are kept by a task).
+    let environment = slot as u8;
+    let second = now.clamp(0, i64::from(u32::MAX)) as u32;
+    let (key_lease, project_lease) = (&key.rates[slot].lease, &project.rates[slot].lease);
+    if !sharing.take(key_lease, Bucket::KeyRate(key.id, environment), second, key_rate) {
         limits::give_back_all(&rates);
-        return Decision { retry_after: Period::seconds_to_next_day(now), ..known(Outcome::QuotaExceeded) };
+        return Decision { retry_after: 1, ..known(Outcome::RateLimited) };
     }
-    if !project.monthly[slot].try_charge(month, project.limits[slot].monthly_quota) {
-        key.daily[slot].add(day, -1);
+    if !sharing.take(project_lease, Bucket::ProjectRate(project.id, environment), second, project_rate) {
+        sharing.give_back(key_lease, second, key_rate);
         limits::give_back_all(&rates);
-        return Decision { retry_after: Period::seconds_to_next_month(now), ..known(Outcome::QuotaExceeded) };
+        return Decision { retry_after: 1, ..known(Outcome::RateLimited) };
+    }
+    let give_back_rates = || {
+        sharing.give_back(key_lease, second, key_rate);
+        sharing.give_back(project_lease, second, project_rate);
+        limits::give_back_all(&rates);
+    };
+    let (day, month) = (Period::day(now), Period::month(now));
+    let (daily_quota, monthly_quota) = (i64::from(settings.daily_quota), project.limits[slot].monthly_quota);
+    let (daily, monthly) = (&key.daily[slot], &project.monthly[slot]);
+    let over_day = || Decision { retry_after: Period::seconds_to_next_day(now), ..known(Outcome::QuotaExceeded) };
+    let over_month = || Decision { retry_after: Period::seconds_to_next_month(now), ..known(Outcome::QuotaExceeded) };
+    if !daily.try_charge(day, daily_quota) {
+        give_back_rates();
+        return over_day();
+    }
+    if !sharing.take(&daily.1, Bucket::KeyDay(key.id, environment), day.number(), daily_quota) {
+        daily.add(day, -1);
+        give_back_rates();
+        return over_day();
+    }
+    let give_back_day = || {
+        daily.add(day, -1);
+        sharing.give_back(&daily.1, day.number(), daily_quota);
+        give_back_rates();
+    };
+    if !monthly.try_charge(month, monthly_quota) {
+        give_back_day();
+        return over_month();
+    }
+    if !sharing.take(&monthly.1, Bucket::ProjectMonth(project.id, environment), month.number(), monthly_quota) {
+        monthly.add(month, -1);
+        give_back_day();
+        return over_month();
     }
     known(Outcome::Valid)
 }
@@ -225,7 +262,7 @@ impl Checker {
         let decision = {
             // The read lock covers only the decision; nothing awaits while it is held.
             let index = self.shared.index.read().unwrap_or_else(|p| p.into_inner());
-            check(&index, input, now)
+            check(&index, &self.shared.sharing, input, now)
         };
         self.shared.count(decision.outcome);
         if let (Some(key), Some(environment)) = (decision.key, decision.environment) {

@@ -26,6 +26,7 @@ pub struct Config {
     pub credentials: ClientCredentials,
     pub ext_authz: crate::ext_authz::ExtAuthzConfig,
     pub usage: crate::usage::UsageConfig,
+    pub shared_limits: crate::shared_limits::SharedLimitsConfig,
 }
 
 impl Config {
@@ -56,6 +57,19 @@ impl Config {
                     counts_bytes: env.parse_or("KEYSHARE_USAGE_COUNTS_BYTES", defaults.counts_bytes)?,
                     call_log_retention: std::time::Duration::from_secs(
                         env.parse_or("KEYSHARE_CALL_LOG_RETENTION_DAYS", 30u64)?.saturating_mul(24 * 3600),
+                    ),
+                }
+            },
+            shared_limits: {
+                let defaults = crate::shared_limits::SharedLimitsConfig::default();
+                crate::shared_limits::SharedLimitsConfig {
+                    redis_url: env.get("KEYSHARE_REDIS_URL").filter(|url| !url.trim().is_empty()),
+                    prefix: env.get("KEYSHARE_REDIS_PREFIX").unwrap_or(defaults.prefix),
+                    sync_interval: std::time::Duration::from_millis(
+                        env.parse_or("KEYSHARE_LIMITS_SYNC_MILLIS", 20u64)?.clamp(1, 1000),
+                    ),
+                    timeout: std::time::Duration::from_millis(
+                        env.parse_or("KEYSHARE_REDIS_TIMEOUT_MILLIS", 250u64)?.clamp(1, 10_000),
                     ),
                 }
             },

@@ -34,6 +34,8 @@ pub struct Shared {
     /// Whether the quota counts stored in the database have been added to the index.
     pub quotas_restored: AtomicBool,
     pub quotas_restored_notify: tokio::sync::Notify,
+    /// How limits are shared with other replicas (off without a shared store).
+    pub sharing: crate::limits::Sharing,
     /// Checks answered, by outcome (in [`Outcome::ALL`] order).
     pub outcomes: [AtomicU64; Outcome::ALL.len()],
     /// When the feed was lost, while it is lost.
@@ -139,13 +141,19 @@ pub fn apply(index: &mut Index, event: Event) {
     }
 }
 
-/// Reports SERVING once the stored quota counts are in memory, or after a short wait when
-/// the database does not answer: checks must not wait for PostgreSQL.
+/// Reports SERVING once the stored quota counts are in memory and, with shared limits, the
+/// store has answered once (so the replica knows the fleet's limit state), or after a short
+/// wait for either: checks must not wait for PostgreSQL or Redis.
 fn spawn_ready_after_restore(shared: Arc<Shared>, readiness: Readiness) {
     tokio::spawn(async move {
         let restored = shared.quotas_restored_notify.notified();
         if !shared.quotas_restored.load(Ordering::Acquire) {
             let _ = tokio::time::timeout(QUOTA_RESTORE_WAIT, restored).await;
+        }
+        let limits = shared.sharing.ready_notify.notified();
+        if shared.sharing.enabled() && !shared.sharing.ready.load(Ordering::Acquire) {
+            // The sharing task stops waiting by itself after a few seconds.
+            limits.await;
         }
         readiness.set(true).await;
     });

@@ -512,6 +512,7 @@ mod tests {
     #[test]
     fn compact_records() {
         assert_eq!(std::mem::size_of::<EnvSettings>(), 16);
-        assert!(std::mem::size_of::<KeyRecord>() <= 120, "{}", std::mem::size_of::<KeyRecord>());
+        // 120 bytes, plus 16 per rate bucket and quota for the leases of shared limits.
+        assert!(std::mem::size_of::<KeyRecord>() <= 184, "{}", std::mem::size_of::<KeyRecord>());
     }
 }

@@ -30,6 +30,7 @@ pub mod follower;
 pub mod grpc;
 pub mod index;
 pub mod limits;
+pub mod shared_limits;
 pub mod stats;
 pub mod usage;
 pub mod usage_grpc;
@@ -91,6 +92,8 @@ pub async fn start(
     let metrics = Metrics::new("authorizer");
     metrics.register_pool(pool.clone());
     register_feed_metrics(&metrics, shared.clone());
+    register_limit_metrics(&metrics, shared.clone());
+    shared_limits::spawn(config.shared_limits.clone(), shared.clone(), clock.clone())?;
     let metrics_addr = metrics.bind_and_serve(common.metrics_addr).await?;
     let (recorder, writer) =
         usage::channel(pool.clone(), common.database_url.clone(), shared.clone(), clock.clone(), config.usage.clone());
@@ -179,6 +182,45 @@ fn register_usage_metrics(metrics: &Metrics, usage: &usage::UsageMetrics) {
         "Call-log lines waiting to be written",
         usage.buffered_call_logs.clone(),
     );
+}
+
+/// `keyshare_limits_shared` (0/1: sharing through the store right now),
+/// `keyshare_limits_replicas`, `keyshare_limits_fallback_grants_total` and
+/// `keyshare_limits_sync_failures_total`.
+fn register_limit_metrics(metrics: &Metrics, shared: Arc<follower::Shared>) {
+    use std::sync::atomic::Ordering;
+    let (connected, replicas) = (Gauge::<i64>::default(), Gauge::<i64>::default());
+    let (fallback, failures) = (Counter::<u64>::default(), Counter::<u64>::default());
+    {
+        let mut registry = metrics.registry();
+        registry.register(
+            "limits_shared",
+            "Whether rate limits and quotas are being shared through the store (0: per-replica share)",
+            connected.clone(),
+        );
+        registry.register("limits_replicas", "Replicas sharing limits, at the last heartbeat", replicas.clone());
+        registry.register(
+            "limits_fallback_grants",
+            "Calls granted as this replica's share of a limit while the shared store was away",
+            fallback.clone(),
+        );
+        registry.register(
+            "limits_sync_failures",
+            "Syncs of shared limits the store did not answer in time",
+            failures.clone(),
+        );
+    }
+    metrics.on_scrape(move || {
+        let sharing = &shared.sharing;
+        connected.set(i64::from(sharing.enabled() && sharing.connected()));
+        replicas.set(if sharing.enabled() { i64::from(sharing.replicas()) } else { 1 });
+        for (counter, value) in [(&fallback, &sharing.fallback_grants), (&failures, &sharing.sync_failures)] {
+            let (value, exported) = (value.load(Ordering::Relaxed), counter.get());
+            if value > exported {
+                counter.inc_by(value - exported);
+            }
+        }
+    });
 }
 
 /// `keyshare_feed_connected` (0/1), `keyshare_feed_stale_seconds` (how long checks have been

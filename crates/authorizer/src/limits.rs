@@ -4,8 +4,13 @@
 //!   arrival time. A limit of N per second admits bursts of N.
 //! - Quotas (a key's calls per UTC day, a project's per UTC month) as a counter tagged with its
 //!   period: a counter from an earlier period reads as zero, so periods roll over without a task.
+//! - With limits shared across replicas ([`Sharing`]), every bucket and quota also holds a
+//!   [`Lease`]: the part of the fleet's budget for the current window (a second, a day, a month)
+//!   that this replica may spend without asking anyone. `shared_limits` reserves leases in the
+//!   shared store in the background; a check only counts down an atomic.
 
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 
 use chrono::{Datelike, NaiveDate};
 
@@ -16,6 +21,8 @@ const NANOS: i64 = 1_000_000_000;
 pub struct Rate {
     /// Theoretical arrival time, nanoseconds on the service clock.
     tat: AtomicI64,
+    /// This replica's share of the fleet's budget for the current second.
+    pub lease: Lease,
 }
 
 impl Rate {
@@ -48,6 +55,7 @@ impl Rate {
     /// Copies another bucket's state (the same limit in a freshly loaded index).
     pub fn copy_from(&self, other: &Rate) {
         self.tat.store(other.tat.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.lease.copy_from(&other.lease);
     }
 
     /// Returns a request taken by [`take`](Self::take) that was then refused by another limit.
@@ -98,6 +106,11 @@ impl Period {
         Self::month(date.and_hms_opt(0, 0, 0).map_or(0, |t| t.and_utc().timestamp()))
     }
 
+    /// The period's number, as shared leases name their window.
+    pub fn number(self) -> u32 {
+        u32::from(self.0)
+    }
+
     /// The UTC day that Unix second `now` falls in.
     pub fn day(now: i64) -> Self {
         Self(now.div_euclid(SECONDS_PER_DAY).clamp(0, i64::from(u16::MAX)) as u16)
@@ -130,9 +143,9 @@ impl Period {
 }
 
 /// Calls charged to one quota in one period: the period in the top 16 bits, the count in the
-/// other 48.
+/// other 48; and this replica's share of the fleet's remaining budget for the period.
 #[derive(Debug, Default)]
-pub struct Quota(AtomicU64);
+pub struct Quota(AtomicU64, pub Lease);
 
 impl Quota {
     fn unpack(value: u64, period: Period) -> u64 {
@@ -190,6 +203,259 @@ impl Quota {
     /// Copies another counter's value (the same quota in a freshly loaded index).
     pub fn copy_from(&self, other: &Quota) {
         self.0.store(other.0.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.1.copy_from(&other.1);
+    }
+}
+
+/// What a shared limit belongs to: the sync task's name for a [`Lease`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Bucket {
+    /// A key's rate limit in one environment (index slot 0 or 1).
+    KeyRate(uuid::Uuid, u8),
+    ProjectRate(uuid::Uuid, u8),
+    /// A key's daily quota.
+    KeyDay(uuid::Uuid, u8),
+    /// A project's monthly quota.
+    ProjectMonth(uuid::Uuid, u8),
+}
+
+/// How checks share limits with other replicas, read by every check without a lock.
+#[derive(Debug, Default)]
+pub struct Sharing {
+    /// Whether a shared store is configured (`KEYSHARE_REDIS_URL`).
+    enabled: AtomicBool,
+    /// Whether the shared store answered the last sync.
+    connected: AtomicBool,
+    /// Replicas alive at the last heartbeat read (0 before the first).
+    replicas: AtomicU32,
+    /// Calls granted by this replica alone, as its share, while the store was away.
+    pub fallback_grants: AtomicU64,
+    /// Syncs the store did not answer in time.
+    pub sync_failures: AtomicU64,
+    /// Buckets whose lease a check opened for a new window, for the sync task to look after.
+    opened: OnceLock<tokio::sync::mpsc::Sender<Bucket>>,
+    /// Set once the first sync has answered (or given up waiting): the limit state is current.
+    pub ready: AtomicBool,
+    pub ready_notify: tokio::sync::Notify,
+}
+
+impl Sharing {
+    /// Turns sharing on; `opened` receives the buckets checks open.
+    pub fn enable(&self, opened: tokio::sync::mpsc::Sender<Bucket>) {
+        let _ = self.opened.set(opened);
+        self.enabled.store(true, Ordering::Release);
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.enabled.load(Ordering::Relaxed)
+    }
+
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    pub fn set_connected(&self, connected: bool) {
+        self.connected.store(connected, Ordering::Relaxed);
+    }
+
+    /// Replicas known, at least this one.
+    pub fn replicas(&self) -> u32 {
+        self.replicas.load(Ordering::Relaxed).max(1)
+    }
+
+    pub fn set_replicas(&self, replicas: u32) {
+        self.replicas.store(replicas.max(1), Ordering::Relaxed);
+    }
+
+    /// This replica's share of `limit`: the limit divided by the replicas it knows of, rounded
+    /// up so that a small limit still admits.
+    pub fn share(&self, limit: i64) -> u64 {
+        let replicas = u64::from(self.replicas());
+        (limit.max(0) as u64).div_ceil(replicas)
+    }
+
+    /// What a check may spend of a window nobody has leased to this replica yet: one call
+    /// while the store answers (the sync task then reserves it and leases more), the fallback
+    /// share while it does not.
+    fn open_grant(&self, limit: i64) -> u64 {
+        if self.connected() { 1 } else { self.share(limit) }
+    }
+
+    fn opened(&self, bucket: Bucket, fallback: u64) {
+        self.fallback_grants.fetch_add(fallback, Ordering::Relaxed);
+        if let Some(sender) = self.opened.get() {
+            // A full channel loses a hint only: the bucket is opened again next window.
+            let _ = sender.try_send(bucket);
+        }
+    }
+
+    /// Takes one call from the lease of `bucket` for `window` under `limit` (0: none). See
+    /// [`Lease::take`].
+    pub fn take(&self, lease: &Lease, bucket: Bucket, window: u32, limit: i64) -> bool {
+        if limit <= 0 || !self.enabled() {
+            return true;
+        }
+        let grant = self.open_grant(limit);
+        let ahead = self.connected() && matches!(bucket, Bucket::KeyRate(..) | Bucket::ProjectRate(..));
+        match lease.take(window, grant, ahead) {
+            Taken::Yes => true,
+            Taken::No => false,
+            Taken::Opened(taken) => {
+                self.opened(bucket, if self.connected() { 0 } else { grant });
+                taken
+            }
+        }
+    }
+
+    /// Returns a call taken by [`take`](Self::take) that another limit then refused.
+    pub fn give_back(&self, lease: &Lease, window: u32, limit: i64) {
+        if limit > 0 && self.enabled() {
+            lease.give_back(window);
+        }
+    }
+}
+
+const TAG_SHIFT: u32 = 44;
+const OPENED_SHIFT: u32 = 25;
+const OPENED_MAX: u64 = (1 << 19) - 1;
+const WANTED: u64 = 1 << 24;
+const LEFT_MAX: u64 = (1 << 24) - 1;
+
+/// A window's number as a lease stores it: 20 bits, never 0 (0 is "no window").
+fn tag(window: u32) -> u64 {
+    u64::from(window % 0xF_FFFF) + 1
+}
+
+/// What [`Lease::take`] did.
+#[derive(Debug, PartialEq, Eq)]
+enum Taken {
+    Yes,
+    No,
+    /// The call opened the window on this replica (taken or not).
+    Opened(bool),
+}
+
+/// A lease as the sync task reads it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeaseState {
+    /// Whether the lease is for this window.
+    pub current: bool,
+    /// Calls a check granted itself when it opened the window (0: it took a prefetched lease).
+    pub opened: u64,
+    /// Whether a check was refused for want of calls since the last sync.
+    pub wanted: bool,
+    /// Calls left to spend.
+    pub left: u64,
+}
+
+/// A replica's share of a limit for one window, in one atomic (window tag 20 bits, calls a
+/// check granted itself on opening 19, "wanted more" 1, calls left 24), plus the share leased
+/// ahead for the next window (tag, calls).
+#[derive(Debug, Default)]
+pub struct Lease {
+    current: AtomicU64,
+    next: AtomicU64,
+}
+
+impl Lease {
+    fn unpack(value: u64) -> (u64, u64, bool, u64) {
+        (value >> TAG_SHIFT, (value >> OPENED_SHIFT) & OPENED_MAX, value & WANTED != 0, value & LEFT_MAX)
+    }
+
+    fn pack(tag: u64, opened: u64, wanted: bool, left: u64) -> u64 {
+        (tag << TAG_SHIFT)
+            | (opened.min(OPENED_MAX) << OPENED_SHIFT)
+            | if wanted { WANTED } else { 0 }
+            | left.min(LEFT_MAX)
+    }
+
+    /// Takes one call of `window`. A window not yet opened on this replica opens with the
+    /// lease reserved ahead for it, or else with `grant` calls granted without asking, unless
+    /// `ahead` says windows in use are leased ahead (rate buckets while the store answers) and
+    /// the lease held is the previous window's.
+    fn take(&self, window: u32, grant: u64, ahead: bool) -> Taken {
+        let tag = tag(window);
+        let mut current = self.current.load(Ordering::Acquire);
+        loop {
+            let (held, opened, wanted, left) = Self::unpack(current);
+            let (new, taken) = if held == tag {
+                if left > 0 {
+                    (Self::pack(tag, opened, wanted, left - 1), Taken::Yes)
+                } else if wanted {
+                    return Taken::No;
+                } else {
+                    (Self::pack(tag, opened, true, 0), Taken::No)
+                }
+            } else {
+                let next = self.next.load(Ordering::Acquire);
+                let (left, opened) = if next >> TAG_SHIFT == tag {
+                    (next & LEFT_MAX, 0)
+                } else if ahead && held == self::tag(window.wrapping_sub(1)) {
+                    // In use a moment ago: its lease is on its way; granting without asking
+                    // here could overrun what the other replicas were leased.
+                    (0, 0)
+                } else {
+                    (grant.min(LEFT_MAX), grant)
+                };
+                let taken = left > 0;
+                (Self::pack(tag, opened, !taken, left.saturating_sub(1)), Taken::Opened(taken))
+            };
+            match self.current.compare_exchange_weak(current, new, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return taken,
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
+    fn give_back(&self, window: u32) {
+        self.add(window, 1);
+    }
+
+    /// Adds `calls` to the lease of `window` if it is the one held; whether it was.
+    pub fn add(&self, window: u32, calls: u64) -> bool {
+        let tag = tag(window);
+        let mut current = self.current.load(Ordering::Acquire);
+        loop {
+            let (held, opened, wanted, left) = Self::unpack(current);
+            if held != tag {
+                return false;
+            }
+            let new = Self::pack(tag, opened, wanted && calls == 0, left.saturating_add(calls));
+            match self.current.compare_exchange_weak(current, new, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return true,
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
+    /// Reads the lease for `window` and clears its "wanted more" mark.
+    pub fn observe(&self, window: u32) -> LeaseState {
+        let tag = tag(window);
+        let value = self.current.fetch_and(!WANTED, Ordering::AcqRel);
+        let (held, opened, wanted, left) = Self::unpack(value);
+        if held != tag {
+            // Put the mark back: it belongs to another window.
+            if wanted {
+                self.current.fetch_or(WANTED, Ordering::AcqRel);
+            }
+            return LeaseState { current: false, opened: 0, wanted: false, left: 0 };
+        }
+        LeaseState { current: true, opened, wanted, left }
+    }
+
+    /// Ends the lease (the next check opens a new one); the calls it had left.
+    pub fn close(&self) -> u64 {
+        Self::unpack(self.current.swap(0, Ordering::AcqRel)).3
+    }
+
+    /// Leases `calls` ahead for `window`, which a check takes when it opens that window.
+    pub fn set_next(&self, window: u32, calls: u64) {
+        self.next.store((tag(window) << TAG_SHIFT) | calls.min(LEFT_MAX), Ordering::Release);
+    }
+
+    fn copy_from(&self, other: &Lease) {
+        self.current.store(other.current.load(Ordering::Acquire), Ordering::Release);
+        self.next.store(other.next.load(Ordering::Acquire), Ordering::Release);
     }
 }
 
@@ -246,5 +512,42 @@ mod tests {
         // The key has spent one of its three, not three.
         assert!(key.take(now, 3).is_ok() && key.take(now, 3).is_ok());
         assert!(key.take(now, 3).is_err());
+    }
+
+    #[test]
+    fn leases_count_down_open_and_take_what_was_leased_ahead() {
+        let lease = Lease::default();
+        // A window nobody leased: opens with the grant (here 2), and asks for more once spent.
+        assert_eq!(lease.take(7, 2, true), Taken::Opened(true));
+        assert_eq!(lease.take(7, 2, true), Taken::Yes);
+        assert_eq!(lease.take(7, 2, true), Taken::No);
+        let state = lease.observe(7);
+        assert_eq!(state, LeaseState { current: true, opened: 2, wanted: true, left: 0 });
+        assert!(!lease.observe(7).wanted, "observing clears the mark");
+        assert!(lease.add(7, 1) && !lease.add(6, 5), "only the window held grows");
+        assert_eq!(lease.take(7, 2, true), Taken::Yes);
+        // The next second was in use a moment ago: without a lease ahead it waits for one...
+        assert_eq!(lease.take(8, 2, true), Taken::Opened(false));
+        assert!(lease.observe(8).wanted);
+        // ...and takes the lease ahead when there is one.
+        lease.set_next(9, 3);
+        assert_eq!(lease.take(9, 2, true), Taken::Opened(true));
+        assert_eq!(lease.observe(9), LeaseState { current: true, opened: 0, wanted: false, left: 2 });
+        lease.give_back(9);
+        assert_eq!(lease.close(), 3);
+        assert!(!lease.observe(9).current);
+        // Without leases ahead (a quota, or the store away) a new window opens with the grant.
+        assert_eq!(lease.take(10, 4, false), Taken::Opened(true));
+        assert_eq!(lease.observe(10).left, 3);
+    }
+
+    #[test]
+    fn shares_round_up_over_known_replicas() {
+        let sharing = Sharing::default();
+        assert_eq!(sharing.share(10), 10, "alone before the first heartbeat");
+        sharing.set_replicas(3);
+        assert_eq!((sharing.share(10), sharing.share(1), sharing.share(0)), (4, 1, 0));
+        // Disabled: every take passes and nothing is counted.
+        assert!(sharing.take(&Lease::default(), Bucket::KeyRate(uuid::Uuid::nil(), 0), 1, 1));
     }
 }

@@ -448,3 +448,77 @@ fn postgres_bindir() -> PathBuf {
     assert!(!initdb.is_empty(), "initdb is not installed (install the postgresql package)");
     PathBuf::from(initdb).parent().expect("initdb's directory").to_path_buf()
 }
+
+/// A Redis server of the test's own, listening only on a unix socket in a temporary directory
+/// (no TCP port at all, so nothing can collide), which the test may stop and start again at the
+/// same address. Keeps nothing on disk. Stopped when dropped.
+#[derive(Debug)]
+pub struct RedisServer {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// Starts `redis-server` and waits until it answers.
+    pub fn start() -> Self {
+        let dir = tempfile::Builder::new().prefix("keyshare-redis-").tempdir().unwrap();
+        let mut server = Self { dir, child: None };
+        server.start_server();
+        server
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("redis.sock")
+    }
+
+    /// `unix://` URL of the server, for `KEYSHARE_REDIS_URL`.
+    pub fn url(&self) -> String {
+        format!("unix://{}", self.socket().display())
+    }
+
+    /// Starts the server (again) and waits until it answers PING.
+    pub fn start_server(&mut self) {
+        assert!(self.child.is_none(), "the Redis server is running already");
+        let child = Command::new("redis-server")
+            .args(["--port", "0", "--unixsocket"])
+            .arg(self.socket())
+            .args(["--unixsocketperm", "700", "--save", "", "--appendonly", "no", "--dir"])
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is missing: scripts/test installs it");
+        self.child = Some(child);
+        let start = Instant::now();
+        loop {
+            if let Ok(mut stream) = std::os::unix::net::UnixStream::connect(self.socket()) {
+                use std::io::{Read, Write};
+                let mut answer = [0u8; 7];
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                if stream.write_all(b"PING\r\n").is_ok()
+                    && stream.read_exact(&mut answer).is_ok()
+                    && &answer == b"+PONG\r\n"
+                {
+                    return;
+                }
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "redis-server did not answer within 30 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills the server (as a crash would) and waits until it has exited.
+    pub fn stop_server(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_file(self.socket());
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop_server();
+    }
+}
