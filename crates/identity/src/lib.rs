@@ -24,6 +24,7 @@ pub mod domain;
 pub mod error;
 pub mod grpc;
 pub mod keys;
+pub mod password;
 pub mod store;
 
 pub use config::Config;
@@ -75,6 +76,7 @@ pub async fn start(
     );
     verifier.spawn_refresh();
 
+    let trust_forwarded_for = config.trust_forwarded_for;
     let app = Arc::new(app::Identity::new(pool.clone(), clock, config, signing_keys, waker));
     app.provision_internal_clients().await?;
 
@@ -86,7 +88,7 @@ pub async fn start(
 
     let outbox_task = outbox.spawn();
     let options = ServeOptions { config: common, metrics, verifier, ready_on_start: true, untraced_methods: &[] };
-    let grpc = grpc::IdentityGrpc::new(app);
+    let grpc = grpc::IdentityGrpc::new(app, trust_forwarded_for);
     let server = tokio::spawn(async move {
         let result =
             bound.serve(options, |routes| routes.add_service(IdentityServiceServer::new(grpc)), shutdown).await;
