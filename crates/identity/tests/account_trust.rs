@@ -311,8 +311,11 @@ fn with_deadline<T>(token: Option<&str>, message: T) -> tonic::Request<T> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn login_flood_leaves_internal_and_management_calls_answering() {
     // The per-address limit would stop this flood from one address almost at once; it is
-    // lifted so that the flood reaches password hashing, the resource under attack.
-    let h = Harness::start_with(&[("KEYSHARE_LOGIN_MAX_FAILURES_PER_ADDRESS", "1000000")]).await;
+    // lifted so that the flood reaches password hashing, the resource under attack. The
+    // database pool is the default one, not the harness's small one.
+    let h =
+        Harness::start_with(&[("KEYSHARE_LOGIN_MAX_FAILURES_PER_ADDRESS", "1000000"), ("KEYSHARE_DB_POOL_SIZE", "16")])
+            .await;
     let (account, owner_token, _) = verified_account(&h, "owner@example.com").await;
     let mut client = h.client().await;
     let internal = internal_token(&mut client).await;
