@@ -232,6 +232,7 @@ async fn scripts_run_the_walkthrough_and_the_operations_section_work() {
         r#""accepted": 1"#,
         r#""outcome": "OUTCOME_VALID""#,
         r#""outcome": "OUTCOME_DISABLED""#,
+        r#""revokedSessions": 1"#,
     ] {
         assert!(walked.contains(expected), "{expected} missing from the walkthrough output:\n{walked}");
     }

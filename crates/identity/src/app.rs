@@ -2,8 +2,6 @@
 
 use std::sync::Arc;
 
-use argon2::Argon2;
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
 use keyshare_runtime::auth::{Caller, Claims, Principal};
@@ -11,7 +9,6 @@ use keyshare_runtime::clock::SharedClock;
 use keyshare_runtime::crypto::{constant_time_eq, random_token, sha256};
 use keyshare_runtime::mail::{self, Mail, OutboxWaker};
 use keyshare_runtime::page::{self, PageRequest};
-use rand::rngs::OsRng;
 use uuid::Uuid;
 
 use crate::config::Config;
@@ -20,10 +17,13 @@ use crate::domain::{
 };
 use crate::error::{Error, Result};
 use crate::keys::{self, SigningKeys};
-use crate::store;
+use crate::password::Passwords;
+use crate::store::{self, Bucket, Limit};
 
 /// How long an email verification token works.
 const VERIFICATION_TTL: chrono::Duration = chrono::Duration::hours(24);
+/// How long a password reset token works.
+const PASSWORD_RESET_TTL: chrono::Duration = chrono::Duration::minutes(30);
 
 /// The internal client identity calls keyring as (its secret is random: nobody logs in as it).
 const SELF_CLIENT: &str = "identity";
@@ -37,12 +37,14 @@ pub struct Identity {
     config: Config,
     keys: Arc<SigningKeys>,
     outbox: OutboxWaker,
-    /// A real argon2 hash verified when the email is unknown, so a login for an unknown email
-    /// takes as long as one with a wrong password.
-    dummy_hash: String,
-    /// Password hashing is deliberately expensive; at most one per core runs at a time, so a
-    /// burst of logins queues instead of starving every other call of CPU.
-    hashing: Arc<tokio::sync::Semaphore>,
+    passwords: Passwords,
+}
+
+/// What a reset-style mail is for: both carry a token that sets a new password.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PasswordMail {
+    Reset,
+    FinishSignUp,
 }
 
 impl Identity {
@@ -54,23 +56,50 @@ impl Identity {
         outbox: OutboxWaker,
         keyring: tonic::transport::Channel,
     ) -> Self {
-        let dummy_hash = hash_password_blocking("keyshare-timing-equaliser").unwrap_or_default();
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let hashing = Arc::new(tokio::sync::Semaphore::new(cores));
-        Self { pool, keyring, clock, config, keys, outbox, dummy_hash, hashing }
+        let passwords = Passwords::new(config.password_hash_threads, config.password_hash_queue);
+        Self { pool, keyring, clock, config, keys, outbox, passwords }
     }
 
     fn now(&self) -> DateTime<Utc> {
         self.clock.now()
     }
 
+    fn login_limit(&self, max_hits: i32) -> Limit {
+        Limit {
+            max_hits,
+            window: duration(self.config.login_window),
+            lockout: Some(duration(self.config.login_lockout)),
+        }
+    }
+
+    /// Counts a mail to `email` against its address's budget, whether or not an account has
+    /// the address, so the answer reveals nothing.
+    async fn count_mail(&self, email: &Email, now: DateTime<Utc>) -> Result<()> {
+        let window = duration(self.config.account_mail_window);
+        let limit = Limit { max_hits: self.config.account_mails_per_address, window, lockout: None };
+        let client = self.pool.get().await?;
+        if let Some(until) = store::throttle_hit(&client, Bucket::MailAddress, &email.normalized(), now, limit).await? {
+            return Err(Error::MailThrottled { retry_after: (until - now).to_std().unwrap_or_default() });
+        }
+        Ok(())
+    }
+
     // --- Accounts ---
 
+    /// Signs up. An unverified account with the same email is replaced: it belonged to
+    /// whoever typed the address, not necessarily its owner, and must never block the owner.
     pub async fn sign_up(&self, email: Email, display_name: DisplayName, password: NewPassword) -> Result<Account> {
-        let password_hash = hash_password(&self.hashing, password.expose().to_owned()).await?;
+        let password_hash = self.passwords.reserve()?.hash(password.expose().to_owned()).await?;
         let now = self.now();
+        self.count_mail(&email, now).await?;
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
+        if let Some(existing) = store::lock_account_by_email(&tx, &email.normalized()).await? {
+            if existing.email_verified || !store::delete_unverified_account(&tx, existing.id).await? {
+                return Err(Error::EmailTaken);
+            }
+            tracing::info!(account = %existing.id, "unverified account replaced by a new sign-up");
+        }
         let account = store::insert_account(
             &tx,
             Uuid::now_v7(),
@@ -114,6 +143,52 @@ impl Identity {
         Ok(())
     }
 
+    /// Queues a mail whose token sets a new password (and so verifies the email); earlier
+    /// unused reset and verification tokens of the account stop working.
+    async fn queue_password_mail(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        account: &Account,
+        kind: PasswordMail,
+        now: DateTime<Utc>,
+    ) -> Result<()> {
+        store::spend_password_resets(tx, account.id, now).await?;
+        store::spend_verifications(tx, account.id, now).await?;
+        let token = random_token(32);
+        let ttl = if kind == PasswordMail::Reset { PASSWORD_RESET_TTL } else { VERIFICATION_TTL };
+        store::insert_password_reset(tx, &sha256(token.as_bytes()), account.id, now, now + ttl).await?;
+        let link = format!("{}/reset-password?token={token}", self.config.public_url);
+        let (subject, intro, expiry, ignore) = match kind {
+            PasswordMail::Reset => (
+                "Reset your Keyshare password",
+                "Someone asked to reset the password of your Keyshare account. Choose a new one by opening this link:",
+                "30 minutes",
+                "If you did not ask, ignore this mail: your password stays as it is.",
+            ),
+            PasswordMail::FinishSignUp => (
+                "Finish signing up for Keyshare",
+                "Confirm your email address for Keyshare and choose your password by opening this link:",
+                "24 hours",
+                "If you did not sign up, ignore this mail.",
+            ),
+        };
+        let body = format!(
+            "Hello {name},\n\n{intro}\n\n{link}\n\n\
+             Or pass this token to ResetPassword with your new password:\n\n{token}\n\n\
+             The link works once and expires in {expiry}. Setting the password ends every session \
+             of the account. {ignore}\n",
+            name = account.display_name
+        );
+        let mail = Mail {
+            to: account.email.clone(),
+            subject: subject.into(),
+            body,
+            topic: Some(format!("accounts/{}", account.id)),
+        };
+        mail::enqueue(tx, "identity", &mail).await?;
+        Ok(())
+    }
+
     pub async fn verify_email(&self, token: &str) -> Result<Account> {
         let now = self.now();
         let hash = sha256(token.trim().as_bytes());
@@ -130,47 +205,101 @@ impl Identity {
         Ok(account)
     }
 
+    /// Resending does not resend a link that verifies the account as it is: its password may
+    /// have been chosen by someone who typed another person's address. The mail's token sets
+    /// the password instead, so the verified account's password is its verifier's.
     pub async fn resend_verification(&self, email: Email) -> Result<()> {
         let now = self.now();
+        self.count_mail(&email, now).await?;
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
-        if let Some(found) = store::credentials_by_email(&tx, &email.normalized()).await?
-            && !found.account.email_verified
+        if let Some(account) = store::lock_account_by_email(&tx, &email.normalized()).await?
+            && !account.email_verified
         {
-            self.queue_verification(&tx, &found.account, now).await?;
+            self.queue_password_mail(&tx, &account, PasswordMail::FinishSignUp, now).await?;
         }
         tx.commit().await?;
         self.outbox.wake();
         Ok(())
     }
 
-    pub async fn login(&self, email: Email, password: String) -> Result<(TokenGrant, Account)> {
+    /// Mails a reset link if an account has the email; answers the same either way.
+    pub async fn request_password_reset(&self, email: Email) -> Result<()> {
+        let now = self.now();
+        self.count_mail(&email, now).await?;
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        if let Some(account) = store::lock_account_by_email(&tx, &email.normalized()).await? {
+            self.queue_password_mail(&tx, &account, PasswordMail::Reset, now).await?;
+            tracing::info!(account = %account.id, "password reset requested");
+        }
+        tx.commit().await?;
+        self.outbox.wake();
+        Ok(())
+    }
+
+    /// Sets the password with a reset token, verifies the email, and ends every session.
+    pub async fn reset_password(&self, token: &str, new: NewPassword) -> Result<(Account, u64)> {
+        let hash = sha256(token.trim().as_bytes());
+        let usable = |reset: &store::Verification, now| !reset.used && reset.expires_at > now;
+        // A cheap look first, so a made-up token costs no hashing.
+        let client = self.pool.get().await?;
+        let found = store::password_reset(&client, &hash, false).await?;
+        drop(client);
+        if !found.is_some_and(|reset| usable(&reset, self.now())) {
+            return Err(Error::PasswordResetTokenInvalid);
+        }
+        let password_hash = self.passwords.reserve()?.hash(new.expose().to_owned()).await?;
+        let now = self.now();
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let reset = store::password_reset(&tx, &hash, true)
+            .await?
+            .filter(|reset| usable(reset, now))
+            .ok_or(Error::PasswordResetTokenInvalid)?;
+        store::spend_password_resets(&tx, reset.account_id, now).await?;
+        store::spend_verifications(&tx, reset.account_id, now).await?;
+        store::set_password_hash(&tx, reset.account_id, &password_hash, now).await?;
+        let account =
+            store::mark_email_verified(&tx, reset.account_id, now).await?.ok_or(Error::PasswordResetTokenInvalid)?;
+        let revoked = store::revoke_all_sessions(&tx, reset.account_id, now, "password reset").await?;
+        store::throttle_clear(&tx, Bucket::LoginEmail, &account.email.to_ascii_lowercase()).await?;
+        tx.commit().await?;
+        tracing::info!(account = %account.id, revoked_sessions = revoked, "password reset");
+        Ok((account, revoked))
+    }
+
+    /// Logs in. The attempt is counted (per email and per client address) before the password
+    /// is checked, in one atomic statement each, so concurrent guesses cannot outrun the limit.
+    pub async fn login(&self, email: Email, password: String, client_address: &str) -> Result<(TokenGrant, Account)> {
+        let reservation = self.passwords.reserve()?;
         let normalized = email.normalized();
         let now = self.now();
         let client = self.pool.get().await?;
-        if let Some(until) = store::locked_until(&client, &normalized).await?
-            && until > now
+        let throttled =
+            |until: DateTime<Utc>| Error::Throttled { retry_after: (until - now).to_std().unwrap_or_default() };
+        let per_address = self.login_limit(self.config.login_max_failures_per_address);
+        if let Some(until) =
+            store::throttle_hit(&client, Bucket::LoginAddress, client_address, now, per_address).await?
         {
-            let retry_after = (until - now).to_std().unwrap_or_default();
-            return Err(Error::Throttled { retry_after });
+            return Err(throttled(until));
+        }
+        let per_email = self.login_limit(self.config.login_max_failures);
+        if let Some(until) = store::throttle_hit(&client, Bucket::LoginEmail, &normalized, now, per_email).await? {
+            return Err(throttled(until));
         }
         let found = store::credentials_by_email(&client, &normalized).await?;
-        let hash = found.as_ref().map_or(self.dummy_hash.clone(), |f| f.password_hash.clone());
-        let matches = verify_password(&self.hashing, password, hash).await? && found.is_some();
+        // The connection goes back to the pool while the password is checked.
+        drop(client);
+        let hash = found.as_ref().map_or_else(|| self.passwords.dummy_hash().to_owned(), |f| f.password_hash.clone());
+        let matches = reservation.verify(password, hash).await? && found.is_some();
         let Some(found) = found.filter(|_| matches) else {
-            store::record_login_failure(
-                &client,
-                &normalized,
-                now,
-                chrono::Duration::from_std(self.config.login_window).unwrap_or_default(),
-                self.config.login_max_failures,
-                chrono::Duration::from_std(self.config.login_lockout).unwrap_or_default(),
-            )
-            .await?;
             tracing::info!("login failed");
             return Err(Error::InvalidCredentials);
         };
-        store::clear_login_failures(&client, &normalized).await?;
+        let client = self.pool.get().await?;
+        store::throttle_clear(&client, Bucket::LoginEmail, &normalized).await?;
+        store::throttle_refund(&client, Bucket::LoginAddress, client_address).await?;
         drop(client);
         if self.config.require_verified_email && !found.account.email_verified {
             return Err(Error::EmailNotVerified);
@@ -319,14 +448,15 @@ impl Identity {
         let client = self.pool.get().await?;
         let hash = store::password_hash(&client, me).await?.ok_or(Error::NotFound("account"))?;
         drop(client);
-        if !verify_password(&self.hashing, current, hash).await? {
+        if !self.passwords.reserve()?.verify(current, hash).await? {
             return Err(Error::WrongPassword);
         }
-        let new_hash = hash_password(&self.hashing, new.expose().to_owned()).await?;
+        let new_hash = self.passwords.reserve()?.hash(new.expose().to_owned()).await?;
         let now = self.now();
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         store::set_password_hash(&tx, me, &new_hash, now).await?;
+        store::spend_password_resets(&tx, me, now).await?;
         let revoked = store::revoke_other_sessions(&tx, me, caller.session_id, now).await?;
         tx.commit().await?;
         Ok(revoked)
@@ -665,32 +795,4 @@ fn require_internal(caller: &Caller) -> Result<()> {
 
 fn duration(d: std::time::Duration) -> chrono::Duration {
     chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
-}
-
-fn hash_password_blocking(password: &str) -> Result<String> {
-    let salt = SaltString::generate(&mut OsRng);
-    Argon2::default()
-        .hash_password(password.as_bytes(), &salt)
-        .map(|hash| hash.to_string())
-        .map_err(|e| Error::Internal(format!("hashing password: {e}")))
-}
-
-/// argon2id with the crate's defaults (19 MiB, 2 passes): on a blocking thread, as it is meant
-/// to be slow.
-async fn hash_password(permits: &tokio::sync::Semaphore, password: String) -> Result<String> {
-    let _permit = permits.acquire().await.map_err(|e| Error::Internal(e.to_string()))?;
-    tokio::task::spawn_blocking(move || hash_password_blocking(&password))
-        .await
-        .map_err(|e| Error::Internal(e.to_string()))?
-}
-
-async fn verify_password(permits: &tokio::sync::Semaphore, password: String, hash: String) -> Result<bool> {
-    let _permit = permits.acquire().await.map_err(|e| Error::Internal(e.to_string()))?;
-    tokio::task::spawn_blocking(move || {
-        PasswordHash::new(&hash)
-            .map(|parsed| Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok())
-            .unwrap_or(false)
-    })
-    .await
-    .map_err(|e| Error::Internal(e.to_string()))
 }

@@ -10,7 +10,7 @@ use keyshare_runtime::mail::MailConfig;
 /// Default gRPC port.
 pub const PORT: u16 = 50051;
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Config {
     pub common: CommonConfig,
     pub tokens: TokenPolicy,
@@ -28,12 +28,57 @@ pub struct Config {
     /// `name:secret,…`).
     pub internal_clients: Vec<(String, String)>,
     pub mail: MailConfig,
-    /// Failed logins within `login_window` before an email is locked out for `login_lockout`.
+    /// Login attempts for one email within `login_window` before it is locked out for
+    /// `login_lockout` (`KEYSHARE_LOGIN_MAX_FAILURES`); a successful login clears the count.
     pub login_max_failures: i32,
     pub login_window: Duration,
     pub login_lockout: Duration,
     /// Where keyring is (`KEYSHARE_KEYRING_URL`): told when someone leaves an organization.
     pub keyring_url: String,
+    /// Failed login attempts from one client address within `login_window` before it is
+    /// locked out (`KEYSHARE_LOGIN_MAX_FAILURES_PER_ADDRESS`).
+    pub login_max_failures_per_address: i32,
+    /// Whether the client address is the last `x-forwarded-for` entry instead of the peer
+    /// (`KEYSHARE_LOGIN_TRUST_FORWARDED_FOR`): only behind a proxy that appends it.
+    pub trust_forwarded_for: bool,
+    /// Passwords hashed at once (`KEYSHARE_PASSWORD_HASH_THREADS`, default half the cores).
+    pub password_hash_threads: usize,
+    /// Password checks waiting beyond those before new ones are answered UNAVAILABLE
+    /// (`KEYSHARE_PASSWORD_HASH_QUEUE`).
+    pub password_hash_queue: usize,
+    /// Verification and reset mails to one address per `account_mail_window`
+    /// (`KEYSHARE_ACCOUNT_MAILS_PER_ADDRESS`, `KEYSHARE_ACCOUNT_MAIL_WINDOW_SECS`).
+    pub account_mails_per_address: i32,
+    pub account_mail_window: Duration,
+}
+
+impl std::fmt::Debug for Config {
+    // Internal clients' secrets are never printed; the other fields print their own redactions.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let internal_clients: Vec<String> =
+            self.internal_clients.iter().map(|(name, _)| format!("{name}:<redacted>")).collect();
+        f.debug_struct("Config")
+            .field("common", &self.common)
+            .field("tokens", &self.tokens)
+            .field("access_token_ttl", &self.access_token_ttl)
+            .field("refresh_token_ttl", &self.refresh_token_ttl)
+            .field("require_verified_email", &self.require_verified_email)
+            .field("public_url", &self.public_url)
+            .field("sealer", &self.sealer)
+            .field("internal_clients", &internal_clients)
+            .field("mail", &self.mail)
+            .field("login_max_failures", &self.login_max_failures)
+            .field("login_window", &self.login_window)
+            .field("login_lockout", &self.login_lockout)
+            .field("login_max_failures_per_address", &self.login_max_failures_per_address)
+            .field("trust_forwarded_for", &self.trust_forwarded_for)
+            .field("password_hash_threads", &self.password_hash_threads)
+            .field("password_hash_queue", &self.password_hash_queue)
+            .field("account_mails_per_address", &self.account_mails_per_address)
+            .field("account_mail_window", &self.account_mail_window)
+            .field("keyring_url", &self.keyring_url)
+            .finish()
+    }
 }
 
 impl Config {
@@ -58,12 +103,35 @@ impl Config {
             sealer: Sealer::from_env(env)?,
             internal_clients,
             mail: MailConfig::from_env(env)?,
-            login_max_failures: env.parse_or("KEYSHARE_LOGIN_MAX_FAILURES", 5)?,
+            login_max_failures: positive(env, "KEYSHARE_LOGIN_MAX_FAILURES", 5)?,
             login_window: env.secs_or("KEYSHARE_LOGIN_WINDOW_SECS", 900)?,
             login_lockout: env.secs_or("KEYSHARE_LOGIN_LOCKOUT_SECS", 900)?,
             keyring_url: env.get("KEYSHARE_KEYRING_URL").unwrap_or_else(|| "http://127.0.0.1:50052".into()),
+            login_max_failures_per_address: positive(env, "KEYSHARE_LOGIN_MAX_FAILURES_PER_ADDRESS", 100)?,
+            trust_forwarded_for: env.bool_or("KEYSHARE_LOGIN_TRUST_FORWARDED_FOR", false)?,
+            password_hash_threads: positive(env, "KEYSHARE_PASSWORD_HASH_THREADS", default_hash_threads())?,
+            password_hash_queue: env.parse_or("KEYSHARE_PASSWORD_HASH_QUEUE", 32)?,
+            account_mails_per_address: positive(env, "KEYSHARE_ACCOUNT_MAILS_PER_ADDRESS", 5)?,
+            account_mail_window: env.secs_or("KEYSHARE_ACCOUNT_MAIL_WINDOW_SECS", 3600)?,
         })
     }
+}
+
+/// Half the cores, at least one: the other half keeps answering every other call.
+fn default_hash_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().div_ceil(2))
+}
+
+fn positive<T>(env: &Env, var: &str, default: T) -> Result<T, ConfigError>
+where
+    T: std::str::FromStr + PartialOrd + Default,
+    T::Err: std::fmt::Display,
+{
+    let value = env.parse_or(var, default)?;
+    if value <= T::default() {
+        return Err(ConfigError::new(var, "must be at least 1"));
+    }
+    Ok(value)
 }
 
 fn parse_internal_clients(spec: &str) -> Result<Vec<(String, String)>, String> {

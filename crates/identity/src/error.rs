@@ -21,6 +21,12 @@ pub enum Error {
     InvalidClientCredentials,
     #[error("too many failed logins; try again later")]
     Throttled { retry_after: Duration },
+    #[error("too many mails to this address; try again later")]
+    MailThrottled { retry_after: Duration },
+    #[error("too many password checks at once; try again shortly")]
+    HashingBusy,
+    #[error("the password reset token is invalid, used or expired; ask for a new one")]
+    PasswordResetTokenInvalid,
     #[error("verify your email address before logging in")]
     EmailNotVerified,
     #[error("an account with this email already exists")]
@@ -70,6 +76,17 @@ impl From<Error> for Status {
             Error::Throttled { retry_after } => {
                 error::retry_later(Code::ResourceExhausted, DOMAIN, "LOGIN_THROTTLED", e.to_string(), retry_after)
             }
+            Error::MailThrottled { retry_after } => {
+                error::retry_later(Code::ResourceExhausted, DOMAIN, "MAIL_THROTTLED", e.to_string(), retry_after)
+            }
+            Error::HashingBusy => error::retry_later(
+                Code::Unavailable,
+                DOMAIN,
+                "PASSWORD_CHECKS_BUSY",
+                e.to_string(),
+                Duration::from_secs(1),
+            ),
+            Error::PasswordResetTokenInvalid => simple(Code::FailedPrecondition, "PASSWORD_RESET_TOKEN_INVALID", &e),
             Error::EmailNotVerified => simple(Code::FailedPrecondition, "EMAIL_NOT_VERIFIED", &e),
             Error::EmailTaken => simple(Code::AlreadyExists, "EMAIL_TAKEN", &e),
             Error::VerificationTokenInvalid => simple(Code::FailedPrecondition, "VERIFICATION_TOKEN_INVALID", &e),

@@ -21,11 +21,28 @@ use crate::error::Error;
 /// Implements `keyshare.identity.v1.IdentityService`.
 pub struct IdentityGrpc {
     app: Arc<Identity>,
+    /// Whether the client address comes from `x-forwarded-for` (behind a trusted proxy).
+    trust_forwarded_for: bool,
 }
 
 impl IdentityGrpc {
-    pub fn new(app: Arc<Identity>) -> Self {
-        Self { app }
+    pub fn new(app: Arc<Identity>, trust_forwarded_for: bool) -> Self {
+        Self { app, trust_forwarded_for }
+    }
+
+    /// Where the call comes from, for per-address throttling: the peer, or the last
+    /// `x-forwarded-for` entry (the one the trusted proxy appended) when so configured.
+    fn client_address<T>(&self, request: &Request<T>) -> String {
+        let forwarded = self
+            .trust_forwarded_for
+            .then(|| request.metadata().get("x-forwarded-for").and_then(|v| v.to_str().ok()))
+            .flatten()
+            .and_then(|list| list.rsplit(',').next())
+            .and_then(|last| last.trim().parse::<std::net::IpAddr>().ok());
+        match forwarded.or_else(|| request.remote_addr().map(|addr| addr.ip())) {
+            Some(ip) => ip.to_string(),
+            None => "unknown".to_owned(),
+        }
     }
 }
 
@@ -80,6 +97,7 @@ impl pb::identity_service_server::IdentityService for IdentityGrpc {
     }
 
     async fn login(&self, request: Request<pb::LoginRequest>) -> Reply<pb::LoginResponse> {
+        let client_address = self.client_address(&request);
         let r = request.into_inner();
         handle("identity.login", async {
             let mut errors = InvalidInput::default();
@@ -87,7 +105,7 @@ impl pb::identity_service_server::IdentityService for IdentityGrpc {
             errors.check(required(&r.password, "password").map_err(only_input));
             errors.finish()?;
             let Some(email) = email else { unreachable!() };
-            let (grant, account) = self.app.login(email, r.password).await?;
+            let (grant, account) = self.app.login(email, r.password, &client_address).await?;
             Ok(pb::LoginResponse { grant: Some(grant_pb(grant)), account: Some(account_pb(account)) })
         })
         .await
@@ -152,6 +170,35 @@ impl pb::identity_service_server::IdentityService for IdentityGrpc {
             let Some(new) = new else { unreachable!() };
             let revoked = self.app.change_password(&caller, r.current_password, new).await?;
             Ok(pb::ChangePasswordResponse { revoked_sessions: i32::try_from(revoked).unwrap_or(i32::MAX) })
+        })
+        .await
+    }
+
+    async fn request_password_reset(
+        &self,
+        request: Request<pb::RequestPasswordResetRequest>,
+    ) -> Reply<pb::RequestPasswordResetResponse> {
+        let r = request.into_inner();
+        handle("identity.request_password_reset", async {
+            self.app.request_password_reset(Email::parse(&r.email, "email")?).await?;
+            Ok(pb::RequestPasswordResetResponse {})
+        })
+        .await
+    }
+
+    async fn reset_password(&self, request: Request<pb::ResetPasswordRequest>) -> Reply<pb::ResetPasswordResponse> {
+        let r = request.into_inner();
+        handle("identity.reset_password", async {
+            let mut errors = InvalidInput::default();
+            errors.check(required(&r.token, "token").map_err(only_input));
+            let new = errors.check(NewPassword::parse(&r.new_password, "new_password"));
+            errors.finish()?;
+            let Some(new) = new else { unreachable!() };
+            let (account, revoked) = self.app.reset_password(&r.token, new).await?;
+            Ok(pb::ResetPasswordResponse {
+                account: Some(account_pb(account)),
+                revoked_sessions: i32::try_from(revoked).unwrap_or(i32::MAX),
+            })
         })
         .await
     }

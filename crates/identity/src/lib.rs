@@ -24,6 +24,7 @@ pub mod domain;
 pub mod error;
 pub mod grpc;
 pub mod keys;
+pub mod password;
 pub mod store;
 
 pub use config::Config;
@@ -76,6 +77,7 @@ pub async fn start(
     verifier.spawn_refresh();
 
     let keyring = keyshare_runtime::client::lazy_channel("KEYSHARE_KEYRING_URL", &config.keyring_url)?;
+    let trust_forwarded_for = config.trust_forwarded_for;
     let app = Arc::new(app::Identity::new(pool.clone(), clock, config, signing_keys, waker, keyring));
     app.provision_internal_clients().await?;
     app.spawn_keyring_calls(std::time::Duration::from_secs(2));
@@ -88,7 +90,7 @@ pub async fn start(
 
     let outbox_task = outbox.spawn();
     let options = ServeOptions { config: common, metrics, verifier, ready_on_start: true, untraced_methods: &[] };
-    let grpc = grpc::IdentityGrpc::new(app);
+    let grpc = grpc::IdentityGrpc::new(app, trust_forwarded_for);
     let server = tokio::spawn(async move {
         let result =
             bound.serve(options, |routes| routes.add_service(IdentityServiceServer::new(grpc)), shutdown).await;

@@ -154,47 +154,174 @@ pub async fn use_verification(
     Ok(())
 }
 
-// --- Login throttling ---
+// --- Throttles ---
 
-/// When the email is locked out until, if it is.
-pub async fn locked_until(c: &impl GenericClient, email_normalized: &str) -> Result<Option<DateTime<Utc>>> {
-    let row = c
-        .query_opt("SELECT locked_until FROM identity.login_throttle WHERE email_normalized = $1", &[&email_normalized])
-        .await?;
-    Ok(row.and_then(|r| r.get(0)))
+/// What a throttle bucket counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bucket {
+    /// Login attempts per email.
+    LoginEmail,
+    /// Login attempts per client address.
+    LoginAddress,
+    /// Account mails (verification, reset) per address.
+    MailAddress,
 }
 
-/// Counts a failed login; locks the email once `max_failures` happen within `window`.
-pub async fn record_login_failure(
+impl Bucket {
+    fn as_str(self) -> &'static str {
+        match self {
+            Bucket::LoginEmail => "login-email",
+            Bucket::LoginAddress => "login-address",
+            Bucket::MailAddress => "mail-address",
+        }
+    }
+}
+
+/// How a bucket counts: at most `max_hits` within `window`, then locked for `lockout`, or
+/// until the window ends when `lockout` is `None`.
+#[derive(Clone, Copy, Debug)]
+pub struct Limit {
+    pub max_hits: i32,
+    pub window: chrono::Duration,
+    pub lockout: Option<chrono::Duration>,
+}
+
+/// Counts one hit on `subject` in one atomic statement (the row lock orders concurrent hits),
+/// and answers until when the subject is locked out if this hit is refused. A refused hit is
+/// not counted; a lockout that has ended starts a fresh window.
+pub async fn throttle_hit(
     c: &impl GenericClient,
-    email_normalized: &str,
+    bucket: Bucket,
+    subject: &str,
     now: DateTime<Utc>,
-    window: chrono::Duration,
-    max_failures: i32,
-    lockout: chrono::Duration,
-) -> Result<()> {
-    c.execute(
-        "INSERT INTO identity.login_throttle AS t (email_normalized, failures, window_started_at)
-         VALUES ($1, 1, $2)
-         ON CONFLICT (email_normalized) DO UPDATE SET
-            failures = CASE WHEN t.window_started_at < $2 - make_interval(secs => $3) THEN 1 ELSE t.failures + 1 END,
-            window_started_at = CASE WHEN t.window_started_at < $2 - make_interval(secs => $3) THEN $2 ELSE t.window_started_at END,
-            locked_until = CASE
-                WHEN t.window_started_at >= $2 - make_interval(secs => $3) AND t.failures + 1 >= $4 THEN $2 + make_interval(secs => $5)
-                ELSE t.locked_until END",
-        &[&email_normalized, &now, &seconds(window), &max_failures, &seconds(lockout)],
-    )
-    .await?;
-    Ok(())
+    limit: Limit,
+) -> Result<Option<DateTime<Utc>>> {
+    let row = c
+        .query_one(
+            "INSERT INTO identity.throttles AS t (bucket, subject, hits, window_started_at)
+             VALUES ($1, $2, 1, $3)
+             ON CONFLICT (bucket, subject) DO UPDATE SET
+                hits = CASE
+                    WHEN t.locked_until > $3 THEN t.hits
+                    WHEN t.locked_until IS NOT NULL OR t.window_started_at <= $3 - make_interval(secs => $4) THEN 1
+                    ELSE t.hits + 1 END,
+                window_started_at = CASE
+                    WHEN t.locked_until > $3 THEN t.window_started_at
+                    WHEN t.locked_until IS NOT NULL OR t.window_started_at <= $3 - make_interval(secs => $4) THEN $3
+                    ELSE t.window_started_at END,
+                locked_until = CASE
+                    WHEN t.locked_until > $3 THEN t.locked_until
+                    WHEN t.locked_until IS NOT NULL OR t.window_started_at <= $3 - make_interval(secs => $4) THEN NULL
+                    WHEN t.hits + 1 > $5 THEN
+                        COALESCE($3 + make_interval(secs => $6), t.window_started_at + make_interval(secs => $4))
+                    ELSE NULL END
+             RETURNING locked_until",
+            &[&bucket.as_str(), &subject, &now, &seconds(limit.window), &limit.max_hits, &limit.lockout.map(seconds)],
+        )
+        .await?;
+    let locked_until: Option<DateTime<Utc>> = row.get(0);
+    Ok(locked_until.filter(|until| *until > now))
 }
 
 fn seconds(d: chrono::Duration) -> f64 {
     d.num_milliseconds() as f64 / 1000.0
 }
 
-pub async fn clear_login_failures(c: &impl GenericClient, email_normalized: &str) -> Result<()> {
-    c.execute("DELETE FROM identity.login_throttle WHERE email_normalized = $1", &[&email_normalized]).await?;
+/// Forgets every hit on `subject` (a successful login clears its email's count).
+pub async fn throttle_clear(c: &impl GenericClient, bucket: Bucket, subject: &str) -> Result<()> {
+    c.execute("DELETE FROM identity.throttles WHERE bucket = $1 AND subject = $2", &[&bucket.as_str(), &subject])
+        .await?;
     Ok(())
+}
+
+/// Takes back one hit on `subject`, unless it is locked out (a successful login from an address
+/// does not count against it; its failures still do).
+pub async fn throttle_refund(c: &impl GenericClient, bucket: Bucket, subject: &str) -> Result<()> {
+    c.execute(
+        "UPDATE identity.throttles SET hits = GREATEST(hits - 1, 0)
+         WHERE bucket = $1 AND subject = $2 AND locked_until IS NULL",
+        &[&bucket.as_str(), &subject],
+    )
+    .await?;
+    Ok(())
+}
+
+// --- Replacing pending accounts, password resets ---
+
+/// The account with this email, locked for the rest of the transaction.
+pub async fn lock_account_by_email(c: &impl GenericClient, email_normalized: &str) -> Result<Option<Account>> {
+    let row = c
+        .query_opt(
+            &format!("SELECT {ACCOUNT_COLUMNS} FROM identity.accounts WHERE email_normalized = $1 FOR UPDATE"),
+            &[&email_normalized],
+        )
+        .await?;
+    Ok(row.as_ref().map(account))
+}
+
+/// Deletes an account that was never verified, with its tokens and sessions.
+pub async fn delete_unverified_account(c: &impl GenericClient, id: Uuid) -> Result<bool> {
+    let n = c.execute("DELETE FROM identity.accounts WHERE id = $1 AND email_verified_at IS NULL", &[&id]).await?;
+    Ok(n == 1)
+}
+
+/// Spends every unused email verification token of the account.
+pub async fn spend_verifications(c: &impl GenericClient, account_id: Uuid, now: DateTime<Utc>) -> Result<()> {
+    c.execute(
+        "UPDATE identity.email_verifications SET used_at = $2 WHERE account_id = $1 AND used_at IS NULL",
+        &[&account_id, &now],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Spends every unused password reset token of the account.
+pub async fn spend_password_resets(c: &impl GenericClient, account_id: Uuid, now: DateTime<Utc>) -> Result<()> {
+    c.execute(
+        "UPDATE identity.password_resets SET used_at = $2 WHERE account_id = $1 AND used_at IS NULL",
+        &[&account_id, &now],
+    )
+    .await?;
+    Ok(())
+}
+
+pub async fn insert_password_reset(
+    c: &impl GenericClient,
+    token_hash: &[u8],
+    account_id: Uuid,
+    now: DateTime<Utc>,
+    expires_at: DateTime<Utc>,
+) -> Result<()> {
+    c.execute(
+        "INSERT INTO identity.password_resets (token_hash, account_id, created_at, expires_at) VALUES ($1, $2, $3, $4)",
+        &[&token_hash, &account_id, &now, &expires_at],
+    )
+    .await?;
+    Ok(())
+}
+
+/// A password reset token, locked for the rest of the transaction when `lock`.
+pub async fn password_reset(c: &impl GenericClient, token_hash: &[u8], lock: bool) -> Result<Option<Verification>> {
+    let sql = format!(
+        "SELECT account_id, expires_at, used_at IS NOT NULL FROM identity.password_resets WHERE token_hash = $1{}",
+        if lock { " FOR UPDATE" } else { "" }
+    );
+    let row = c.query_opt(&sql, &[&token_hash]).await?;
+    Ok(row.map(|r| Verification { account_id: r.get(0), expires_at: r.get(1), used: r.get(2) }))
+}
+
+/// Marks the account's email verified (if it was not) and returns it.
+pub async fn mark_email_verified(c: &impl GenericClient, id: Uuid, now: DateTime<Utc>) -> Result<Option<Account>> {
+    let row = c
+        .query_opt(
+            &format!(
+                "UPDATE identity.accounts SET email_verified_at = COALESCE(email_verified_at, $2), updated_at = $2
+                 WHERE id = $1 RETURNING {ACCOUNT_COLUMNS}"
+            ),
+            &[&id, &now],
+        )
+        .await?;
+    Ok(row.as_ref().map(account))
 }
 
 // --- Sessions and refresh tokens ---
@@ -263,6 +390,22 @@ pub async fn revoke_session(c: &impl GenericClient, id: Uuid, now: DateTime<Utc>
     )
     .await?;
     Ok(())
+}
+
+/// Ends every live session of the account; returns how many ended.
+pub async fn revoke_all_sessions(
+    c: &impl GenericClient,
+    account_id: Uuid,
+    now: DateTime<Utc>,
+    reason: &str,
+) -> Result<u64> {
+    c.execute(
+        "UPDATE identity.sessions SET revoked_at = $2, revoked_reason = $3
+         WHERE account_id = $1 AND revoked_at IS NULL",
+        &[&account_id, &now, &reason],
+    )
+    .await
+    .map_err(DbError::from)
 }
 
 /// Ends every live session of the account except `keep`; returns how many ended.

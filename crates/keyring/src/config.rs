@@ -40,3 +40,27 @@ impl Config {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_prints_no_secret() {
+        let (_, kek) = keyshare_runtime::crypto::Sealer::generate("k1");
+        let kek_secret = kek.split_once(':').map(|(_, key)| key.to_owned()).unwrap_or_default();
+        let env = Env::from_pairs([
+            ("DATABASE_URL", "postgres://keyshare:db-password-1234@127.0.0.1/keyshare".to_owned()),
+            ("KEYSHARE_CLIENT_ID", "keyring".to_owned()),
+            ("KEYSHARE_CLIENT_SECRET", "client-secret-0123456789abcdef0123456789".to_owned()),
+            ("KEYSHARE_SMTP_URL", "smtp://mailer:smtp-password-5678@127.0.0.1:2525".to_owned()),
+            ("KEYSHARE_KEY_ENCRYPTION_KEYS", kek),
+        ]);
+        let printed = format!("{:?}", Config::from_env(&env).expect("configuration"));
+        for secret in
+            ["db-password-1234", "client-secret-0123456789abcdef0123456789", "smtp-password-5678", &kek_secret]
+        {
+            assert!(!printed.contains(secret), "Debug of keyring's Config shows a secret: {printed}");
+        }
+    }
+}

@@ -100,7 +100,7 @@ impl Env {
 }
 
 /// Settings every service shares.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct CommonConfig {
     /// Service name, used in traces, metrics and logs.
     pub service: &'static str,
@@ -124,6 +124,22 @@ pub struct CommonConfig {
     pub drain_delay: Duration,
     /// Authenticates page tokens (`KEYSHARE_PAGE_TOKEN_KEY`), the same in every service.
     pub page_token_key: crate::page::TokenKey,
+}
+
+impl std::fmt::Debug for CommonConfig {
+    // The database URL may carry a password (in the user info or a parameter): never printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CommonConfig")
+            .field("service", &self.service)
+            .field("listen_addr", &self.listen_addr)
+            .field("metrics_addr", &self.metrics_addr)
+            .field("database_url", &"<redacted>")
+            .field("db_pool_size", &self.db_pool_size)
+            .field("call_timeout", &self.call_timeout)
+            .field("max_concurrent_calls", &self.max_concurrent_calls)
+            .field("shutdown_grace", &self.shutdown_grace)
+            .finish()
+    }
 }
 
 impl CommonConfig {
@@ -180,6 +196,13 @@ mod tests {
         let env = Env::from_pairs([("DATABASE_URL", "postgres://x"), ("KEYSHARE_CALL_TIMEOUT_SECS", "0")]);
         let err = CommonConfig::from_env(&env, "test", 50051).unwrap_err();
         assert_eq!(err.var, "KEYSHARE_CALL_TIMEOUT_SECS");
+    }
+
+    #[test]
+    fn debug_hides_the_database_password() {
+        let env = Env::from_pairs([("DATABASE_URL", "postgres://keyshare:hunter2-db-secret@db/keyshare")]);
+        let printed = format!("{:?}", CommonConfig::from_env(&env, "test", 50051).unwrap());
+        assert!(!printed.contains("hunter2-db-secret") && printed.contains("<redacted>"), "{printed}");
     }
 
     #[test]

@@ -5,12 +5,15 @@
 //! never mails. A background worker delivers pending rows over SMTP (lettre) or, when no SMTP
 //! server is configured, as `.eml` files in a spool directory. Failed sends are retried with
 //! exponential backoff; permanent refusals are marked failed. Delivery state (attempts, last
-//! error, delivered or failed time) stays on the row. Once delivered, the body (which may hold a
-//! single-use token) is erased.
+//! error, delivered or failed time) stays on the row. Once delivered or failed for good, the
+//! body (which may hold a single-use token) is erased.
 //!
-//! Rows are claimed with `FOR UPDATE SKIP LOCKED` and a lease, so replicas share the work and a
-//! crashed worker's rows are picked up again when the lease ends. Delivery is at least once: a
-//! crash between the SMTP server accepting a mail and the row being marked can send it twice.
+//! Rows are claimed one at a time with `FOR UPDATE SKIP LOCKED` and a lease of their own, and a
+//! send is abandoned (and retried) after half the lease, so a mail's lease never ends while it
+//! is being sent: replicas share the work, a crashed worker's mail is picked up again when its
+//! lease ends, and a slow SMTP server cannot make two replicas send the same mail. Delivery is
+//! still at least once: a crash between the SMTP server accepting a mail and the row being
+//! marked can send it twice.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -92,6 +95,7 @@ pub struct MailConfig {
     from: Mailbox,
     retry_max: Duration,
     poll_interval: Duration,
+    lease: Duration,
 }
 
 impl std::fmt::Debug for MailConfig {
@@ -107,7 +111,7 @@ impl std::fmt::Debug for MailConfig {
 impl MailConfig {
     /// `KEYSHARE_SMTP_URL` (e.g. `smtp://user:pass@host:587?tls=required`; unset: spool files),
     /// `KEYSHARE_MAIL_SPOOL_DIR`, `KEYSHARE_MAIL_FROM`, `KEYSHARE_MAIL_RETRY_MAX_SECS`,
-    /// `KEYSHARE_MAIL_POLL_SECS`.
+    /// `KEYSHARE_MAIL_POLL_SECS`, `KEYSHARE_MAIL_LEASE_SECS`.
     pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
         let transport = match env.get("KEYSHARE_SMTP_URL") {
             Some(url) => Transport::Smtp(
@@ -133,6 +137,7 @@ impl MailConfig {
             from,
             retry_max: env.secs_or("KEYSHARE_MAIL_RETRY_MAX_SECS", 300)?,
             poll_interval: env.secs_or("KEYSHARE_MAIL_POLL_SECS", 2)?,
+            lease: env.secs_or("KEYSHARE_MAIL_LEASE_SECS", 60)?,
         })
     }
 
@@ -163,9 +168,6 @@ pub struct OutboxWorker {
     waker: OutboxWaker,
 }
 
-const BATCH: i64 = 16;
-const LEASE_SECS: f64 = 60.0;
-
 impl OutboxWorker {
     pub fn new(pool: deadpool_postgres::Pool, schema: &'static str, config: MailConfig) -> Self {
         Self { pool, schema, config, waker: OutboxWaker::default() }
@@ -179,9 +181,9 @@ impl OutboxWorker {
     pub fn spawn(self) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
             loop {
-                match self.deliver_batch().await {
-                    Ok(n) if n as i64 == BATCH => continue,
-                    Ok(_) => {}
+                match self.deliver_next().await {
+                    Ok(true) => continue,
+                    Ok(false) => {}
                     Err(e) => {
                         tracing::warn!(error = %e, schema = self.schema, "outbox delivery round failed")
                     }
@@ -194,65 +196,68 @@ impl OutboxWorker {
         })
     }
 
-    /// Claims and delivers one batch of due mails; returns how many were claimed.
-    pub async fn deliver_batch(&self) -> Result<usize, DbError> {
+    /// Claims and delivers the next due mail, if there is one; answers whether there was.
+    pub async fn deliver_next(&self) -> Result<bool, DbError> {
         let schema = self.schema;
         let client = self.pool.get().await?;
-        let rows = client
-            .query(
+        let row = client
+            .query_opt(
                 &format!(
                     "UPDATE {schema}.outbox
-                     SET locked_until = now() + make_interval(secs => $2), attempts = attempts + 1
-                     WHERE id IN (
+                     SET locked_until = now() + make_interval(secs => $1), attempts = attempts + 1
+                     WHERE id = (
                         SELECT id FROM {schema}.outbox
                         WHERE delivered_at IS NULL AND failed_at IS NULL AND next_attempt_at <= now()
                           AND (locked_until IS NULL OR locked_until < now())
-                        ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
+                        ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED)
                      RETURNING id, recipient, subject, body, attempts"
                 ),
-                &[&BATCH, &LEASE_SECS],
+                &[&self.config.lease.as_secs_f64()],
             )
             .await?;
         drop(client);
-        let claimed = rows.len();
-        for row in rows {
-            let (id, recipient, subject, body, attempts): (i64, String, String, String, i32) =
-                (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
-            let outcome = self.send(id, &recipient, subject, body).await;
-            let client = self.pool.get().await?;
-            match outcome {
-                Ok(()) => {
-                    client
-                        .execute(
-                            &format!(
-                                "UPDATE {schema}.outbox SET delivered_at = now(), locked_until = NULL,
-                                 body = '', last_error = NULL WHERE id = $1"
-                            ),
-                            &[&id],
-                        )
-                        .await?;
-                    tracing::info!(outbox_id = id, schema, "mail delivered");
-                }
-                Err(SendError { permanent, message }) => {
-                    let backoff = self.backoff(attempts);
-                    let sql = if permanent {
-                        format!(
-                            "UPDATE {schema}.outbox SET failed_at = now(), locked_until = NULL, last_error = $2 WHERE id = $1"
-                        )
-                    } else {
-                        format!(
-                            "UPDATE {schema}.outbox SET locked_until = NULL, last_error = $2,
-                             next_attempt_at = now() + make_interval(secs => $3) WHERE id = $1"
-                        )
-                    };
-                    let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
-                        if permanent { vec![&id, &message] } else { vec![&id, &message, &backoff] };
-                    client.execute(&sql, &params).await?;
-                    tracing::warn!(outbox_id = id, schema, attempts, permanent, error = %message, "mail not delivered");
-                }
+        let Some(row) = row else { return Ok(false) };
+        let (id, recipient, subject, body, attempts): (i64, String, String, String, i32) =
+            (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+        // Half the lease: the row is marked well before another worker could claim it again.
+        let outcome = tokio::time::timeout(self.config.lease / 2, self.send(id, &recipient, subject, body))
+            .await
+            .unwrap_or_else(|_| Err(SendError { permanent: false, message: "sending timed out".into() }));
+        let client = self.pool.get().await?;
+        match outcome {
+            Ok(()) => {
+                client
+                    .execute(
+                        &format!(
+                            "UPDATE {schema}.outbox SET delivered_at = now(), locked_until = NULL,
+                             body = '', last_error = NULL WHERE id = $1"
+                        ),
+                        &[&id],
+                    )
+                    .await?;
+                tracing::info!(outbox_id = id, schema, "mail delivered");
+            }
+            Err(SendError { permanent, message }) => {
+                let backoff = self.backoff(attempts);
+                let sql = if permanent {
+                    // Never to be sent: nothing needs the body (or the token it may carry).
+                    format!(
+                        "UPDATE {schema}.outbox SET failed_at = now(), locked_until = NULL, body = '',
+                         last_error = $2 WHERE id = $1"
+                    )
+                } else {
+                    format!(
+                        "UPDATE {schema}.outbox SET locked_until = NULL, last_error = $2,
+                         next_attempt_at = now() + make_interval(secs => $3) WHERE id = $1"
+                    )
+                };
+                let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+                    if permanent { vec![&id, &message] } else { vec![&id, &message, &backoff] };
+                client.execute(&sql, &params).await?;
+                tracing::warn!(outbox_id = id, schema, attempts, permanent, error = %message, "mail not delivered");
             }
         }
-        Ok(claimed)
+        Ok(true)
     }
 
     fn backoff(&self, attempts: i32) -> f64 {

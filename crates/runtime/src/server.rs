@@ -1,6 +1,8 @@
 //! The gRPC server every service runs: its routes plus health and reflection, behind the same
 //! tower stack (request id → span and metrics → concurrency limit → authentication → per-call
-//! timeout), with graceful shutdown.
+//! timeout), with graceful shutdown. A client's `x-request-id` is kept only if it is at most
+//! [`MAX_REQUEST_ID_LEN`] printable ASCII characters; otherwise the call gets a fresh one, so
+//! logs, spans and responses never carry what a client chose to smuggle into them.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -157,6 +159,7 @@ impl Bound {
         let routes = add_services(routes).add_service(reflection_v1).add_service(reflection_v1alpha);
 
         let layers = ServiceBuilder::new()
+            .layer(SanitizeRequestIdLayer)
             .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
             .layer(PropagateRequestIdLayer::x_request_id())
             .layer(ObserveLayer { metrics: options.metrics.clone(), untraced: options.untraced_methods })
@@ -429,6 +432,55 @@ impl<B: Body + Unpin> Body for ObservedBody<B> {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// The longest `x-request-id` a client may choose.
+pub const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// Whether a client's request id is kept: 1 to [`MAX_REQUEST_ID_LEN`] visible ASCII characters.
+fn acceptable_request_id(value: &[u8]) -> bool {
+    !value.is_empty() && value.len() <= MAX_REQUEST_ID_LEN && value.iter().all(|b| (0x21..=0x7e).contains(b))
+}
+
+/// Drops an `x-request-id` that is not acceptable (or given more than once), so the next layer
+/// makes a fresh one.
+#[derive(Clone, Copy, Debug)]
+struct SanitizeRequestIdLayer;
+
+impl<S> tower::Layer<S> for SanitizeRequestIdLayer {
+    type Service = SanitizeRequestId<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        SanitizeRequestId { inner }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct SanitizeRequestId<S> {
+    inner: S,
+}
+
+impl<S, B> tower::Service<http::Request<B>> for SanitizeRequestId<S>
+where
+    S: tower::Service<http::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        let values = request.headers().get_all("x-request-id");
+        let mut iter = values.iter();
+        let keep = matches!((iter.next(), iter.next()), (Some(value), None) if acceptable_request_id(value.as_bytes()));
+        if !keep {
+            request.headers_mut().remove("x-request-id");
+        }
+        self.inner.call(request)
     }
 }
 

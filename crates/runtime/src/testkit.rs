@@ -183,24 +183,61 @@ pub struct ReceivedMail {
     pub body: String,
 }
 
-/// A real SMTP server (aiosmtpd) that stores every mail in a maildir.
+/// A real SMTP server (aiosmtpd) that stores every mail in a maildir. Recipients whose address
+/// starts with `refused` are refused for good (550), as a real server refuses unknown mailboxes.
 #[derive(Debug)]
 pub struct SmtpServer {
     child: Option<Child>,
     pub port: u16,
     maildir: tempfile::TempDir,
+    /// How long the server takes to accept each mail.
+    delay: Duration,
 }
+
+/// aiosmtpd's Mailbox handler, slowed down by a delay per mail and refusing `refused…`
+/// recipients.
+const HANDLER: &str = r#"
+import asyncio
+from aiosmtpd.handlers import Mailbox
+
+
+class KeyshareTestMailbox(Mailbox):
+    def __init__(self, mail_dir, delay):
+        super().__init__(mail_dir)
+        self.delay = float(delay)
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if address.lower().startswith("refused"):
+            return "550 5.1.1 no such mailbox"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server, session, envelope):
+        await asyncio.sleep(self.delay)
+        return await super().handle_DATA(server, session, envelope)
+
+    @classmethod
+    def from_cli(cls, parser, *args):
+        return cls(args[0], args[1])
+"#;
 
 impl SmtpServer {
     pub async fn start() -> Self {
+        Self::start_slow(Duration::ZERO).await
+    }
+
+    /// A server that takes `delay` to accept each mail, as a loaded or distant one does.
+    pub async fn start_slow(delay: Duration) -> Self {
         let maildir = tempfile::tempdir().unwrap();
-        let mut server = Self { child: None, port: free_port(), maildir };
+        std::fs::write(maildir.path().join("keyshare_test_smtp.py"), HANDLER).unwrap();
+        let mut server = Self { child: None, port: free_port(), maildir, delay };
         server.launch().await;
         server
     }
 
     async fn launch(&mut self) {
         let child = Command::new(tool("python"))
+            .env("PYTHONPATH", self.maildir.path())
             .args([
                 "-m",
                 "aiosmtpd",
@@ -208,9 +245,10 @@ impl SmtpServer {
                 "-l",
                 &format!("127.0.0.1:{}", self.port),
                 "-c",
-                "aiosmtpd.handlers.Mailbox",
+                "keyshare_test_smtp.KeyshareTestMailbox",
             ])
             .arg(self.maildir.path().join("mail"))
+            .arg(self.delay.as_secs_f64().to_string())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

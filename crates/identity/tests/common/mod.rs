@@ -25,13 +25,24 @@ pub struct Harness {
     pub kek: String,
     pub addr: std::net::SocketAddr,
     pub metrics_addr: std::net::SocketAddr,
+    /// Settings on top of [`Harness::env`]'s.
+    extra_env: Vec<(String, String)>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl Harness {
     pub async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    /// Starts with these settings added (or overriding the defaults).
+    pub async fn start_with(settings: &[(&str, &str)]) -> Self {
+        Self::start_with_smtp(SmtpServer::start().await, settings).await
+    }
+
+    /// Starts against a given SMTP server, with these settings.
+    pub async fn start_with_smtp(smtp: SmtpServer, settings: &[(&str, &str)]) -> Self {
         let db = TestDatabase::create().await;
-        let smtp = SmtpServer::start().await;
         let (_, kek) = Sealer::generate("test1");
         let clock = ManualClock::new();
         let mut harness = Self {
@@ -41,6 +52,7 @@ impl Harness {
             kek,
             addr: "127.0.0.1:0".parse().unwrap(),
             metrics_addr: "127.0.0.1:0".parse().unwrap(),
+            extra_env: settings.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
             shutdown: None,
         };
         let (addr, metrics_addr, shutdown) = harness.spawn_instance().await;
@@ -65,6 +77,7 @@ impl Harness {
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
+        .chain(self.extra_env.iter().cloned())
         .collect()
     }
 
