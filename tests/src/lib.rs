@@ -59,6 +59,8 @@ impl Stack {
                     "KEYSHARE_INTERNAL_CLIENTS",
                     format!("keyring:{KEYRING_SECRET},watcher:{WATCHER_SECRET},authorizer:{AUTHORIZER_SECRET}"),
                 ),
+                // The watcher follows the key feed, like an authorizer, and may do nothing else.
+                ("KEYSHARE_INTERNAL_CLIENT_SCOPES", "watcher=keys.watch".into()),
             ]))
             .unwrap(),
             clock.clone(),

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
-use keyshare_runtime::auth::{Caller, Claims, Principal};
+use keyshare_runtime::auth::{Caller, Claims, Principal, Scope, Scopes};
 use keyshare_runtime::clock::SharedClock;
 use keyshare_runtime::crypto::{constant_time_eq, random_token, sha256};
 use keyshare_runtime::mail::{self, Mail, OutboxWaker};
@@ -324,7 +324,7 @@ impl Identity {
         let refresh_token = random_token(32);
         let refresh_expires_at = now + duration(self.config.refresh_token_ttl);
         store::insert_refresh_token(tx, &sha256(refresh_token.as_bytes()), session_id, now, refresh_expires_at).await?;
-        let mut grant = self.sign(format!("accounts/{account_id}"), Some(session_id), None, false, now).await?;
+        let mut grant = self.sign(format!("accounts/{account_id}"), Some(session_id), None, Scopes::NONE, now).await?;
         grant.refresh_token = Some(refresh_token);
         grant.refresh_expires_at = Some(refresh_expires_at);
         Ok(grant)
@@ -335,7 +335,7 @@ impl Identity {
         sub: String,
         session_id: Option<Uuid>,
         org: Option<Uuid>,
-        internal: bool,
+        scopes: Scopes,
         now: DateTime<Utc>,
     ) -> Result<TokenGrant> {
         let expires = now + duration(self.config.access_token_ttl);
@@ -349,7 +349,7 @@ impl Identity {
             jti: Uuid::new_v4().to_string(),
             sid: session_id.map(|s| s.to_string()),
             org: org.map(|o| o.to_string()),
-            internal,
+            scope: scopes.to_claim(),
         };
         let signer = self.keys.signer().await?;
         let access_token = signer.sign(&claims).map_err(Error::Internal)?;
@@ -490,7 +490,10 @@ impl Identity {
                 let client = self.pool.get().await?;
                 store::member_role(&client, org, me).await?.ok_or(Error::NotFound("organization"))
             }
-            Principal::ServiceAccount { internal: true, .. } => Ok(OrgRole::Reader),
+            Principal::ServiceAccount { .. } if caller.has_scope(Scope::OrganizationsRead) => Ok(OrgRole::Reader),
+            Principal::ServiceAccount { organization: None, .. } => {
+                Err(Error::PermissionDenied(Scope::OrganizationsRead.denial()))
+            }
             Principal::ServiceAccount { organization, .. } if organization == Some(org) => {
                 self.require_live_service_account(caller).await?;
                 Ok(OrgRole::Reader)
@@ -568,8 +571,11 @@ impl Identity {
         account: Uuid,
         invitation: Option<&str>,
     ) -> Result<()> {
-        let role = self.role_in(caller, org).await?;
-        let allowed = caller.is_internal() || role == OrgRole::Owner || caller.account_id() == Some(account);
+        let on_behalf = caller.has_scope(Scope::MembershipsWrite);
+        let allowed = on_behalf || {
+            let role = self.role_in(caller, org).await?;
+            role == OrgRole::Owner || caller.account_id() == Some(account)
+        };
         if !allowed {
             return Err(Error::PermissionDenied("only organization owners may remove members"));
         }
@@ -577,7 +583,7 @@ impl Identity {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         store::lock_organization(&tx, org).await?;
-        if let Some(invitation) = invitation.filter(|_| caller.is_internal()) {
+        if let Some(invitation) = invitation.filter(|_| on_behalf) {
             match store::grant_created(&tx, invitation).await? {
                 Some((granted_org, granted_account, _)) if (granted_org, granted_account) != (org, account) => {
                     return Err(Error::InvitationConflict(invitation.to_owned()));
@@ -647,7 +653,8 @@ impl Identity {
             .await?
             .ok_or_else(|| Error::Internal("identity's own internal client is missing".into()))?;
         drop(client);
-        Ok(self.sign(format!("serviceAccounts/{}", account.id), None, None, true, self.now()).await?.access_token)
+        let scopes = [Scope::MembershipsEnd].into_iter().collect();
+        Ok(self.sign(format!("serviceAccounts/{}", account.id), None, None, scopes, self.now()).await?.access_token)
     }
 
     /// Retries keyring calls until the process ends.
@@ -672,7 +679,7 @@ impl Identity {
         role: OrgRole,
         invitation_id: &str,
     ) -> Result<Member> {
-        require_internal(caller)?;
+        require(caller, Scope::MembershipsWrite)?;
         let now = self.now();
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
@@ -743,12 +750,29 @@ impl Identity {
         Ok(Page { items: rows, next_page_token })
     }
 
+    /// Owners read their organization's service accounts; so do Keyshare's services that read
+    /// organizations (keyring, before making one a project member).
+    pub async fn get_service_account(&self, caller: &Caller, org: Uuid, id: Uuid) -> Result<ServiceAccount> {
+        if !caller.has_scope(Scope::OrganizationsRead) {
+            self.require_owner(caller, org).await?;
+        }
+        let client = self.pool.get().await?;
+        store::live_service_account(&client, org, id).await?.ok_or(Error::NotFound("service account"))
+    }
+
+    /// Deletes a service account. Keyring is told in the same transaction's queue, as for a
+    /// person leaving, so its project memberships and key roles end before this answers.
     pub async fn delete_service_account(&self, caller: &Caller, org: Uuid, id: Uuid) -> Result<()> {
         self.require_owner(caller, org).await?;
-        let client = self.pool.get().await?;
-        if !store::delete_service_account(&client, org, id, self.now()).await? {
+        let now = self.now();
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        if !store::delete_service_account(&tx, org, id, now).await? {
             return Err(Error::NotFound("service account"));
         }
+        store::queue_keyring_call(&tx, org, id, now).await?;
+        tx.commit().await?;
+        self.tell_keyring().await;
         Ok(())
     }
 
@@ -757,20 +781,21 @@ impl Identity {
         let found = store::service_account_by_client_id(&client, client_id.trim()).await?;
         drop(client);
         let presented = sha256(secret.as_bytes());
-        let Some((account, stored, internal)) = found.filter(|(_, stored, _)| constant_time_eq(stored, &presented))
-        else {
+        let Some((account, _, scopes)) = found.filter(|(_, stored, _)| constant_time_eq(stored, &presented)) else {
             return Err(Error::InvalidClientCredentials);
         };
-        let _ = stored;
-        self.sign(format!("serviceAccounts/{}", account.id), None, account.organization_id, internal, self.now()).await
+        self.sign(format!("serviceAccounts/{}", account.id), None, account.organization_id, scopes, self.now()).await
     }
 
     /// Creates or updates Keyshare's own service accounts from configuration.
     pub async fn provision_internal_clients(&self) -> Result<()> {
         let client = self.pool.get().await?;
-        store::upsert_internal_client(&client, SELF_CLIENT, &sha256(random_token(32).as_bytes()), self.now()).await?;
-        for (name, secret) in &self.config.internal_clients {
-            store::upsert_internal_client(&client, name, &sha256(secret.as_bytes()), self.now()).await?;
+        let own = [Scope::MembershipsEnd].into_iter().collect();
+        store::upsert_internal_client(&client, SELF_CLIENT, &sha256(random_token(32).as_bytes()), own, self.now())
+            .await?;
+        for internal in &self.config.internal_clients {
+            let secret_hash = sha256(internal.secret.as_bytes());
+            store::upsert_internal_client(&client, &internal.name, &secret_hash, internal.scopes, self.now()).await?;
         }
         Ok(())
     }
@@ -778,7 +803,7 @@ impl Identity {
     // --- For other services ---
 
     pub async fn lookup_account(&self, caller: &Caller, email: Email) -> Result<Account> {
-        require_internal(caller)?;
+        require(caller, Scope::AccountsLookup)?;
         let client = self.pool.get().await?;
         store::verified_account_by_email(&client, &email.normalized()).await?.ok_or(Error::NotFound("account"))
     }
@@ -789,8 +814,9 @@ impl Identity {
     }
 }
 
-fn require_internal(caller: &Caller) -> Result<()> {
-    if caller.is_internal() { Ok(()) } else { Err(Error::PermissionDenied("only Keyshare services may do this")) }
+/// Internal RPCs answer only the Keyshare service whose scopes name them.
+fn require(caller: &Caller, scope: Scope) -> Result<()> {
+    if caller.has_scope(scope) { Ok(()) } else { Err(Error::PermissionDenied(scope.denial())) }
 }
 
 fn duration(d: std::time::Duration) -> chrono::Duration {

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use keyshare_runtime::auth::TokenPolicy;
+use keyshare_runtime::auth::{Scope, Scopes, TokenPolicy};
 use keyshare_runtime::config::{CommonConfig, ConfigError, Env};
 use keyshare_runtime::crypto::Sealer;
 use keyshare_runtime::mail::MailConfig;
@@ -24,9 +24,9 @@ pub struct Config {
     pub public_url: String,
     /// Seals token signing keys at rest (`KEYSHARE_KEY_ENCRYPTION_KEYS`).
     pub sealer: Sealer,
-    /// Keyshare's own services and their client secrets (`KEYSHARE_INTERNAL_CLIENTS`,
-    /// `name:secret,…`).
-    pub internal_clients: Vec<(String, String)>,
+    /// Keyshare's own services, their client secrets (`KEYSHARE_INTERNAL_CLIENTS`,
+    /// `name:secret,…`) and the scopes each holds (`KEYSHARE_INTERNAL_CLIENT_SCOPES`).
+    pub internal_clients: Vec<InternalClient>,
     pub mail: MailConfig,
     /// Login attempts for one email within `login_window` before it is locked out for
     /// `login_lockout` (`KEYSHARE_LOGIN_MAX_FAILURES`); a successful login clears the count.
@@ -56,7 +56,7 @@ impl std::fmt::Debug for Config {
     // Internal clients' secrets are never printed; the other fields print their own redactions.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let internal_clients: Vec<String> =
-            self.internal_clients.iter().map(|(name, _)| format!("{name}:<redacted>")).collect();
+            self.internal_clients.iter().map(|c| format!("{}:<redacted> {:?}", c.name, c.scopes)).collect();
         f.debug_struct("Config")
             .field("common", &self.common)
             .field("tokens", &self.tokens)
@@ -83,12 +83,15 @@ impl std::fmt::Debug for Config {
 
 impl Config {
     pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
-        let internal_clients = match env.get("KEYSHARE_INTERNAL_CLIENTS") {
+        let secrets = match env.get("KEYSHARE_INTERNAL_CLIENTS") {
             None => Vec::new(),
             Some(spec) => {
                 parse_internal_clients(&spec).map_err(|reason| ConfigError::new("KEYSHARE_INTERNAL_CLIENTS", reason))?
             }
         };
+        let scopes = parse_client_scopes(&env.get("KEYSHARE_INTERNAL_CLIENT_SCOPES").unwrap_or_default())
+            .map_err(|reason| ConfigError::new("KEYSHARE_INTERNAL_CLIENT_SCOPES", reason))?;
+        let internal_clients = internal_clients(secrets, &scopes)?;
         Ok(Self {
             common: CommonConfig::from_env(env, "identity", PORT)?,
             tokens: TokenPolicy::from_env(env),
@@ -134,6 +137,75 @@ where
     Ok(value)
 }
 
+/// One of Keyshare's own services, as identity knows it.
+#[derive(Clone)]
+pub struct InternalClient {
+    pub name: String,
+    pub secret: String,
+    pub scopes: Scopes,
+}
+
+/// What each of Keyshare's services needs from the others, and nothing more.
+pub fn default_scopes(name: &str) -> Option<Scopes> {
+    use Scope::*;
+    let scopes: &[Scope] = match name {
+        // Follows the key feed; verifies callers' tokens.
+        "authorizer" => &[KeysWatch, SessionsWatch],
+        // Finds invitees, reads who may invite, grants and removes what invitations give.
+        "invitation" => &[SessionsWatch, AccountsLookup, OrganizationsRead, MembershipsRead, MembershipsWrite],
+        // Reads organization roles; counts, revokes and ends invitations.
+        "keyring" => &[SessionsWatch, OrganizationsRead, InvitationsRead, InvitationsRevoke],
+        _ => return None,
+    };
+    Some(scopes.iter().copied().collect())
+}
+
+/// `name=scope scope;name=scope …`: replaces a named client's default scopes.
+fn parse_client_scopes(spec: &str) -> Result<Vec<(String, Scopes)>, String> {
+    spec.split(';')
+        .map(str::trim)
+        .filter(|entry| !entry.is_empty())
+        .map(|entry| {
+            let (name, list) = entry.split_once('=').ok_or("entries must look like name=scope scope")?;
+            let scopes = list
+                .split_ascii_whitespace()
+                .map(|scope| {
+                    Scope::parse(scope).ok_or_else(|| {
+                        let known: Vec<&str> = Scope::ALL.iter().map(|s| s.as_str()).collect();
+                        format!("unknown scope {scope:?} for {}; known scopes: {}", name.trim(), known.join(", "))
+                    })
+                })
+                .collect::<Result<Scopes, String>>()?;
+            Ok((name.trim().to_owned(), scopes))
+        })
+        .collect()
+}
+
+fn internal_clients(
+    secrets: Vec<(String, String)>,
+    scopes: &[(String, Scopes)],
+) -> Result<Vec<InternalClient>, ConfigError> {
+    if let Some((name, _)) = scopes.iter().find(|(name, _)| !secrets.iter().any(|(n, _)| n == name)) {
+        return Err(ConfigError::new(
+            "KEYSHARE_INTERNAL_CLIENT_SCOPES",
+            format!("{name} is not a client of KEYSHARE_INTERNAL_CLIENTS"),
+        ));
+    }
+    secrets
+        .into_iter()
+        .map(|(name, secret)| {
+            let configured = scopes.iter().find(|(n, _)| *n == name).map(|(_, s)| *s);
+            let scopes = configured.or_else(|| default_scopes(&name)).ok_or_else(|| {
+                ConfigError::new(
+                    "KEYSHARE_INTERNAL_CLIENT_SCOPES",
+                    format!("internal client {name} has no default scopes; name them here"),
+                )
+            })?;
+            Ok(InternalClient { name, secret, scopes })
+        })
+        .collect()
+}
+
 fn parse_internal_clients(spec: &str) -> Result<Vec<(String, String)>, String> {
     spec.split(',')
         .map(str::trim)
@@ -149,4 +221,42 @@ fn parse_internal_clients(spec: &str) -> Result<Vec<(String, String)>, String> {
             Ok((name.to_owned(), secret.to_owned()))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+    fn clients(secrets: &str, scopes: &str) -> Result<Vec<InternalClient>, ConfigError> {
+        let secrets = parse_internal_clients(secrets).unwrap();
+        internal_clients(secrets, &parse_client_scopes(scopes).unwrap())
+    }
+
+    #[test]
+    fn each_service_gets_only_its_own_scopes_by_default() {
+        let all = clients(&format!("authorizer:{SECRET},invitation:{SECRET},keyring:{SECRET}"), "").unwrap();
+        let of = |name: &str| all.iter().find(|c| c.name == name).unwrap().scopes;
+        assert!(of("authorizer").contains(Scope::KeysWatch));
+        assert!(!of("authorizer").contains(Scope::MembershipsWrite));
+        assert!(!of("authorizer").contains(Scope::OrganizationsRead));
+        assert!(of("invitation").contains(Scope::MembershipsWrite));
+        assert!(!of("invitation").contains(Scope::KeysWatch));
+        assert!(of("keyring").contains(Scope::InvitationsRevoke));
+        assert!(!of("keyring").contains(Scope::MembershipsWrite));
+        assert!(!of("keyring").contains(Scope::MembershipsEnd));
+    }
+
+    #[test]
+    fn configured_scopes_replace_the_defaults_and_are_checked() {
+        let all = clients(&format!("authorizer:{SECRET},watcher:{SECRET}"), "watcher=keys.watch; authorizer=").unwrap();
+        assert_eq!(all[0].scopes, Scopes::NONE);
+        assert_eq!(all[1].scopes, [Scope::KeysWatch].into_iter().collect());
+        assert!(parse_client_scopes("watcher=keys.watch admin").unwrap_err().contains("admin"));
+        let unknown = clients(&format!("watcher:{SECRET}"), "").err().unwrap();
+        assert!(unknown.to_string().contains("KEYSHARE_INTERNAL_CLIENT_SCOPES"), "{unknown}");
+        let stray = clients(&format!("keyring:{SECRET}"), "ghost=keys.watch").err().unwrap();
+        assert!(stray.to_string().contains("ghost"), "{stray}");
+    }
 }

@@ -392,6 +392,20 @@ impl pb::identity_service_server::IdentityService for IdentityGrpc {
         .await
     }
 
+    async fn get_service_account(
+        &self,
+        request: Request<pb::GetServiceAccountRequest>,
+    ) -> Reply<pb::GetServiceAccountResponse> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        handle("identity.get_service_account", async {
+            let (org, id) = domain::parse_child_name(&r.name, "serviceAccounts", "name")?;
+            let account = self.app.get_service_account(&caller, org, id).await?;
+            Ok(pb::GetServiceAccountResponse { service_account: Some(service_account_pb(account)) })
+        })
+        .await
+    }
+
     async fn delete_service_account(
         &self,
         request: Request<pb::DeleteServiceAccountRequest>,

@@ -2,6 +2,7 @@
 //! compose them into one transaction per write.
 
 use chrono::{DateTime, Utc};
+use keyshare_runtime::auth::{Scope, Scopes};
 use keyshare_runtime::db::{DbError, GenericClient};
 use tokio_postgres::Row;
 use uuid::Uuid;
@@ -738,34 +739,40 @@ pub async fn upsert_internal_client(
     c: &impl GenericClient,
     client_id: &str,
     secret_hash: &[u8],
+    scopes: Scopes,
     now: DateTime<Utc>,
 ) -> Result<()> {
+    let scopes: Vec<&str> = scopes.iter().map(Scope::as_str).collect();
     c.execute(
-        "INSERT INTO identity.service_accounts AS s (id, organization_id, display_name, client_id, secret_hash, internal, created_at)
-         VALUES ($1, NULL, $2, $2, $3, TRUE, $4)
-         ON CONFLICT (client_id) DO UPDATE SET secret_hash = EXCLUDED.secret_hash, deleted_at = NULL
+        "INSERT INTO identity.service_accounts AS s (id, organization_id, display_name, client_id, secret_hash, internal, scopes, created_at)
+         VALUES ($1, NULL, $2, $2, $3, TRUE, $4, $5)
+         ON CONFLICT (client_id) DO UPDATE SET secret_hash = EXCLUDED.secret_hash, scopes = EXCLUDED.scopes, deleted_at = NULL
          WHERE s.internal",
-        &[&Uuid::now_v7(), &client_id, &secret_hash, &now],
+        &[&Uuid::now_v7(), &client_id, &secret_hash, &scopes, &now],
     )
     .await?;
     Ok(())
 }
 
-/// A live service account by client id, with its secret hash and whether it is internal.
+/// A live service account by client id, with its secret hash and its scopes (only Keyshare's
+/// own services have any).
 pub async fn service_account_by_client_id(
     c: &impl GenericClient,
     client_id: &str,
-) -> Result<Option<(ServiceAccount, Vec<u8>, bool)>> {
+) -> Result<Option<(ServiceAccount, Vec<u8>, Scopes)>> {
     let row = c
         .query_opt(
             &format!(
-                "SELECT {SA_COLUMNS}, secret_hash, internal FROM identity.service_accounts
-                 WHERE client_id = $1 AND deleted_at IS NULL"
+                "SELECT {SA_COLUMNS}, secret_hash, CASE WHEN internal THEN scopes ELSE '{{}}' END
+                 FROM identity.service_accounts WHERE client_id = $1 AND deleted_at IS NULL"
             ),
             &[&client_id],
         )
         .await?;
-    Ok(row.map(|r| (service_account(&r), r.get(5), r.get(6))))
+    Ok(row.map(|r| {
+        let scopes: Vec<String> = r.get(6);
+        (service_account(&r), r.get(5), scopes.iter().filter_map(|s| Scope::parse(s)).collect())
+    }))
 }
 
 pub async fn service_account_is_live(c: &impl GenericClient, id: Uuid) -> Result<bool> {
@@ -792,6 +799,20 @@ pub async fn service_accounts(
         )
         .await?;
     Ok(rows.iter().map(service_account).collect())
+}
+
+/// One of an organization's live service accounts.
+pub async fn live_service_account(c: &impl GenericClient, org: Uuid, id: Uuid) -> Result<Option<ServiceAccount>> {
+    let row = c
+        .query_opt(
+            &format!(
+                "SELECT {SA_COLUMNS} FROM identity.service_accounts
+                 WHERE organization_id = $1 AND id = $2 AND deleted_at IS NULL"
+            ),
+            &[&org, &id],
+        )
+        .await?;
+    Ok(row.as_ref().map(service_account))
 }
 
 pub async fn delete_service_account(c: &impl GenericClient, org: Uuid, id: Uuid, now: DateTime<Utc>) -> Result<bool> {

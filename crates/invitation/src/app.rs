@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
-use keyshare_runtime::auth::{Caller, Principal};
+use keyshare_runtime::auth::{Caller, Principal, Scope};
 use keyshare_runtime::clock::SharedClock;
 use keyshare_runtime::crypto::{random_token, sha256};
 use keyshare_runtime::email::Email;
@@ -51,12 +51,9 @@ impl Ctx {
         }
     }
 
-    fn require_internal(&self) -> Result<()> {
-        if self.caller.is_internal() {
-            Ok(())
-        } else {
-            Err(Error::PermissionDenied("only Keyshare services may do this"))
-        }
+    /// Internal RPCs answer only the Keyshare service whose scopes name them.
+    fn require(&self, scope: Scope) -> Result<()> {
+        if self.caller.has_scope(scope) { Ok(()) } else { Err(Error::PermissionDenied(scope.denial())) }
     }
 }
 
@@ -265,7 +262,8 @@ impl Invitations {
 
     pub async fn accept(&self, ctx: Option<&Ctx>, token: &str) -> Result<Invitation> {
         let ctx = ctx.ok_or(Error::LoginToAccept)?;
-        ctx.account().map_err(|_| Error::LoginToAccept)?;
+        // Only people accept: a service account is refused as such, not asked to log in.
+        ctx.account()?;
         let person = self.peers.person(&ctx.token).await?;
         let hash = sha256(token.as_bytes());
         // Whether the target still exists and the inviter may still grant the role is asked
@@ -395,7 +393,7 @@ impl Invitations {
     }
 
     pub async fn counts(&self, ctx: &Ctx, targets: Vec<String>) -> Result<Vec<(String, i64, i64)>> {
-        ctx.require_internal()?;
+        ctx.require(Scope::InvitationsRead)?;
         let client = self.pool.get().await?;
         let found = store::counts(&client, &targets, self.now()).await?;
         Ok(targets
@@ -413,13 +411,13 @@ impl Invitations {
     /// A membership the invitation granted ended elsewhere: its accepted invitations become
     /// revoked, so lists and counts stop showing them as accepted.
     pub async fn end_accepted(&self, ctx: &Ctx, target: Target, account: Uuid) -> Result<u64> {
-        ctx.require_internal()?;
+        ctx.require(Scope::InvitationsRevoke)?;
         let client = self.pool.get().await?;
         Ok(store::end_accepted(&client, &target.name(), account, self.now()).await?)
     }
 
     pub async fn revoke_target(&self, ctx: &Ctx, target: Target) -> Result<u64> {
-        ctx.require_internal()?;
+        ctx.require(Scope::InvitationsRevoke)?;
         let client = self.pool.get().await?;
         Ok(store::revoke_target(&client, &target.name(), self.now()).await?)
     }

@@ -3,7 +3,7 @@
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::{Pool, Transaction};
-use keyshare_runtime::auth::{Caller, Principal};
+use keyshare_runtime::auth::{Caller, Principal, Scope};
 use keyshare_runtime::clock::SharedClock;
 use keyshare_runtime::credential::Credential;
 use keyshare_runtime::crypto::{Sealed, Sealer};
@@ -31,17 +31,27 @@ impl Ctx {
     fn account(&self) -> Result<Uuid> {
         match self.caller.principal {
             Principal::Account { id } => Ok(id),
-            // Service accounts act only through the internal RPCs; to them the rest does not exist.
-            Principal::ServiceAccount { .. } => Err(Error::NotFound("resource")),
+            // Keyshare's own services act only through the internal RPCs their scopes name.
+            Principal::ServiceAccount { organization: None, .. } => {
+                Err(Error::PermissionDenied("Keyshare's internal clients may call only the RPCs their scopes name"))
+            }
+            // An organization's service account acts as itself: it sees and does what its project
+            // memberships (and the keys it created) allow, like a person.
+            Principal::ServiceAccount { id, organization: Some(_), .. } => Ok(id),
         }
     }
 
-    fn require_internal(&self) -> Result<()> {
-        if self.caller.is_internal() {
-            Ok(())
-        } else {
-            Err(Error::PermissionDenied("only Keyshare services may do this"))
+    /// The caller, who must be a person (not a service account of any kind).
+    fn person(&self) -> Result<Uuid> {
+        match self.caller.principal {
+            Principal::Account { id } => Ok(id),
+            Principal::ServiceAccount { .. } => Err(Error::PermissionDenied("only people may do this")),
         }
+    }
+
+    /// Internal RPCs answer only the Keyshare service whose scopes name them.
+    pub fn require(&self, scope: Scope) -> Result<()> {
+        if self.caller.has_scope(scope) { Ok(()) } else { Err(Error::PermissionDenied(scope.denial())) }
     }
 }
 
@@ -310,7 +320,7 @@ impl Keyring {
         project: Uuid,
         page: PageRequest,
     ) -> Result<Page<ProjectMember>> {
-        if !ctx.caller.is_internal() {
+        if !ctx.caller.has_scope(Scope::MembershipsRead) {
             self.project_access(ctx.account()?, project, false).await?;
         }
         let after = page.after.as_deref().map(page::parse_time_id_cursor).transpose()?;
@@ -357,8 +367,9 @@ impl Keyring {
         account: Uuid,
         invitation: Option<&str>,
     ) -> Result<()> {
-        let by_invitation = ctx.caller.is_internal() && invitation.is_some();
-        if !ctx.caller.is_internal() {
+        let on_behalf = ctx.caller.has_scope(Scope::MembershipsWrite);
+        let by_invitation = on_behalf && invitation.is_some();
+        if !on_behalf {
             self.project_access(ctx.account()?, project, true).await?;
         }
         let mut client = self.pool.get().await?;
@@ -408,7 +419,7 @@ impl Keyring {
         account: Uuid,
         removed_at: DateTime<Utc>,
     ) -> Result<(usize, usize)> {
-        ctx.require_internal()?;
+        ctx.require(Scope::MembershipsEnd)?;
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         let keys = store::end_org_key_roles(&tx, org, account, removed_at).await?;
@@ -440,7 +451,7 @@ impl Keyring {
         role: ProjectRole,
         invitation_id: &str,
     ) -> Result<ProjectMember> {
-        ctx.require_internal()?;
+        ctx.require(Scope::MembershipsWrite)?;
         let target = format!("projects/{project}");
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
@@ -461,6 +472,47 @@ impl Keyring {
             self.audit(&tx, ctx, project, None, "project_member.add", &format!("{target}/members/{account}")).await?;
         }
         let member = store::project_member(&tx, project, account).await?.ok_or(Error::NotFound("member"))?;
+        tx.commit().await?;
+        Ok(member)
+    }
+
+    /// An organization owner makes one of the organization's service accounts a project
+    /// member. People join only by invitation.
+    pub async fn create_project_member(
+        &self,
+        ctx: &Ctx,
+        project: Uuid,
+        service_account: (Uuid, Uuid),
+        role: ProjectRole,
+    ) -> Result<ProjectMember> {
+        let me = ctx.person()?;
+        let access = self.project_access(me, project, true).await?;
+        let org = access.project.organization_id;
+        if !access.org_owner && !self.is_org_owner(org, me).await? {
+            return Err(Error::PermissionDenied("only organization owners may add service accounts to a project"));
+        }
+        let (sa_org, sa) = service_account;
+        if sa_org != org {
+            return Err(keyshare_runtime::error::InvalidInput::field(
+                "member.account",
+                "must be a service account of the project's organization",
+            )
+            .into());
+        }
+        if !self.directory.service_account_exists(org, sa).await? {
+            return Err(Error::NotFound("service account"));
+        }
+        let now = self.now();
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        store::lock_project(&tx, project).await?.ok_or(Error::NotFound("project"))?;
+        store::record_service_account(&tx, sa, org).await?;
+        if !store::insert_project_member(&tx, project, sa, role, now).await? {
+            return Err(Error::AlreadyMember);
+        }
+        let name = format!("projects/{project}/members/{sa}");
+        self.audit(&tx, ctx, project, None, "project_member.add", &name).await?;
+        let member = store::project_member(&tx, project, sa).await?.ok_or(Error::NotFound("member"))?;
         tx.commit().await?;
         Ok(member)
     }
@@ -743,7 +795,7 @@ impl Keyring {
     // --- Key members ---
 
     pub async fn list_key_members(&self, ctx: &Ctx, key: KeyRef, page: PageRequest) -> Result<Page<KeyMember>> {
-        if !ctx.caller.is_internal() {
+        if !ctx.caller.has_scope(Scope::MembershipsRead) {
             self.key_access(ctx.account()?, key, KeyAction::Manage).await?;
         }
         let after = page.after.as_deref().map(page::parse_time_id_cursor).transpose()?;
@@ -781,8 +833,9 @@ impl Keyring {
         account: Uuid,
         invitation: Option<&str>,
     ) -> Result<()> {
-        let by_invitation = ctx.caller.is_internal() && invitation.is_some();
-        if !ctx.caller.is_internal() {
+        let on_behalf = ctx.caller.has_scope(Scope::MembershipsWrite);
+        let by_invitation = on_behalf && invitation.is_some();
+        if !on_behalf {
             self.key_access(ctx.account()?, key, KeyAction::Manage).await?;
         }
         let mut client = self.pool.get().await?;
@@ -816,7 +869,7 @@ impl Keyring {
         role: KeyRole,
         invitation_id: &str,
     ) -> Result<KeyMember> {
-        ctx.require_internal()?;
+        ctx.require(Scope::MembershipsWrite)?;
         let target = key.name();
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
@@ -871,7 +924,7 @@ impl Keyring {
         on_behalf_of: Option<Uuid>,
     ) -> Result<Vec<Permission>> {
         if on_behalf_of.is_some() {
-            ctx.require_internal()?;
+            ctx.require(Scope::MembershipsRead)?;
         }
         let missing = || if on_behalf_of.is_some() { Err(Error::NotFound("resource")) } else { Ok(Vec::new()) };
         let account = match (on_behalf_of, ctx.account()) {

@@ -1,5 +1,6 @@
-//! What keyring asks identity: a person's role in an organization. Asked on demand and not
-//! cached, so a role change in identity applies to the very next keyring call.
+//! What keyring asks identity: a person's role in an organization, and whether a service
+//! account exists. Asked on demand and not cached, so a role change in identity applies to the
+//! very next keyring call.
 
 use std::sync::Arc;
 
@@ -44,6 +45,22 @@ impl Directory {
             }
             Err(status) if status.code() == Code::NotFound => Ok(None),
             Err(status) => Err(Error::Unavailable(format!("identity GetOrganizationMember: {:?}", status.code()))),
+        }
+    }
+
+    /// Whether `id` is a live service account of `org`.
+    pub async fn service_account_exists(&self, org: Uuid, id: Uuid) -> Result<bool> {
+        let name = format!("organizations/{org}/serviceAccounts/{id}");
+        let request = self
+            .token
+            .request(pb::GetServiceAccountRequest { name })
+            .await
+            .map_err(|e| Error::Unavailable(e.to_string()))?;
+        let mut client = pb::identity_service_client::IdentityServiceClient::new(self.channel.clone());
+        match client.get_service_account(request).await {
+            Ok(_) => Ok(true),
+            Err(status) if status.code() == Code::NotFound => Ok(false),
+            Err(status) => Err(Error::Unavailable(format!("identity GetServiceAccount: {:?}", status.code()))),
         }
     }
 }

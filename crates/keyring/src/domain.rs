@@ -273,6 +273,8 @@ pub struct ProjectMember {
     pub account_id: Uuid,
     pub role: ProjectRole,
     pub created_at: DateTime<Utc>,
+    /// The organization of a member that is a service account; `None` for a person.
+    pub service_account_org: Option<Uuid>,
 }
 
 /// What may be shown of a credential.
@@ -336,6 +338,16 @@ pub struct KeyMember {
     pub account_id: Uuid,
     pub role: KeyRole,
     pub created_at: DateTime<Utc>,
+    /// The organization of a member that is a service account; `None` for a person.
+    pub service_account_org: Option<Uuid>,
+}
+
+/// How a member is named: `accounts/{id}`, or the service account it is.
+pub fn member_name(account: Uuid, service_account_org: Option<Uuid>) -> String {
+    match service_account_org {
+        Some(org) => format!("organizations/{org}/serviceAccounts/{account}"),
+        None => format!("accounts/{account}"),
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -17,6 +17,8 @@ pub enum Error {
     PermissionDenied(&'static str),
     #[error("a key with this name already exists in the project")]
     KeyNameTaken,
+    #[error("the service account is a member of the project already")]
+    AlreadyMember,
     #[error("the key changed since it was read; get it again and retry")]
     EtagMismatch { field: &'static str },
     #[error("the project still has keys; delete them first or pass force")]
@@ -59,6 +61,7 @@ impl From<Error> for Status {
                 e.to_string(),
                 "key.display_name",
             ),
+            Error::AlreadyMember => simple(Code::AlreadyExists, "ALREADY_MEMBER", &e),
             Error::EtagMismatch { field } => {
                 error::status_for_field(Code::Aborted, DOMAIN, "ETAG_MISMATCH", e.to_string(), field)
             }

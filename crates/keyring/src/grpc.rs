@@ -228,6 +228,37 @@ impl pb::keyring_service_server::KeyringService for KeyringGrpc {
         .await
     }
 
+    async fn create_project_member(
+        &self,
+        request: Request<pb::CreateProjectMemberRequest>,
+    ) -> Reply<pb::CreateProjectMemberResponse> {
+        let ctx = ctx(&request)?;
+        let r = request.into_inner();
+        handle("keyring.create_project_member", async {
+            let mut errors = InvalidInput::default();
+            let project = errors.check(domain::parse_project(&r.parent, "parent"));
+            let member = r.member.unwrap_or_default();
+            let account = member.account.trim();
+            let service_account = errors.check(
+                keyshare_runtime::resource::uuids(account, &["organizations", "*", "serviceAccounts", "*"])
+                    .map(|ids| (ids[0], ids[1]))
+                    .ok_or_else(|| {
+                        let reason = if account.starts_with("accounts/") {
+                            "people join a project by invitation; name a service account here"
+                        } else {
+                            "must look like organizations/{id}/serviceAccounts/{id}"
+                        };
+                        InvalidInput::field("member.account", reason)
+                    }),
+            );
+            let role = errors.check(project_role(member.role, "member.role"));
+            let ((project, service_account), role) = finish(errors, project.zip(service_account).zip(role))?;
+            let member = self.app.create_project_member(&ctx, project, service_account, role).await?;
+            Ok(pb::CreateProjectMemberResponse { member: Some(project_member_pb(member)) })
+        })
+        .await
+    }
+
     async fn add_project_member(
         &self,
         request: Request<pb::AddProjectMemberRequest>,
@@ -598,8 +629,8 @@ impl pb::keyring_service_server::KeyringService for KeyringGrpc {
 
     async fn watch_keys(&self, request: Request<pb::WatchKeysRequest>) -> Reply<Self::WatchKeysStream> {
         let ctx = ctx(&request)?;
-        if !ctx.caller.is_internal() {
-            return Err(Error::PermissionDenied("only Keyshare services may watch the feed").into());
+        if !ctx.caller.has_scope(auth::Scope::KeysWatch) {
+            return Err(Error::PermissionDenied(auth::Scope::KeysWatch.denial()).into());
         }
         let after = request.into_inner().after_sequence;
         if after < 0 {
@@ -628,6 +659,8 @@ impl pb::keyring_service_server::KeyringService for KeyringGrpc {
         request: Request<pb::EndOrganizationMembershipRequest>,
     ) -> Reply<pb::EndOrganizationMembershipResponse> {
         let ctx = ctx(&request)?;
+        // Who may ask comes before what is asked (AIP-211).
+        ctx.require(auth::Scope::MembershipsEnd)?;
         let r = request.into_inner();
         handle("keyring.end_organization_membership", async {
             let mut errors = InvalidInput::default();
@@ -752,7 +785,7 @@ fn project_pb(p: Project) -> pb::Project {
 fn project_member_pb(m: ProjectMember) -> pb::ProjectMember {
     pb::ProjectMember {
         name: format!("projects/{}/members/{}", m.project_id, m.account_id),
-        account: format!("accounts/{}", m.account_id),
+        account: domain::member_name(m.account_id, m.service_account_org),
         role: project_role_pb(m.role),
         create_time: Some(timestamp(m.created_at)),
     }
@@ -761,7 +794,7 @@ fn project_member_pb(m: ProjectMember) -> pb::ProjectMember {
 fn key_member_pb(m: KeyMember) -> pb::KeyMember {
     pb::KeyMember {
         name: format!("{}/members/{}", m.key.name(), m.account_id),
-        account: format!("accounts/{}", m.account_id),
+        account: domain::member_name(m.account_id, m.service_account_org),
         role: key_role_pb(m.role),
         create_time: Some(timestamp(m.created_at)),
     }

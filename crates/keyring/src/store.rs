@@ -134,14 +134,26 @@ fn project_member_row(row: &Row) -> ProjectMember {
         account_id: row.get(1),
         role: ProjectRole::from_db(row.get(2)),
         created_at: row.get(3),
+        service_account_org: row.get(4),
     }
+}
+
+/// Remembers that `id` is a service account of `org` (before it becomes a member).
+pub async fn record_service_account(c: &impl GenericClient, id: Uuid, org: Uuid) -> Result<()> {
+    c.execute(
+        "INSERT INTO keyring.service_accounts (id, organization_id) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
+        &[&id, &org],
+    )
+    .await?;
+    Ok(())
 }
 
 pub async fn project_member(c: &impl GenericClient, project: Uuid, account: Uuid) -> Result<Option<ProjectMember>> {
     let row = c
         .query_opt(
-            "SELECT project_id, account_id, role, created_at FROM keyring.project_members
-             WHERE project_id = $1 AND account_id = $2",
+            "SELECT m.project_id, m.account_id, m.role, m.created_at, s.organization_id
+             FROM keyring.project_members m LEFT JOIN keyring.service_accounts s ON s.id = m.account_id
+             WHERE m.project_id = $1 AND m.account_id = $2",
             &[&project, &account],
         )
         .await?;
@@ -157,9 +169,10 @@ pub async fn project_members(
     let (after_at, after_id) = after.unzip();
     let rows = c
         .query(
-            "SELECT project_id, account_id, role, created_at FROM keyring.project_members
-             WHERE project_id = $1 AND ($2::timestamptz IS NULL OR (created_at, account_id) > ($2, $3))
-             ORDER BY created_at, account_id LIMIT $4",
+            "SELECT m.project_id, m.account_id, m.role, m.created_at, s.organization_id
+             FROM keyring.project_members m LEFT JOIN keyring.service_accounts s ON s.id = m.account_id
+             WHERE m.project_id = $1 AND ($2::timestamptz IS NULL OR (m.created_at, m.account_id) > ($2, $3))
+             ORDER BY m.created_at, m.account_id LIMIT $4",
             &[&project, &after_at, &after_id, &limit],
         )
         .await?;
@@ -597,26 +610,41 @@ pub async fn key_role(c: &impl GenericClient, key: Uuid, account: Uuid) -> Resul
 pub async fn key_member(c: &impl GenericClient, key: KeyRef, account: Uuid) -> Result<Option<KeyMember>> {
     let row = c
         .query_opt(
-            "SELECT role, created_at FROM keyring.key_members WHERE key_id = $1 AND account_id = $2",
+            "SELECT m.role, m.created_at, s.organization_id
+             FROM keyring.key_members m LEFT JOIN keyring.service_accounts s ON s.id = m.account_id
+             WHERE m.key_id = $1 AND m.account_id = $2",
             &[&key.key, &account],
         )
         .await?;
-    Ok(row.map(|r| KeyMember { key, account_id: account, role: KeyRole::from_db(r.get(0)), created_at: r.get(1) }))
+    Ok(row.map(|r| KeyMember {
+        key,
+        account_id: account,
+        role: KeyRole::from_db(r.get(0)),
+        created_at: r.get(1),
+        service_account_org: r.get(2),
+    }))
 }
 
 pub async fn key_members(c: &impl GenericClient, key: KeyRef, after: Cursor, limit: i64) -> Result<Vec<KeyMember>> {
     let (after_at, after_id) = after.unzip();
     let rows = c
         .query(
-            "SELECT account_id, role, created_at FROM keyring.key_members
-             WHERE key_id = $1 AND ($2::timestamptz IS NULL OR (created_at, account_id) > ($2, $3))
-             ORDER BY created_at, account_id LIMIT $4",
+            "SELECT m.account_id, m.role, m.created_at, s.organization_id
+             FROM keyring.key_members m LEFT JOIN keyring.service_accounts s ON s.id = m.account_id
+             WHERE m.key_id = $1 AND ($2::timestamptz IS NULL OR (m.created_at, m.account_id) > ($2, $3))
+             ORDER BY m.created_at, m.account_id LIMIT $4",
             &[&key.key, &after_at, &after_id, &limit],
         )
         .await?;
     Ok(rows
         .iter()
-        .map(|r| KeyMember { key, account_id: r.get(0), role: KeyRole::from_db(r.get(1)), created_at: r.get(2) })
+        .map(|r| KeyMember {
+            key,
+            account_id: r.get(0),
+            role: KeyRole::from_db(r.get(1)),
+            created_at: r.get(2),
+            service_account_org: r.get(3),
+        })
         .collect())
 }
 

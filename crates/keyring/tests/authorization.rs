@@ -13,8 +13,10 @@ use keyshare_proto::keyring::v1 as pb;
 use prost_types::FieldMask;
 use tonic::Code;
 
-/// The callers of the matrix, in column order.
-const CALLERS: [&str; 9] = [
+/// The callers of the matrix, in column order. The last two are service accounts an
+/// organization owner made project members: they must stand exactly where a person with the
+/// same project role stands.
+const CALLERS: [&str; 11] = [
     "key owner",
     "admin",
     "contributor",
@@ -24,7 +26,18 @@ const CALLERS: [&str; 9] = [
     "org reader",
     "outsider",
     "unauthenticated",
+    "service account, project owner",
+    "service account, project member",
 ];
+
+/// The expected code for a column: service accounts mirror the person with their project role.
+fn expected_for(expected: &[Code; 9], column: usize) -> Code {
+    match column {
+        9 => expected[3],
+        10 => expected[4],
+        column => expected[column],
+    }
+}
 
 const OK: Code = Code::Ok;
 const PD: Code = Code::PermissionDenied;
@@ -310,7 +323,9 @@ async fn roles_matrix() {
         .await
         .unwrap();
 
-    let tokens: [Option<&str>; 9] = [
+    let (_, sa_owner) = h.service_account_member(&org_owner, &org, &project, pb::ProjectRole::Owner).await;
+    let (_, sa_member) = h.service_account_member(&org_owner, &org, &project, pb::ProjectRole::Member).await;
+    let tokens: [Option<&str>; 11] = [
         Some(&key_owner),
         Some(&admin),
         Some(&contributor),
@@ -320,6 +335,8 @@ async fn roles_matrix() {
         Some(&reader),
         Some(&outsider),
         None,
+        Some(&sa_owner),
+        Some(&sa_member),
     ];
     let mut cells = 0;
     let mut failures = Vec::new();
@@ -355,11 +372,12 @@ async fn roles_matrix() {
                 Err(status) => status.code(),
             };
             cells += 1;
-            if got != expected[column] {
-                failures.push(format!("{rpc} as {}: expected {:?}, got {got:?}", CALLERS[column], expected[column]));
+            let want = expected_for(&expected, column);
+            if got != want {
+                failures.push(format!("{rpc} as {}: expected {want:?}, got {got:?}", CALLERS[column]));
             }
         }
     }
     assert!(failures.is_empty(), "{} of {cells} cells wrong:\n{}", failures.len(), failures.join("\n"));
-    assert_eq!(cells, 18 * 9);
+    assert_eq!(cells, 18 * CALLERS.len());
 }

@@ -230,7 +230,7 @@ async fn watcher_converges_with_concurrent_writers_and_random_reconnects() {
     let (_, owner) = h.account("feed@example.com").await;
     let org = h.organization(&owner, "Feed").await;
     let mut keyring = h.keyring().await;
-    let internal = h.internal_token().await;
+    let internal = h.feed_token().await;
     let projects = [
         create_project(&mut keyring, &owner, &org, "Feed A").await.name,
         create_project(&mut keyring, &owner, &org, "Feed B").await.name,
@@ -296,7 +296,7 @@ async fn a_pruned_sequence_gets_a_fresh_snapshot() {
     let (_, owner) = h.account("prune@example.com").await;
     let org = h.organization(&owner, "Prune").await;
     let mut keyring = h.keyring().await;
-    let internal = h.internal_token().await;
+    let internal = h.feed_token().await;
     let project = create_project(&mut keyring, &owner, &org, "Prune").await.name;
     create_key(&mut keyring, &owner, &project, "one").await;
     create_key(&mut keyring, &owner, &project, "two").await;

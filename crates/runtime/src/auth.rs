@@ -33,14 +33,135 @@ pub const CLOCK_SKEW: Duration = Duration::from_secs(30);
 /// tokens cannot turn into a flood of calls to identity.
 const UNKNOWN_KID_REFETCH: Duration = Duration::from_secs(5);
 
+/// A power one of Keyshare's own services holds over another's internal RPCs. Each internal
+/// client is given only the scopes it needs (identity's `KEYSHARE_INTERNAL_CLIENT_SCOPES`); its
+/// tokens carry them in the `scope` claim, and every internal RPC asks for exactly one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Scope {
+    /// Follow keyring's key feed (`WatchKeys`).
+    KeysWatch,
+    /// Follow identity's session-revocation feed.
+    SessionsWatch,
+    /// Find an account by verified email (`LookupAccount`).
+    AccountsLookup,
+    /// Read any organization and its members' roles.
+    OrganizationsRead,
+    /// Read project and key members, and test another account's permissions.
+    MembershipsRead,
+    /// Grant and remove memberships on behalf of invitations.
+    MembershipsWrite,
+    /// End everything a person held in an organization they left (`EndOrganizationMembership`).
+    MembershipsEnd,
+    /// Count invitations (`CountInvitations`).
+    InvitationsRead,
+    /// Revoke or end invitations of deleted targets and removed members.
+    InvitationsRevoke,
+}
+
+impl Scope {
+    pub const ALL: [Scope; 9] = [
+        Scope::KeysWatch,
+        Scope::SessionsWatch,
+        Scope::AccountsLookup,
+        Scope::OrganizationsRead,
+        Scope::MembershipsRead,
+        Scope::MembershipsWrite,
+        Scope::MembershipsEnd,
+        Scope::InvitationsRead,
+        Scope::InvitationsRevoke,
+    ];
+
+    /// The name used in configuration and in tokens.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::KeysWatch => "keys.watch",
+            Scope::SessionsWatch => "sessions.watch",
+            Scope::AccountsLookup => "accounts.lookup",
+            Scope::OrganizationsRead => "organizations.read",
+            Scope::MembershipsRead => "memberships.read",
+            Scope::MembershipsWrite => "memberships.write",
+            Scope::MembershipsEnd => "memberships.end",
+            Scope::InvitationsRead => "invitations.read",
+            Scope::InvitationsRevoke => "invitations.revoke",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Scope> {
+        Scope::ALL.into_iter().find(|scope| scope.as_str() == name)
+    }
+
+    /// Why a caller without this scope is refused (safe to return).
+    pub fn denial(self) -> &'static str {
+        match self {
+            Scope::KeysWatch => "this needs the keys.watch scope",
+            Scope::SessionsWatch => "this needs the sessions.watch scope",
+            Scope::AccountsLookup => "this needs the accounts.lookup scope",
+            Scope::OrganizationsRead => "this needs the organizations.read scope",
+            Scope::MembershipsRead => "this needs the memberships.read scope",
+            Scope::MembershipsWrite => "this needs the memberships.write scope",
+            Scope::MembershipsEnd => "this needs the memberships.end scope",
+            Scope::InvitationsRead => "this needs the invitations.read scope",
+            Scope::InvitationsRevoke => "this needs the invitations.revoke scope",
+        }
+    }
+
+    fn bit(self) -> u16 {
+        1 << (self as u16)
+    }
+}
+
+/// A set of [`Scope`]s, as small as a number.
+#[derive(Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Scopes(u16);
+
+impl Scopes {
+    pub const NONE: Scopes = Scopes(0);
+
+    pub fn contains(self, scope: Scope) -> bool {
+        self.0 & scope.bit() != 0
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    pub fn iter(self) -> impl Iterator<Item = Scope> {
+        Scope::ALL.into_iter().filter(move |scope| self.contains(*scope))
+    }
+
+    /// From a space-separated list (the OAuth `scope` claim). Names this version does not know
+    /// are ignored, so a newer identity's tokens still work here with the scopes both know.
+    pub fn from_claim(claim: &str) -> Scopes {
+        claim.split_ascii_whitespace().filter_map(Scope::parse).collect()
+    }
+
+    /// The space-separated list, for the `scope` claim.
+    pub fn to_claim(self) -> String {
+        self.iter().map(Scope::as_str).collect::<Vec<_>>().join(" ")
+    }
+}
+
+impl FromIterator<Scope> for Scopes {
+    fn from_iter<I: IntoIterator<Item = Scope>>(iter: I) -> Self {
+        Scopes(iter.into_iter().fold(0, |bits, scope| bits | scope.bit()))
+    }
+}
+
+impl std::fmt::Debug for Scopes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.iter().map(Scope::as_str)).finish()
+    }
+}
+
 /// Who is calling.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Principal {
     /// A person, `accounts/{id}`.
     Account { id: Uuid },
-    /// A machine identity, `organizations/{org}/serviceAccounts/{id}`, or one of Keyshare's own
-    /// services (`internal`), which may call the RPCs other services need.
-    ServiceAccount { id: Uuid, organization: Option<Uuid>, internal: bool },
+    /// A machine identity: an organization's service account
+    /// (`organizations/{org}/serviceAccounts/{id}`, no scopes), or one of Keyshare's own services
+    /// (no organization), which may call the internal RPCs its scopes name and nothing else.
+    ServiceAccount { id: Uuid, organization: Option<Uuid>, scopes: Scopes },
 }
 
 /// The authenticated caller of an RPC.
@@ -60,9 +181,9 @@ impl Caller {
         }
     }
 
-    /// Whether the caller is one of Keyshare's own services.
-    pub fn is_internal(&self) -> bool {
-        matches!(self.principal, Principal::ServiceAccount { internal: true, .. })
+    /// Whether the caller is one of Keyshare's own services holding `scope`.
+    pub fn has_scope(&self, scope: Scope) -> bool {
+        matches!(self.principal, Principal::ServiceAccount { scopes, .. } if scopes.contains(scope))
     }
 
     /// The subject as written in tokens and logs (never secret).
@@ -91,9 +212,9 @@ pub struct Claims {
     /// Organization of a service account.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub org: Option<String>,
-    /// Set for Keyshare's own service accounts.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub internal: bool,
+    /// The internal RPCs one of Keyshare's own service accounts may call, space-separated.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub scope: String,
 }
 
 impl Claims {
@@ -104,7 +225,10 @@ impl Claims {
             Principal::Account { id: parse(id)? }
         } else if let Some(id) = self.sub.strip_prefix("serviceAccounts/") {
             let organization = self.org.as_deref().map(parse).transpose()?;
-            Principal::ServiceAccount { id: parse(id)?, organization, internal: self.internal }
+            // Scopes belong to Keyshare's own services only; an organization's service account
+            // never holds one, whatever its token says.
+            let scopes = if organization.is_some() { Scopes::NONE } else { Scopes::from_claim(&self.scope) };
+            Principal::ServiceAccount { id: parse(id)?, organization, scopes }
         } else {
             return Err(AuthError::Invalid);
         };
@@ -545,7 +669,7 @@ mod tests {
             jti: Uuid::new_v4().to_string(),
             sid: Some(Uuid::new_v4().to_string()),
             org: None,
-            internal: false,
+            scope: String::new(),
         }
     }
 

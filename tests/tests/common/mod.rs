@@ -33,6 +33,11 @@ const CLIENT_SECRETS: [(&str, &str); 3] = [
     ("authorizer", "authorizer-secret-for-system-tests-0123456"),
 ];
 
+/// The client secret of one of Keyshare's internal clients.
+pub fn client_secret(client: &str) -> &'static str {
+    CLIENT_SECRETS.iter().find(|(name, _)| *name == client).map(|(_, secret)| *secret).expect("a known client")
+}
+
 const STARTUP: Duration = Duration::from_secs(30);
 const STOP: Duration = Duration::from_secs(15);
 

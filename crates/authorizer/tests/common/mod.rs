@@ -25,6 +25,7 @@ pub mod process;
 
 const KEYRING_SECRET: &str = "keyring-secret-for-tests-0123456789abcdef";
 pub const AUTHORIZER_SECRET: &str = "authorizer-secret-for-tests-0123456789abc";
+const INVITATION_SECRET: &str = "invitation-secret-for-tests-0123456789abc";
 
 pub fn env(pairs: Vec<(&str, String)>) -> Env {
     Env::from_pairs(pairs.into_iter().map(|(k, v)| (k.to_owned(), v)))
@@ -284,7 +285,10 @@ pub async fn world_on(store: Store) -> (World, String, String, String, String) {
     let identity = keyshare_identity::start(
         keyshare_identity::Config::from_env(&base(vec![
             ("KEYSHARE_KEYRING_URL", format!("http://127.0.0.1:{keyring_port}")),
-            ("KEYSHARE_INTERNAL_CLIENTS", format!("keyring:{KEYRING_SECRET},authorizer:{AUTHORIZER_SECRET}")),
+            (
+                "KEYSHARE_INTERNAL_CLIENTS",
+                format!("keyring:{KEYRING_SECRET},authorizer:{AUTHORIZER_SECRET},invitation:{INVITATION_SECRET}"),
+            ),
             ("KEYSHARE_REQUIRE_VERIFIED_EMAIL", "false".into()),
         ]))
         .unwrap(),
@@ -434,14 +438,14 @@ impl World {
         (account.name, grant.access_token)
     }
 
-    /// An access token of the authorizer's internal client, which may grant memberships (as
-    /// invitation does for accepted invitations).
+    /// An access token of invitation's internal client, the one that grants memberships for
+    /// accepted invitations (the authorizer's own client may not).
     pub async fn internal_token(&self) -> String {
         self.identity()
             .await
             .issue_service_account_token(idpb::IssueServiceAccountTokenRequest {
-                client_id: "authorizer".into(),
-                client_secret: AUTHORIZER_SECRET.into(),
+                client_id: "invitation".into(),
+                client_secret: INVITATION_SECRET.into(),
             })
             .await
             .unwrap()

@@ -21,6 +21,7 @@ pub type Identity = IdentityServiceClient<Channel>;
 pub const PASSWORD: &str = "correct horse battery staple";
 pub const KEYRING_SECRET: &str = "keyring-secret-for-tests-0123456789abcdef";
 pub const INVITATION_SECRET: &str = "invitation-secret-for-tests-0123456789abcd";
+pub const AUTHORIZER_SECRET: &str = "authorizer-secret-for-tests-0123456789abcd";
 
 pub struct Harness {
     pub db: TestDatabase,
@@ -53,7 +54,10 @@ impl Harness {
             ("KEYSHARE_METRICS_ADDR", "127.0.0.1:0".into()),
             ("KEYSHARE_KEY_ENCRYPTION_KEYS", kek.clone()),
             ("KEYSHARE_SMTP_URL", smtp.url()),
-            ("KEYSHARE_INTERNAL_CLIENTS", format!("keyring:{KEYRING_SECRET},invitation:{INVITATION_SECRET}")),
+            (
+                "KEYSHARE_INTERNAL_CLIENTS",
+                format!("keyring:{KEYRING_SECRET},invitation:{INVITATION_SECRET},authorizer:{AUTHORIZER_SECRET}"),
+            ),
             ("KEYSHARE_DB_POOL_SIZE", "4".into()),
         ]);
         let identity = keyshare_identity::start(
@@ -141,6 +145,22 @@ impl Harness {
     }
 
     /// An access token of the invitation service (an internal client).
+    /// An access token of the authorizer's internal client, the one that follows the feed.
+    pub async fn feed_token(&self) -> String {
+        self.identity()
+            .await
+            .issue_service_account_token(idpb::IssueServiceAccountTokenRequest {
+                client_id: "authorizer".into(),
+                client_secret: AUTHORIZER_SECRET.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .grant
+            .unwrap()
+            .access_token
+    }
+
     pub async fn internal_token(&self) -> String {
         self.identity()
             .await
@@ -154,6 +174,45 @@ impl Harness {
             .grant
             .unwrap()
             .access_token
+    }
+
+    /// A new service account of `org` (created by its owner), made a member of `project` with
+    /// `role`; returns its name and its access token.
+    pub async fn service_account_member(
+        &self,
+        org_owner: &str,
+        org: &str,
+        project: &str,
+        role: pb::ProjectRole,
+    ) -> (String, String) {
+        let mut identity = self.identity().await;
+        let request = idpb::CreateServiceAccountRequest {
+            parent: org.into(),
+            service_account: Some(idpb::ServiceAccount { display_name: "Automation".into(), ..Default::default() }),
+        };
+        let created = identity.create_service_account(authed(org_owner, request)).await.unwrap().into_inner();
+        let service_account = created.service_account.unwrap();
+        let request = pb::CreateProjectMemberRequest {
+            parent: project.into(),
+            member: Some(pb::ProjectMember {
+                account: service_account.name.clone(),
+                role: role as i32,
+                ..Default::default()
+            }),
+        };
+        self.keyring().await.create_project_member(authed(org_owner, request)).await.unwrap();
+        let token = identity
+            .issue_service_account_token(idpb::IssueServiceAccountTokenRequest {
+                client_id: service_account.client_id,
+                client_secret: created.client_secret,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .grant
+            .unwrap()
+            .access_token;
+        (service_account.name, token)
     }
 
     pub async fn organization(&self, owner_token: &str, name: &str) -> String {
