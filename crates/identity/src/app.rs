@@ -789,6 +789,16 @@ impl Identity {
     }
 }
 
+/// Who may follow the session-revocation feed: Keyshare's own services. The one place this is
+/// decided.
+pub fn require_revocation_watcher(caller: &Caller) -> Result<()> {
+    if caller.is_internal() {
+        Ok(())
+    } else {
+        Err(Error::PermissionDenied("only Keyshare services may watch session revocations"))
+    }
+}
+
 fn require_internal(caller: &Caller) -> Result<()> {
     if caller.is_internal() { Ok(()) } else { Err(Error::PermissionDenied("only Keyshare services may do this")) }
 }
