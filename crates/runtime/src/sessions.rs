@@ -27,9 +27,11 @@ use crate::metrics::Metrics;
 
 /// How long a verification waits for the first snapshot before answering UNAVAILABLE.
 const FIRST_SYNC_WAIT: Duration = Duration::from_secs(5);
-/// Reconnection backoff: from the first to the longest wait.
+/// Reconnection backoff: from the first to the longest wait. The longest bounds how late a
+/// session that ends just as identity comes back is refused here, so it stays well under the
+/// 5 s the product promises.
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// How often entries whose tokens have all expired are dropped.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
