@@ -2,6 +2,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use keyshare_proto::identity::v1 as idpb;
@@ -15,14 +16,27 @@ use tonic::transport::Channel;
 pub const WATCHER_SECRET: &str = "watcher-secret-0123456789abcdef0123456789";
 const AUTHORIZER_SECRET: &str = "authorizer-secret-0123456789abcdef012345";
 const KEYRING_SECRET: &str = "keyring-secret-0123456789abcdef0123456789";
+const INVITATION_SECRET: &str = "invitation-secret-0123456789abcdef0123456";
 
-/// identity, keyring and the authorizer on a database of their own.
+/// identity, keyring and the authorizer on a database of their own (invitation on request).
 pub struct Stack {
     pub db: TestDatabase,
     pub identity: SocketAddr,
     pub keyring: SocketAddr,
     pub authorizer: SocketAddr,
+    /// The first authorizer's management port (UsageService).
+    pub usage: SocketAddr,
+    /// Where identity (and invitation) write their mails.
+    pub mail_spool: PathBuf,
+    /// identity's settings, to start it again on the same address.
+    identity_env: Vec<(&'static str, String)>,
+    identity_running: Option<RunningIdentity>,
     stops: Vec<tokio::sync::oneshot::Sender<()>>,
+}
+
+struct RunningIdentity {
+    stop: tokio::sync::oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<Result<(), keyshare_runtime::server::ServeError>>,
 }
 
 fn env(pairs: &[(&str, String)]) -> Env {
@@ -30,13 +44,16 @@ fn env(pairs: &[(&str, String)]) -> Env {
 }
 
 impl Stack {
-    /// Starts both services. Email verification is not required, so accounts log in at once.
+    /// Starts identity, keyring and an authorizer. Email verification is not required, so
+    /// accounts log in at once.
     pub async fn start() -> Self {
         let db = TestDatabase::create().await;
         let (_, kek) = Sealer::generate("k1");
-        let spool = std::env::temp_dir().join(format!("keyshare-stack-{}", std::process::id()));
+        let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let mail_spool =
+            std::env::temp_dir().join(format!("keyshare-stack-{}-{}", std::process::id(), started.as_nanos()));
         let clock = Arc::new(SystemClock);
-        let common = |extra: &[(&str, String)]| {
+        let common = |extra: &[(&'static str, String)]| {
             let mut all = vec![
                 ("DATABASE_URL", db.url.clone()),
                 ("KEYSHARE_LISTEN_ADDR", "127.0.0.1:0".into()),
@@ -45,39 +62,39 @@ impl Stack {
                 ("KEYSHARE_DRAIN_DELAY_SECS", "0".into()),
             ];
             all.extend(extra.iter().cloned());
-            env(&all)
+            all
         };
-        let (identity_stop, identity_stopped) = tokio::sync::oneshot::channel::<()>();
-        let identity = keyshare_identity::start(
-            keyshare_identity::Config::from_env(&common(&[
-                ("KEYSHARE_REQUIRE_VERIFIED_EMAIL", "false".into()),
-                ("KEYSHARE_MAIL_SPOOL_DIR", spool.display().to_string()),
-                // These stacks remove nobody from an organization; keep identity from calling
-                // whatever else may listen on keyring's default port.
-                ("KEYSHARE_KEYRING_URL", "http://127.0.0.1:1".into()),
-                (
-                    "KEYSHARE_INTERNAL_CLIENTS",
-                    format!("keyring:{KEYRING_SECRET},watcher:{WATCHER_SECRET},authorizer:{AUTHORIZER_SECRET}"),
+        let mut identity_env = common(&[
+            ("KEYSHARE_REQUIRE_VERIFIED_EMAIL", "false".into()),
+            ("KEYSHARE_MAIL_SPOOL_DIR", mail_spool.display().to_string()),
+            // These stacks remove nobody from an organization; keep identity from calling
+            // whatever else may listen on keyring's default port.
+            ("KEYSHARE_KEYRING_URL", "http://127.0.0.1:1".into()),
+            (
+                "KEYSHARE_INTERNAL_CLIENTS",
+                format!(
+                    "keyring:{KEYRING_SECRET},watcher:{WATCHER_SECRET},authorizer:{AUTHORIZER_SECRET},\
+                     invitation:{INVITATION_SECRET}"
                 ),
-                // The watcher follows the key feed, like an authorizer, and may do nothing else.
-                ("KEYSHARE_INTERNAL_CLIENT_SCOPES", "watcher=keys.watch".into()),
-            ]))
-            .unwrap(),
-            clock.clone(),
-            async move {
-                let _ = identity_stopped.await;
-            },
-        )
-        .await
-        .unwrap();
+            ),
+            // The watcher follows the feeds, like an authorizer, and may do nothing else.
+            ("KEYSHARE_INTERNAL_CLIENT_SCOPES", "watcher=keys.watch sessions.watch".into()),
+        ]);
+        let (identity_addr, identity_running) = start_identity(&identity_env).await;
+        // A restart binds the same address, so the other services find it again.
+        for (name, value) in &mut identity_env {
+            if *name == "KEYSHARE_LISTEN_ADDR" {
+                *value = identity_addr.to_string();
+            }
+        }
         let (keyring_stop, keyring_stopped) = tokio::sync::oneshot::channel::<()>();
         let keyring = keyshare_keyring::start(
-            keyshare_keyring::Config::from_env(&common(&[
-                ("KEYSHARE_IDENTITY_URL", format!("http://{}", identity.addr)),
+            keyshare_keyring::Config::from_env(&env(&common(&[
+                ("KEYSHARE_IDENTITY_URL", format!("http://{identity_addr}")),
                 ("KEYSHARE_INVITATION_URL", "http://127.0.0.1:1".into()),
                 ("KEYSHARE_CLIENT_ID", "keyring".into()),
                 ("KEYSHARE_CLIENT_SECRET", KEYRING_SECRET.into()),
-            ]))
+            ])))
             .unwrap(),
             clock,
             async move {
@@ -88,19 +105,68 @@ impl Stack {
         .unwrap();
         let mut stack = Self {
             db,
-            identity: identity.addr,
+            identity: identity_addr,
             keyring: keyring.addr,
-            authorizer: identity.addr,
-            stops: vec![identity_stop, keyring_stop],
+            authorizer: identity_addr,
+            usage: identity_addr,
+            mail_spool,
+            identity_env,
+            identity_running: Some(identity_running),
+            stops: vec![keyring_stop],
         };
-        stack.authorizer = stack.start_authorizer().await;
+        let authorizer = stack.launch_authorizer().await;
+        (stack.authorizer, stack.usage) = (authorizer.addr, authorizer.management_addr);
         stack
+    }
+
+    /// Stops identity (waiting until it has drained) and starts it again on the same address
+    /// and database, as a redeploy would.
+    pub async fn restart_identity(&mut self) {
+        if let Some(running) = self.identity_running.take() {
+            let _ = running.stop.send(());
+            running.server.await.unwrap().unwrap();
+        }
+        let (addr, running) = start_identity(&self.identity_env).await;
+        assert_eq!(addr, self.identity);
+        self.identity_running = Some(running);
+    }
+
+    /// Starts invitation on the stack's database, identity and keyring, stopped with the stack;
+    /// returns its address.
+    pub async fn start_invitation(&mut self) -> SocketAddr {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let env = env(&[
+            ("DATABASE_URL", self.db.url.clone()),
+            ("KEYSHARE_LISTEN_ADDR", "127.0.0.1:0".into()),
+            ("KEYSHARE_METRICS_ADDR", "127.0.0.1:0".into()),
+            ("KEYSHARE_DRAIN_DELAY_SECS", "0".into()),
+            ("KEYSHARE_IDENTITY_URL", format!("http://{}", self.identity)),
+            ("KEYSHARE_KEYRING_URL", format!("http://{}", self.keyring)),
+            ("KEYSHARE_CLIENT_ID", "invitation".into()),
+            ("KEYSHARE_CLIENT_SECRET", INVITATION_SECRET.into()),
+            ("KEYSHARE_MAIL_SPOOL_DIR", self.mail_spool.display().to_string()),
+        ]);
+        let started = keyshare_invitation::start(
+            keyshare_invitation::Config::from_env(&env).unwrap(),
+            Arc::new(SystemClock),
+            async move {
+                let _ = stopped.await;
+            },
+        )
+        .await
+        .unwrap();
+        self.stops.push(stop);
+        started.addr
     }
 
     /// Starts another authorizer replica on the same database, identity and keyring (its own
     /// index, feed and usage writer), stopped with the stack; returns its check port without
     /// waiting for it to be SERVING.
     pub async fn start_authorizer(&mut self) -> SocketAddr {
+        self.launch_authorizer().await.addr
+    }
+
+    async fn launch_authorizer(&mut self) -> keyshare_authorizer::Started {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let env = env(&[
             ("DATABASE_URL", self.db.url.clone()),
@@ -123,7 +189,7 @@ impl Stack {
         .await
         .unwrap();
         self.stops.push(stop);
-        started.addr
+        started
     }
 
     /// Waits until the server at `addr` reports SERVING (at most `deadline`).
@@ -236,7 +302,25 @@ impl Drop for Stack {
         for stop in self.stops.drain(..) {
             let _ = stop.send(());
         }
+        if let Some(running) = self.identity_running.take() {
+            let _ = running.stop.send(());
+        }
     }
+}
+
+/// Starts identity with `pairs`; returns its address and how to stop it.
+async fn start_identity(pairs: &[(&'static str, String)]) -> (SocketAddr, RunningIdentity) {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let started = keyshare_identity::start(
+        keyshare_identity::Config::from_env(&env(pairs)).unwrap(),
+        Arc::new(SystemClock),
+        async move {
+            let _ = stopped.await;
+        },
+    )
+    .await
+    .unwrap();
+    (started.addr, RunningIdentity { stop, server: started.server })
 }
 
 /// Bearer-authenticated request.

@@ -36,10 +36,11 @@ enum Rpc {
     CountInvitations,
     RevokeTargetInvitations,
     EndAcceptedInvitations,
+    WatchSessionRevocations,
 }
 
 /// Which client needs each RPC (`None`: only identity's own client, which nobody can log in as).
-const MATRIX: [(Rpc, Option<&str>); 16] = [
+const MATRIX: [(Rpc, Option<&str>); 17] = [
     (Rpc::LookupAccount, Some("invitation")),
     (Rpc::AddOrganizationMember, Some("invitation")),
     (Rpc::DeleteOrganizationMember, Some("invitation")),
@@ -58,6 +59,8 @@ const MATRIX: [(Rpc, Option<&str>); 16] = [
     // Reading any organization's roles: keyring (who may see a project) and invitation (who
     // may invite). The authorizer reads none.
     (Rpc::GetOrganizationMember, Some("keyring+invitation")),
+    // Every service that verifies people's tokens follows the ended sessions.
+    (Rpc::WatchSessionRevocations, Some("keyring+invitation+authorizer")),
 ];
 
 struct World {
@@ -197,6 +200,13 @@ async fn call(world: &World, rpc: Rpc, token: &str) -> Code {
         Rpc::RevokeTargetInvitations => {
             let request = ivpb::RevokeTargetInvitationsRequest { target: world.key.clone() };
             code(invitation.revoke_target_invitations(authed(token, request)).await)
+        }
+        Rpc::WatchSessionRevocations => {
+            let request = authed(token, idpb::WatchSessionRevocationsRequest {});
+            match identity.watch_session_revocations(request).await {
+                Ok(response) => code(response.into_inner().message().await),
+                Err(status) => status.code(),
+            }
         }
         Rpc::EndAcceptedInvitations => {
             let request =

@@ -17,6 +17,7 @@ use keyshare_runtime::db;
 use keyshare_runtime::metrics::Metrics;
 pub use keyshare_runtime::server::StartError;
 use keyshare_runtime::server::{self, ServeError, ServeOptions};
+use keyshare_runtime::sessions::SessionRevocations;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -84,13 +85,18 @@ pub async fn start(
     let keyring = lazy_channel("KEYSHARE_KEYRING_URL", &config.keyring_url)?;
     let verifier = TokenVerifier::new(IdentityKeySource::new(identity.clone()), config.tokens.clone(), clock.clone());
     verifier.spawn_refresh();
-    let token = ServiceToken::new(identity, config.credentials.clone(), clock.clone());
+    let token = ServiceToken::new(identity.clone(), config.credentials.clone(), clock.clone());
+    // Only UsageService takes people's tokens; checks carry none.
+    let sessions = SessionRevocations::new(clock.clone());
+    sessions.follow(identity, token.clone());
+    verifier.refuse_revoked_sessions(sessions.clone());
 
     // Connections are made lazily: the authorizer starts and answers checks without PostgreSQL.
     let pool = db::pool(&common.database_url, common.db_pool_size)?;
     let shared = Arc::new(follower::Shared::default());
     let metrics = Metrics::new("authorizer");
     metrics.register_pool(pool.clone());
+    sessions.register_metrics(&metrics);
     register_feed_metrics(&metrics, shared.clone());
     register_limit_metrics(&metrics, shared.clone());
     shared_limits::spawn(config.shared_limits.clone(), shared.clone(), clock.clone())?;

@@ -391,7 +391,7 @@ impl Identity {
 
     /// The caller as an account whose session is still live. Identity checks the session on
     /// every call, so a logout or password change takes effect here at once; other services
-    /// rely on the access token's short lifetime.
+    /// learn of it within moments from the session-revocation feed.
     pub async fn require_account(&self, caller: &Caller) -> Result<Uuid> {
         let Principal::Account { id } = caller.principal else {
             return Err(Error::PermissionDenied("only accounts may do this"));
@@ -812,6 +812,11 @@ impl Identity {
         let client = self.pool.get().await?;
         Ok(keys::public_keys(&client, self.now()).await?)
     }
+}
+
+/// Who may follow the session-revocation feed: Keyshare's services holding `sessions.watch`.
+pub fn require_revocation_watcher(caller: &Caller) -> Result<()> {
+    require(caller, Scope::SessionsWatch)
 }
 
 /// Internal RPCs answer only the Keyshare service whose scopes name them.

@@ -1,8 +1,10 @@
 //! The gRPC adapter: parse the request into domain input, call the use case, map the result.
 //! The only module that knows protobuf types.
 
+use std::pin::Pin;
 use std::sync::Arc;
 
+use futures::{Stream, StreamExt as _};
 use keyshare_proto::identity::v1 as pb;
 use keyshare_runtime::auth::{self, Caller};
 use keyshare_runtime::error::{InvalidInput, update_paths};
@@ -12,22 +14,24 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::app::Identity;
+use crate::app::{self, Identity};
 use crate::domain::{
     self, Account, DisplayName, Email, Member, NewPassword, OrgRole, Organization, ServiceAccount, TokenGrant,
 };
 use crate::error::Error;
+use crate::revocations::{RevocationMessage, Revocations};
 
 /// Implements `keyshare.identity.v1.IdentityService`.
 pub struct IdentityGrpc {
     app: Arc<Identity>,
     /// Whether the client address comes from `x-forwarded-for` (behind a trusted proxy).
     trust_forwarded_for: bool,
+    revocations: Revocations,
 }
 
 impl IdentityGrpc {
-    pub fn new(app: Arc<Identity>, trust_forwarded_for: bool) -> Self {
-        Self { app, trust_forwarded_for }
+    pub fn new(app: Arc<Identity>, trust_forwarded_for: bool, revocations: Revocations) -> Self {
+        Self { app, trust_forwarded_for, revocations }
     }
 
     /// Where the call comes from, for per-address throttling: the peer, or the last
@@ -446,6 +450,23 @@ impl pb::identity_service_server::IdentityService for IdentityGrpc {
         .await
     }
 
+    type WatchSessionRevocationsStream =
+        Pin<Box<dyn Stream<Item = Result<pb::WatchSessionRevocationsResponse, Status>> + Send>>;
+
+    async fn watch_session_revocations(
+        &self,
+        request: Request<pb::WatchSessionRevocationsRequest>,
+    ) -> Reply<Self::WatchSessionRevocationsStream> {
+        app::require_revocation_watcher(&caller(&request)?)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        tokio::spawn(self.revocations.clone().stream(tx));
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx).map(|message| match message {
+            Ok(message) => Ok(revocation_pb(message)),
+            Err(e) => Err(Status::from(Error::from(e))),
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
     async fn list_public_keys(
         &self,
         _request: Request<pb::ListPublicKeysRequest>,
@@ -507,6 +528,20 @@ fn account_pb(a: Account) -> pb::Account {
         email_verified: a.email_verified,
         create_time: Some(timestamp(a.created_at)),
     }
+}
+
+fn revocation_pb(message: RevocationMessage) -> pb::WatchSessionRevocationsResponse {
+    use pb::watch_session_revocations_response::Event;
+    let event = match message {
+        RevocationMessage::Revoked { revocation, expire_at } => Event::Revocation(pb::SessionRevocation {
+            session_id: revocation.session_id.to_string(),
+            account: format!("accounts/{}", revocation.account_id),
+            revoke_time: Some(timestamp(revocation.revoked_at)),
+            expire_time: Some(timestamp(expire_at)),
+        }),
+        RevocationMessage::SnapshotEnd => Event::SnapshotEnd(pb::SnapshotEnd {}),
+    };
+    pb::WatchSessionRevocationsResponse { event: Some(event) }
 }
 
 fn grant_pb(g: TokenGrant) -> pb::TokenGrant {

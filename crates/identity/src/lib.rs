@@ -2,7 +2,8 @@
 //! accounts, and the keys that sign every access token.
 //!
 //! Layout: [`grpc`] is the adapter (the only module that sees protobuf), [`app`] the use cases,
-//! [`domain`] the validated types, [`store`] the SQL, [`keys`] the signing keys.
+//! [`domain`] the validated types, [`store`] the SQL, [`keys`] the signing keys, [`revocations`]
+//! the feed of ended sessions the other services follow.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -25,6 +26,7 @@ pub mod error;
 pub mod grpc;
 pub mod keys;
 pub mod password;
+pub mod revocations;
 pub mod store;
 
 pub use config::Config;
@@ -78,6 +80,14 @@ pub async fn start(
 
     let keyring = keyshare_runtime::client::lazy_channel("KEYSHARE_KEYRING_URL", &config.keyring_url)?;
     let trust_forwarded_for = config.trust_forwarded_for;
+    let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
+    let revocations = revocations::Revocations::start(
+        pool.clone(),
+        common.database_url.clone(),
+        clock.clone(),
+        config.access_token_ttl,
+        stopping,
+    );
     let app = Arc::new(app::Identity::new(pool.clone(), clock, config, signing_keys, waker, keyring));
     app.provision_internal_clients().await?;
     app.spawn_keyring_calls(std::time::Duration::from_secs(2));
@@ -90,7 +100,12 @@ pub async fn start(
 
     let outbox_task = outbox.spawn();
     let options = ServeOptions { config: common, metrics, verifier, ready_on_start: true, untraced_methods: &[] };
-    let grpc = grpc::IdentityGrpc::new(app, trust_forwarded_for);
+    let grpc = grpc::IdentityGrpc::new(app, trust_forwarded_for, revocations);
+    // Streams end as soon as the server starts stopping, so the drain is not held up by them.
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stopping_tx.send(true);
+    };
     let server = tokio::spawn(async move {
         let result =
             bound.serve(options, |routes| routes.add_service(IdentityServiceServer::new(grpc)), shutdown).await;

@@ -430,6 +430,59 @@ pub async fn session_is_live(c: &impl GenericClient, id: Uuid) -> Result<bool> {
     Ok(row.is_some_and(|r| r.get(0)))
 }
 
+// --- Session revocations (written by a trigger on identity.sessions) ---
+
+/// A session that ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionRevocation {
+    pub session_id: Uuid,
+    pub account_id: Uuid,
+    pub revoked_at: DateTime<Utc>,
+}
+
+/// Where a reader of session revocations stands: the oldest transaction still running at its
+/// last read. Every row it has not seen yet was written by this transaction or a later one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RevocationHorizon(i64);
+
+/// Sessions that ended after `revoked_after`: all of them without `since`, else those written
+/// at or after that horizon (rows seen before may come again). Returns the horizon to read from
+/// next. One statement, so the rows and the horizon come from one snapshot.
+pub async fn session_revocations(
+    c: &impl GenericClient,
+    since: Option<RevocationHorizon>,
+    revoked_after: DateTime<Utc>,
+) -> Result<(Vec<SessionRevocation>, RevocationHorizon)> {
+    let since = since.map(|RevocationHorizon(xid)| xid);
+    let rows = c
+        .query(
+            "WITH horizon AS (SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS xmin)
+             SELECT h.xmin, r.session_id, r.account_id, r.revoked_at
+             FROM horizon h LEFT JOIN identity.session_revocations r
+               ON r.revoked_at > $2 AND ($1::bigint IS NULL OR r.written_by >= $1::bigint::text::xid8)
+             ORDER BY r.seq",
+            &[&since, &revoked_after],
+        )
+        .await?;
+    let horizon = RevocationHorizon(rows.first().map_or(0, |r| r.get(0)));
+    let revocations = rows
+        .iter()
+        .filter_map(|r| {
+            Some(SessionRevocation {
+                session_id: r.get::<_, Option<Uuid>>(1)?,
+                account_id: r.get(2),
+                revoked_at: r.get(3),
+            })
+        })
+        .collect();
+    Ok((revocations, horizon))
+}
+
+/// Deletes revocations of sessions that ended before `before` (all their tokens have expired).
+pub async fn prune_session_revocations(c: &impl GenericClient, before: DateTime<Utc>) -> Result<u64> {
+    c.execute("DELETE FROM identity.session_revocations WHERE revoked_at < $1", &[&before]).await.map_err(DbError::from)
+}
+
 // --- Organizations ---
 
 pub async fn insert_organization(

@@ -18,6 +18,7 @@ use keyshare_runtime::mail::OutboxWorker;
 use keyshare_runtime::metrics::Metrics;
 pub use keyshare_runtime::server::StartError;
 use keyshare_runtime::server::{self, ServeError, ServeOptions};
+use keyshare_runtime::sessions::SessionRevocations;
 use tokio::task::JoinHandle;
 
 pub mod app;
@@ -62,6 +63,9 @@ pub async fn start(
     let verifier = TokenVerifier::new(IdentityKeySource::new(identity.clone()), config.tokens.clone(), clock.clone());
     verifier.spawn_refresh();
     let token = ServiceToken::new(identity.clone(), config.credentials.clone(), clock.clone());
+    let sessions = SessionRevocations::new(clock.clone());
+    sessions.follow(identity.clone(), token.clone());
+    verifier.refuse_revoked_sessions(sessions.clone());
     let peers = peers::Peers::new(identity, keyring, token);
 
     let outbox = OutboxWorker::new(pool.clone(), "invitation", config.mail.clone());
@@ -72,6 +76,7 @@ pub async fn start(
 
     let metrics = Metrics::new("invitation");
     metrics.register_pool(pool);
+    sessions.register_metrics(&metrics);
     let metrics_addr = metrics.bind_and_serve(common.metrics_addr).await?;
     let bound = server::bind(&common, GRPC_SERVICE).await?;
     let addr = bound.local_addr();

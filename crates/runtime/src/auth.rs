@@ -24,6 +24,7 @@ use uuid::Uuid;
 
 use crate::clock::SharedClock;
 use crate::error;
+use crate::sessions::SessionRevocations;
 
 /// Domain used in `ErrorInfo` for authentication failures.
 pub const AUTH_DOMAIN: &str = "auth.keyshare.dev";
@@ -255,6 +256,10 @@ pub enum AuthError {
     WrongAudience,
     #[error("token verification keys are unavailable")]
     KeysUnavailable,
+    #[error("the session has ended; log in again")]
+    SessionRevoked,
+    #[error("which sessions have ended is not known yet; try again shortly")]
+    SessionsUnavailable,
 }
 
 impl AuthError {
@@ -268,6 +273,8 @@ impl AuthError {
             AuthError::NotYetValid => "TOKEN_NOT_YET_VALID",
             AuthError::WrongAudience => "TOKEN_AUDIENCE",
             AuthError::KeysUnavailable => "KEYS_UNAVAILABLE",
+            AuthError::SessionRevoked => "SESSION_REVOKED",
+            AuthError::SessionsUnavailable => "SESSIONS_UNAVAILABLE",
         }
     }
 }
@@ -275,7 +282,7 @@ impl AuthError {
 impl From<AuthError> for Status {
     fn from(e: AuthError) -> Self {
         let code = match e {
-            AuthError::KeysUnavailable => Code::Unavailable,
+            AuthError::KeysUnavailable | AuthError::SessionsUnavailable => Code::Unavailable,
             _ => Code::Unauthenticated,
         };
         error::status(code, AUTH_DOMAIN, e.reason(), e.to_string())
@@ -334,6 +341,8 @@ pub struct TokenVerifier {
     cache: RwLock<KeyCache>,
     // Serialises fetches so concurrent calls with a new kid cause one fetch, not many.
     fetching: tokio::sync::Mutex<()>,
+    // Sessions that ended, for services that learn of them from identity's feed.
+    sessions: std::sync::OnceLock<Arc<SessionRevocations>>,
 }
 
 impl std::fmt::Debug for TokenVerifier {
@@ -351,7 +360,13 @@ impl TokenVerifier {
             refresh_every: Duration::from_secs(300),
             cache: RwLock::new(KeyCache { keys: HashMap::new(), fetched_at: None, last_unknown_fetch: None }),
             fetching: tokio::sync::Mutex::new(()),
+            sessions: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Refuses, from now on, tokens of the sessions `sessions` says have ended (set once).
+    pub fn refuse_revoked_sessions(&self, sessions: Arc<SessionRevocations>) {
+        let _ = self.sessions.set(sessions);
     }
 
     /// Verifies a bearer token and returns who it authenticates.
@@ -394,7 +409,11 @@ impl TokenVerifier {
         if claims.nbf - skew > now {
             return Err(AuthError::NotYetValid);
         }
-        claims.caller()
+        let caller = claims.caller()?;
+        if let (Some(sessions), Some(session)) = (self.sessions.get(), caller.session_id) {
+            sessions.check(session).await?;
+        }
+        Ok(caller)
     }
 
     fn has_fetched(&self) -> bool {

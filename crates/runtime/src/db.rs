@@ -114,6 +114,60 @@ pub async fn migrate(database_url: &str, schema: &str, runner: refinery::Runner)
     result
 }
 
+/// Listens for `NOTIFY <channel>` on a connection of its own and counts the notifications, so
+/// waiters wake on `changed()`; also wakes them after every (re)connection, in case one was
+/// missed meanwhile. Reconnects with backoff; ends when every receiver is gone.
+pub fn listen(database_url: String, channel: &'static str) -> tokio::sync::watch::Receiver<u64> {
+    let (tx, rx) = tokio::sync::watch::channel(0u64);
+    tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(100);
+        while !tx.is_closed() {
+            if let Err(e) = listen_once(&database_url, channel, &tx).await {
+                tracing::warn!(error = %e, channel, "database listener lost its connection; reconnecting");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    });
+    rx
+}
+
+async fn listen_once(database_url: &str, channel: &str, tx: &tokio::sync::watch::Sender<u64>) -> Result<(), String> {
+    use futures::StreamExt as _;
+    let (client, mut connection) = tokio_postgres::connect(database_url, NoTls).await.map_err(|e| e.to_string())?;
+    let (notify_tx, mut notify_rx) = tokio::sync::mpsc::unbounded_channel();
+    let driver = tokio::spawn(async move {
+        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(message) = messages.next().await {
+            match message {
+                Ok(tokio_postgres::AsyncMessage::Notification(_)) => {
+                    let _ = notify_tx.send(Ok(()));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let _ = notify_tx.send(Err(e));
+                    return;
+                }
+            }
+        }
+    });
+    let result = async {
+        client.batch_execute(&format!("LISTEN {channel}")).await.map_err(|e| e.to_string())?;
+        tx.send_modify(|count| *count += 1);
+        loop {
+            match notify_rx.recv().await {
+                Some(Ok(())) if tx.is_closed() => return Ok(()),
+                Some(Ok(())) => tx.send_modify(|count| *count += 1),
+                Some(Err(e)) => return Err(e.to_string()),
+                None => return Err("connection closed".to_owned()),
+            }
+        }
+    }
+    .await;
+    driver.abort();
+    result
+}
+
 /// A stable 64-bit key for an advisory lock (FNV-1a of the name).
 pub fn advisory_key(name: &str) -> i64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;

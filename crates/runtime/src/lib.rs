@@ -7,6 +7,7 @@
 //! - [`email`]: email addresses as every service accepts them;
 //! - [`error`]: the shared error model (`ErrorInfo`, `BadRequest`);
 //! - [`auth`]: access tokens, their verification, and the caller a handler sees;
+//! - [`sessions`]: the sessions identity says have ended, whose tokens are refused;
 //! - [`telemetry`] and [`metrics`]: logs, traces, Prometheus;
 //! - [`mail`]: the transactional email outbox;
 //! - [`client`]: channels to other services and this service's own access token;
@@ -28,6 +29,7 @@ pub mod metrics;
 pub mod page;
 pub mod resource;
 pub mod server;
+pub mod sessions;
 pub mod telemetry;
 #[cfg(feature = "testkit")]
 pub mod testkit;

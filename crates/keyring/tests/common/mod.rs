@@ -81,7 +81,17 @@ impl Harness {
         self.start_keyring_at(kek, "127.0.0.1:0").await
     }
 
+    /// Starts another keyring that authenticates to identity with `client_secret` (a wrong one
+    /// leaves it without its internal client's token).
+    pub async fn start_keyring_with_secret(&mut self, client_secret: &str) -> std::net::SocketAddr {
+        self.launch_keyring(&self.kek.clone(), "127.0.0.1:0", client_secret).await
+    }
+
     async fn start_keyring_at(&mut self, kek: &str, listen: &str) -> std::net::SocketAddr {
+        self.launch_keyring(kek, listen, KEYRING_SECRET).await
+    }
+
+    async fn launch_keyring(&mut self, kek: &str, listen: &str, client_secret: &str) -> std::net::SocketAddr {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let env = pairs(&[
             ("DATABASE_URL", self.db.url.clone()),
@@ -92,7 +102,7 @@ impl Harness {
             // No invitation service in these tests: counts are unknown, revocations stay queued.
             ("KEYSHARE_INVITATION_URL", "http://127.0.0.1:1".into()),
             ("KEYSHARE_CLIENT_ID", "keyring".into()),
-            ("KEYSHARE_CLIENT_SECRET", KEYRING_SECRET.into()),
+            ("KEYSHARE_CLIENT_SECRET", client_secret.into()),
             ("KEYSHARE_DB_POOL_SIZE", "8".into()),
         ]);
         let started = keyshare_keyring::start(
