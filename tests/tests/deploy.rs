@@ -444,7 +444,8 @@ fn check_services(rendered: &Rendered) {
         for var in container["env"].as_array().into_iter().flatten() {
             provided.insert(var["name"].as_str().unwrap().to_owned(), var.clone());
         }
-        let mut required = vec!["DATABASE_URL"];
+        // Every service authenticates page tokens with the same key, never the built-in one.
+        let mut required = vec!["DATABASE_URL", "KEYSHARE_PAGE_TOKEN_KEY"];
         match service {
             "identity" => required.extend(["KEYSHARE_KEY_ENCRYPTION_KEYS", "KEYSHARE_INTERNAL_CLIENTS"]),
             "keyring" => {
