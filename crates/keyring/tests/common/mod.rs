@@ -154,29 +154,22 @@ impl Harness {
         (account.name, grant.access_token)
     }
 
-    /// An access token of the invitation service (an internal client).
     /// An access token of the authorizer's internal client, the one that follows the feed.
     pub async fn feed_token(&self) -> String {
-        self.identity()
-            .await
-            .issue_service_account_token(idpb::IssueServiceAccountTokenRequest {
-                client_id: "authorizer".into(),
-                client_secret: AUTHORIZER_SECRET.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .grant
-            .unwrap()
-            .access_token
+        self.client_token("authorizer", AUTHORIZER_SECRET).await
     }
 
+    /// An access token of invitation's internal client, the one that grants memberships.
     pub async fn internal_token(&self) -> String {
+        self.client_token("invitation", INVITATION_SECRET).await
+    }
+
+    async fn client_token(&self, client_id: &str, client_secret: &str) -> String {
         self.identity()
             .await
             .issue_service_account_token(idpb::IssueServiceAccountTokenRequest {
-                client_id: "invitation".into(),
-                client_secret: INVITATION_SECRET.into(),
+                client_id: client_id.into(),
+                client_secret: client_secret.into(),
             })
             .await
             .unwrap()
@@ -211,17 +204,7 @@ impl Harness {
             }),
         };
         self.keyring().await.create_project_member(authed(org_owner, request)).await.unwrap();
-        let token = identity
-            .issue_service_account_token(idpb::IssueServiceAccountTokenRequest {
-                client_id: service_account.client_id,
-                client_secret: created.client_secret,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .grant
-            .unwrap()
-            .access_token;
+        let token = self.client_token(&service_account.client_id, &created.client_secret).await;
         (service_account.name, token)
     }
 
