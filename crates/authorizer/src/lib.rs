@@ -81,8 +81,8 @@ pub async fn start(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<Started, StartError> {
     let common = config.common.clone();
-    let identity = lazy_channel("KEYSHARE_IDENTITY_URL", &config.identity_url)?;
-    let keyring = lazy_channel("KEYSHARE_KEYRING_URL", &config.keyring_url)?;
+    let identity = lazy_channel("KEYSHARE_IDENTITY_URL", &config.identity_url, &common.tls)?;
+    let keyring = lazy_channel("KEYSHARE_KEYRING_URL", &config.keyring_url, &common.tls)?;
     let verifier = TokenVerifier::new(IdentityKeySource::new(identity.clone()), config.tokens.clone(), clock.clone());
     verifier.spawn_refresh();
     let token = ServiceToken::new(identity.clone(), config.credentials.clone(), clock.clone());

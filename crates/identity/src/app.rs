@@ -324,7 +324,8 @@ impl Identity {
         let refresh_token = random_token(32);
         let refresh_expires_at = now + duration(self.config.refresh_token_ttl);
         store::insert_refresh_token(tx, &sha256(refresh_token.as_bytes()), session_id, now, refresh_expires_at).await?;
-        let mut grant = self.sign(format!("accounts/{account_id}"), Some(session_id), None, Scopes::NONE, now).await?;
+        let mut grant =
+            self.sign(format!("accounts/{account_id}"), Some(session_id), None, Scopes::NONE, None, now).await?;
         grant.refresh_token = Some(refresh_token);
         grant.refresh_expires_at = Some(refresh_expires_at);
         Ok(grant)
@@ -336,6 +337,7 @@ impl Identity {
         session_id: Option<Uuid>,
         org: Option<Uuid>,
         scopes: Scopes,
+        internal_client: Option<&str>,
         now: DateTime<Utc>,
     ) -> Result<TokenGrant> {
         let expires = now + duration(self.config.access_token_ttl);
@@ -350,6 +352,7 @@ impl Identity {
             sid: session_id.map(|s| s.to_string()),
             org: org.map(|o| o.to_string()),
             scope: scopes.to_claim(),
+            cid: internal_client.map(str::to_owned),
         };
         let signer = self.keys.signer().await?;
         let access_token = signer.sign(&claims).map_err(Error::Internal)?;
@@ -654,7 +657,10 @@ impl Identity {
             .ok_or_else(|| Error::Internal("identity's own internal client is missing".into()))?;
         drop(client);
         let scopes = [Scope::MembershipsEnd].into_iter().collect();
-        Ok(self.sign(format!("serviceAccounts/{}", account.id), None, None, scopes, self.now()).await?.access_token)
+        Ok(self
+            .sign(format!("serviceAccounts/{}", account.id), None, None, scopes, Some(SELF_CLIENT), self.now())
+            .await?
+            .access_token)
     }
 
     /// Retries keyring calls until the process ends.
@@ -784,7 +790,10 @@ impl Identity {
         let Some((account, _, scopes)) = found.filter(|(_, stored, _)| constant_time_eq(stored, &presented)) else {
             return Err(Error::InvalidClientCredentials);
         };
-        self.sign(format!("serviceAccounts/{}", account.id), None, account.organization_id, scopes, self.now()).await
+        // Keyshare's own services' tokens name their client, for the certificate check of mTLS.
+        let internal_client = account.organization_id.is_none().then_some(account.client_id.as_str());
+        let org = account.organization_id;
+        self.sign(format!("serviceAccounts/{}", account.id), None, org, scopes, internal_client, self.now()).await
     }
 
     /// Creates or updates Keyshare's own service accounts from configuration.

@@ -78,7 +78,7 @@ pub async fn start(
     );
     verifier.spawn_refresh();
 
-    let keyring = keyshare_runtime::client::lazy_channel("KEYSHARE_KEYRING_URL", &config.keyring_url)?;
+    let keyring = keyshare_runtime::client::lazy_channel("KEYSHARE_KEYRING_URL", &config.keyring_url, &common.tls)?;
     let trust_forwarded_for = config.trust_forwarded_for;
     let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
     let revocations = revocations::Revocations::start(

@@ -308,8 +308,8 @@ pub fn spawn_listener(database_url: String) -> watch::Receiver<i64> {
     rx
 }
 
-async fn listen_once(database_url: &str, tx: &watch::Sender<i64>) -> Result<(), tokio_postgres::Error> {
-    let (client, mut connection) = tokio_postgres::connect(database_url, tokio_postgres::NoTls).await?;
+async fn listen_once(database_url: &str, tx: &watch::Sender<i64>) -> Result<(), DbError> {
+    let (client, mut connection) = keyshare_runtime::db::connect(database_url).await?;
     let (notify_tx, mut notify_rx) = mpsc::unbounded_channel();
     let driver = tokio::spawn(async move {
         let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
@@ -337,7 +337,7 @@ async fn listen_once(database_url: &str, tx: &watch::Sender<i64>) -> Result<(), 
                 }
                 tx.send_modify(|current| *current = (*current).max(seq));
             }
-            Some(Err(e)) => break Err(e),
+            Some(Err(e)) => break Err(e.into()),
             None => break Ok(()),
         }
     };

@@ -59,7 +59,7 @@ pub async fn start(
     db::migrate(&common.database_url, "keyring", migrations::migrations::runner()).await?;
     let pool = db::pool(&common.database_url, common.db_pool_size)?;
 
-    let identity = lazy_channel("KEYSHARE_IDENTITY_URL", &config.identity_url)?;
+    let identity = lazy_channel("KEYSHARE_IDENTITY_URL", &config.identity_url, &common.tls)?;
     let verifier = TokenVerifier::new(IdentityKeySource::new(identity.clone()), config.tokens.clone(), clock.clone());
     verifier.spawn_refresh();
     let token = ServiceToken::new(identity.clone(), config.credentials.clone(), clock.clone());
@@ -67,7 +67,7 @@ pub async fn start(
     sessions.follow(identity.clone(), token.clone());
     verifier.refuse_revoked_sessions(sessions.clone());
     let directory = directory::Directory::new(identity, token.clone());
-    let invitation = lazy_channel("KEYSHARE_INVITATION_URL", &config.invitation_url)?;
+    let invitation = lazy_channel("KEYSHARE_INVITATION_URL", &config.invitation_url, &common.tls)?;
     let invitations = invitations::InvitationClient::new(invitation, token);
     invitations.clone().spawn_worker(pool.clone(), std::time::Duration::from_secs(2));
 

@@ -171,6 +171,9 @@ pub struct Caller {
     pub principal: Principal,
     /// The login session an account's token belongs to.
     pub session_id: Option<Uuid>,
+    /// For one of Keyshare's own services, its internal client id (`keyring`), which its
+    /// client certificate must name under mTLS.
+    pub internal_client: Option<String>,
 }
 
 impl Caller {
@@ -216,6 +219,10 @@ pub struct Claims {
     /// The internal RPCs one of Keyshare's own service accounts may call, space-separated.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub scope: String,
+    /// The client id of one of Keyshare's own service accounts (`keyring`), matched against
+    /// its client certificate under mTLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cid: Option<String>,
 }
 
 impl Claims {
@@ -233,7 +240,11 @@ impl Claims {
         } else {
             return Err(AuthError::Invalid);
         };
-        Ok(Caller { principal, session_id })
+        let internal_client = match &principal {
+            Principal::ServiceAccount { organization: None, .. } => self.cid.clone(),
+            _ => None,
+        };
+        Ok(Caller { principal, session_id, internal_client })
     }
 }
 
@@ -260,6 +271,12 @@ pub enum AuthError {
     SessionRevoked,
     #[error("which sessions have ended is not known yet; try again shortly")]
     SessionsUnavailable,
+    /// Under mTLS, an internal client's token came over a connection whose certificate is not
+    /// that client's.
+    #[error(
+        "the client certificate does not name internal client {0:?}: one of its DNS names must be {0:?} or begin with \"{0}.\""
+    )]
+    CertificateMismatch(String),
 }
 
 impl AuthError {
@@ -275,6 +292,7 @@ impl AuthError {
             AuthError::KeysUnavailable => "KEYS_UNAVAILABLE",
             AuthError::SessionRevoked => "SESSION_REVOKED",
             AuthError::SessionsUnavailable => "SESSIONS_UNAVAILABLE",
+            AuthError::CertificateMismatch(_) => "CERTIFICATE_MISMATCH",
         }
     }
 }
@@ -283,6 +301,7 @@ impl From<AuthError> for Status {
     fn from(e: AuthError) -> Self {
         let code = match e {
             AuthError::KeysUnavailable | AuthError::SessionsUnavailable => Code::Unavailable,
+            AuthError::CertificateMismatch(_) => Code::PermissionDenied,
             _ => Code::Unauthenticated,
         };
         error::status(code, AUTH_DOMAIN, e.reason(), e.to_string())
@@ -547,6 +566,11 @@ pub fn caller<T>(request: &tonic::Request<T>) -> Result<Caller, Status> {
 
 /// Tower layer that verifies `authorization: Bearer …` on every call. Calls without the header
 /// pass through unauthenticated (some RPCs, like login, need no token); handlers decide.
+///
+/// Over a connection with a verified client certificate (mTLS), a token of one of Keyshare's
+/// own services is accepted only if the certificate names that internal client
+/// ([`crate::tls::certificate_names_client`]); otherwise the call is PERMISSION_DENIED. Tokens
+/// of people and of organizations' service accounts are not matched against certificates.
 #[derive(Clone, Debug)]
 pub struct AuthLayer {
     verifier: Arc<TokenVerifier>,
@@ -592,6 +616,14 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let verifier = self.verifier.clone();
+        // A TLS connection's peer: its TCP addresses are also left where `remote_addr` finds them.
+        let client_dns_names = match request.extensions().get::<crate::tls::PeerInfo>().cloned() {
+            Some(peer) => {
+                request.extensions_mut().insert(peer.tcp);
+                peer.client_dns_names
+            }
+            None => None,
+        };
         let token = request.headers().get(http::header::AUTHORIZATION).map(|value| {
             match value.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")) {
                 Some(token) => Ok(token.trim().to_owned()),
@@ -600,10 +632,16 @@ where
         });
         Box::pin(async move {
             if let Some(token) = token {
-                let outcome = match token {
+                let mut outcome = match token {
                     Ok(token) => verifier.verify(&token).await,
                     Err(e) => Err(e),
                 };
+                if let (Ok(caller), Some(names)) = (&outcome, &client_dns_names)
+                    && let Err(e) = check_certificate(caller, names)
+                {
+                    tracing::info!(caller = %caller.subject(), certificate_names = ?names, "{e}");
+                    outcome = Err(e);
+                }
                 if let Ok(caller) = &outcome {
                     tracing::Span::current().record("caller", caller.subject());
                 }
@@ -611,6 +649,25 @@ where
             }
             inner.call(request).await
         })
+    }
+}
+
+/// Under mTLS: whether a caller may use a connection whose client certificate has these DNS
+/// names. Only Keyshare's own services are matched; one whose token names no internal client
+/// (issued before tokens carried it) is refused too, as its certificate cannot be checked.
+fn check_certificate(caller: &Caller, dns_names: &[String]) -> Result<(), AuthError> {
+    match (&caller.principal, &caller.internal_client) {
+        (Principal::ServiceAccount { organization: None, .. }, Some(client)) => {
+            if crate::tls::certificate_names_client(dns_names, client) {
+                Ok(())
+            } else {
+                Err(AuthError::CertificateMismatch(client.clone()))
+            }
+        }
+        (Principal::ServiceAccount { organization: None, .. }, None) => {
+            Err(AuthError::CertificateMismatch("(none named by the token)".to_owned()))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -689,6 +746,7 @@ mod tests {
             sid: Some(Uuid::new_v4().to_string()),
             org: None,
             scope: String::new(),
+            cid: None,
         }
     }
 

@@ -8,15 +8,21 @@ use keyshare_proto::identity::v1 as pb;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::config::{ConfigError, Env};
+use crate::tls::TlsSettings;
 
 /// A channel to `url` that connects on first use and reconnects after failures, so a service
-/// starts even while its dependencies are still coming up.
-pub fn lazy_channel(var: &str, url: &str) -> Result<Channel, ConfigError> {
-    Ok(Endpoint::from_shared(url.to_owned())
+/// starts even while its dependencies are still coming up. An `https://` URL connects with TLS:
+/// the peer is verified against `KEYSHARE_TLS_CA` (the webpki roots when unset), and this
+/// service presents its own certificate (`KEYSHARE_TLS_CERT`) when it has one.
+pub fn lazy_channel(var: &str, url: &str, tls: &TlsSettings) -> Result<Channel, ConfigError> {
+    let endpoint = Endpoint::from_shared(url.to_owned())
         .map_err(|_| ConfigError::new(var, "must be a URL such as http://identity:50051"))?
         .connect_timeout(crate::server::CONNECT_TIMEOUT)
-        .timeout(Duration::from_secs(10))
-        .connect_lazy())
+        .timeout(Duration::from_secs(10));
+    match endpoint.uri().scheme_str() {
+        Some("https") => Ok(endpoint.connect_with_connector_lazy(crate::tls::Connector::new(tls.client_config()?))),
+        _ => Ok(endpoint.connect_lazy()),
+    }
 }
 
 /// A request for another Keyshare service carrying `token` as `authorization: Bearer` and the

@@ -124,6 +124,8 @@ pub struct CommonConfig {
     pub drain_delay: Duration,
     /// Authenticates page tokens (`KEYSHARE_PAGE_TOKEN_KEY`), the same in every service.
     pub page_token_key: crate::page::TokenKey,
+    /// TLS for the gRPC servers and `https://` peers (`KEYSHARE_TLS_*`); plaintext when unset.
+    pub tls: crate::tls::TlsSettings,
 }
 
 impl std::fmt::Debug for CommonConfig {
@@ -138,6 +140,7 @@ impl std::fmt::Debug for CommonConfig {
             .field("call_timeout", &self.call_timeout)
             .field("max_concurrent_calls", &self.max_concurrent_calls)
             .field("shutdown_grace", &self.shutdown_grace)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -157,15 +160,36 @@ impl CommonConfig {
             service,
             listen_addr: env.addr_or("KEYSHARE_LISTEN_ADDR", &format!("0.0.0.0:{default_port}"))?,
             metrics_addr: env.addr_or("KEYSHARE_METRICS_ADDR", &format!("0.0.0.0:{}", default_port - 50051 + 9051))?,
-            database_url: env.required("DATABASE_URL")?,
+            database_url: database_url(env)?,
             db_pool_size: pool_size,
             call_timeout: env.secs_or("KEYSHARE_CALL_TIMEOUT_SECS", 30)?,
             max_concurrent_calls: max_calls,
             shutdown_grace: env.secs_or("KEYSHARE_SHUTDOWN_GRACE_SECS", 30)?,
             drain_delay: Duration::from_secs_f64(drain_delay(env)?),
             page_token_key: crate::page::TokenKey::from_env(env)?,
+            tls: tls_settings(env)?,
         })
     }
+}
+
+/// `DATABASE_URL`, with `KEYSHARE_DATABASE_CA` as its `sslrootcert` when it names none.
+fn database_url(env: &Env) -> Result<String, ConfigError> {
+    let url = env.required("DATABASE_URL")?;
+    Ok(match env.get("KEYSHARE_DATABASE_CA") {
+        Some(ca) => crate::pg_tls::with_root_cert(&url, ca.trim()),
+        None => url,
+    })
+}
+
+/// The TLS settings, with their files read once now, so a missing or bad file stops the
+/// service at start, naming the variable.
+fn tls_settings(env: &Env) -> Result<crate::tls::TlsSettings, ConfigError> {
+    let tls = crate::tls::TlsSettings::from_env(env)?;
+    tls.server_config()?;
+    if tls.ca.is_some() || tls.identity.is_some() {
+        tls.client_config()?;
+    }
+    Ok(tls)
 }
 
 /// `KEYSHARE_DRAIN_DELAY_SECS`: seconds (fractions allowed, 0 for none), at most an hour.

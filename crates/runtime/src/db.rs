@@ -1,10 +1,11 @@
 //! PostgreSQL access shared by every service: the connection pool, embedded migrations applied
 //! at start (safe with several replicas starting at once), and SQLSTATE classification.
+//! Connections use TLS when `DATABASE_URL` asks for it (`sslmode=require`, `verify-ca`,
+//! `verify-full`; see [`crate::pg_tls`]).
 
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
 
 pub use deadpool_postgres::{GenericClient, Object as Connection, PoolError, Transaction};
@@ -21,6 +22,10 @@ pub enum DbError {
     Migration(#[from] refinery::Error),
     #[error("database configuration: {0}")]
     Config(String),
+    /// The TLS handshake with the database failed (an unknown CA, a certificate for another
+    /// host, a server without TLS).
+    #[error("DATABASE_URL: TLS with the database failed: {0}")]
+    Tls(String),
 }
 
 /// Implements `From<deadpool_postgres::PoolError>` and `From<tokio_postgres::Error>` for a
@@ -66,7 +71,7 @@ impl DbError {
     /// Whether the database could not be reached at all (as opposed to refusing a statement).
     pub fn is_unavailable(&self) -> bool {
         match self {
-            DbError::Pool(_) => true,
+            DbError::Pool(_) | DbError::Tls(_) => true,
             DbError::Postgres(e) => e.is_closed() || e.code().is_none(),
             _ => false,
         }
@@ -76,9 +81,8 @@ impl DbError {
 /// Builds the connection pool. Connections are made lazily, so a database that is briefly down
 /// at start only delays the first call.
 pub fn pool(database_url: &str, max_size: usize) -> Result<Pool, DbError> {
-    let config: tokio_postgres::Config =
-        database_url.parse().map_err(|_| DbError::Config("DATABASE_URL is not a valid PostgreSQL URL".into()))?;
-    let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+    let (config, tls) = crate::pg_tls::prepare(database_url)?;
+    let manager = Manager::from_config(config, tls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
     Pool::builder(manager)
         .max_size(max_size)
         .runtime(Runtime::Tokio1)
@@ -89,6 +93,20 @@ pub fn pool(database_url: &str, max_size: usize) -> Result<Pool, DbError> {
         .map_err(|e| DbError::Config(e.to_string()))
 }
 
+/// A database connection made outside the pool, plain or TLS as `DATABASE_URL` says.
+pub type DirectConnection =
+    tokio_postgres::Connection<tokio_postgres::Socket, crate::pg_tls::RustlsStream<tokio_postgres::Socket>>;
+
+/// Opens a connection outside the pool (for migrations and `LISTEN`). A TLS failure is a
+/// [`DbError::Tls`], naming `DATABASE_URL`.
+pub async fn connect(database_url: &str) -> Result<(tokio_postgres::Client, DirectConnection), DbError> {
+    let (config, tls) = crate::pg_tls::prepare(database_url)?;
+    config.connect(tls).await.map_err(|e| match crate::pg_tls::tls_failure(&e) {
+        Some(reason) => DbError::Tls(reason),
+        None => DbError::Postgres(e),
+    })
+}
+
 /// Applies the service's embedded migrations to its own schema.
 ///
 /// A session-level advisory lock keyed by the schema serialises replicas that start together:
@@ -97,7 +115,7 @@ pub async fn migrate(database_url: &str, schema: &str, runner: refinery::Runner)
     if !schema.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
         return Err(DbError::Config(format!("schema name {schema:?} is not a plain identifier")));
     }
-    let (mut client, connection) = tokio_postgres::connect(database_url, NoTls).await?;
+    let (mut client, connection) = connect(database_url).await?;
     let connection = tokio::spawn(connection);
     let lock_key = advisory_key(schema);
     client.execute("SELECT pg_advisory_lock($1)", &[&lock_key]).await?;
@@ -134,7 +152,7 @@ pub fn listen(database_url: String, channel: &'static str) -> tokio::sync::watch
 
 async fn listen_once(database_url: &str, channel: &str, tx: &tokio::sync::watch::Sender<u64>) -> Result<(), String> {
     use futures::StreamExt as _;
-    let (client, mut connection) = tokio_postgres::connect(database_url, NoTls).await.map_err(|e| e.to_string())?;
+    let (client, mut connection) = connect(database_url).await.map_err(|e| e.to_string())?;
     let (notify_tx, mut notify_rx) = tokio::sync::mpsc::unbounded_channel();
     let driver = tokio::spawn(async move {
         let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));

@@ -11,6 +11,7 @@
 //! - [`telemetry`] and [`metrics`]: logs, traces, Prometheus;
 //! - [`mail`]: the transactional email outbox;
 //! - [`client`]: channels to other services and this service's own access token;
+//! - [`tls`]: TLS and mutual TLS for servers and clients, certificates reloaded when renewed;
 //! - [`credential`]: API-key credentials, their format and checksum;
 //! - [`clock`], [`crypto`], [`page`], [`resource`]: time, secrets, pagination, resource names;
 //! - [`wire`]: domain values as protobuf well-known types.
@@ -27,10 +28,12 @@ pub mod error;
 pub mod mail;
 pub mod metrics;
 pub mod page;
+pub mod pg_tls;
 pub mod resource;
 pub mod server;
 pub mod sessions;
 pub mod telemetry;
 #[cfg(feature = "testkit")]
 pub mod testkit;
+pub mod tls;
 pub mod wire;

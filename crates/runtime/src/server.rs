@@ -2,7 +2,8 @@
 //! tower stack (request id → span and metrics → concurrency limit → authentication → per-call
 //! timeout), with graceful shutdown. A client's `x-request-id` is kept only if it is at most
 //! [`MAX_REQUEST_ID_LEN`] printable ASCII characters; otherwise the call gets a fresh one, so
-//! logs, spans and responses never carry what a client chose to smuggle into them.
+//! logs, spans and responses never carry what a client chose to smuggle into them. With
+//! `KEYSHARE_TLS_CERT` set the listener serves TLS (see [`crate::tls`]), plaintext otherwise.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -134,6 +135,9 @@ impl Bound {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
         let Bound { listener, readiness, routes, .. } = self;
+        // TLS when `KEYSHARE_TLS_CERT` is set (and mTLS with `KEYSHARE_TLS_CLIENT_CA`); the
+        // files were checked when the configuration was read.
+        let tls = options.config.tls.server_config().map_err(|e| ServeError::Tls(e.to_string()))?;
         // Advertise only this server's services (the ones it was bound for) and health; the
         // descriptor sets hold every Keyshare API and the google.rpc error details, so grpcurl
         // can print ErrorInfo and BadRequest.
@@ -187,11 +191,13 @@ impl Bound {
             tracing::info!("shutting down: draining in-flight calls");
             let _ = stopping_tx.send(());
         };
-        let server = Server::builder()
-            .timeout(options.config.call_timeout)
-            .layer(layers)
-            .add_routes(routes)
-            .serve_with_incoming_shutdown(incoming(listener), signal);
+        let router = Server::builder().timeout(options.config.call_timeout).layer(layers).add_routes(routes);
+        let server: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> = match tls {
+            Some(tls) => {
+                Box::pin(router.serve_with_incoming_shutdown(crate::tls::accept(incoming(listener), tls), signal))
+            }
+            None => Box::pin(router.serve_with_incoming_shutdown(incoming(listener), signal)),
+        };
         let grace = options.config.shutdown_grace;
         let drained = async move {
             if stopping_rx.await.is_ok() {
@@ -217,6 +223,8 @@ pub enum ServeError {
     Reflection(String),
     #[error("transport: {0}")]
     Transport(String),
+    #[error("{0}")]
+    Tls(String),
 }
 
 /// What a service binary does: telemetry and configuration from the environment (a bad value

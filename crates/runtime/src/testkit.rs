@@ -402,6 +402,15 @@ impl PrivateCluster {
     /// Creates and starts the cluster. As root, runs the server as the `postgres` user, since
     /// initdb refuses root.
     pub fn start() -> Self {
+        Self::start_maybe_tls(None)
+    }
+
+    /// [`PrivateCluster::start`] with `ssl = on`, serving this certificate and key (PEM).
+    pub fn start_with_tls(cert_pem: &str, key_pem: &str) -> Self {
+        Self::start_maybe_tls(Some((cert_pem, key_pem)))
+    }
+
+    fn start_maybe_tls(tls: Option<(&str, &str)>) -> Self {
         let bindir = postgres_bindir();
         let dir = tempfile::Builder::new().prefix("keyshare-pg-").tempdir().unwrap();
         if running_as_root() {
@@ -411,6 +420,23 @@ impl PrivateCluster {
         let cluster = Self { dir, bindir, port: free_port() };
         let data = cluster.data_dir();
         cluster.run("initdb", &["-D", &data, "--auth=trust", "--username=postgres", "--encoding=UTF8", "--no-locale"]);
+        if let Some((cert_pem, key_pem)) = tls {
+            use std::io::Write as _;
+            use std::os::unix::fs::PermissionsExt as _;
+            let data = Path::new(&data);
+            std::fs::write(data.join("server.crt"), cert_pem).unwrap();
+            std::fs::write(data.join("server.key"), key_pem).unwrap();
+            // The server refuses a key others may read.
+            std::fs::set_permissions(data.join("server.key"), std::fs::Permissions::from_mode(0o600)).unwrap();
+            if running_as_root() {
+                for file in ["server.crt", "server.key"] {
+                    let status = Command::new("chown").arg("postgres:postgres").arg(data.join(file)).status().unwrap();
+                    assert!(status.success(), "chown of {file} failed");
+                }
+            }
+            let mut conf = std::fs::OpenOptions::new().append(true).open(data.join("postgresql.conf")).unwrap();
+            writeln!(conf, "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'").unwrap();
+        }
         cluster.start_server();
         cluster
     }
@@ -559,4 +585,110 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop_server();
     }
+}
+
+/// A certificate authority of the test's own, issuing certificates into PEM files in a
+/// temporary directory (removed when dropped).
+pub struct TestPki {
+    dir: tempfile::TempDir,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    ca_pem: String,
+}
+
+impl std::fmt::Debug for TestPki {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestPki").field("dir", &self.dir.path()).finish_non_exhaustive()
+    }
+}
+
+/// A certificate and key [`TestPki`] issued, as PEM text.
+#[derive(Clone, Debug)]
+pub struct IssuedCert {
+    pub cert_pem: String,
+    pub key_pem: String,
+    /// The certificate, DER-encoded (to compare with what a server presents).
+    pub cert_der: Vec<u8>,
+}
+
+impl TestPki {
+    /// A new CA named `name`.
+    pub fn new(name: &str) -> Self {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
+        let ca = params.self_signed(&key).unwrap();
+        let dir = tempfile::Builder::new().prefix("keyshare-pki-").tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.crt"), ca.pem()).unwrap();
+        Self { dir, issuer: rcgen::Issuer::new(params, key), ca_pem: ca.pem() }
+    }
+
+    /// The CA certificate's PEM file.
+    pub fn ca_path(&self) -> PathBuf {
+        self.dir.path().join("ca.crt")
+    }
+
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
+    }
+
+    /// Issues a certificate for these DNS names / IP addresses, for servers and clients alike.
+    pub fn issue(&self, names: &[&str]) -> IssuedCert {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params =
+            rcgen::CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>()).unwrap();
+        params.distinguished_name.push(rcgen::DnType::CommonName, names.first().copied().unwrap_or("test"));
+        params.extended_key_usages =
+            vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        IssuedCert { cert_pem: cert.pem(), key_pem: key.serialize_pem(), cert_der: cert.der().to_vec() }
+    }
+
+    /// Issues a certificate and writes it to `{stem}.crt` and `{stem}.key`, replacing each file
+    /// at once (as a Kubernetes secret volume does), so a reader never sees half a file.
+    pub fn issue_files(&self, stem: &str, names: &[&str]) -> (crate::tls::CertFiles, IssuedCert) {
+        let issued = self.issue(names);
+        let files = crate::tls::CertFiles {
+            cert: self.dir.path().join(format!("{stem}.crt")),
+            key: self.dir.path().join(format!("{stem}.key")),
+        };
+        for (path, content) in [(&files.key, &issued.key_pem), (&files.cert, &issued.cert_pem)] {
+            let partial = path.with_extension("partial");
+            std::fs::write(&partial, content).unwrap();
+            std::fs::rename(&partial, path).unwrap();
+        }
+        (files, issued)
+    }
+
+    /// Settings for a service presenting `files`, trusting this CA as clients and, with
+    /// `require_client_certs`, requiring client certificates it signed.
+    pub fn settings(&self, files: &crate::tls::CertFiles, require_client_certs: bool) -> Vec<(String, String)> {
+        let mut settings = vec![
+            (crate::tls::CERT_VAR.to_owned(), files.cert.display().to_string()),
+            (crate::tls::KEY_VAR.to_owned(), files.key.display().to_string()),
+            (crate::tls::CA_VAR.to_owned(), self.ca_path().display().to_string()),
+        ];
+        if require_client_certs {
+            settings.push((crate::tls::CLIENT_CA_VAR.to_owned(), self.ca_path().display().to_string()));
+        }
+        settings
+    }
+}
+
+/// The leaf certificate (DER) a TLS server at `addr` presents, verified against `ca_path` for
+/// `server_name`, over a new connection presenting `client` when given.
+pub async fn served_certificate(
+    addr: std::net::SocketAddr,
+    server_name: &str,
+    ca_path: &Path,
+    client: Option<&crate::tls::CertFiles>,
+) -> std::io::Result<Vec<u8>> {
+    let settings = crate::tls::TlsSettings { identity: client.cloned(), client_ca: None, ca: Some(ca_path.into()) };
+    let config = settings.client_config().map_err(std::io::Error::other)?;
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name = rustls_pki_types::ServerName::try_from(server_name.to_owned()).map_err(std::io::Error::other)?;
+    let tls = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await?;
+    let chain = tls.get_ref().1.peer_certificates().ok_or_else(|| std::io::Error::other("no certificate"))?;
+    Ok(chain.first().ok_or_else(|| std::io::Error::other("empty chain"))?.to_vec())
 }
