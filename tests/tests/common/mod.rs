@@ -17,7 +17,8 @@ use keyshare_proto::identity::v1::identity_service_client::IdentityServiceClient
 use keyshare_proto::keyring::v1 as krpb;
 use keyshare_proto::keyring::v1::keyring_service_client::KeyringServiceClient;
 use keyshare_runtime::crypto::Sealer;
-use keyshare_runtime::testkit::{SmtpServer, TestDatabase, free_port};
+use keyshare_runtime::testkit::{SmtpServer, TestDatabase, TestPki, free_port};
+use keyshare_runtime::tls::{CertFiles, TlsSettings};
 use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
@@ -53,6 +54,9 @@ pub struct Keyshare {
     pub smtp: SmtpServer,
     processes: HashMap<&'static str, Process>,
     pub db: TestDatabase,
+    /// With [`Keyshare::start_with_mtls`]: the CA of every certificate, and the client
+    /// certificate the test's own calls present.
+    pub tls: Option<(TestPki, CertFiles)>,
 }
 
 /// Where cargo put this test's sibling binaries (`target/<profile>`).
@@ -72,15 +76,34 @@ impl Keyshare {
     /// Starts `services` in order, each with `extra_env` on top of the usual environment, and
     /// waits until each reports SERVING.
     pub async fn start(services: &[&'static str], extra_env: &[(&str, String)]) -> Self {
+        Self::start_maybe_tls(services, extra_env, None).await
+    }
+
+    /// [`Keyshare::start`] with mutual TLS everywhere: every service has a certificate of one
+    /// test CA naming it (`keyring`, `keyring.keyshare.svc`, `127.0.0.1`), requires client
+    /// certificates of that CA, and calls the others at `https://` URLs; the test's own calls
+    /// present a certificate named `console`.
+    pub async fn start_with_mtls(services: &[&'static str], extra_env: &[(&str, String)]) -> Self {
+        let pki = TestPki::new("Keyshare system test CA");
+        let (console, _) = pki.issue_files("console", &["console"]);
+        Self::start_maybe_tls(services, extra_env, Some((pki, console))).await
+    }
+
+    async fn start_maybe_tls(
+        services: &[&'static str],
+        extra_env: &[(&str, String)],
+        tls: Option<(TestPki, CertFiles)>,
+    ) -> Self {
         let db = TestDatabase::create().await;
         let smtp = SmtpServer::start().await;
         let (_, kek) = Sealer::generate("k1");
         let addrs: HashMap<&str, (SocketAddr, SocketAddr)> =
             SERVICES.iter().map(|service| (*service, (loopback(), loopback()))).collect();
-        let url = |service: &str| format!("http://{}", addrs[service].0);
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let url = |service: &str| format!("{scheme}://{}", addrs[service].0);
         let internal_clients =
             CLIENT_SECRETS.iter().map(|(client, secret)| format!("{client}:{secret}")).collect::<Vec<_>>().join(",");
-        let mut keyshare = Self { smtp, processes: HashMap::new(), db };
+        let mut keyshare = Self { smtp, processes: HashMap::new(), db, tls };
         for &service in services {
             let (grpc, metrics) = addrs[service];
             let mut env: Vec<(String, String)> = [
@@ -110,6 +133,11 @@ impl Keyshare {
                 env.push(("KEYSHARE_CLIENT_ID".into(), (*client).into()));
                 env.push(("KEYSHARE_CLIENT_SECRET".into(), (*secret).into()));
             }
+            if let Some((pki, _)) = &keyshare.tls {
+                let svc_name = format!("{service}.keyshare.svc");
+                let (files, _) = pki.issue_files(service, &[service, &svc_name, "127.0.0.1"]);
+                env.extend(pki.settings(&files, true));
+            }
             env.extend(extra_env.iter().map(|(key, value)| ((*key).to_owned(), value.clone())));
             keyshare.processes.insert(service, Process { child: None, grpc, metrics, env });
             keyshare.launch(service).await;
@@ -125,8 +153,8 @@ impl Keyshare {
             .spawn()
             .unwrap_or_else(|e| panic!("starting {service}: {e}"));
         process.child = Some(child);
-        let health =
-            HealthClient::new(Channel::from_shared(format!("http://{}", process.grpc)).unwrap().connect_lazy());
+        let grpc = process.grpc;
+        let health = HealthClient::new(self.channel_to(grpc));
         let start = Instant::now();
         loop {
             let process = self.processes.get_mut(service).unwrap();
@@ -153,7 +181,18 @@ impl Keyshare {
     }
 
     pub fn channel(&self, service: &str) -> Channel {
-        Channel::from_shared(format!("http://{}", self.grpc(service))).unwrap().connect_lazy()
+        self.channel_to(self.grpc(service))
+    }
+
+    /// A channel to `addr`, over mTLS when the services use it.
+    fn channel_to(&self, addr: SocketAddr) -> Channel {
+        match &self.tls {
+            Some((pki, client)) => {
+                let settings = TlsSettings { identity: Some(client.clone()), client_ca: None, ca: Some(pki.ca_path()) };
+                keyshare_runtime::client::lazy_channel("test", &format!("https://{addr}"), &settings).unwrap()
+            }
+            None => Channel::from_shared(format!("http://{addr}")).unwrap().connect_lazy(),
+        }
     }
 
     pub fn identity(&self) -> IdentityServiceClient<Channel> {
