@@ -18,12 +18,27 @@ use keyshare_runtime::tls::{CertFiles, TlsSettings};
 /// The names identity's test certificate holds; clients dial `https://127.0.0.1:…`.
 const SERVER_NAMES: &[&str] = &["identity", "identity.keyshare.svc", "127.0.0.1"];
 
-async fn start_tls(pki: &TestPki, server: &CertFiles, mtls: bool) -> Harness {
+struct TlsHarness {
+    harness: Harness,
+    health_addr: std::net::SocketAddr,
+}
+
+impl std::ops::Deref for TlsHarness {
+    type Target = Harness;
+
+    fn deref(&self) -> &Harness {
+        &self.harness
+    }
+}
+
+async fn start_tls(pki: &TestPki, server: &CertFiles, mtls: bool) -> TlsHarness {
+    let health_addr = std::net::SocketAddr::from(([127, 0, 0, 1], keyshare_runtime::testkit::free_port()));
     let mut settings = pki.settings(server, mtls);
+    settings.push(("KEYSHARE_HEALTH_ADDR".into(), health_addr.to_string()));
     settings
         .push(("KEYSHARE_INTERNAL_CLIENTS".into(), format!("invitation:{INTERNAL_SECRET},keyring:{INTERNAL_SECRET}")));
     let settings: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    Harness::start_with(&settings).await
+    TlsHarness { harness: Harness::start_with(&settings).await, health_addr }
 }
 
 /// A client of the harness's identity as a service makes one: verifying the server against
@@ -53,6 +68,16 @@ async fn a_tls_server_answers_tls_clients_and_refuses_plaintext() {
     let h = start_tls(&pki, &server, false).await;
 
     assert!(list_keys(&mut client(&h, &pki, None)).await.unwrap() >= 1);
+
+    // Probes that cannot speak TLS ask the plaintext health listener, which serves nothing else.
+    let health = tonic::transport::Channel::from_shared(format!("http://{}", h.health_addr)).unwrap().connect_lazy();
+    let answer = tonic_health::pb::health_client::HealthClient::new(health.clone())
+        .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+        .await
+        .unwrap();
+    assert_eq!(answer.into_inner().status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+    let status = list_keys(&mut IdentityServiceClient::new(health)).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unimplemented, "{status:?}");
 
     let plaintext = tonic::transport::Channel::from_shared(format!("http://{}", h.addr)).unwrap().connect_lazy();
     let refused = list_keys(&mut IdentityServiceClient::new(plaintext)).await.unwrap_err();

@@ -126,6 +126,9 @@ pub struct CommonConfig {
     pub page_token_key: crate::page::TokenKey,
     /// TLS for the gRPC servers and `https://` peers (`KEYSHARE_TLS_*`); plaintext when unset.
     pub tls: crate::tls::TlsSettings,
+    /// A plaintext listener serving only `grpc.health.v1.Health` (`KEYSHARE_HEALTH_ADDR`), for
+    /// probes that cannot speak TLS; none when unset.
+    pub health_addr: Option<SocketAddr>,
 }
 
 impl std::fmt::Debug for CommonConfig {
@@ -141,6 +144,7 @@ impl std::fmt::Debug for CommonConfig {
             .field("max_concurrent_calls", &self.max_concurrent_calls)
             .field("shutdown_grace", &self.shutdown_grace)
             .field("tls", &self.tls)
+            .field("health_addr", &self.health_addr)
             .finish()
     }
 }
@@ -168,6 +172,10 @@ impl CommonConfig {
             drain_delay: Duration::from_secs_f64(drain_delay(env)?),
             page_token_key: crate::page::TokenKey::from_env(env)?,
             tls: tls_settings(env)?,
+            health_addr: match env.get("KEYSHARE_HEALTH_ADDR") {
+                Some(_) => Some(env.addr_or("KEYSHARE_HEALTH_ADDR", "")?),
+                None => None,
+            },
         })
     }
 }

@@ -84,6 +84,9 @@ pub struct Bound {
     addr: std::net::SocketAddr,
     readiness: Readiness,
     routes: Routes,
+    /// `KEYSHARE_HEALTH_ADDR`: plaintext health of this listener, for probes that cannot speak
+    /// TLS (the kubelet's gRPC probes).
+    health: Option<TcpListener>,
 }
 
 /// Binds the listen address (port 0 picks a free port) and prepares health reporting.
@@ -95,7 +98,14 @@ pub async fn bind(config: &CommonConfig, grpc_service_name: &'static str) -> Res
 /// reflection lists them all.
 pub async fn bind_services(config: &CommonConfig, grpc_service_names: &[&'static str]) -> Result<Bound, StartError> {
     crate::page::use_key(&config.page_token_key);
-    bind_services_at(config.listen_addr, "KEYSHARE_LISTEN_ADDR", grpc_service_names).await
+    let mut bound = bind_services_at(config.listen_addr, "KEYSHARE_LISTEN_ADDR", grpc_service_names).await?;
+    if let Some(addr) = config.health_addr {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind { what: "KEYSHARE_HEALTH_ADDR", source })?;
+        bound.health = Some(listener);
+    }
+    Ok(bound)
 }
 
 /// [`bind_services`] on another address than `KEYSHARE_LISTEN_ADDR`, for a service with a second
@@ -111,7 +121,7 @@ pub async fn bind_services_at(
     let (reporter, health) = tonic_health::server::health_reporter();
     let readiness = Readiness { reporter, service_names: grpc_service_names.into() };
     readiness.set(false).await;
-    Ok(Bound { listener, addr, readiness, routes: Routes::new(health) })
+    Ok(Bound { listener, addr, readiness, routes: Routes::new(health), health: None })
 }
 
 impl Bound {
@@ -134,7 +144,7 @@ impl Bound {
         add_services: impl FnOnce(Routes) -> Routes,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
-        let Bound { listener, readiness, routes, .. } = self;
+        let Bound { listener, readiness, routes, health, .. } = self;
         // TLS when `KEYSHARE_TLS_CERT` is set (and mTLS with `KEYSHARE_TLS_CLIENT_CA`); the
         // files were checked when the configuration was read.
         let tls = options.config.tls.server_config().map_err(|e| ServeError::Tls(e.to_string()))?;
@@ -198,6 +208,18 @@ impl Bound {
             }
             None => Box::pin(router.serve_with_incoming_shutdown(incoming(listener), signal)),
         };
+        // Plaintext health (nothing but grpc.health.v1) for as long as the server runs.
+        let health = health.map(|listener| {
+            let service = tonic_health::server::HealthService::from_health_reporter(readiness.reporter.clone());
+            let health = Server::builder()
+                .add_service(tonic_health::pb::health_server::HealthServer::new(service))
+                .serve_with_incoming(incoming(listener));
+            AbortOnDrop(tokio::spawn(async move {
+                if let Err(e) = health.await {
+                    tracing::error!(error = %e, "the health listener failed");
+                }
+            }))
+        });
         let grace = options.config.shutdown_grace;
         let drained = async move {
             if stopping_rx.await.is_ok() {
@@ -206,13 +228,24 @@ impl Bound {
                 std::future::pending::<()>().await;
             }
         };
-        tokio::select! {
+        let result = tokio::select! {
             result = server => result.map_err(|e| ServeError::Transport(e.to_string())),
             () = drained => {
                 tracing::warn!(grace_secs = grace.as_secs(), "calls still running after the shutdown grace period");
                 Ok(())
             }
-        }
+        };
+        drop(health);
+        result
+    }
+}
+
+/// Stops a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
