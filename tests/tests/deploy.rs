@@ -31,7 +31,13 @@ const SECRET_VARS: &[&str] = &[
 ];
 
 /// Custom resources, which kubernetes-validate has no schema for; checked field by field here.
-const CUSTOM_KINDS: &[(&str, &str)] = &[("postgresql.cnpg.io/v1", "Cluster")];
+const CUSTOM_KINDS: &[(&str, &str)] =
+    &[("postgresql.cnpg.io/v1", "Cluster"), ("cert-manager.io/v1", "Certificate"), ("cert-manager.io/v1", "Issuer")];
+
+/// Where production pods mount their certificate's Secret, and the plaintext health port the
+/// kubelet's gRPC probes use when the gRPC port speaks TLS.
+const TLS_DIR: &str = "/etc/keyshare/tls";
+const HEALTH_PORT: u64 = 8081;
 
 /// The label the authorizer's NetworkPolicy admits gateways by.
 const GATEWAY_LABEL: &str = "keyshare.dev/gateway";
@@ -49,6 +55,69 @@ fn every_overlay_renders_validates_and_is_locked_down() {
         check_network_policies(&rendered);
         check_gateway(&rendered);
     }
+}
+
+/// Production encrypts every gRPC connection with mutual TLS: each service and the gateway
+/// mount the Secret of a cert-manager Certificate of the namespace's CA that names them first
+/// (the internal client their tokens name), serve and call over TLS, and require client
+/// certificates of that CA.
+#[test]
+fn production_uses_mutual_tls_everywhere() {
+    let rendered = Rendered::overlay("production");
+    let config = &rendered.config_map("keyshare-config")["data"];
+    for (var, file) in [
+        ("KEYSHARE_TLS_CERT", "tls.crt"),
+        ("KEYSHARE_TLS_KEY", "tls.key"),
+        ("KEYSHARE_TLS_CA", "ca.crt"),
+        ("KEYSHARE_TLS_CLIENT_CA", "ca.crt"),
+    ] {
+        assert_eq!(config[var].as_str(), Some(format!("{TLS_DIR}/{file}").as_str()), "{var}");
+    }
+    let ca_issuer = rendered.get("Issuer", "keyshare-ca");
+    let ca = rendered.get("Certificate", "keyshare-ca");
+    assert_eq!(ca["spec"]["isCA"], true);
+    assert_eq!(ca_issuer["spec"]["ca"]["secretName"], ca["spec"]["secretName"]);
+    let namespace = rendered.namespace();
+    let workloads = SERVICES.iter().map(|(service, _, _)| *service).chain(["gateway"]);
+    for workload in workloads {
+        let deployment = rendered.get("Deployment", workload);
+        let pod = pod_spec(deployment);
+        let container = containers(deployment).next().unwrap();
+        let mount = container["volumeMounts"].as_array().unwrap().iter().find(|m| m["mountPath"] == TLS_DIR);
+        let mount = mount.unwrap_or_else(|| panic!("{workload} mounts no certificate at {TLS_DIR}"));
+        let volume = pod["volumes"].as_array().unwrap().iter().find(|v| v["name"] == mount["name"]).unwrap();
+        let secret = volume["secret"]["secretName"].as_str().unwrap();
+        let certificate = rendered
+            .all("Certificate")
+            .find(|c| c["spec"]["secretName"] == secret)
+            .unwrap_or_else(|| panic!("{workload}: no Certificate makes Secret {secret}"));
+        assert_eq!(certificate["spec"]["issuerRef"]["name"], "keyshare-ca", "{workload}");
+        let names: Vec<&str> =
+            certificate["spec"]["dnsNames"].as_array().unwrap().iter().map(|n| n.as_str().unwrap()).collect();
+        assert_eq!(names.first().copied(), Some(workload), "{workload}: {names:?}");
+        assert!(names.contains(&format!("{workload}.{namespace}.svc").as_str()), "{workload}: {names:?}");
+        let usages = &certificate["spec"]["usages"];
+        for usage in ["server auth", "client auth"] {
+            assert!(usages.as_array().unwrap().contains(&Value::from(usage)), "{workload}: {usages}");
+        }
+        // Renewed before it expires; the services re-read renewed files.
+        assert!(certificate["spec"]["renewBefore"].is_string(), "{workload}");
+        // Envoy and the services run as uid/gid 65532: the key is readable by the pod's group.
+        assert_eq!(pod["securityContext"]["fsGroup"], 65532, "{workload}");
+    }
+    let gateway_config = rendered.config_map("gateway-envoy")["data"]["envoy.yaml"].as_str().unwrap();
+    let envoy = yaml_to_json(gateway_config.as_bytes());
+    let cluster = envoy[0]["static_resources"]["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|cluster| cluster["name"] == "keyshare_authorizer")
+        .unwrap();
+    let tls = &cluster["transport_socket"]["typed_config"];
+    assert_eq!(tls["sni"], "authorizer");
+    let context = &tls["common_tls_context"];
+    assert_eq!(context["tls_certificates"][0]["certificate_chain"]["filename"], format!("{TLS_DIR}/tls.crt"));
+    assert_eq!(context["validation_context"]["trusted_ca"]["filename"], format!("{TLS_DIR}/ca.crt"));
 }
 
 #[test]
@@ -379,8 +448,11 @@ fn check_pods_are_locked_down(rendered: &Rendered) {
         let pod = pod_spec(deployment);
         assert_eq!(pod["automountServiceAccountToken"], false, "{overlay}: {name} mounts an API token");
         for volume in pod["volumes"].as_array().into_iter().flatten() {
+            // Secrets only for certificates, mounted read-only (checked below), never readable
+            // by others than the pod's user and group.
+            let certificate = volume["secret"].is_object() && volume["secret"]["defaultMode"].as_u64() == Some(0o440);
             assert!(
-                volume["emptyDir"].is_object() || volume["configMap"].is_object(),
+                volume["emptyDir"].is_object() || volume["configMap"].is_object() || certificate,
                 "{overlay}: {name} mounts {volume}"
             );
         }
@@ -429,9 +501,6 @@ fn check_services(rendered: &Rendered) {
         );
         assert_eq!(container_port(container, "grpc"), Some(grpc), "{overlay}: {service}");
         assert_eq!(container_port(container, "metrics"), Some(metrics), "{overlay}: {service}");
-        for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
-            assert_eq!(container[probe]["grpc"]["port"], grpc, "{overlay}: {service} {probe} is not a gRPC probe");
-        }
 
         // Every variable the service requires, from the Deployment or its ConfigMap.
         let mut provided: BTreeMap<String, Value> = BTreeMap::new();
@@ -455,6 +524,22 @@ fn check_services(rendered: &Rendered) {
         }
         for var in required {
             assert!(provided.contains_key(var), "{overlay}: {service} lacks {var}");
+        }
+        // The kubelet's gRPC probes speak no TLS: with TLS on they ask the plaintext health port.
+        let tls = provided.contains_key("KEYSHARE_TLS_CERT");
+        let probe_port = if tls {
+            let health = provided.get("KEYSHARE_HEALTH_ADDR").and_then(literal);
+            assert_eq!(health, Some(format!("0.0.0.0:{HEALTH_PORT}").as_str()), "{overlay}: {service}");
+            assert_eq!(container_port(container, "health"), Some(HEALTH_PORT), "{overlay}: {service}");
+            HEALTH_PORT
+        } else {
+            grpc
+        };
+        for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
+            assert_eq!(
+                container[probe]["grpc"]["port"], probe_port,
+                "{overlay}: {service} {probe} is not a gRPC probe of its health"
+            );
         }
         if let Some(client_id) = provided.get("KEYSHARE_CLIENT_ID") {
             // identity knows internal clients by service name (KEYSHARE_INTERNAL_CLIENTS).
@@ -515,7 +600,8 @@ fn check_services(rendered: &Rendered) {
         let config = rendered.config_map("keyshare-config");
         let url_var = format!("KEYSHARE_{}_URL", service.to_ascii_uppercase());
         if let Some(url) = config["data"][&url_var].as_str() {
-            assert_eq!(url, format!("http://{service}:{grpc}"), "{overlay}: {url_var}");
+            let scheme = if tls { "https" } else { "http" };
+            assert_eq!(url, format!("{scheme}://{service}:{grpc}"), "{overlay}: {url_var}");
         }
     }
 }
@@ -529,12 +615,31 @@ fn check_gateway(rendered: &Rendered) {
     let volume = pod_spec(gateway)["volumes"].as_array().unwrap().iter().find(|v| v["configMap"].is_object()).unwrap();
     let config_map = rendered.config_map(volume["configMap"]["name"].as_str().unwrap());
     let config = config_map["data"]["envoy.yaml"].as_str().unwrap();
-    let shipped = std::fs::read_to_string(workspace_root().join("deploy/envoy/envoy.yaml")).unwrap();
-    assert_eq!(config, shipped, "{overlay}: the gateway's ConfigMap is not deploy/envoy/envoy.yaml");
+    // The example as shipped, or production's copy that adds mTLS to the authorizer.
+    let mtls = workspace_root().join("deploy/k8s/overlays").join(overlay).join("envoy-mtls.yaml");
+    let shipped = match std::fs::read_to_string(&mtls) {
+        Ok(with_tls) => {
+            let plain = std::fs::read_to_string(workspace_root().join("deploy/envoy/envoy.yaml")).unwrap();
+            let tls_context = with_tls.find("      # Mutual TLS with the authorizer").unwrap();
+            let load_assignment = with_tls[tls_context..].find("      load_assignment:").unwrap() + tls_context;
+            let without = format!("{}{}", &with_tls[..tls_context], &with_tls[load_assignment..]);
+            assert_eq!(without, plain, "{overlay}: envoy-mtls.yaml differs from envoy.yaml by more than mTLS");
+            with_tls
+        }
+        Err(_) => std::fs::read_to_string(workspace_root().join("deploy/envoy/envoy.yaml")).unwrap(),
+    };
+    assert_eq!(config, shipped, "{overlay}: the gateway's ConfigMap is not the shipped Envoy configuration");
 
+    // Envoy reads the certificate files it names while validating: test ones stand in for the
+    // mounted Secret.
     let dir = tempfile::tempdir().unwrap();
+    let pki = keyshare_runtime::testkit::TestPki::new("deploy test CA");
+    let issued = pki.issue(&["gateway"]);
+    std::fs::write(dir.path().join("tls.crt"), &issued.cert_pem).unwrap();
+    std::fs::write(dir.path().join("tls.key"), &issued.key_pem).unwrap();
+    std::fs::write(dir.path().join("ca.crt"), pki.ca_pem()).unwrap();
     let path = dir.path().join("envoy.yaml");
-    std::fs::write(&path, config).unwrap();
+    std::fs::write(&path, config.replace(TLS_DIR, &dir.path().display().to_string())).unwrap();
     run(Command::new(tool("envoy")).args(["--mode", "validate", "--disable-hot-restart", "-c"]).arg(&path), None);
 
     let envoy = yaml_to_json(config.as_bytes());

@@ -12,7 +12,7 @@ use keyshare_proto::authorizer::v1 as azpb;
 use keyshare_proto::authorizer::v1::authorizer_service_client::AuthorizerServiceClient;
 use keyshare_proto::invitation::v1 as ivpb;
 use keyshare_proto::invitation::v1::invitation_service_client::InvitationServiceClient;
-use keyshare_runtime::testkit::eventually;
+use keyshare_runtime::testkit::{eventually, tool};
 
 #[tokio::test]
 async fn every_service_works_over_mutual_tls() {
@@ -59,4 +59,26 @@ async fn without_a_client_certificate_no_service_answers() {
     let mut identity = keyshare_proto::identity::v1::identity_service_client::IdentityServiceClient::new(channel);
     let refused = identity.list_public_keys(keyshare_proto::identity::v1::ListPublicKeysRequest {}).await;
     assert!(refused.is_err(), "{refused:?}");
+}
+
+/// The README's grpcurl line for a service with mTLS (`-cacert`, `-cert`, `-key`), against
+/// identity at 127.0.0.1, which its certificate names.
+#[tokio::test]
+async fn grpcurl_reaches_a_service_over_mutual_tls() {
+    let keyshare = Keyshare::start_with_mtls(&["identity"], &[]).await;
+    let (pki, console) = keyshare.tls.as_ref().unwrap();
+    let addr = keyshare.grpc("identity").to_string();
+    let grpcurl = |args: &[&str]| {
+        let mut command = std::process::Command::new(tool("grpcurl"));
+        command.arg("-cacert").arg(pki.ca_path());
+        command.args(args).arg(&addr).arg("grpc.health.v1.Health/Check");
+        command.output().unwrap()
+    };
+    let cert = console.cert.display().to_string();
+    let key = console.key.display().to_string();
+    let out = grpcurl(&["-cert", &cert, "-key", &key]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("SERVING"));
+    // Without its certificate grpcurl is refused.
+    assert!(!grpcurl(&["-connect-timeout", "3"]).status.success());
 }

@@ -12,7 +12,7 @@ use common::*;
 use keyshare_proto::keyring::v1 as krpb;
 use keyshare_runtime::clock::Clock;
 use keyshare_runtime::credential::{Credential, Environment};
-use keyshare_runtime::testkit::{tool, workspace_root};
+use keyshare_runtime::testkit::{TestPki, eventually, free_port, tool, workspace_root};
 
 #[tokio::test]
 async fn envoy_in_front_of_the_authorizer() {
@@ -168,4 +168,55 @@ fn the_shipped_envoy_configuration_validates() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// The production gateway's configuration (`envoy-mtls.yaml`): Envoy checks over mutual TLS
+/// with a certificate of the authorizer's CA; with another CA's it gets no answer, and the API
+/// stays closed.
+#[tokio::test]
+async fn envoy_checks_over_mutual_tls() {
+    let (w, project, _, _, production) = world().await;
+    let pki = TestPki::new("Keyshare test CA");
+    let (server, _) = pki.issue_files("authorizer", &["authorizer", "127.0.0.1"]);
+    let mut config = w.authorizer_config.clone();
+    config.common.tls = keyshare_runtime::tls::TlsSettings {
+        identity: Some(server),
+        client_ca: Some(pki.ca_path()),
+        ca: Some(pki.ca_path()),
+    };
+    let health = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    config.common.health_addr = Some(health);
+    let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let started = keyshare_authorizer::start(config, w.frozen.clone(), async move {
+        let _ = stopped.await;
+    })
+    .await
+    .unwrap();
+    serving(health).await;
+
+    let shipped = std::fs::read_to_string(workspace_root().join("deploy/k8s/overlays/production/envoy-mtls.yaml"));
+    let shipped = shipped.unwrap();
+    let gateway_with = |ca: &TestPki| {
+        let issued = ca.issue(&["gateway"]);
+        let dir = tempfile_dir();
+        std::fs::write(dir.join("tls.crt"), &issued.cert_pem).unwrap();
+        std::fs::write(dir.join("tls.key"), &issued.key_pem).unwrap();
+        // The gateway trusts the authorizer's CA either way.
+        std::fs::write(dir.join("ca.crt"), pki.ca_pem()).unwrap();
+        shipped.replace("/etc/keyshare/tls", &dir.display().to_string())
+    };
+    let upstream = echo_upstream().await;
+    let port = started.addr.port();
+
+    let (_envoy, listen) = start_envoy_with(&gateway_with(&pki), &project, upstream, &[port]).await;
+    eventually("Envoy to pass a valid key over mTLS", std::time::Duration::from_secs(30), || {
+        let production = production.clone();
+        async move { (call(listen, "GET", &[("x-api-key", &production)]).await?.0 == 200).then_some(()) }
+    })
+    .await;
+
+    let stranger = TestPki::new("Another CA");
+    let (_envoy, listen) = start_envoy_with(&gateway_with(&stranger), &project, upstream, &[port]).await;
+    let (status, _, body) = call(listen, "GET", &[("x-api-key", &production)]).await.unwrap();
+    assert_eq!(status, 503, "{body}");
 }

@@ -73,8 +73,13 @@ pub async fn start_envoy(w: &World, project: &str, upstream: u16) -> (Envoy, u16
 /// The shipped configuration with `authorizers` (check ports on 127.0.0.1) as the authorizer
 /// cluster's endpoints.
 pub async fn start_envoy_at(project: &str, upstream: u16, authorizers: &[u16]) -> (Envoy, u16) {
-    let (listen, admin) = (free_port(), free_port());
     let shipped = std::fs::read_to_string(workspace_root().join("deploy/envoy/envoy.yaml")).unwrap();
+    start_envoy_with(&shipped, project, upstream, authorizers).await
+}
+
+/// [`start_envoy_at`] with another configuration than the shipped one (of the same shape).
+pub async fn start_envoy_with(shipped: &str, project: &str, upstream: u16, authorizers: &[u16]) -> (Envoy, u16) {
+    let (listen, admin) = (free_port(), free_port());
     let endpoint = shipped.lines().find(|line| line.contains("address: authorizer, port_value: 50054")).unwrap();
     let endpoints: Vec<String> = authorizers
         .iter()
