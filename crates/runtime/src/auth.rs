@@ -277,6 +277,10 @@ pub enum AuthError {
         "the client certificate does not name internal client {0:?}: one of its DNS names must be {0:?} or begin with \"{0}.\""
     )]
     CertificateMismatch(String),
+    /// Under mTLS, a token of one of Keyshare's own services that names no internal client
+    /// (issued before tokens did), whose certificate therefore cannot be checked.
+    #[error("the token names no internal client to check the client certificate against; get a new token")]
+    CertificateUnchecked,
 }
 
 impl AuthError {
@@ -292,7 +296,7 @@ impl AuthError {
             AuthError::KeysUnavailable => "KEYS_UNAVAILABLE",
             AuthError::SessionRevoked => "SESSION_REVOKED",
             AuthError::SessionsUnavailable => "SESSIONS_UNAVAILABLE",
-            AuthError::CertificateMismatch(_) => "CERTIFICATE_MISMATCH",
+            AuthError::CertificateMismatch(_) | AuthError::CertificateUnchecked => "CERTIFICATE_MISMATCH",
         }
     }
 }
@@ -301,7 +305,7 @@ impl From<AuthError> for Status {
     fn from(e: AuthError) -> Self {
         let code = match e {
             AuthError::KeysUnavailable | AuthError::SessionsUnavailable => Code::Unavailable,
-            AuthError::CertificateMismatch(_) => Code::PermissionDenied,
+            AuthError::CertificateMismatch(_) | AuthError::CertificateUnchecked => Code::PermissionDenied,
             _ => Code::Unauthenticated,
         };
         error::status(code, AUTH_DOMAIN, e.reason(), e.to_string())
@@ -664,9 +668,7 @@ fn check_certificate(caller: &Caller, dns_names: &[String]) -> Result<(), AuthEr
                 Err(AuthError::CertificateMismatch(client.clone()))
             }
         }
-        (Principal::ServiceAccount { organization: None, .. }, None) => {
-            Err(AuthError::CertificateMismatch("(none named by the token)".to_owned()))
-        }
+        (Principal::ServiceAccount { organization: None, .. }, None) => Err(AuthError::CertificateUnchecked),
         _ => Ok(()),
     }
 }
@@ -732,6 +734,53 @@ mod tests {
         let signer = TokenSigner::from_pkcs8(kid, der.as_bytes());
         let public = PublicKeyMaterial { kid: kid.into(), public_key: key.verifying_key().to_bytes(), retire_at: None };
         (signer, public)
+    }
+
+    #[test]
+    fn under_mtls_only_internal_clients_are_matched_against_their_certificate() {
+        let names = |list: &[&str]| list.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        let internal = |client: Option<&str>| Caller {
+            principal: Principal::ServiceAccount {
+                id: Uuid::nil(),
+                organization: None,
+                scopes: [Scope::KeysWatch].into_iter().collect(),
+            },
+            session_id: None,
+            internal_client: client.map(str::to_owned),
+        };
+        let keyring = internal(Some("keyring"));
+        assert_eq!(check_certificate(&keyring, &names(&["keyring.keyshare.svc"])), Ok(()));
+        let refused = check_certificate(&keyring, &names(&["invitation.keyshare.svc"])).unwrap_err();
+        assert_eq!(refused, AuthError::CertificateMismatch("keyring".into()));
+        assert_eq!(Status::from(refused).code(), Code::PermissionDenied);
+        assert_eq!(check_certificate(&internal(None), &names(&["keyring"])), Err(AuthError::CertificateUnchecked));
+        // People and organizations' service accounts: any certificate of the CA.
+        let person =
+            Caller { principal: Principal::Account { id: Uuid::nil() }, session_id: None, internal_client: None };
+        assert_eq!(check_certificate(&person, &names(&["console"])), Ok(()));
+        let org_account = Caller {
+            principal: Principal::ServiceAccount {
+                id: Uuid::nil(),
+                organization: Some(Uuid::nil()),
+                scopes: Scopes::NONE,
+            },
+            session_id: None,
+            internal_client: Some("keyring".into()),
+        };
+        assert_eq!(check_certificate(&org_account, &names(&["console"])), Ok(()));
+    }
+
+    #[test]
+    fn only_internal_service_accounts_carry_their_client_id() {
+        let mut claims = claims(0);
+        claims.sub = format!("serviceAccounts/{}", Uuid::nil());
+        claims.cid = Some("keyring".into());
+        assert_eq!(claims.caller().unwrap().internal_client.as_deref(), Some("keyring"));
+        claims.org = Some(Uuid::nil().to_string());
+        assert_eq!(claims.caller().unwrap().internal_client, None);
+        claims.org = None;
+        claims.sub = format!("accounts/{}", Uuid::nil());
+        assert_eq!(claims.caller().unwrap().internal_client, None);
     }
 
     fn claims(now: i64) -> Claims {

@@ -247,6 +247,34 @@ mod tests {
     }
 
     #[test]
+    fn tls_settings_are_plaintext_unless_given() {
+        let env = Env::from_pairs([("DATABASE_URL", "postgres://x")]);
+        let config = CommonConfig::from_env(&env, "test", 50051).unwrap();
+        assert!(!config.tls.serves_tls() && config.health_addr.is_none());
+        assert_eq!(config.database_url, "postgres://x");
+
+        let env = Env::from_pairs([
+            ("DATABASE_URL", "postgres://db/k?sslmode=verify-full"),
+            ("KEYSHARE_DATABASE_CA", "/ca/db.crt"),
+            ("KEYSHARE_HEALTH_ADDR", "127.0.0.1:8081"),
+        ]);
+        let config = CommonConfig::from_env(&env, "test", 50051).unwrap();
+        assert_eq!(config.database_url, "postgres://db/k?sslmode=verify-full&sslrootcert=/ca/db.crt");
+        assert_eq!(config.health_addr, Some("127.0.0.1:8081".parse().unwrap()));
+
+        let env = Env::from_pairs([("DATABASE_URL", "postgres://x"), ("KEYSHARE_HEALTH_ADDR", "port 8081")]);
+        assert_eq!(CommonConfig::from_env(&env, "test", 50051).unwrap_err().var, "KEYSHARE_HEALTH_ADDR");
+        let env = Env::from_pairs([("DATABASE_URL", "postgres://x"), ("KEYSHARE_TLS_CERT", "/nowhere/tls.crt")]);
+        assert_eq!(CommonConfig::from_env(&env, "test", 50051).unwrap_err().var, "KEYSHARE_TLS_KEY");
+        let env = Env::from_pairs([
+            ("DATABASE_URL", "postgres://x"),
+            ("KEYSHARE_TLS_CERT", "/nowhere/tls.crt"),
+            ("KEYSHARE_TLS_KEY", "/nowhere/tls.key"),
+        ]);
+        assert_eq!(CommonConfig::from_env(&env, "test", 50051).unwrap_err().var, "KEYSHARE_TLS_CERT");
+    }
+
+    #[test]
     fn the_drain_delay_may_be_zero_but_not_negative() {
         let with = |value: &str| {
             let env = Env::from_pairs([("DATABASE_URL", "postgres://x"), ("KEYSHARE_DRAIN_DELAY_SECS", value)]);

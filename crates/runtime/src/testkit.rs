@@ -1,5 +1,6 @@
 //! Test support: a fresh PostgreSQL database per test, a real SMTP server (aiosmtpd) that keeps
-//! what it receives, and lookup of the tools `scripts/test` installs.
+//! what it receives, a test certificate authority writing certificate files (rcgen), and lookup
+//! of the tools `scripts/test` installs.
 //!
 //! Failures here panic with a message saying what is missing: tests never skip silently.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
