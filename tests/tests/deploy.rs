@@ -1,7 +1,8 @@
 //! The Kubernetes manifests in `deploy/k8s`, checked as a cluster would see them: every overlay
 //! is rendered with `kubectl kustomize`, validated against the Kubernetes schemas
 //! (kubernetes-validate, strict), and then held to what the deployment promises: non-root pods
-//! on a read-only root filesystem with requests and limits, gRPC probes on each service's port,
+//! on a read-only root filesystem with requests and limits, gRPC probes on each service's port
+//! (or, where that port speaks TLS, on its plaintext health port), mutual TLS in production,
 //! secrets only by reference, the configuration each service requires, who may reach whom, and
 //! a gateway whose Envoy configuration Envoy itself accepts.
 #![allow(clippy::unwrap_used)]
@@ -104,6 +105,11 @@ fn production_uses_mutual_tls_everywhere() {
         assert!(certificate["spec"]["renewBefore"].is_string(), "{workload}");
         // Envoy and the services run as uid/gid 65532: the key is readable by the pod's group.
         assert_eq!(pod["securityContext"]["fsGroup"], 65532, "{workload}");
+    }
+    for (service, _, _) in SERVICES {
+        for port in rendered.get("Service", service)["spec"]["ports"].as_array().unwrap() {
+            assert_ne!(port["appProtocol"], "kubernetes.io/h2c", "{service}: its TLS port {port} is marked cleartext");
+        }
     }
     let gateway_config = rendered.config_map("gateway-envoy")["data"]["envoy.yaml"].as_str().unwrap();
     let envoy = yaml_to_json(gateway_config.as_bytes());
