@@ -47,6 +47,10 @@ pub const RELOAD_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// Longest a TLS handshake may take before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Handshakes under way at once; beyond them, accepting waits (connections queue in the
+/// kernel's backlog), so a flood of idle connections cannot make unbounded tasks.
+const MAX_HANDSHAKES: usize = 512;
+
 /// The TLS settings every service shares.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TlsSettings {
@@ -329,7 +333,8 @@ impl AsyncWrite for TlsConn {
     }
 }
 
-/// The TLS connections of `incoming`: each handshake runs in its own task, and connections
+/// The TLS connections of `incoming`: each handshake runs in its own task (at most
+/// [`MAX_HANDSHAKES`] at once, each for at most 10 s), and connections
 /// whose handshake fails (no or a wrong client certificate, not TLS at all) are dropped there.
 /// Accepting stops when the returned stream is dropped.
 pub fn accept<S>(
@@ -342,8 +347,16 @@ where
     use futures::StreamExt as _;
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     tokio::spawn(async move {
         loop {
+            let permit = tokio::select! {
+                () = tx.closed() => return,
+                permit = handshakes.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => return,
+                },
+            };
             let tcp = tokio::select! {
                 () = tx.closed() => return,
                 next = incoming.next() => match next {
@@ -358,6 +371,7 @@ where
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
+                let _permit = permit;
                 let tcp_info = tcp.connect_info();
                 let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
                 let inner = match handshake {
