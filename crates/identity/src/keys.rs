@@ -112,7 +112,7 @@ pub async fn public_keys(client: &impl GenericClient, now: DateTime<Utc>) -> Res
         .query(
             "SELECT kid, public_key, retire_at FROM identity.signing_keys
              WHERE retire_at IS NULL OR retire_at > $1
-             ORDER BY retire_at DESC NULLS FIRST",
+             ORDER BY retire_at DESC NULLS FIRST, kid",
             &[&now],
         )
         .await?;
@@ -123,6 +123,48 @@ pub async fn public_keys(client: &impl GenericClient, now: DateTime<Utc>) -> Res
             Some(PublicKeyMaterial { kid: row.get(0), public_key: public.try_into().ok()?, retire_at: row.get(2) })
         })
         .collect())
+}
+
+/// The listing scope of `ListPublicKeys` page tokens.
+pub const PAGE_SCOPE: &str = "publicKeys";
+
+/// Where a key sits in `ListPublicKeys`' order: the signing key (no retirement) first, then
+/// the retiring ones, latest retirement first; the kid breaks ties.
+type KeyPosition = (bool, std::cmp::Reverse<Option<i64>>, String);
+
+fn position(key: &PublicKeyMaterial) -> KeyPosition {
+    let retire = key.retire_at.map(|t| t.timestamp_micros());
+    (retire.is_some(), std::cmp::Reverse(retire), key.kid.clone())
+}
+
+fn cursor(key: &PublicKeyMaterial) -> String {
+    let retire = key.retire_at.map_or_else(|| "-".to_owned(), |t| t.timestamp_micros().to_string());
+    format!("{retire}|{}", key.kid)
+}
+
+fn parse_cursor(cursor: &str) -> Option<KeyPosition> {
+    let (retire, kid) = cursor.split_once('|')?;
+    let retire = if retire == "-" { None } else { Some(retire.parse::<i64>().ok()?) };
+    Some((retire.is_some(), std::cmp::Reverse(retire), kid.to_owned()))
+}
+
+/// One page of `keys` (in [`public_keys`]' order): the keys after the page's cursor, and the
+/// token of the next page (empty on the last). A key added or retired between two pages moves
+/// without a key being listed twice.
+pub fn page(
+    mut keys: Vec<PublicKeyMaterial>,
+    page: &keyshare_runtime::page::PageRequest,
+) -> std::result::Result<(Vec<PublicKeyMaterial>, String), keyshare_runtime::error::InvalidInput> {
+    keys.sort_by_cached_key(position);
+    if let Some(after) = &page.after {
+        let after = parse_cursor(after).ok_or_else(|| {
+            keyshare_runtime::error::InvalidInput::field("page_token", "is not a page token of this listing")
+        })?;
+        keys.retain(|key| position(key) > after);
+    }
+    keys.truncate(page.size + 1);
+    let next = keyshare_runtime::page::next_token(&mut keys, page.size, PAGE_SCOPE, cursor);
+    Ok((keys, next))
 }
 
 /// Identity verifies its own tokens from its database.
@@ -142,3 +184,44 @@ impl KeySource for DbKeySource {
 
 /// Shared handle used by the use cases.
 pub type SharedSigningKeys = Arc<SigningKeys>;
+
+#[cfg(test)]
+mod page_tests {
+    use keyshare_runtime::page::PageRequest;
+
+    use super::*;
+
+    fn key(kid: &str, retire_in_secs: Option<i64>) -> PublicKeyMaterial {
+        let retire_at = retire_in_secs.map(|s| DateTime::<Utc>::from_timestamp(1_900_000_000 + s, 0).unwrap());
+        PublicKeyMaterial { kid: kid.into(), public_key: [0; 32], retire_at }
+    }
+
+    #[test]
+    fn public_keys_page_in_order_without_repeats() {
+        let keys = vec![key("old", Some(10)), key("signing", None), key("older", Some(5)), key("newer", Some(20))];
+        let mut seen = Vec::new();
+        let mut token = String::new();
+        loop {
+            let request = PageRequest::parse(1, &token, PAGE_SCOPE).unwrap();
+            let (page, next) = page(keys.clone(), &request).unwrap();
+            assert_eq!(page.len(), 1);
+            seen.push(page[0].kid.clone());
+            if next.is_empty() {
+                break;
+            }
+            token = next;
+        }
+        assert_eq!(seen, ["signing", "newer", "old", "older"]);
+
+        // A key that retires between two pages is not listed twice.
+        let first = PageRequest::parse(2, "", PAGE_SCOPE).unwrap();
+        let (_, next) = page(keys.clone(), &first).unwrap();
+        let mut rotated = keys;
+        rotated.push(key("new-signing", None));
+        rotated.retain(|k| k.kid != "signing");
+        rotated.push(key("signing", Some(30)));
+        let (rest, _) = page(rotated, &PageRequest::parse(10, &next, PAGE_SCOPE).unwrap()).unwrap();
+        let rest: Vec<_> = rest.iter().map(|k| k.kid.as_str()).collect();
+        assert_eq!(rest, ["old", "older"]);
+    }
+}
