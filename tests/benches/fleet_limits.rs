@@ -178,7 +178,8 @@ async fn key(
 ) -> String {
     let request = krpb::CreateKeyRequest {
         parent: project.to_owned(),
-        key: Some(krpb::Key { display_name: "fleet bench".into(), ..Default::default() }),
+        // Key names are unique in a project.
+        key: Some(krpb::Key { display_name: format!("fleet bench {}", uuid::Uuid::new_v4()), ..Default::default() }),
         ..Default::default()
     };
     let created = keyring.create_key(authed(token, request)).await.unwrap().into_inner();
