@@ -16,7 +16,7 @@ use crate::domain::{
     Account, DisplayName, Email, Member, NewPassword, OrgRole, Organization, Page, ServiceAccount, TokenGrant,
 };
 use crate::error::{Error, Result};
-use crate::keys::{self, SigningKeys};
+use crate::keys::SigningKeys;
 use crate::password::Passwords;
 use crate::store::{self, Bucket, Limit};
 
@@ -32,7 +32,7 @@ const SELF_CLIENT: &str = "identity";
 pub struct Identity {
     pool: Pool,
     /// Keyring, told when someone leaves an organization.
-    keyring: tonic::transport::Channel,
+    keyring: crate::peers::Keyring,
     clock: SharedClock,
     config: Config,
     keys: Arc<SigningKeys>,
@@ -54,7 +54,7 @@ impl Identity {
         config: Config,
         keys: Arc<SigningKeys>,
         outbox: OutboxWaker,
-        keyring: tonic::transport::Channel,
+        keyring: crate::peers::Keyring,
     ) -> Self {
         let passwords = Passwords::new(config.password_hash_threads, config.password_hash_queue);
         Self { pool, keyring, clock, config, keys, outbox, passwords }
@@ -644,18 +644,8 @@ impl Identity {
     }
 
     async fn end_in_keyring(&self, call: &store::KeyringCall) -> std::result::Result<(), String> {
-        use keyshare_proto::keyring::v1 as kpb;
         let token = self.self_token().await.map_err(|e| e.to_string())?;
-        let message = kpb::EndOrganizationMembershipRequest {
-            name: format!("organizations/{}/members/{}", call.org, call.account),
-            remove_time: Some(keyshare_runtime::wire::timestamp(call.removed_at)),
-        };
-        let request = keyshare_runtime::client::with_bearer(&token, message).ok_or("token is no header value")?;
-        kpb::keyring_service_client::KeyringServiceClient::new(self.keyring.clone())
-            .end_organization_membership(request)
-            .await
-            .map(|_| ())
-            .map_err(|status| format!("{:?}: {}", status.code(), status.message()))
+        self.keyring.end_membership(&token, call.org, call.account, call.removed_at).await
     }
 
     /// An access token of identity's own internal client, signed here.
@@ -822,7 +812,7 @@ impl Identity {
 
     pub async fn public_keys(&self) -> Result<Vec<keyshare_runtime::auth::PublicKeyMaterial>> {
         let client = self.pool.get().await?;
-        Ok(keys::public_keys(&client, self.now()).await?)
+        Ok(store::public_keys(&client, self.now()).await?)
     }
 }
 

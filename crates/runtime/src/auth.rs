@@ -9,6 +9,8 @@
 //! [`AuthLayer`] runs verification once per call and leaves the outcome in the request's
 //! extensions; handlers ask for the caller with [`caller`].
 
+pub mod sessions;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
@@ -22,9 +24,9 @@ use serde::{Deserialize, Serialize};
 use tonic::{Code, Status};
 use uuid::Uuid;
 
+use self::sessions::SessionRevocations;
 use crate::clock::SharedClock;
 use crate::error;
-use crate::sessions::SessionRevocations;
 
 /// Domain used in `ErrorInfo` for authentication failures.
 pub const AUTH_DOMAIN: &str = "auth.keyshare.dev";
@@ -312,7 +314,7 @@ pub struct TokenPolicy {
 }
 
 impl TokenPolicy {
-    pub fn from_env(env: &crate::config::Env) -> Self {
+    pub fn from_env(env: &crate::env::Env) -> Self {
         Self {
             issuer: env.get("KEYSHARE_JWT_ISSUER").unwrap_or_else(|| "keyshare-identity".into()),
             audience: env.get("KEYSHARE_JWT_AUDIENCE").unwrap_or_else(|| "keyshare".into()),

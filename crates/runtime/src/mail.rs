@@ -25,8 +25,8 @@ use lettre::message::header::{ContentTransferEncoding, ContentType};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use tokio::sync::Notify;
 
-use crate::config::{ConfigError, Env};
 use crate::db::{DbError, GenericClient};
+use crate::env::{ConfigError, Env};
 
 /// A mail to send.
 #[derive(Clone, PartialEq, Eq)]
