@@ -8,7 +8,7 @@ use std::task::{Context, Poll, Waker};
 
 use ipnet::IpNet;
 use keyshare_authorizer::check::Checker;
-use keyshare_authorizer::follower::Shared;
+use keyshare_authorizer::state::Shared;
 use keyshare_authorizer::index::{Methods, NewCredential};
 use keyshare_authorizer::usage::{self, UsageConfig};
 use keyshare_runtime::clock::FrozenClock;

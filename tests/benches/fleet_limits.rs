@@ -154,7 +154,7 @@ fn spread(weights: [u32; 3]) -> String {
 
 fn print_row(name: &str, limit: i64, run: &Run, promise: f64) {
     let offered = run.requests as f64 / run.secs.max(0.001);
-    let extra = if run.errors > 0 { format!("  ({} not 2xx/429)", run.errors) } else { String::new() };
+    let extra = if run.errors > 0 { format!("  ({} 5xx or unanswered)", run.errors) } else { String::new() };
     println!(
         "{name:<32} {limit:>7} {offered:>9.0} {:>8.2} {:>9} {promise:>9.0} {:>7.3}  {}{extra}",
         run.secs,
@@ -178,7 +178,8 @@ async fn key(
 ) -> String {
     let request = krpb::CreateKeyRequest {
         parent: project.to_owned(),
-        key: Some(krpb::Key { display_name: "fleet bench".into(), ..Default::default() }),
+        // Key names are unique in a project.
+        key: Some(krpb::Key { display_name: format!("fleet bench {}", uuid::Uuid::new_v4()), ..Default::default() }),
         ..Default::default()
     };
     let created = keyring.create_key(authed(token, request)).await.unwrap().into_inner();
@@ -385,7 +386,9 @@ fn h2load(port: u16, credential: &str, args: &[&str]) -> Run {
     // Every 4xx here is a 429: each run's credential is valid at its gateway.
     let ok = count(&text, "status codes:", "2xx");
     let server = count(&text, "status codes:", "5xx");
-    let failed = count(&text, "requests:", "failed") + count(&text, "requests:", "timeout");
+    // h2load's "failed" counts every answer outside 2xx/3xx, the 429s too: only what never got
+    // an answer (errored, timed out) and 5xx are failures of the gateway.
+    let failed = count(&text, "requests:", "errored") + count(&text, "requests:", "timeout");
     let requests = count(&text, "requests:", "done");
     Run { requests, ok, errors: server + failed, secs }
 }

@@ -285,6 +285,7 @@ impl Stack {
         let mut all = vec![
             ("DATABASE_URL", self.db.url.clone()),
             ("KEYSHARE_LISTEN_ADDR", "127.0.0.1:0".into()),
+            ("KEYSHARE_MANAGEMENT_ADDR", "127.0.0.1:0".into()),
             ("KEYSHARE_METRICS_ADDR", "127.0.0.1:0".into()),
             ("KEYSHARE_IDENTITY_URL", format!("http://{}", self.identity)),
             ("KEYSHARE_KEYRING_URL", format!("http://{}", self.keyring)),

@@ -132,7 +132,7 @@ async fn every_service_exports_the_documented_metrics() {
     let ada = keyshare.account("ada@example.com").await;
     let created = keyshare.key(&ada).await;
     let mut invitations = InvitationServiceClient::new(keyshare.channel("invitation"));
-    invitations.list_my_invitations(authed(&ada, ivpb::ListMyInvitationsRequest {})).await.unwrap();
+    invitations.list_my_invitations(authed(&ada, ivpb::ListMyInvitationsRequest::default())).await.unwrap();
     let mut authorizer = AuthorizerServiceClient::new(keyshare.channel("authorizer"));
     let check = azpb::CheckKeyRequest {
         key: created.sandbox_credential,

@@ -84,7 +84,7 @@ impl World {
         };
         let keyring = self.keyring.get_project(authed(token, krpb::GetProjectRequest { name: self.project.clone() }));
         let keyring = outcome(keyring.await.map(drop));
-        let invitation = self.invitation.list_my_invitations(authed(token, ivpb::ListMyInvitationsRequest {}));
+        let invitation = self.invitation.list_my_invitations(authed(token, ivpb::ListMyInvitationsRequest::default()));
         let invitation = outcome(invitation.await.map(drop));
         let request = azpb::ListCallLogsRequest { parent: self.key.clone(), ..Default::default() };
         let usage = outcome(self.usage.list_call_logs(authed(token, request)).await.map(drop));
@@ -132,9 +132,10 @@ async fn reset_token(stack: &Stack, email: &str) -> String {
         for mail in mails {
             let text = std::fs::read_to_string(mail.path()).unwrap_or_default();
             if text.contains(&format!("To: {email}"))
-                && let Some(at) = text.find("reset-password?token=")
+                && text.contains("Subject: Reset your Keyshare password")
+                && let Some(at) = text.find("token=")
             {
-                let token: String = text[at + "reset-password?token=".len()..]
+                let token: String = text[at + "token=".len()..]
                     .chars()
                     .take_while(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
                     .collect();

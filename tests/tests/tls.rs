@@ -57,7 +57,7 @@ async fn without_a_client_certificate_no_service_answers() {
     let url = format!("https://{}", keyshare.grpc("identity"));
     let channel = keyshare_runtime::client::lazy_channel("test", &url, &settings).unwrap();
     let mut identity = keyshare_proto::identity::v1::identity_service_client::IdentityServiceClient::new(channel);
-    let refused = identity.list_public_keys(keyshare_proto::identity::v1::ListPublicKeysRequest {}).await;
+    let refused = identity.list_public_keys(keyshare_proto::identity::v1::ListPublicKeysRequest::default()).await;
     assert!(refused.is_err(), "{refused:?}");
 }
 

@@ -20,8 +20,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keyshare_authorizer::check::Checker;
-use keyshare_authorizer::follower::Shared;
 use keyshare_authorizer::index::NewCredential;
+use keyshare_authorizer::state::Shared;
 use keyshare_authorizer::usage::{self, UsageConfig, UsageMetrics};
 use keyshare_proto::authorizer::v1 as pb;
 use keyshare_proto::authorizer::v1::authorizer_service_server::{AuthorizerService, AuthorizerServiceServer};

@@ -4,131 +4,14 @@
 //! monthly quota. Every limit is checked before any is charged for good: a call refused by one
 //! gives back what the others took.
 
-use std::fmt;
-use std::net::IpAddr;
-
-use keyshare_runtime::credential::{self, Environment};
+use keyshare_runtime::credential;
 use uuid::Uuid;
 
 use crate::index::{self, Index};
 use crate::limits::{self, Bucket, Period, Sharing};
-
-/// Why a check passed or failed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Outcome {
-    Valid,
-    Malformed,
-    NotFound,
-    Expired,
-    Disabled,
-    WrongEnvironment,
-    MethodNotAllowed,
-    SourceNotAllowed,
-    RateLimited,
-    QuotaExceeded,
-}
-
-impl Outcome {
-    pub const ALL: [Outcome; 10] = [
-        Outcome::Valid,
-        Outcome::Malformed,
-        Outcome::NotFound,
-        Outcome::Expired,
-        Outcome::Disabled,
-        Outcome::WrongEnvironment,
-        Outcome::MethodNotAllowed,
-        Outcome::SourceNotAllowed,
-        Outcome::RateLimited,
-        Outcome::QuotaExceeded,
-    ];
-
-    /// Position in [`Outcome::ALL`].
-    pub fn index(self) -> usize {
-        self as usize
-    }
-
-    /// The outcome stored as `number` (see [`Outcome::number`]).
-    pub fn from_number(number: i16) -> Option<Outcome> {
-        Outcome::ALL.into_iter().find(|outcome| outcome.number() == number)
-    }
-
-    /// The HTTP status a gateway answers with.
-    pub fn http_status(self) -> i32 {
-        match self {
-            Outcome::Valid => 200,
-            Outcome::Malformed | Outcome::NotFound | Outcome::Expired | Outcome::WrongEnvironment => 401,
-            Outcome::Disabled | Outcome::MethodNotAllowed | Outcome::SourceNotAllowed => 403,
-            Outcome::RateLimited | Outcome::QuotaExceeded => 429,
-        }
-    }
-
-    /// The `keyshare.authorizer.v1.Outcome` number, as stored in usage tables.
-    pub fn number(self) -> i16 {
-        match self {
-            Outcome::Valid => 1,
-            Outcome::Malformed => 2,
-            Outcome::NotFound => 3,
-            Outcome::Expired => 4,
-            Outcome::Disabled => 5,
-            Outcome::WrongEnvironment => 6,
-            Outcome::MethodNotAllowed => 7,
-            Outcome::SourceNotAllowed => 8,
-            Outcome::RateLimited => 9,
-            Outcome::QuotaExceeded => 10,
-        }
-    }
-
-    /// Lowercase name, for metric labels.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Valid => "valid",
-            Outcome::Malformed => "malformed",
-            Outcome::NotFound => "not_found",
-            Outcome::Expired => "expired",
-            Outcome::Disabled => "disabled",
-            Outcome::WrongEnvironment => "wrong_environment",
-            Outcome::MethodNotAllowed => "method_not_allowed",
-            Outcome::SourceNotAllowed => "source_not_allowed",
-            Outcome::RateLimited => "rate_limited",
-            Outcome::QuotaExceeded => "quota_exceeded",
-        }
-    }
-}
-
-/// What the gateway asks about.
-#[derive(Clone, Copy, Debug)]
-pub struct CheckInput<'a> {
-    pub credential: &'a str,
-    /// `projects/{project}` or empty for any.
-    pub project: &'a str,
-    pub method: &'a str,
-    pub client_ip: Option<IpAddr>,
-    /// The environment the gateway serves, if it says.
-    pub environment: Option<Environment>,
-}
-
-/// A key by its identifiers; displays as `projects/{project}/keys/{key}`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct KeyName {
-    pub project: Uuid,
-    pub key: Uuid,
-}
-
-impl fmt::Display for KeyName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "projects/{}/keys/{}", self.project, self.key)
-    }
-}
-
-/// The answer, with what is known of the credential.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Decision {
-    pub outcome: Outcome,
-    pub key: Option<KeyName>,
-    pub environment: Option<Environment>,
-    /// With a rate or quota refusal: seconds until a retry can succeed.
-    pub retry_after: i64,
-}
+use crate::model::{CheckInput, Decision, KeyName, Outcome};
+use crate::state::Shared;
+use crate::usage::{CallRecord, Recorder};
 
 /// Whether the gateway's `projects/{project}` names `project`, compared without allocating.
 fn same_project(gateway: &str, project: Uuid) -> bool {
@@ -235,9 +118,9 @@ pub fn check(index: &Index, sharing: &Sharing, input: &CheckInput<'_>, now_nanos
 /// call.
 #[derive(Clone)]
 pub struct Checker {
-    shared: std::sync::Arc<crate::follower::Shared>,
+    shared: std::sync::Arc<Shared>,
     clock: keyshare_runtime::clock::SharedClock,
-    usage: crate::usage::Recorder,
+    usage: Recorder,
 }
 
 impl std::fmt::Debug for Checker {
@@ -247,11 +130,7 @@ impl std::fmt::Debug for Checker {
 }
 
 impl Checker {
-    pub fn new(
-        shared: std::sync::Arc<crate::follower::Shared>,
-        clock: keyshare_runtime::clock::SharedClock,
-        usage: crate::usage::Recorder,
-    ) -> Self {
+    pub fn new(shared: std::sync::Arc<Shared>, clock: keyshare_runtime::clock::SharedClock, usage: Recorder) -> Self {
         Self { shared, clock, usage }
     }
 
@@ -266,12 +145,12 @@ impl Checker {
         };
         self.shared.count(decision.outcome);
         if let (Some(key), Some(environment)) = (decision.key, decision.environment) {
-            self.usage.record(crate::usage::CallRecord {
+            self.usage.record(CallRecord {
                 at_nanos: now,
                 key,
                 environment,
-                method: crate::usage::method_label(input.method),
-                path: crate::usage::log_path(path),
+                method: crate::model::method_label(input.method),
+                path: crate::model::log_path(path),
                 client_ip: input.client_ip,
                 outcome: decision.outcome,
                 // The recorder decides, against its budget.
@@ -279,19 +158,5 @@ impl Checker {
             });
         }
         decision
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn outcomes_index_their_counters_and_round_trip_their_numbers() {
-        for (position, outcome) in Outcome::ALL.iter().enumerate() {
-            assert_eq!(outcome.index(), position, "{outcome:?}");
-            assert_eq!(Outcome::from_number(outcome.number()), Some(*outcome));
-        }
-        assert_eq!(Outcome::from_number(0), None);
     }
 }

@@ -18,7 +18,8 @@ use envoy_types::ext_authz::v3::{CheckRequestExt, CheckResponseExt, DeniedHttpRe
 use keyshare_runtime::credential::Environment;
 use tonic::{Request, Response, Status};
 
-use crate::check::{CheckInput, Checker, Outcome};
+use crate::check::Checker;
+use crate::model::{CheckInput, Outcome};
 
 /// Where the credential and the client address are read from.
 #[derive(Clone, Debug)]

@@ -2,8 +2,8 @@
 //! stream it reconnects with backoff and resumes after the last sequence it applied; meanwhile
 //! checks go on answering from what the index has.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -15,57 +15,12 @@ use keyshare_runtime::server::Readiness;
 use tonic::transport::Channel;
 use uuid::Uuid;
 
-use crate::check::Outcome;
 use crate::index::{Index, Limits, Methods, NewCredential};
+use crate::state::Shared;
 
 /// How long readiness waits, after the first snapshot, for the quota counts stored in the
 /// database; without the database the authorizer serves anyway.
 const QUOTA_RESTORE_WAIT: Duration = Duration::from_secs(5);
-
-/// The index and where it stands in the feed.
-#[derive(Debug, Default)]
-pub struct Shared {
-    pub index: RwLock<Index>,
-    /// Sequence of the last applied change or complete snapshot.
-    pub sequence: AtomicI64,
-    pub connected: AtomicBool,
-    /// Whether a first snapshot has been loaded.
-    pub loaded: AtomicBool,
-    /// Whether the quota counts stored in the database have been added to the index.
-    pub quotas_restored: AtomicBool,
-    pub quotas_restored_notify: tokio::sync::Notify,
-    /// How limits are shared with other replicas (off without a shared store).
-    pub sharing: crate::limits::Sharing,
-    /// Checks answered, by outcome (in [`Outcome::ALL`] order).
-    pub outcomes: [AtomicU64; Outcome::ALL.len()],
-    /// When the feed was lost, while it is lost.
-    lost_at: std::sync::Mutex<Option<std::time::Instant>>,
-}
-
-impl Shared {
-    pub fn count(&self, outcome: Outcome) {
-        self.outcomes[outcome.index()].fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn set_connected(&self, connected: bool) {
-        self.connected.store(connected, Ordering::Relaxed);
-        let mut lost_at = self.lost_at.lock().unwrap_or_else(|p| p.into_inner());
-        match (connected, *lost_at) {
-            (true, _) => *lost_at = None,
-            (false, None) => *lost_at = Some(std::time::Instant::now()),
-            (false, Some(_)) => {}
-        }
-    }
-
-    /// How long the index has gone without the feed since it was lost; zero while connected
-    /// (and before the first connection, while health says NOT_SERVING).
-    pub fn stale_for(&self) -> Duration {
-        if self.connected.load(Ordering::Relaxed) {
-            return Duration::ZERO;
-        }
-        self.lost_at.lock().unwrap_or_else(|p| p.into_inner()).map_or(Duration::ZERO, |at| at.elapsed())
-    }
-}
 
 fn environment(value: i32) -> Option<Environment> {
     match pb::Environment::try_from(value).ok()? {
@@ -81,12 +36,12 @@ fn limits(l: Option<pb::ProjectEnvironmentLimits>) -> Limits {
 
 /// The UUID of `projects/{project}`.
 fn project_id(name: &str) -> Option<Uuid> {
-    crate::stats::parse_project(name, "project").ok()
+    crate::model::parse_project(name, "project").ok()
 }
 
 /// The UUIDs of `projects/{project}/keys/{key}`.
 fn key_id(name: &str) -> Option<(Uuid, Uuid)> {
-    crate::stats::parse_key(name, "key").ok().map(|name| (name.project, name.key))
+    crate::model::parse_key(name, "key").ok().map(|name| (name.project, name.key))
 }
 
 /// Applies one feed event to an index.

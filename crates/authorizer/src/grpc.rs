@@ -5,7 +5,8 @@ use keyshare_runtime::credential::Environment;
 use std::net::IpAddr;
 use tonic::{Request, Response, Status};
 
-use crate::check::{CheckInput, Checker, Outcome};
+use crate::check::Checker;
+use crate::model::{CheckInput, Outcome};
 
 /// Implements `keyshare.authorizer.v1.AuthorizerService`.
 pub struct AuthorizerGrpc {

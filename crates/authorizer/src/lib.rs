@@ -1,8 +1,15 @@
 //! Keyshare authorizer: `CheckKey` answered from memory, fed by keyring's change feed.
 //!
-//! Layout: [`grpc`] is the adapter, [`check`] decides one check, [`index`] holds what the feed
-//! said, [`follower`] keeps the index current. [`usage_grpc`] serves usage statistics and call
-//! logs from [`stats`].
+//! Layout, each module depending only on those listed after it (a tidy test keeps the arrows
+//! one way):
+//! - adapters: [`grpc`] (CheckKey) and [`ext_authz`] (Envoy) call [`check`]; [`usage_grpc`]
+//!   serves [`stats`]; [`follower`] reads keyring's change feed into [`state`];
+//! - [`check`] decides one check against [`state`] and hands it to [`usage`], which counts and
+//!   logs it; [`shared_limits`] syncs the limits in [`state`] with the other replicas;
+//! - [`state`] holds the [`index`] and the [`limits`] arithmetic; [`stats`] reads what
+//!   [`usage`] wrote, through its own store;
+//! - [`model`] is the vocabulary every module speaks (outcomes, key names, check input and
+//!   decision, labels) and depends on none.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -31,7 +38,9 @@ pub mod follower;
 pub mod grpc;
 pub mod index;
 pub mod limits;
+pub mod model;
 pub mod shared_limits;
+pub mod state;
 pub mod stats;
 pub mod usage;
 pub mod usage_grpc;
@@ -67,7 +76,7 @@ pub struct Started {
     /// The management port: UsageService.
     pub management_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
-    pub shared: Arc<follower::Shared>,
+    pub shared: Arc<state::Shared>,
     /// Ends when both listeners have shut down and the usage writer has written what it held.
     pub server: JoinHandle<Result<(), ServeError>>,
 }
@@ -93,7 +102,7 @@ pub async fn start(
 
     // Connections are made lazily: the authorizer starts and answers checks without PostgreSQL.
     let pool = db::pool(&common.database_url, common.db_pool_size)?;
-    let shared = Arc::new(follower::Shared::default());
+    let shared = Arc::new(state::Shared::default());
     let metrics = Metrics::new("authorizer");
     metrics.register_pool(pool.clone());
     sessions.register_metrics(&metrics);
@@ -135,7 +144,11 @@ pub async fn start(
     let checker = check::Checker::new(shared.clone(), clock.clone(), recorder);
     let grpc = grpc::AuthorizerGrpc::new(checker.clone());
     let envoy = ext_authz::ExtAuthz::new(checker, config.ext_authz.clone());
-    let usage_api = usage_grpc::UsageGrpc::new(stats::Stats::new(pool.clone(), keyring.clone(), clock.clone()));
+    let usage_api = usage_grpc::UsageGrpc::new(stats::Stats::new(
+        pool.clone(),
+        stats::access::Access::new(keyring.clone()),
+        clock.clone(),
+    ));
     let checks = gateway.serve(
         options(false),
         |routes| routes.add_service(AuthorizerServiceServer::new(grpc)).add_service(AuthorizationServer::new(envoy)),
@@ -193,7 +206,7 @@ fn register_usage_metrics(metrics: &Metrics, usage: &usage::UsageMetrics) {
 /// `keyshare_limits_shared` (0/1: sharing through the store right now),
 /// `keyshare_limits_replicas`, `keyshare_limits_fallback_grants_total` and
 /// `keyshare_limits_sync_failures_total`.
-fn register_limit_metrics(metrics: &Metrics, shared: Arc<follower::Shared>) {
+fn register_limit_metrics(metrics: &Metrics, shared: Arc<state::Shared>) {
     use std::sync::atomic::Ordering;
     let (connected, replicas) = (Gauge::<i64>::default(), Gauge::<i64>::default());
     let (fallback, failures) = (Counter::<u64>::default(), Counter::<u64>::default());
@@ -232,7 +245,7 @@ fn register_limit_metrics(metrics: &Metrics, shared: Arc<follower::Shared>) {
 /// `keyshare_feed_connected` (0/1), `keyshare_feed_stale_seconds` (how long checks have been
 /// answered without the feed), `keyshare_feed_sequence`, `keyshare_index_credentials` and
 /// `keyshare_checks_total{outcome}`.
-fn register_feed_metrics(metrics: &Metrics, shared: Arc<follower::Shared>) {
+fn register_feed_metrics(metrics: &Metrics, shared: Arc<state::Shared>) {
     use std::sync::atomic::Ordering;
     let (connected, sequence, credentials) =
         (Gauge::<i64>::default(), Gauge::<i64>::default(), Gauge::<i64>::default());
@@ -260,7 +273,7 @@ fn register_feed_metrics(metrics: &Metrics, shared: Arc<follower::Shared>) {
         sequence.set(shared.sequence.load(Ordering::Relaxed));
         credentials.set(shared.index.read().unwrap_or_else(|p| p.into_inner()).credentials() as i64);
         // Checks count into plain atomics; the exported counters catch up at each scrape.
-        for (outcome, answered) in check::Outcome::ALL.iter().zip(&shared.outcomes) {
+        for (outcome, answered) in model::Outcome::ALL.iter().zip(&shared.outcomes) {
             let counter = checks.get_or_create(&[("outcome", outcome.as_str())]);
             let answered = answered.load(Ordering::Relaxed);
             let exported = counter.get();

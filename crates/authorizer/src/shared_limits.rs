@@ -29,9 +29,9 @@ use keyshare_runtime::config::ConfigError;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::mpsc;
 
-use crate::follower::Shared;
 use crate::index::Index;
 use crate::limits::{Bucket, Lease, Period};
+use crate::state::Shared;
 
 /// How long a new replica waits for the store before it reports SERVING with the fallback.
 const READY_WAIT: Duration = Duration::from_secs(5);

@@ -15,12 +15,10 @@ use keyshare_runtime::clock::SharedClock;
 use keyshare_runtime::credential::Environment;
 use keyshare_runtime::error::InvalidInput;
 use keyshare_runtime::page::{self, PageRequest};
-use tonic::transport::Channel;
 use uuid::Uuid;
 
-use crate::check::{KeyName, Outcome};
 use crate::error::{Error, Result};
-use crate::usage::METHOD_LABELS;
+use crate::model::{KeyName, METHOD_LABELS, Outcome};
 use access::{Access, ProjectStanding};
 
 /// Most buckets one series may span (a day of minutes, 60 days of hours, about 4 years of days).
@@ -115,7 +113,7 @@ impl Buckets {
 }
 
 /// A method filter: empty means every method; otherwise one of the [`METHOD_LABELS`] counted
-/// (see [`crate::usage::method_label`]), in any case.
+/// (see [`crate::model::method_label`]), in any case.
 pub fn parse_method(raw: &str, field: &str) -> Result<Option<&'static str>, InvalidInput> {
     if raw.is_empty() {
         return Ok(None);
@@ -125,22 +123,6 @@ pub fn parse_method(raw: &str, field: &str) -> Result<Option<&'static str>, Inva
         .find(|method| method.eq_ignore_ascii_case(raw))
         .map(|method| Some(*method))
         .ok_or_else(|| InvalidInput::field(field, format!("must be empty or one of {}", METHOD_LABELS.join(", "))))
-}
-
-/// `projects/{project}/keys/{key}`.
-pub fn parse_key(raw: &str, field: &str) -> Result<KeyName, InvalidInput> {
-    match keyshare_runtime::resource::uuids(raw, &["projects", "*", "keys", "*"]).as_deref() {
-        Some(&[project, key]) => Ok(KeyName { project, key }),
-        _ => Err(InvalidInput::field(field, "must look like projects/{id}/keys/{id}")),
-    }
-}
-
-/// `projects/{project}`.
-pub fn parse_project(raw: &str, field: &str) -> Result<Uuid, InvalidInput> {
-    match keyshare_runtime::resource::uuids(raw, &["projects", "*"]).as_deref() {
-        Some(&[project]) => Ok(project),
-        _ => Err(InvalidInput::field(field, "must look like projects/{id}")),
-    }
 }
 
 /// Which calls a series counts.
@@ -239,8 +221,8 @@ impl std::fmt::Debug for Stats {
 
 impl Stats {
     /// `keyring` is asked what callers may see, with their own tokens.
-    pub fn new(pool: Pool, keyring: Channel, clock: SharedClock) -> Self {
-        Self { pool, access: Access::new(keyring), clock }
+    pub fn new(pool: Pool, access: Access, clock: SharedClock) -> Self {
+        Self { pool, access, clock }
     }
 
     /// Now, on the service clock (the default end of a series).
@@ -395,6 +377,7 @@ mod tests {
 
     #[test]
     fn names_and_methods() {
+        use crate::model::parse_key;
         let key = parse_key(
             "projects/5f0c1f4e-8a5e-4c39-9b43-1c2b0a8f7e61/keys/0b1d2c3e-4f50-4a61-8b72-9c8d7e6f5a40",
             "name",

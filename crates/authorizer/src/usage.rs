@@ -11,8 +11,8 @@
 //! call-log lines are dropped (and counted) while counts keep adding up.
 //!
 //! Memory: whatever a caller controls is bounded before it is stored (the path is cut to
-//! [`MAX_PATH`] bytes into an allocation of its own size, the method is one of
-//! [`METHOD_LABELS`], the client address a parsed `IpAddr`). Call-log lines in the channel and in
+//! [`MAX_PATH`](crate::model::MAX_PATH) bytes into an allocation of its own size, the method is one of
+//! [`METHOD_LABELS`](crate::model::METHOD_LABELS), the client address a parsed `IpAddr`). Call-log lines in the channel and in
 //! the batches are charged, path included, to one byte budget ([`UsageConfig::buffer_bytes`]):
 //! beyond it a check's record still carries its count but no call-log line. The channel holds at
 //! most [`UsageConfig::channel`] records of fixed size besides, and the counts kept unwritten at
@@ -29,26 +29,22 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use chrono::{DateTime, Datelike, NaiveDate, Utc};
+use chrono::{DateTime, Datelike, NaiveDate};
 use deadpool_postgres::Pool;
-use futures::pin_mut;
 use keyshare_runtime::clock::SharedClock;
 use keyshare_runtime::credential::Environment;
 use keyshare_runtime::db::DbError;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{mpsc, watch};
-use tokio_postgres::binary_copy::BinaryCopyInWriter;
-use tokio_postgres::types::Type;
 use uuid::Uuid;
 
-use crate::check::{KeyName, Outcome};
-use crate::follower::Shared;
 use crate::index::slot;
 use crate::limits::Period;
+use crate::model::{KeyName, Outcome, environment_from_number, environment_number};
+use crate::state::Shared;
 
-/// Longest path kept in a call log, in bytes.
-const MAX_PATH: usize = 1024;
+mod store;
 
 /// One check of a known key: its count, and its call-log line unless the budget for lines was
 /// used up (then `logged` is false and `path` empty).
@@ -58,9 +54,9 @@ pub struct CallRecord {
     pub at_nanos: i64,
     pub key: KeyName,
     pub environment: Environment,
-    /// See [`method_label`].
+    /// See [`crate::model::method_label`].
     pub method: &'static str,
-    /// Without its query string (which may carry secrets), at most [`MAX_PATH`] bytes.
+    /// Without its query string (which may carry secrets), at most [`MAX_PATH`](crate::model::MAX_PATH) bytes.
     pub path: String,
     pub client_ip: Option<IpAddr>,
     pub outcome: Outcome,
@@ -74,39 +70,6 @@ impl CallRecord {
         std::mem::size_of::<CallRecord>() + self.path.capacity()
     }
 }
-
-/// The method as counted: an upper-case standard method, or `OTHER`, so a caller cannot grow
-/// the counters with made-up methods.
-pub fn method_label(method: &str) -> &'static str {
-    METHOD_LABELS.iter().find(|label| label.eq_ignore_ascii_case(method)).copied().unwrap_or("OTHER")
-}
-
-/// Every method label: the standard HTTP methods, then `OTHER` for any other.
-pub const METHOD_LABELS: [&str; 10] =
-    ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE", "OTHER"];
-
-/// Makes a request path fit for a call log: no query string or fragment, at most [`MAX_PATH`]
-/// bytes, in an allocation of about its own size. A path that was cut is copied out, so the
-/// caller's (possibly huge) buffer is freed rather than kept behind a short string.
-pub fn log_path(mut path: String) -> String {
-    if let Some(end) = path.find(['?', '#']) {
-        path.truncate(end);
-    }
-    if path.len() > MAX_PATH {
-        let mut end = MAX_PATH;
-        while !path.is_char_boundary(end) {
-            end -= 1;
-        }
-        path.truncate(end);
-    }
-    if path.capacity() > path.len() + PATH_SLACK {
-        path = path.as_str().to_owned();
-    }
-    path
-}
-
-/// Spare capacity a kept path may have before it is copied into a tight allocation.
-const PATH_SLACK: usize = 64;
 
 /// What one count entry (a key × environment × minute × method × outcome) costs in a batch's
 /// map, with the map's own overhead.
@@ -295,23 +258,6 @@ fn minute_date(minute: i64) -> NaiveDate {
     DateTime::from_timestamp(minute * 60, 0).map_or(NaiveDate::MIN, |t| t.date_naive())
 }
 
-/// The `keyshare.authorizer.v1.Environment` number, as stored.
-pub fn environment_number(environment: Environment) -> i16 {
-    match environment {
-        Environment::Sandbox => 1,
-        Environment::Production => 2,
-    }
-}
-
-/// `None` for a number no version of the writer stores; such rows are skipped.
-pub(crate) fn environment_from_number(number: i16) -> Option<Environment> {
-    match number {
-        1 => Some(Environment::Sandbox),
-        2 => Some(Environment::Production),
-        _ => None,
-    }
-}
-
 /// Creates the recorder the checks use and the writer that drains it.
 pub fn channel(
     pool: Pool,
@@ -496,7 +442,7 @@ impl Writer {
         self.prune().await;
         while let Some(batch) = self.sealed.front_mut() {
             batch.tried = true;
-            let totals = write_batch(&self.pool, batch, self.clock.now()).await?;
+            let totals = store::write_batch(&self.pool, batch, self.clock.now()).await?;
             if let Some(batch) = self.sealed.pop_front() {
                 self.buffered -= batch.logs.len();
                 self.budget.give_back(batch.log_bytes);
@@ -516,26 +462,17 @@ impl Writer {
         let today = self.clock.now().date_naive();
         let month = month_start(today);
         let client = self.pool.get().await?;
-        let days = client
-            .query("SELECT key_id, environment, used FROM authorizer.key_daily_usage WHERE day = $1", &[&today])
-            .await?;
-        let months = client
-            .query(
-                "SELECT project_id, environment, used FROM authorizer.project_monthly_usage WHERE month = $1",
-                &[&month],
-            )
-            .await?;
+        let days = store::key_days(&client, today).await?;
+        let months = store::project_months(&client, month).await?;
         drop(client);
         let index = self.shared.index.read().unwrap_or_else(|p| p.into_inner());
-        for row in days {
-            let (key, environment, used): (Uuid, i16, i64) = (row.get(0), row.get(1), row.get(2));
+        for (key, environment, used) in days {
             if let (Some(record), Some(env)) = (index.key(key), environment_from_number(environment)) {
                 record.daily[slot(env)].add(Period::of_day(today), used);
             }
             self.known_days.insert((key, environment, today), used);
         }
-        for row in months {
-            let (project, environment, used): (Uuid, i16, i64) = (row.get(0), row.get(1), row.get(2));
+        for (project, environment, used) in months {
             if let (Some(record), Some(env)) = (index.project(project), environment_from_number(environment)) {
                 record.monthly[slot(env)].add(Period::of_month(month), used);
             }
@@ -589,13 +526,8 @@ impl Writer {
             now - chrono::Duration::from_std(self.config.call_log_retention).unwrap_or(chrono::Duration::MAX);
         let result = async {
             let client = self.pool.get().await?;
-            let logs = client.execute("DELETE FROM authorizer.call_logs WHERE time < $1", &[&logs_before]).await?;
-            client
-                .execute(
-                    "DELETE FROM authorizer.usage_batches WHERE written_at < $1",
-                    &[&(now - chrono::Duration::days(1))],
-                )
-                .await?;
+            let logs = store::delete_call_logs(&client, logs_before).await?;
+            store::forget_batches(&client, now - chrono::Duration::days(1)).await?;
             Ok::<_, DbError>(logs)
         }
         .await;
@@ -607,152 +539,9 @@ impl Writer {
     }
 }
 
-type Totals = (Vec<(Uuid, i16, NaiveDate, i64)>, Vec<(Uuid, i16, NaiveDate, i64)>);
-
-/// Writes one batch in one transaction. `None` when the batch had been written already.
-async fn write_batch(pool: &Pool, batch: &Batch, now: DateTime<Utc>) -> Result<Option<Totals>, DbError> {
-    let mut client = pool.get().await?;
-    let transaction = client.transaction().await?;
-    let fresh = transaction
-        .execute(
-            "INSERT INTO authorizer.usage_batches (id, written_at) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-            &[&batch.id, &now],
-        )
-        .await?;
-    if fresh == 0 {
-        return Ok(None);
-    }
-
-    let sink = transaction
-        .copy_in(
-            "COPY authorizer.call_logs (time, project_id, key_id, environment, method, path, client_ip, outcome, \
-             http_status) FROM STDIN BINARY",
-        )
-        .await?;
-    let types = [
-        Type::TIMESTAMPTZ,
-        Type::UUID,
-        Type::UUID,
-        Type::INT2,
-        Type::TEXT,
-        Type::TEXT,
-        Type::INET,
-        Type::INT2,
-        Type::INT2,
-    ];
-    let writer = BinaryCopyInWriter::new(sink, &types);
-    pin_mut!(writer);
-    for log in &batch.logs {
-        let time = DateTime::from_timestamp_nanos(log.at_nanos);
-        let status = log.outcome.http_status() as i16;
-        writer
-            .as_mut()
-            .write(&[
-                &time,
-                &log.key.project,
-                &log.key.key,
-                &environment_number(log.environment),
-                &log.method,
-                &log.path,
-                &log.client_ip,
-                &log.outcome.number(),
-                &status,
-            ])
-            .await?;
-    }
-    writer.finish().await?;
-
-    let n = batch.counts.len();
-    let (mut minutes, mut projects, mut keys, mut environments, mut methods, mut outcomes, mut calls) = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
-    for (count, n) in &batch.counts {
-        minutes.push(DateTime::from_timestamp(count.minute * 60, 0).unwrap_or_default());
-        projects.push(count.key.project);
-        keys.push(count.key.key);
-        environments.push(environment_number(count.environment));
-        methods.push(count.method);
-        outcomes.push(count.outcome.number());
-        calls.push(*n);
-    }
-    transaction
-        .execute(
-            "INSERT INTO authorizer.usage_minutes AS u (minute, project_id, key_id, environment, method, outcome, calls) \
-             SELECT * FROM unnest($1::timestamptz[], $2::uuid[], $3::uuid[], $4::int2[], $5::text[], $6::int2[], $7::int8[]) \
-             ORDER BY 3, 1, 4, 5, 6 \
-             ON CONFLICT (key_id, minute, environment, method, outcome) DO UPDATE SET calls = u.calls + excluded.calls",
-            &[&minutes, &projects, &keys, &environments, &methods, &outcomes, &calls],
-        )
-        .await?;
-
-    let days = upsert_quota(
-        &transaction,
-        "INSERT INTO authorizer.key_daily_usage AS q (key_id, environment, day, used) \
-         SELECT * FROM unnest($1::uuid[], $2::int2[], $3::date[], $4::int8[]) ORDER BY 1, 2, 3 \
-         ON CONFLICT (key_id, environment, day) DO UPDATE SET used = q.used + excluded.used \
-         RETURNING key_id, environment, day, used",
-        batch.key_days(),
-    )
-    .await?;
-    let months = upsert_quota(
-        &transaction,
-        "INSERT INTO authorizer.project_monthly_usage AS q (project_id, environment, month, used) \
-         SELECT * FROM unnest($1::uuid[], $2::int2[], $3::date[], $4::int8[]) ORDER BY 1, 2, 3 \
-         ON CONFLICT (project_id, environment, month) DO UPDATE SET used = q.used + excluded.used \
-         RETURNING project_id, environment, month, used",
-        batch.project_months(),
-    )
-    .await?;
-    transaction.commit().await?;
-    Ok(Some((days, months)))
-}
-
-async fn upsert_quota(
-    transaction: &deadpool_postgres::Transaction<'_>,
-    statement: &str,
-    rows: HashMap<(Uuid, i16, NaiveDate), i64>,
-) -> Result<Vec<(Uuid, i16, NaiveDate, i64)>, DbError> {
-    if rows.is_empty() {
-        return Ok(Vec::new());
-    }
-    let (mut ids, mut environments, mut dates, mut used) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for ((id, environment, date), n) in rows {
-        ids.push(id);
-        environments.push(environment);
-        dates.push(date);
-        used.push(n);
-    }
-    let rows = transaction.query(statement, &[&ids, &environments, &dates, &used]).await?;
-    Ok(rows.iter().map(|row| (row.get(0), row.get(1), row.get(2), row.get(3))).collect())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn methods_and_paths_are_bounded() {
-        assert_eq!(method_label("get"), "GET");
-        assert_eq!(method_label("BREW"), "OTHER");
-        assert_eq!(log_path("/v1/things?api_key=secret#x".into()), "/v1/things");
-        let long = format!("/{}", "é".repeat(MAX_PATH));
-        let kept = log_path(long);
-        assert!(kept.len() <= MAX_PATH && kept.is_char_boundary(kept.len()));
-        // A cut path does not keep the caller's allocation alive.
-        let huge = format!("/{}", "a".repeat(60_000));
-        let kept = log_path(huge);
-        assert_eq!(kept.len(), MAX_PATH);
-        assert!(kept.capacity() <= MAX_PATH + PATH_SLACK, "{}", kept.capacity());
-        let with_query = log_path(format!("/v1/things?{}", "q".repeat(60_000)));
-        assert_eq!(with_query, "/v1/things");
-        assert!(with_query.capacity() <= with_query.len() + PATH_SLACK, "{}", with_query.capacity());
-    }
 
     #[test]
     fn the_line_budget_refuses_what_does_not_fit() {

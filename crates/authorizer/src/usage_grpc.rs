@@ -15,8 +15,8 @@ use prost_types::Timestamp;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use crate::check::Outcome;
 use crate::error::Error;
+use crate::model::Outcome;
 use crate::stats::{self, Buckets, CallLog, Filter, Granularity, LogFilter, Series, Stats};
 
 /// Fully qualified gRPC service name.
@@ -64,7 +64,7 @@ impl pb::usage_service_server::UsageService for UsageGrpc {
         let r = request.into_inner();
         handle("authorizer.query_key_usage", async {
             let mut errors = InvalidInput::default();
-            let key = errors.check(stats::parse_key(&r.name, "name"));
+            let key = errors.check(crate::model::parse_key(&r.name, "name"));
             let query = SeriesInput {
                 granularity: r.granularity,
                 start_time: r.start_time,
@@ -90,7 +90,7 @@ impl pb::usage_service_server::UsageService for UsageGrpc {
         let r = request.into_inner();
         handle("authorizer.query_project_usage", async {
             let mut errors = InvalidInput::default();
-            let project = errors.check(stats::parse_project(&r.name, "name"));
+            let project = errors.check(crate::model::parse_project(&r.name, "name"));
             let query = SeriesInput {
                 granularity: r.granularity,
                 start_time: r.start_time,
@@ -113,7 +113,7 @@ impl pb::usage_service_server::UsageService for UsageGrpc {
         let r = request.into_inner();
         handle("authorizer.list_call_logs", async {
             let mut errors = InvalidInput::default();
-            let key = errors.check(stats::parse_key(&r.parent, "parent"));
+            let key = errors.check(crate::model::parse_key(&r.parent, "parent"));
             let environment = errors.check(environment(r.environment, "environment"));
             let outcome = errors.check(outcome(r.outcome, "outcome"));
             let filter = LogFilter { environment: environment.flatten(), outcome: outcome.flatten() };

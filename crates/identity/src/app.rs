@@ -16,7 +16,7 @@ use crate::domain::{
     Account, DisplayName, Email, Member, NewPassword, OrgRole, Organization, Page, ServiceAccount, TokenGrant,
 };
 use crate::error::{Error, Result};
-use crate::keys::{self, SigningKeys};
+use crate::keys::SigningKeys;
 use crate::password::Passwords;
 use crate::store::{self, Bucket, Limit};
 
@@ -32,7 +32,7 @@ const SELF_CLIENT: &str = "identity";
 pub struct Identity {
     pool: Pool,
     /// Keyring, told when someone leaves an organization.
-    keyring: tonic::transport::Channel,
+    keyring: crate::peers::Keyring,
     clock: SharedClock,
     config: Config,
     keys: Arc<SigningKeys>,
@@ -54,7 +54,7 @@ impl Identity {
         config: Config,
         keys: Arc<SigningKeys>,
         outbox: OutboxWaker,
-        keyring: tonic::transport::Channel,
+        keyring: crate::peers::Keyring,
     ) -> Self {
         let passwords = Passwords::new(config.password_hash_threads, config.password_hash_queue);
         Self { pool, keyring, clock, config, keys, outbox, passwords }
@@ -126,11 +126,16 @@ impl Identity {
     ) -> Result<()> {
         let token = random_token(32);
         store::insert_verification(tx, &sha256(token.as_bytes()), account.id, now, now + VERIFICATION_TTL).await?;
-        let link = format!("{}/verify-email?token={token}", self.config.public_url);
+        let steps = mail::token_steps(
+            self.config.public_url.as_deref(),
+            "/verify-email",
+            &token,
+            "keyshare.identity.v1.IdentityService/VerifyEmail",
+            "confirm your email address for Keyshare",
+        );
         let body = format!(
-            "Hello {name},\n\nConfirm your email address for Keyshare by opening this link:\n\n{link}\n\n\
-             Or pass this token to VerifyEmail:\n\n{token}\n\n\
-             The link works once and expires in 24 hours. If you did not sign up, ignore this mail.\n",
+            "Hello {name},\n\n{steps}\n\
+             The token works once and expires in 24 hours. If you did not sign up, ignore this mail.\n",
             name = account.display_name
         );
         let mail = Mail {
@@ -157,25 +162,32 @@ impl Identity {
         let token = random_token(32);
         let ttl = if kind == PasswordMail::Reset { PASSWORD_RESET_TTL } else { VERIFICATION_TTL };
         store::insert_password_reset(tx, &sha256(token.as_bytes()), account.id, now, now + ttl).await?;
-        let link = format!("{}/reset-password?token={token}", self.config.public_url);
-        let (subject, intro, expiry, ignore) = match kind {
+        let (subject, intro, action, expiry, ignore) = match kind {
             PasswordMail::Reset => (
                 "Reset your Keyshare password",
-                "Someone asked to reset the password of your Keyshare account. Choose a new one by opening this link:",
+                "Someone asked to reset the password of your Keyshare account.",
+                "choose a new one",
                 "30 minutes",
                 "If you did not ask, ignore this mail: your password stays as it is.",
             ),
             PasswordMail::FinishSignUp => (
                 "Finish signing up for Keyshare",
-                "Confirm your email address for Keyshare and choose your password by opening this link:",
+                "Someone signed up for Keyshare with this email address.",
+                "confirm it and choose your password",
                 "24 hours",
                 "If you did not sign up, ignore this mail.",
             ),
         };
+        let steps = mail::token_steps(
+            self.config.public_url.as_deref(),
+            "/reset-password",
+            &token,
+            "keyshare.identity.v1.IdentityService/ResetPassword (with your new password)",
+            action,
+        );
         let body = format!(
-            "Hello {name},\n\n{intro}\n\n{link}\n\n\
-             Or pass this token to ResetPassword with your new password:\n\n{token}\n\n\
-             The link works once and expires in {expiry}. Setting the password ends every session \
+            "Hello {name},\n\n{intro} {steps}\n\
+             The token works once and expires in {expiry}. Setting the password ends every session \
              of the account. {ignore}\n",
             name = account.display_name
         );
@@ -635,18 +647,8 @@ impl Identity {
     }
 
     async fn end_in_keyring(&self, call: &store::KeyringCall) -> std::result::Result<(), String> {
-        use keyshare_proto::keyring::v1 as kpb;
         let token = self.self_token().await.map_err(|e| e.to_string())?;
-        let message = kpb::EndOrganizationMembershipRequest {
-            name: format!("organizations/{}/members/{}", call.org, call.account),
-            remove_time: Some(keyshare_runtime::wire::timestamp(call.removed_at)),
-        };
-        let request = keyshare_runtime::client::with_bearer(&token, message).ok_or("token is no header value")?;
-        kpb::keyring_service_client::KeyringServiceClient::new(self.keyring.clone())
-            .end_organization_membership(request)
-            .await
-            .map(|_| ())
-            .map_err(|status| format!("{:?}: {}", status.code(), status.message()))
+        self.keyring.end_membership(&token, call.org, call.account, call.removed_at).await
     }
 
     /// An access token of identity's own internal client, signed here.
@@ -819,7 +821,7 @@ impl Identity {
 
     pub async fn public_keys(&self) -> Result<Vec<keyshare_runtime::auth::PublicKeyMaterial>> {
         let client = self.pool.get().await?;
-        Ok(keys::public_keys(&client, self.now()).await?)
+        Ok(store::public_keys(&client, self.now()).await?)
     }
 }
 

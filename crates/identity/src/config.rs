@@ -20,8 +20,8 @@ pub struct Config {
     pub refresh_token_ttl: Duration,
     /// Whether login needs a verified email (`KEYSHARE_REQUIRE_VERIFIED_EMAIL`, default true).
     pub require_verified_email: bool,
-    /// Base of links in emails (`KEYSHARE_PUBLIC_URL`).
-    pub public_url: String,
+    /// Base of links in emails (`KEYSHARE_PUBLIC_URL`); none: mails carry tokens, no links.
+    pub public_url: Option<String>,
     /// Seals token signing keys at rest (`KEYSHARE_KEY_ENCRYPTION_KEYS`).
     pub sealer: Sealer,
     /// Keyshare's own services, their client secrets (`KEYSHARE_INTERNAL_CLIENTS`,
@@ -98,11 +98,7 @@ impl Config {
             access_token_ttl: env.secs_or("KEYSHARE_ACCESS_TOKEN_TTL_SECS", 900)?,
             refresh_token_ttl: env.secs_or("KEYSHARE_REFRESH_TOKEN_TTL_SECS", 30 * 24 * 3600)?,
             require_verified_email: env.bool_or("KEYSHARE_REQUIRE_VERIFIED_EMAIL", true)?,
-            public_url: env
-                .get("KEYSHARE_PUBLIC_URL")
-                .unwrap_or_else(|| "http://localhost:8080".into())
-                .trim_end_matches('/')
-                .to_owned(),
+            public_url: keyshare_runtime::mail::public_url(env)?,
             sealer: Sealer::from_env(env)?,
             internal_clients,
             mail: MailConfig::from_env(env)?,

@@ -467,13 +467,13 @@ impl pb::identity_service_server::IdentityService for IdentityGrpc {
         Ok(Response::new(Box::pin(stream)))
     }
 
-    async fn list_public_keys(
-        &self,
-        _request: Request<pb::ListPublicKeysRequest>,
-    ) -> Reply<pb::ListPublicKeysResponse> {
+    async fn list_public_keys(&self, request: Request<pb::ListPublicKeysRequest>) -> Reply<pb::ListPublicKeysResponse> {
+        let r = request.into_inner();
         handle("identity.list_public_keys", async {
-            let keys = self.app.public_keys().await?;
+            let page = PageRequest::parse(r.page_size, &r.page_token, crate::keys::PAGE_SCOPE)?;
+            let (keys, next_page_token) = crate::keys::page(self.app.public_keys().await?, &page)?;
             Ok(pb::ListPublicKeysResponse {
+                next_page_token,
                 keys: keys
                     .into_iter()
                     .map(|k| pb::PublicKey {

@@ -16,11 +16,12 @@ use ed25519_dalek::SigningKey;
 use ed25519_dalek::pkcs8::EncodePrivateKey;
 use keyshare_runtime::auth::{CLOCK_SKEW, KeySource, PublicKeyMaterial, TokenSigner};
 use keyshare_runtime::clock::SharedClock;
-use keyshare_runtime::crypto::{Sealed, Sealer, random_token};
-use keyshare_runtime::db::{DbError, GenericClient, advisory_key};
+use keyshare_runtime::crypto::{Sealer, random_token};
+use keyshare_runtime::db::GenericClient;
 use rand::rngs::OsRng;
 
 use crate::error::{Error, Result};
+use crate::store;
 
 /// How long a replica keeps using the signer it loaded before looking again.
 pub const SIGNER_CACHE: Duration = Duration::from_secs(30);
@@ -41,9 +42,8 @@ impl SigningKeys {
     pub async fn ensure_initial(&self, clock: &SharedClock) -> Result<()> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&advisory_key("identity.signing_keys")]).await?;
-        let exists = tx.query_opt("SELECT 1 FROM identity.signing_keys WHERE retire_at IS NULL", &[]).await?;
-        if exists.is_none() {
+        store::lock_signing_keys(&tx).await?;
+        if !store::has_signing_key(&tx).await? {
             let kid = insert_new_key(&tx, &self.sealer, clock.now()).await?;
             tracing::info!(kid = %kid, "created the first token signing key");
         }
@@ -59,12 +59,8 @@ impl SigningKeys {
             return Ok(signer.clone());
         }
         let client = self.pool.get().await?;
-        let row = client
-            .query_opt("SELECT kid, private_key_sealed, kek_id FROM identity.signing_keys WHERE retire_at IS NULL", &[])
-            .await?
-            .ok_or_else(|| Error::Internal("no active signing key".into()))?;
-        let kid: String = row.get(0);
-        let sealed = Sealed { key_id: row.get(2), blob: row.get(1) };
+        let (kid, sealed) =
+            store::signing_key(&client).await?.ok_or_else(|| Error::Internal("no active signing key".into()))?;
         let der = self
             .sealer
             .open(&sealed, kid.as_bytes())
@@ -80,13 +76,13 @@ impl SigningKeys {
 pub async fn rotate(pool: &Pool, sealer: &Sealer, clock: &SharedClock, access_token_ttl: Duration) -> Result<String> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&advisory_key("identity.signing_keys")]).await?;
+    store::lock_signing_keys(&tx).await?;
     let now = clock.now();
     let overlap = access_token_ttl + SIGNER_CACHE + CLOCK_SKEW * 2;
     let retire_at = now + chrono::Duration::from_std(overlap).map_err(|e| Error::Internal(e.to_string()))?;
-    tx.execute("UPDATE identity.signing_keys SET retire_at = $1 WHERE retire_at IS NULL", &[&retire_at]).await?;
+    store::retire_signing_key(&tx, retire_at).await?;
     let kid = insert_new_key(&tx, sealer, now).await?;
-    tx.execute("DELETE FROM identity.signing_keys WHERE retire_at < $1", &[&now]).await?;
+    store::delete_retired_signing_keys(&tx, now).await?;
     tx.commit().await?;
     Ok(kid)
 }
@@ -96,33 +92,50 @@ async fn insert_new_key(client: &impl GenericClient, sealer: &Sealer, now: DateT
     let der = key.to_pkcs8_der().map_err(|e| Error::Internal(e.to_string()))?;
     let kid = format!("{}-{}", now.format("%Y%m%d"), random_token(6));
     let sealed = sealer.seal(der.as_bytes(), kid.as_bytes());
-    client
-        .execute(
-            "INSERT INTO identity.signing_keys (kid, public_key, private_key_sealed, kek_id, created_at)
-             VALUES ($1, $2, $3, $4, $5)",
-            &[&kid, &key.verifying_key().to_bytes().as_slice(), &sealed.blob, &sealed.key_id, &now],
-        )
-        .await?;
+    store::insert_signing_key(client, &kid, &key.verifying_key().to_bytes(), &sealed, now).await?;
     Ok(kid)
 }
 
-/// Every key whose tokens may still be valid, the signer first.
-pub async fn public_keys(client: &impl GenericClient, now: DateTime<Utc>) -> Result<Vec<PublicKeyMaterial>, DbError> {
-    let rows = client
-        .query(
-            "SELECT kid, public_key, retire_at FROM identity.signing_keys
-             WHERE retire_at IS NULL OR retire_at > $1
-             ORDER BY retire_at DESC NULLS FIRST",
-            &[&now],
-        )
-        .await?;
-    Ok(rows
-        .into_iter()
-        .filter_map(|row| {
-            let public: Vec<u8> = row.get(1);
-            Some(PublicKeyMaterial { kid: row.get(0), public_key: public.try_into().ok()?, retire_at: row.get(2) })
-        })
-        .collect())
+/// The listing scope of `ListPublicKeys` page tokens.
+pub const PAGE_SCOPE: &str = "publicKeys";
+
+/// Where a key sits in `ListPublicKeys`' order: the signing key (no retirement) first, then
+/// the retiring ones, latest retirement first; the kid breaks ties.
+type KeyPosition = (bool, std::cmp::Reverse<Option<i64>>, String);
+
+fn position(key: &PublicKeyMaterial) -> KeyPosition {
+    let retire = key.retire_at.map(|t| t.timestamp_micros());
+    (retire.is_some(), std::cmp::Reverse(retire), key.kid.clone())
+}
+
+fn cursor(key: &PublicKeyMaterial) -> String {
+    let retire = key.retire_at.map_or_else(|| "-".to_owned(), |t| t.timestamp_micros().to_string());
+    format!("{retire}|{}", key.kid)
+}
+
+fn parse_cursor(cursor: &str) -> Option<KeyPosition> {
+    let (retire, kid) = cursor.split_once('|')?;
+    let retire = if retire == "-" { None } else { Some(retire.parse::<i64>().ok()?) };
+    Some((retire.is_some(), std::cmp::Reverse(retire), kid.to_owned()))
+}
+
+/// One page of `keys` (in [`public_keys`]' order): the keys after the page's cursor, and the
+/// token of the next page (empty on the last). A key added or retired between two pages moves
+/// without a key being listed twice.
+pub fn page(
+    mut keys: Vec<PublicKeyMaterial>,
+    page: &keyshare_runtime::page::PageRequest,
+) -> std::result::Result<(Vec<PublicKeyMaterial>, String), keyshare_runtime::error::InvalidInput> {
+    keys.sort_by_cached_key(position);
+    if let Some(after) = &page.after {
+        let after = parse_cursor(after).ok_or_else(|| {
+            keyshare_runtime::error::InvalidInput::field("page_token", "is not a page token of this listing")
+        })?;
+        keys.retain(|key| position(key) > after);
+    }
+    keys.truncate(page.size + 1);
+    let next = keyshare_runtime::page::next_token(&mut keys, page.size, PAGE_SCOPE, cursor);
+    Ok((keys, next))
 }
 
 /// Identity verifies its own tokens from its database.
@@ -135,10 +148,51 @@ impl KeySource for DbKeySource {
     fn fetch(&self) -> Pin<Box<dyn Future<Output = std::result::Result<Vec<PublicKeyMaterial>, String>> + Send + '_>> {
         Box::pin(async move {
             let client = self.pool.get().await.map_err(|e| e.to_string())?;
-            public_keys(&client, self.clock.now()).await.map_err(|e| e.to_string())
+            store::public_keys(&client, self.clock.now()).await.map_err(|e| e.to_string())
         })
     }
 }
 
 /// Shared handle used by the use cases.
 pub type SharedSigningKeys = Arc<SigningKeys>;
+
+#[cfg(test)]
+mod page_tests {
+    use keyshare_runtime::page::PageRequest;
+
+    use super::*;
+
+    fn key(kid: &str, retire_in_secs: Option<i64>) -> PublicKeyMaterial {
+        let retire_at = retire_in_secs.map(|s| DateTime::<Utc>::from_timestamp(1_900_000_000 + s, 0).unwrap());
+        PublicKeyMaterial { kid: kid.into(), public_key: [0; 32], retire_at }
+    }
+
+    #[test]
+    fn public_keys_page_in_order_without_repeats() {
+        let keys = vec![key("old", Some(10)), key("signing", None), key("older", Some(5)), key("newer", Some(20))];
+        let mut seen = Vec::new();
+        let mut token = String::new();
+        loop {
+            let request = PageRequest::parse(1, &token, PAGE_SCOPE).unwrap();
+            let (page, next) = page(keys.clone(), &request).unwrap();
+            assert_eq!(page.len(), 1);
+            seen.push(page[0].kid.clone());
+            if next.is_empty() {
+                break;
+            }
+            token = next;
+        }
+        assert_eq!(seen, ["signing", "newer", "old", "older"]);
+
+        // A key that retires between two pages is not listed twice.
+        let first = PageRequest::parse(2, "", PAGE_SCOPE).unwrap();
+        let (_, next) = page(keys.clone(), &first).unwrap();
+        let mut rotated = keys;
+        rotated.push(key("new-signing", None));
+        rotated.retain(|k| k.kid != "signing");
+        rotated.push(key("signing", Some(30)));
+        let (rest, _) = page(rotated, &PageRequest::parse(10, &next, PAGE_SCOPE).unwrap()).unwrap();
+        let rest: Vec<_> = rest.iter().map(|k| k.kid.as_str()).collect();
+        assert_eq!(rest, ["old", "older"]);
+    }
+}

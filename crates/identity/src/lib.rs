@@ -26,6 +26,7 @@ pub mod error;
 pub mod grpc;
 pub mod keys;
 pub mod password;
+pub mod peers;
 pub mod revocations;
 pub mod store;
 
@@ -88,7 +89,8 @@ pub async fn start(
         config.access_token_ttl,
         stopping,
     );
-    let app = Arc::new(app::Identity::new(pool.clone(), clock, config, signing_keys, waker, keyring));
+    let app =
+        Arc::new(app::Identity::new(pool.clone(), clock, config, signing_keys, waker, peers::Keyring::new(keyring)));
     app.provision_internal_clients().await?;
     app.spawn_keyring_calls(std::time::Duration::from_secs(2));
 

@@ -2,8 +2,9 @@
 //! compose them into one transaction per write.
 
 use chrono::{DateTime, Utc};
-use keyshare_runtime::auth::{Scope, Scopes};
-use keyshare_runtime::db::{DbError, GenericClient};
+use keyshare_runtime::auth::{PublicKeyMaterial, Scope, Scopes};
+use keyshare_runtime::crypto::Sealed;
+use keyshare_runtime::db::{DbError, GenericClient, advisory_key};
 use tokio_postgres::Row;
 use uuid::Uuid;
 
@@ -877,4 +878,73 @@ pub async fn delete_service_account(c: &impl GenericClient, org: Uuid, id: Uuid,
         )
         .await?;
     Ok(n == 1)
+}
+
+// Signing keys.
+
+/// Serialises changes to the signing keys (the first key, a rotation) across replicas, until
+/// the transaction ends.
+pub async fn lock_signing_keys(c: &impl GenericClient) -> Result<()> {
+    c.execute("SELECT pg_advisory_xact_lock($1)", &[&advisory_key("identity.signing_keys")]).await?;
+    Ok(())
+}
+
+/// Whether a key signs new tokens.
+pub async fn has_signing_key(c: &impl GenericClient) -> Result<bool> {
+    Ok(c.query_opt("SELECT 1 FROM identity.signing_keys WHERE retire_at IS NULL", &[]).await?.is_some())
+}
+
+/// The key that signs new tokens: its kid and its sealed private key.
+pub async fn signing_key(c: &impl GenericClient) -> Result<Option<(String, Sealed)>> {
+    let row = c
+        .query_opt("SELECT kid, private_key_sealed, kek_id FROM identity.signing_keys WHERE retire_at IS NULL", &[])
+        .await?;
+    Ok(row.map(|row| (row.get(0), Sealed { key_id: row.get(2), blob: row.get(1) })))
+}
+
+/// Retires the signing key at `retire_at` (it verifies until then).
+pub async fn retire_signing_key(c: &impl GenericClient, retire_at: DateTime<Utc>) -> Result<()> {
+    c.execute("UPDATE identity.signing_keys SET retire_at = $1 WHERE retire_at IS NULL", &[&retire_at]).await?;
+    Ok(())
+}
+
+/// Forgets the keys whose tokens can no longer be valid.
+pub async fn delete_retired_signing_keys(c: &impl GenericClient, now: DateTime<Utc>) -> Result<()> {
+    c.execute("DELETE FROM identity.signing_keys WHERE retire_at < $1", &[&now]).await?;
+    Ok(())
+}
+
+pub async fn insert_signing_key(
+    c: &impl GenericClient,
+    kid: &str,
+    public_key: &[u8; 32],
+    sealed: &Sealed,
+    now: DateTime<Utc>,
+) -> Result<()> {
+    c.execute(
+        "INSERT INTO identity.signing_keys (kid, public_key, private_key_sealed, kek_id, created_at)
+         VALUES ($1, $2, $3, $4, $5)",
+        &[&kid, &public_key.as_slice(), &sealed.blob, &sealed.key_id, &now],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Every key whose tokens may still be valid, the signer first.
+pub async fn public_keys(client: &impl GenericClient, now: DateTime<Utc>) -> Result<Vec<PublicKeyMaterial>> {
+    let rows = client
+        .query(
+            "SELECT kid, public_key, retire_at FROM identity.signing_keys
+             WHERE retire_at IS NULL OR retire_at > $1
+             ORDER BY retire_at DESC NULLS FIRST, kid",
+            &[&now],
+        )
+        .await?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|row| {
+            let public: Vec<u8> = row.get(1);
+            Some(PublicKeyMaterial { kid: row.get(0), public_key: public.try_into().ok()?, retire_at: row.get(2) })
+        })
+        .collect())
 }

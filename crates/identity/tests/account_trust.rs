@@ -364,7 +364,9 @@ async fn login_flood_leaves_internal_and_management_calls_answering() {
             (connect(addr).await, connect(addr).await, connect(addr).await);
         let public_keys = keep_calling("ListPublicKeys (internal)", done_rx.clone(), || {
             let mut client = keys_client.clone();
-            async move { client.list_public_keys(with_deadline(None, pb::ListPublicKeysRequest {})).await.map(|_| ()) }
+            async move {
+                client.list_public_keys(with_deadline(None, pb::ListPublicKeysRequest::default())).await.map(|_| ())
+            }
         });
         let role_lookup = keep_calling("GetOrganizationMember (internal role lookup)", done_rx.clone(), || {
             let (mut client, internal, member) = (member_client.clone(), internal.clone(), member.clone());

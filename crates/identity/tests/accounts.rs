@@ -291,7 +291,7 @@ async fn signing_key_rotation_needs_no_restart() {
     remote.verify(&old_token).await.unwrap();
     client.get_account(authed(&new_token, pb::GetAccountRequest { name: "accounts/me".into() })).await.unwrap();
     client.get_account(authed(&old_token, pb::GetAccountRequest { name: "accounts/me".into() })).await.unwrap();
-    let keys = client.list_public_keys(pb::ListPublicKeysRequest {}).await.unwrap().into_inner().keys;
+    let keys = client.list_public_keys(pb::ListPublicKeysRequest::default()).await.unwrap().into_inner().keys;
     assert_eq!(keys.len(), 2);
     assert_eq!(keys[0].kid, new_kid);
     assert!(keys[0].retire_time.is_none() && keys[1].retire_time.is_some());

@@ -8,7 +8,7 @@ use keyshare_proto::identity::v1 as pb;
 
 /// The `x-request-id` the server answers a call that sent `sent` with.
 async fn answered_request_id(client: &mut Client, sent: Option<tonic::metadata::AsciiMetadataValue>) -> String {
-    let mut request = tonic::Request::new(pb::ListPublicKeysRequest {});
+    let mut request = tonic::Request::new(pb::ListPublicKeysRequest::default());
     if let Some(value) = sent {
         request.metadata_mut().insert("x-request-id", value);
     }

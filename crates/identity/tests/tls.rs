@@ -50,7 +50,7 @@ fn client(h: &Harness, ca: &TestPki, cert: Option<&CertFiles>) -> IdentityServic
 }
 
 async fn list_keys(client: &mut IdentityServiceClient<tonic::transport::Channel>) -> Result<usize, tonic::Status> {
-    Ok(client.list_public_keys(pb::ListPublicKeysRequest {}).await?.into_inner().keys.len())
+    Ok(client.list_public_keys(pb::ListPublicKeysRequest::default()).await?.into_inner().keys.len())
 }
 
 /// The connection failed (a transport error on the client's side, never a server's answer).
@@ -260,7 +260,8 @@ async fn identity_runs_on_a_database_over_verified_tls_and_refuses_a_wrong_ca() 
     .await
     .unwrap();
     let channel = tonic::transport::Channel::from_shared(format!("http://{}", started.addr)).unwrap().connect_lazy();
-    let keys = IdentityServiceClient::new(channel).list_public_keys(pb::ListPublicKeysRequest {}).await.unwrap();
+    let keys =
+        IdentityServiceClient::new(channel).list_public_keys(pb::ListPublicKeysRequest::default()).await.unwrap();
     assert!(!keys.into_inner().keys.is_empty());
     let _ = stop.send(());
 }

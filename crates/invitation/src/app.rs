@@ -71,7 +71,7 @@ pub struct Invitations {
     clock: SharedClock,
     peers: Peers,
     outbox: OutboxWaker,
-    public_url: String,
+    public_url: Option<String>,
     validity: chrono::Duration,
 }
 
@@ -87,7 +87,7 @@ impl Invitations {
         clock: SharedClock,
         peers: Peers,
         outbox: OutboxWaker,
-        public_url: String,
+        public_url: Option<String>,
         validity: Duration,
     ) -> Self {
         let validity = chrono::Duration::from_std(validity).unwrap_or(chrono::Duration::days(7));
@@ -109,22 +109,26 @@ impl Invitations {
         }
     }
 
-    fn mail(&self, invitation: Uuid, email: &str, role: Role, inviter: &str, token: &str) -> Mail {
-        let link = format!("{}/invitations/accept?token={token}", self.public_url);
+    fn mail(&self, invitation: Uuid, email: &str, role: Role, inviter: &str, title: Option<&str>, token: &str) -> Mail {
+        let steps = keyshare_runtime::mail::token_steps(
+            self.public_url.as_deref(),
+            "/invitations/accept",
+            token,
+            "keyshare.invitation.v1.InvitationService/AcceptInvitation",
+            "accept",
+        );
         let body = format!(
-            "Hello,\n\n{inviter} invited you to Keyshare as {role}.\n\nAccept the invitation by opening this link:\n\n{link}\n\n\
-             Or pass this token to AcceptInvitation:\n\n{token}\n\n\
+            "Hello,\n\n{inviter} invited you to Keyshare as {role}.\n\n{steps}\n\
              You need a Keyshare account with this email address ({email}); if you have none yet, sign up with it first.\n\
              The invitation is valid for {days} days.\n",
-            role = role.describe(),
+            role = role.describe(title),
             days = self.validity.num_days(),
         );
-        Mail {
-            to: email.to_owned(),
-            subject: format!("{inviter} invited you to Keyshare"),
-            body,
-            topic: Some(format!("invitations/{invitation}")),
-        }
+        let subject = match title {
+            Some(title) => format!("{inviter} invited you to {title} on Keyshare"),
+            None => format!("{inviter} invited you to Keyshare"),
+        };
+        Mail { to: email.to_owned(), subject, body, topic: Some(format!("invitations/{invitation}")) }
     }
 
     pub async fn create(
@@ -135,6 +139,7 @@ impl Invitations {
     ) -> Result<Vec<(String, std::result::Result<Invitation, NotInvited>)>> {
         let inviter = self.require_manager(ctx, &target).await?;
         let person = self.peers.person(&ctx.token).await?;
+        let title = self.peers.title(&ctx.token, &target).await;
         let now = self.now();
 
         // Decide each email before writing anything: lookups happen outside the transaction.
@@ -178,8 +183,12 @@ impl Invitations {
                 expires_at: now + self.validity,
             };
             if store::insert(&tx, &new).await? {
-                mail::enqueue(&tx, "invitation", &self.mail(id, email.as_str(), role, &person.display_name, &token))
-                    .await?;
+                mail::enqueue(
+                    &tx,
+                    "invitation",
+                    &self.mail(id, email.as_str(), role, &person.display_name, title.as_deref(), &token),
+                )
+                .await?;
                 created.push(id);
                 results.push((raw, Ok(id)));
             } else {
@@ -232,16 +241,24 @@ impl Invitations {
         Ok((rows, next))
     }
 
-    pub async fn list_mine(&self, ctx: &Ctx) -> Result<Vec<Invitation>> {
-        ctx.account()?;
+    /// Pending invitations to the caller's verified email, a page at a time (newest first).
+    pub async fn list_mine(&self, ctx: &Ctx, page_size: i32, page_token: &str) -> Result<(Vec<Invitation>, String)> {
+        let account = ctx.account()?;
+        // A page token belongs to the account it was given to.
+        let scope = format!("invitations/mine/{account}");
+        let page = PageRequest::parse(page_size, page_token, &scope)?;
         let person = self.peers.person(&ctx.token).await?;
         if !person.email_verified {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), String::new()));
         }
         let email = Email::parse(&person.email, "email")
             .map_err(|_| Error::Internal("identity returned a malformed email".into()))?;
+        let before = page.after.as_deref().map(page::parse_time_id_cursor).transpose()?;
         let client = self.pool.get().await?;
-        Ok(store::pending_for(&client, &email.normalized(), self.now()).await?)
+        let mut rows =
+            store::pending_for(&client, &email.normalized(), self.now(), before, page.size as i64 + 1).await?;
+        let next = page::next_token(&mut rows, page.size, &scope, |i| page::time_id_cursor(i.created_at, i.id));
+        Ok((rows, next))
     }
 
     /// The invitation a token opens, and whether its email has a verified account yet.
@@ -337,6 +354,7 @@ impl Invitations {
     pub async fn resend(&self, ctx: &Ctx, id: Uuid) -> Result<Invitation> {
         let invitation = self.get(ctx, id).await?;
         let person = self.peers.person(&ctx.token).await?;
+        let title = self.peers.title(&ctx.token, &invitation.target).await;
         let now = self.now();
         let token = random_token(32);
         let mut client = self.pool.get().await?;
@@ -349,7 +367,7 @@ impl Invitations {
         mail::enqueue(
             &tx,
             "invitation",
-            &self.mail(id, &invitation.email, invitation.role, &person.display_name, &token),
+            &self.mail(id, &invitation.email, invitation.role, &person.display_name, title.as_deref(), &token),
         )
         .await?;
         tx.commit().await?;

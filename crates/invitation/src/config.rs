@@ -21,8 +21,8 @@ pub struct Config {
     /// This service's internal client (`KEYSHARE_CLIENT_ID`, `KEYSHARE_CLIENT_SECRET`).
     pub credentials: ClientCredentials,
     pub mail: MailConfig,
-    /// Base of acceptance links (`KEYSHARE_PUBLIC_URL`).
-    pub public_url: String,
+    /// Base of acceptance links (`KEYSHARE_PUBLIC_URL`); none: mails carry tokens, no links.
+    pub public_url: Option<String>,
     /// How long an invitation stays acceptable after a send (`KEYSHARE_INVITATION_VALIDITY_SECS`,
     /// default 7 days).
     pub validity: Duration,
@@ -39,11 +39,7 @@ impl Config {
             keyring_url: env.get("KEYSHARE_KEYRING_URL").unwrap_or_else(|| "http://127.0.0.1:50052".into()),
             credentials: ClientCredentials::from_env(env)?,
             mail: MailConfig::from_env(env)?,
-            public_url: env
-                .get("KEYSHARE_PUBLIC_URL")
-                .unwrap_or_else(|| "http://localhost:8080".into())
-                .trim_end_matches('/')
-                .to_owned(),
+            public_url: keyshare_runtime::mail::public_url(env)?,
             validity: env.secs_or("KEYSHARE_INVITATION_VALIDITY_SECS", 7 * 24 * 3600)?,
             call_retry: env.secs_or("KEYSHARE_CALL_RETRY_SECS", 2)?,
         })

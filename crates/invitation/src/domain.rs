@@ -93,16 +93,18 @@ impl Role {
         )
     }
 
-    /// What a person reads in the invitation email.
-    pub fn describe(self) -> &'static str {
-        match self {
-            Role::OrganizationOwner => "an owner of an organization",
-            Role::OrganizationReader => "a reader of an organization",
-            Role::ProjectOwner => "an owner of a project",
-            Role::ProjectMember => "a member of a project",
-            Role::KeyAdmin => "an admin of an API key",
-            Role::KeyContributor => "a contributor on an API key",
-        }
+    /// What a person reads in the invitation email: the role on `title` (e.g. `the project
+    /// "Payments"`), or on an unnamed target of its kind.
+    pub fn describe(self, title: Option<&str>) -> String {
+        let (role, of, kind) = match self {
+            Role::OrganizationOwner => ("an owner", "of", "an organization"),
+            Role::OrganizationReader => ("a reader", "of", "an organization"),
+            Role::ProjectOwner => ("an owner", "of", "a project"),
+            Role::ProjectMember => ("a member", "of", "a project"),
+            Role::KeyAdmin => ("an admin", "of", "an API key"),
+            Role::KeyContributor => ("a contributor", "on", "an API key"),
+        };
+        format!("{role} {of} {}", title.unwrap_or(kind))
     }
 }
 

@@ -179,9 +179,13 @@ impl pb::invitation_service_server::InvitationService for InvitationGrpc {
         request: Request<pb::ListMyInvitationsRequest>,
     ) -> Reply<pb::ListMyInvitationsResponse> {
         let ctx = ctx(&request)?;
+        let r = request.into_inner();
         handle("invitation.list_my_invitations", async {
-            let invitations = self.app.list_mine(&ctx).await?;
-            Ok(pb::ListMyInvitationsResponse { invitations: invitations.into_iter().map(invitation_pb).collect() })
+            let (invitations, next_page_token) = self.app.list_mine(&ctx, r.page_size, &r.page_token).await?;
+            Ok(pb::ListMyInvitationsResponse {
+                invitations: invitations.into_iter().map(invitation_pb).collect(),
+                next_page_token,
+            })
         })
         .await
     }

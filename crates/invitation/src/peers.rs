@@ -161,6 +161,39 @@ impl Peers {
         }
     }
 
+    /// How an invitation email names `target`: its display name (a key's with its project's),
+    /// read with the inviter's token. `None` when it cannot be read now; the email then says
+    /// what kind of thing it is without naming it, rather than failing the invitation.
+    pub async fn title(&self, caller_token: &str, target: &Target) -> Option<String> {
+        async fn project(peers: &Peers, token: &str, project: Uuid) -> Option<String> {
+            let request = bearer(token, krpb::GetProjectRequest { name: format!("projects/{project}") }).ok()?;
+            let project = peers.keyring().get_project(request).await.ok()?.into_inner().project?;
+            Some(project.display_name)
+        }
+        // A name is one line of text in the mail and its subject, whatever it was stored as.
+        let quoted = |name: String| {
+            let name: String = name.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+            (!name.trim().is_empty()).then(|| format!("\"{}\"", name.trim()))
+        };
+        match target {
+            Target::Organization(_) => {
+                let request = bearer(caller_token, idpb::GetOrganizationRequest { name: target.name() }).ok()?;
+                let org = self.identity().get_organization(request).await.ok()?.into_inner().organization?;
+                Some(format!("the organization {}", quoted(org.display_name)?))
+            }
+            Target::Project(id) => Some(format!("the project {}", quoted(project(self, caller_token, *id).await?)?)),
+            Target::Key { project: project_id, .. } => {
+                let request = bearer(caller_token, krpb::GetKeyRequest { name: target.name() }).ok()?;
+                let key = self.keyring().get_key(request).await.ok()?.into_inner().key?;
+                let key = format!("the API key {}", quoted(key.display_name)?);
+                Some(match project(self, caller_token, *project_id).await.and_then(quoted) {
+                    Some(project) => format!("{key} in the project {project}"),
+                    None => key,
+                })
+            }
+        }
+    }
+
     /// Whether `inviter` may still grant a role on `target` (organization owner; manager of the
     /// project or key), and whether the target still exists. Asked as invitation's internal
     /// client, for the inviter, at the moment of acceptance.

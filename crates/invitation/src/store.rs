@@ -199,15 +199,19 @@ pub async fn pending_for(
     c: &impl GenericClient,
     email_normalized: &str,
     now: DateTime<Utc>,
+    before: Option<(DateTime<Utc>, Uuid)>,
+    limit: i64,
 ) -> Result<Vec<Invitation>> {
+    let (before_at, before_id) = before.unzip();
     let rows = c
         .query(
             &format!(
                 "SELECT {COLUMNS} FROM {FROM}
                  WHERE i.email_normalized = $1 AND i.status = 'pending' AND i.expires_at > $2
-                 ORDER BY i.created_at DESC LIMIT 1000"
+                   AND ($3::timestamptz IS NULL OR (i.created_at, i.id) < ($3, $4))
+                 ORDER BY i.created_at DESC, i.id DESC LIMIT $5"
             ),
-            &[&email_normalized, &now],
+            &[&email_normalized, &now, &before_at, &before_id, &limit],
         )
         .await?;
     Ok(rows.iter().filter_map(|r| invitation(r, now)).collect())

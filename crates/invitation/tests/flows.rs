@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::*;
 use keyshare_proto::invitation::v1 as pb;
 use keyshare_proto::keyring::v1 as krpb;
-use pb::InvitationRole::{KeyAdmin, KeyContributor, ProjectMember};
+use pb::InvitationRole::{KeyAdmin, KeyContributor, OrganizationReader, ProjectMember};
 use tonic::Code;
 
 async fn get_key(h: &Harness, token: &str, key: &str) -> Result<krpb::Key, tonic::Status> {
@@ -33,6 +33,8 @@ async fn invite_accept_and_the_key_list_counts() {
     assert!(result.into_inner().results[0].invitation.is_some());
     let mail =
         h.smtp.wait_for("admin@example.com", 2).await.into_iter().find(|m| m.subject.contains("invited")).unwrap();
+    // An inviter who sees the project names it too.
+    assert!(mail.body.contains("as an admin of the API key \"Partner\" in the project \"API\"."), "{}", mail.body);
     invitations
         .accept_invitation(authed(&admin, pb::AcceptInvitationRequest { token: token_in(&mail.body) }))
         .await
@@ -52,7 +54,19 @@ async fn invite_accept_and_the_key_list_counts() {
     let bob_mail =
         h.smtp.wait_for("bob@example.com", 2).await.into_iter().find(|m| m.subject.contains("invited")).unwrap();
     let carol_mail = h.smtp.wait_for("carol@example.com", 1).await.pop().unwrap();
-    assert!(bob_mail.body.contains("/invitations/accept?token=") && carol_mail.body.contains("contributor"));
+    // The mail names what it is for; with no web front end configured it carries no link, only
+    // the call that takes the token.
+    let key_title = get_key(&h, &owner, &key).await.unwrap().display_name;
+    for mail in [&bob_mail, &carol_mail] {
+        // (The admin who invites does not see the project, so its name is not in the mail.)
+        assert!(mail.body.contains(&format!("as a contributor on the API key \"{key_title}\".")), "{}", mail.body);
+        assert!(mail.subject.contains(&format!("to the API key \"{key_title}\"")), "{}", mail.subject);
+        assert!(
+            mail.body.contains("InvitationService/AcceptInvitation") && !mail.body.contains("http"),
+            "{}",
+            mail.body
+        );
+    }
 
     // Bob cannot see the key yet; after accepting, he sees it, its credentials, as a contributor.
     assert_eq!(get_key(&h, &bob, &key).await.unwrap_err().code(), Code::NotFound);
@@ -107,8 +121,11 @@ async fn invite_accept_and_the_key_list_counts() {
 
     // Carol's dashboard banner shows her pending invitation once she has an account.
     let (_, carol) = h.account("carol@example.com", true).await;
-    let mine =
-        invitations.list_my_invitations(authed(&carol, pb::ListMyInvitationsRequest {})).await.unwrap().into_inner();
+    let mine = invitations
+        .list_my_invitations(authed(&carol, pb::ListMyInvitationsRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(mine.invitations.len(), 1);
 }
 
@@ -423,4 +440,45 @@ async fn bad_input_is_answered_per_email_or_refused_whole() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn my_invitations_come_a_page_at_a_time_and_a_page_token_is_mine_alone() {
+    let h = Harness::start().await;
+    let (owner, org, project, key) = h.key_with_owner("owner@example.com").await;
+    let (_, dana) = h.account("dana@example.com", true).await;
+    let (_, erin) = h.account("erin@example.com", true).await;
+    let mut invitations = h.invitations().await;
+    for (target, role) in [(&org, OrganizationReader), (&project, ProjectMember), (&key, KeyContributor)] {
+        invitations.create_invitations(authed(&owner, invite(target, &[("dana@example.com", role)]))).await.unwrap();
+    }
+
+    let mut seen = Vec::new();
+    let mut page_token = String::new();
+    let mut erin_tried = false;
+    loop {
+        let request = pb::ListMyInvitationsRequest { page_size: 2, page_token: page_token.clone() };
+        let page = invitations.list_my_invitations(authed(&dana, request)).await.unwrap().into_inner();
+        assert!(page.invitations.len() <= 2, "{page:?}");
+        seen.extend(page.invitations.into_iter().map(|i| i.target));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        if !erin_tried {
+            // Someone else's page token is refused, naming the field.
+            let stolen = pb::ListMyInvitationsRequest { page_size: 2, page_token: page.next_page_token.clone() };
+            let err = invitations.list_my_invitations(authed(&erin, stolen)).await.unwrap_err();
+            assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+            assert_eq!(bad_fields(&err), ["page_token"]);
+            erin_tried = true;
+        }
+        page_token = page.next_page_token;
+    }
+    assert!(erin_tried, "three invitations at two a page make two pages");
+    // Newest first, each once.
+    assert_eq!(seen, [key.clone(), project.clone(), org.clone()]);
+
+    let negative = pb::ListMyInvitationsRequest { page_size: -1, page_token: String::new() };
+    let err = invitations.list_my_invitations(authed(&dana, negative)).await.unwrap_err();
+    assert_eq!(bad_fields(&err), ["page_size"]);
 }

@@ -343,7 +343,7 @@ async fn a_deleted_target_ends_its_invitations_at_once() {
     let err = accept(&h, &eve, &token).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     assert!(["INVITATION_TARGET_GONE", "INVITATION_REVOKED"].contains(&reason(&err).as_str()), "{err:?}");
-    let mine = h.invitations().await.list_my_invitations(authed(&eve, pb::ListMyInvitationsRequest {})).await;
+    let mine = h.invitations().await.list_my_invitations(authed(&eve, pb::ListMyInvitationsRequest::default())).await;
     assert!(mine.unwrap().into_inner().invitations.is_empty());
 
     // A project deleted with force takes the invitations to the project itself with it.
@@ -368,7 +368,7 @@ async fn a_deleted_target_ends_its_invitations_at_once() {
         .delete_project(authed(&owner, krpb::DeleteProjectRequest { name: project.clone(), force: true }))
         .await
         .unwrap();
-    let mine = h.invitations().await.list_my_invitations(authed(&eve, pb::ListMyInvitationsRequest {})).await;
+    let mine = h.invitations().await.list_my_invitations(authed(&eve, pb::ListMyInvitationsRequest::default())).await;
     assert!(mine.unwrap().into_inner().invitations.is_empty(), "no banner for a deleted project");
     for token in [to_project, to_key] {
         let err = accept(&h, &eve, &token).await.unwrap_err();

@@ -14,6 +14,7 @@ use keyshare_runtime::client::ServiceToken;
 use tonic::transport::Channel;
 
 use crate::domain::InvitationCounts;
+use crate::store;
 
 /// The key list answers without counts rather than wait longer than this.
 const COUNT_TIMEOUT: Duration = Duration::from_millis(500);
@@ -112,44 +113,21 @@ impl InvitationClient {
 
     async fn run_due(&self, pool: &Pool) -> Result<(), String> {
         let client = pool.get().await.map_err(|e| e.to_string())?;
-        let rows = client
-            .query(
-                "SELECT id, kind, target, attempts, account_id FROM keyring.pending_calls
-                 WHERE done_at IS NULL AND next_attempt_at <= now() ORDER BY id LIMIT 50",
-                &[],
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-        for row in rows {
-            let (id, kind, target, attempts, account): (i64, String, String, i32, Option<uuid::Uuid>) =
-                (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
-            let result = match kind.as_str() {
-                "revoke_invitations" => self.revoke_target(&target).await,
-                "end_invitations" => self.end_invitations(&target, account).await,
+        let due = store::due_pending_calls(&client).await.map_err(|e| e.to_string())?;
+        for call in due {
+            let result = match call.kind.as_str() {
+                "revoke_invitations" => self.revoke_target(&call.target).await,
+                "end_invitations" => self.end_invitations(&call.target, call.account).await,
                 other => Err(format!("unknown call kind {other}")),
             };
-            match result {
-                Ok(()) => {
-                    client
-                        .execute(
-                            "UPDATE keyring.pending_calls SET done_at = now(), last_error = NULL WHERE id = $1",
-                            &[&id],
-                        )
-                        .await
-                        .map_err(|e| e.to_string())?;
-                }
+            let recorded = match result {
+                Ok(()) => store::pending_call_done(&client, call.id).await,
                 Err(error) => {
-                    let backoff = 2f64.powi(attempts.clamp(0, 8));
-                    client
-                        .execute(
-                            "UPDATE keyring.pending_calls SET attempts = attempts + 1, last_error = $2,
-                                next_attempt_at = now() + make_interval(secs => $3) WHERE id = $1",
-                            &[&id, &error, &backoff],
-                        )
-                        .await
-                        .map_err(|e| e.to_string())?;
+                    let backoff = 2f64.powi(call.attempts.clamp(0, 8));
+                    store::pending_call_failed(&client, call.id, &error, backoff).await
                 }
-            }
+            };
+            recorded.map_err(|e| e.to_string())?;
         }
         Ok(())
     }

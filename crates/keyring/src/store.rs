@@ -769,3 +769,51 @@ pub async fn queue_member_call(c: &impl GenericClient, kind: &str, target: &str,
     .await?;
     Ok(())
 }
+
+/// A call to the invitation service waiting in `pending_calls`.
+#[derive(Clone, Debug)]
+pub struct PendingCall {
+    pub id: i64,
+    /// `revoke_invitations` or `end_invitations`.
+    pub kind: String,
+    pub target: String,
+    pub attempts: i32,
+    pub account: Option<Uuid>,
+}
+
+/// The calls due now, oldest first, at most 50.
+pub async fn due_pending_calls(c: &impl GenericClient) -> Result<Vec<PendingCall>> {
+    let rows = c
+        .query(
+            "SELECT id, kind, target, attempts, account_id FROM keyring.pending_calls
+             WHERE done_at IS NULL AND next_attempt_at <= now() ORDER BY id LIMIT 50",
+            &[],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|row| PendingCall {
+            id: row.get(0),
+            kind: row.get(1),
+            target: row.get(2),
+            attempts: row.get(3),
+            account: row.get(4),
+        })
+        .collect())
+}
+
+pub async fn pending_call_done(c: &impl GenericClient, id: i64) -> Result<()> {
+    c.execute("UPDATE keyring.pending_calls SET done_at = now(), last_error = NULL WHERE id = $1", &[&id]).await?;
+    Ok(())
+}
+
+/// Records a failed try; the next one is `backoff_secs` away.
+pub async fn pending_call_failed(c: &impl GenericClient, id: i64, error: &str, backoff_secs: f64) -> Result<()> {
+    c.execute(
+        "UPDATE keyring.pending_calls SET attempts = attempts + 1, last_error = $2,
+            next_attempt_at = now() + make_interval(secs => $3) WHERE id = $1",
+        &[&id, &error, &backoff_secs],
+    )
+    .await?;
+    Ok(())
+}

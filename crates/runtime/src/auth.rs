@@ -9,6 +9,8 @@
 //! [`AuthLayer`] runs verification once per call and leaves the outcome in the request's
 //! extensions; handlers ask for the caller with [`caller`].
 
+pub mod sessions;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
@@ -22,9 +24,9 @@ use serde::{Deserialize, Serialize};
 use tonic::{Code, Status};
 use uuid::Uuid;
 
+use self::sessions::SessionRevocations;
 use crate::clock::SharedClock;
 use crate::error;
-use crate::sessions::SessionRevocations;
 
 /// Domain used in `ErrorInfo` for authentication failures.
 pub const AUTH_DOMAIN: &str = "auth.keyshare.dev";
@@ -335,7 +337,7 @@ pub struct TokenPolicy {
 }
 
 impl TokenPolicy {
-    pub fn from_env(env: &crate::config::Env) -> Self {
+    pub fn from_env(env: &crate::env::Env) -> Self {
         Self {
             issuer: env.get("KEYSHARE_JWT_ISSUER").unwrap_or_else(|| "keyshare-identity".into()),
             audience: env.get("KEYSHARE_JWT_AUDIENCE").unwrap_or_else(|| "keyshare".into()),
@@ -690,22 +692,29 @@ impl KeySource for IdentityKeySource {
         use keyshare_proto::identity::v1 as pb;
         Box::pin(async move {
             let mut client = pb::identity_service_client::IdentityServiceClient::new(self.channel.clone());
-            let response = client
-                .list_public_keys(crate::telemetry::traced(pb::ListPublicKeysRequest {}))
-                .await
-                .map_err(|status| format!("identity ListPublicKeys: {}", status.code()))?;
-            response
-                .into_inner()
-                .keys
-                .into_iter()
-                .map(|key| {
+            let mut keys = Vec::new();
+            let mut page_token = String::new();
+            // A handful of keys in practice; the bound only stops a misbehaving peer.
+            for _ in 0..100 {
+                let request = pb::ListPublicKeysRequest { page_size: 1000, page_token };
+                let page = client
+                    .list_public_keys(crate::telemetry::traced(request))
+                    .await
+                    .map_err(|status| format!("identity ListPublicKeys: {}", status.code()))?
+                    .into_inner();
+                for key in page.keys {
                     let public_key: [u8; 32] =
                         key.public_key.as_slice().try_into().map_err(|_| format!("key {} is not 32 bytes", key.kid))?;
                     let retire_at =
                         key.retire_time.and_then(|t| DateTime::<Utc>::from_timestamp(t.seconds, t.nanos.max(0) as u32));
-                    Ok(PublicKeyMaterial { kid: key.kid, public_key, retire_at })
-                })
-                .collect()
+                    keys.push(PublicKeyMaterial { kid: key.kid, public_key, retire_at });
+                }
+                if page.next_page_token.is_empty() {
+                    return Ok(keys);
+                }
+                page_token = page.next_page_token;
+            }
+            Err("identity ListPublicKeys: more pages than any key set has".into())
         })
     }
 }

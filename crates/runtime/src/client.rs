@@ -7,8 +7,11 @@ use std::time::Duration;
 use keyshare_proto::identity::v1 as pb;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::config::{ConfigError, Env};
+use crate::env::{ConfigError, Env};
 use crate::tls::TlsSettings;
+
+/// How long a client waits to connect to another Keyshare service.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A channel to `url` that connects on first use and reconnects after failures, so a service
 /// starts even while its dependencies are still coming up. An `https://` URL connects with TLS:
@@ -17,7 +20,7 @@ use crate::tls::TlsSettings;
 pub fn lazy_channel(var: &str, url: &str, tls: &TlsSettings) -> Result<Channel, ConfigError> {
     let endpoint = Endpoint::from_shared(url.to_owned())
         .map_err(|_| ConfigError::new(var, "must be a URL such as http://identity:50051"))?
-        .connect_timeout(crate::server::CONNECT_TIMEOUT)
+        .connect_timeout(CONNECT_TIMEOUT)
         .timeout(Duration::from_secs(10));
     match endpoint.uri().scheme_str() {
         Some("https") => Ok(endpoint.connect_with_connector_lazy(crate::tls::Connector::new(tls.client_config()?))),

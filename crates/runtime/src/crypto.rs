@@ -10,7 +10,7 @@ use rand::rngs::OsRng;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::config::{ConfigError, Env};
+use crate::env::{ConfigError, Env};
 
 /// `len` bytes from the operating system's CSPRNG, as unpadded base64url.
 pub fn random_token(len: usize) -> String {

@@ -22,6 +22,8 @@ pub enum DbError {
     Migration(#[from] refinery::Error),
     #[error("database configuration: {0}")]
     Config(String),
+    #[error("database configuration: {0}")]
+    TlsOptions(#[from] crate::pg_tls::TlsOptionsError),
     /// The TLS handshake with the database failed (an unknown CA, a certificate for another
     /// host, a server without TLS).
     #[error("DATABASE_URL: TLS with the database failed: {0}")]

@@ -1,13 +1,15 @@
 //! What every Keyshare service stands on.
 //!
-//! - [`config`]: settings from environment variables, checked at start;
+//! - [`env`] and [`config`]: settings from environment variables, checked at start;
 //! - [`db`]: the PostgreSQL pool, migrations into the service's own schema, SQLSTATE mapping;
 //! - [`server`]: the gRPC server with health, reflection, request ids, timeouts, a concurrency
-//!   limit, authentication, metrics, tracing and graceful shutdown;
+//!   limit, authentication, metrics, tracing and graceful shutdown; [`start`]: why it could not
+//!   start;
 //! - [`email`]: email addresses as every service accepts them;
 //! - [`error`]: the shared error model (`ErrorInfo`, `BadRequest`);
 //! - [`auth`]: access tokens, their verification, and the caller a handler sees;
-//! - [`sessions`]: the sessions identity says have ended, whose tokens are refused;
+//! - [`sessions`] (part of [`auth`]): the sessions identity says have ended, whose tokens are
+//!   refused;
 //! - [`telemetry`] and [`metrics`]: logs, traces, Prometheus;
 //! - [`mail`]: the transactional email outbox;
 //! - [`client`]: channels to other services and this service's own access token;
@@ -24,6 +26,7 @@ pub mod credential;
 pub mod crypto;
 pub mod db;
 pub mod email;
+pub mod env;
 pub mod error;
 pub mod mail;
 pub mod metrics;
@@ -31,7 +34,8 @@ pub mod page;
 pub mod pg_tls;
 pub mod resource;
 pub mod server;
-pub mod sessions;
+pub use auth::sessions;
+pub mod start;
 pub mod telemetry;
 #[cfg(feature = "testkit")]
 pub mod testkit;

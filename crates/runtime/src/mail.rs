@@ -25,8 +25,8 @@ use lettre::message::header::{ContentTransferEncoding, ContentType};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use tokio::sync::Notify;
 
-use crate::config::{ConfigError, Env};
 use crate::db::{DbError, GenericClient};
+use crate::env::{ConfigError, Env};
 
 /// A mail to send.
 #[derive(Clone, PartialEq, Eq)]
@@ -42,6 +42,35 @@ impl std::fmt::Debug for Mail {
     // The body can carry a token: never print it.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Mail").field("subject", &self.subject).field("topic", &self.topic).finish_non_exhaustive()
+    }
+}
+
+/// The base URL of the deployment's web front end, where links in mails point
+/// (`KEYSHARE_PUBLIC_URL`, e.g. `https://keyshare.example.com`), or `None` when there is none:
+/// then mails carry no link at all, since a link to a host where nothing answers is worse than
+/// none.
+pub fn public_url(env: &Env) -> Result<Option<String>, ConfigError> {
+    let Some(url) = env.get("KEYSHARE_PUBLIC_URL").filter(|u| !u.trim().is_empty()) else {
+        return Ok(None);
+    };
+    let url = url.trim().trim_end_matches('/');
+    if !(url.starts_with("https://") || url.starts_with("http://")) || url.contains(char::is_whitespace) {
+        return Err(ConfigError::new(
+            "KEYSHARE_PUBLIC_URL",
+            "must be an http(s) URL such as https://keyshare.example.com",
+        ));
+    }
+    Ok(Some(url.to_owned()))
+}
+
+/// How a mail tells its reader to use a single-use token: the link into the web front end
+/// when there is one (`public_url` + `path`), and always the RPC that takes the token, so the
+/// mail is useful with grpcurl alone. `action` completes "To …, ", e.g. "confirm your email".
+pub fn token_steps(public_url: Option<&str>, path: &str, token: &str, rpc: &str, action: &str) -> String {
+    let call = format!("call {rpc} with\n\n    token={token}\n");
+    match public_url {
+        Some(base) => format!("To {action}, open this link:\n\n{base}{path}?token={token}\n\nor {call}"),
+        None => format!("To {action}, {call}"),
     }
 }
 
@@ -321,4 +350,31 @@ struct SendError {
 fn smtp_error_summary(e: &lettre::transport::smtp::Error) -> String {
     let text = e.to_string();
     text.chars().take(200).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_mail_links_only_to_a_configured_front_end() {
+        let rpc = "keyshare.identity.v1.IdentityService/VerifyEmail";
+        let without = token_steps(None, "/verify-email", "tok_123", rpc, "confirm your email");
+        assert!(!without.contains("http"), "{without}");
+        assert!(without.contains(&format!("call {rpc} with")) && without.contains("token=tok_123"), "{without}");
+
+        let with = token_steps(Some("https://keyshare.example.com"), "/verify-email", "tok_123", rpc, "confirm");
+        assert!(with.contains("https://keyshare.example.com/verify-email?token=tok_123"), "{with}");
+        assert!(with.contains(rpc), "{with}");
+    }
+
+    #[test]
+    fn the_public_url_is_optional_and_checked() {
+        let read = |value: &str| public_url(&Env::from_pairs([("KEYSHARE_PUBLIC_URL", value.to_owned())]));
+        assert_eq!(public_url(&Env::from_pairs(Vec::<(String, String)>::new())).unwrap(), None);
+        assert_eq!(read("").unwrap(), None);
+        assert_eq!(read("https://keyshare.example.com/").unwrap().as_deref(), Some("https://keyshare.example.com"));
+        let error = read("keyshare.example.com").unwrap_err().to_string();
+        assert!(error.contains("KEYSHARE_PUBLIC_URL"), "{error}");
+    }
 }

@@ -189,8 +189,8 @@ impl Metrics {
 
     /// Binds `addr` (`KEYSHARE_METRICS_ADDR`) and serves; returns the bound address (useful
     /// with port 0).
-    pub async fn bind_and_serve(self: &Arc<Self>, addr: SocketAddr) -> Result<SocketAddr, crate::server::StartError> {
-        let bind_error = |source| crate::server::StartError::Bind { what: "KEYSHARE_METRICS_ADDR", source };
+    pub async fn bind_and_serve(self: &Arc<Self>, addr: SocketAddr) -> Result<SocketAddr, crate::start::StartError> {
+        let bind_error = |source| crate::start::StartError::Bind { what: "KEYSHARE_METRICS_ADDR", source };
         let listener = TcpListener::bind(addr).await.map_err(bind_error)?;
         let local = listener.local_addr().map_err(bind_error)?;
         self.serve(listener);

@@ -13,7 +13,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use crate::config::{ConfigError, Env};
+use crate::env::{ConfigError, Env};
 use crate::error::InvalidInput;
 
 /// The variable holding the page-token key.

@@ -23,7 +23,10 @@ use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect};
 
-use crate::db::DbError;
+/// Why `DATABASE_URL`'s TLS options cannot be used; the message names `DATABASE_URL`.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct TlsOptionsError(String);
 
 /// What `sslmode` asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,8 +38,8 @@ pub enum SslMode {
 }
 
 /// The connection settings and TLS connector a `DATABASE_URL` describes.
-pub fn prepare(database_url: &str) -> Result<(tokio_postgres::Config, MakeRustls), DbError> {
-    let invalid = || DbError::Config("DATABASE_URL is not a valid PostgreSQL URL".into());
+pub fn prepare(database_url: &str) -> Result<(tokio_postgres::Config, MakeRustls), TlsOptionsError> {
+    let invalid = || TlsOptionsError("DATABASE_URL is not a valid PostgreSQL URL".into());
     let (rest, mode, root_cert) = split_tls_options(database_url).ok_or_else(invalid)?;
     let mut config: tokio_postgres::Config = rest.parse().map_err(|_| invalid())?;
     config.ssl_mode(if mode == SslMode::Plain {
@@ -47,18 +50,18 @@ pub fn prepare(database_url: &str) -> Result<(tokio_postgres::Config, MakeRustls
     Ok((config, MakeRustls { config: client_config(mode, root_cert.as_deref())? }))
 }
 
-fn client_config(mode: SslMode, root_cert: Option<&str>) -> Result<Arc<ClientConfig>, DbError> {
+fn client_config(mode: SslMode, root_cert: Option<&str>) -> Result<Arc<ClientConfig>, TlsOptionsError> {
     let provider = crate::tls::provider();
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| DbError::Config(format!("DATABASE_URL: TLS setup: {e}")))?;
-    let roots = || -> Result<Arc<RootCertStore>, DbError> {
+        .map_err(|e| TlsOptionsError(format!("DATABASE_URL: TLS setup: {e}")))?;
+    let roots = || -> Result<Arc<RootCertStore>, TlsOptionsError> {
         match root_cert {
             Some("system") => Ok(Arc::new(RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() })),
             Some(path) => crate::tls::roots_from("DATABASE_URL sslrootcert", std::path::Path::new(path))
                 .map(Arc::new)
-                .map_err(|e| DbError::Config(e.to_string())),
-            None => Err(DbError::Config(
+                .map_err(|e| TlsOptionsError(e.to_string())),
+            None => Err(TlsOptionsError(
                 "DATABASE_URL: sslmode=verify-ca and verify-full need the CA: sslrootcert=<PEM file> (or \
                  KEYSHARE_DATABASE_CA), or sslrootcert=system"
                     .into(),
@@ -71,7 +74,7 @@ fn client_config(mode: SslMode, root_cert: Option<&str>) -> Result<Arc<ClientCon
         SslMode::VerifyCa | SslMode::VerifyFull => {
             let inner = WebPkiServerVerifier::builder_with_provider(roots()?, provider)
                 .build()
-                .map_err(|e| DbError::Config(format!("DATABASE_URL: sslrootcert: {e}")))?;
+                .map_err(|e| TlsOptionsError(format!("DATABASE_URL: sslrootcert: {e}")))?;
             if mode == SslMode::VerifyCa { Arc::new(AnyName(inner)) } else { inner }
         }
     };

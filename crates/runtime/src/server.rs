@@ -9,7 +9,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use http_body::{Body, Frame, SizeHint};
 use tokio::net::TcpListener;
@@ -65,18 +65,7 @@ pub struct ServeOptions {
     pub untraced_methods: &'static [&'static str],
 }
 
-/// Why a service could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error(transparent)]
-    Db(#[from] crate::db::DbError),
-    #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
-    #[error("binding {what}: {source}")]
-    Bind { what: &'static str, source: std::io::Error },
-    #[error("{0}")]
-    Setup(String),
-}
+pub use crate::start::StartError;
 
 /// A bound listener with its health reporter, before serving starts.
 pub struct Bound {
@@ -524,9 +513,6 @@ where
         self.inner.call(request)
     }
 }
-
-/// How long a client waits to connect to another Keyshare service.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Accepted connections with Nagle's algorithm off. gRPC writes small frames on connections
 /// that carry many calls at once (a gateway's to the authorizer); with Nagle on, a response

@@ -11,7 +11,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
-use crate::config::{ConfigError, Env};
+use crate::env::{ConfigError, Env};
 
 /// Log targets capped at `info` because their debug output can carry secrets.
 const SECRET_BEARING_TARGETS: &[&str] =

@@ -30,7 +30,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
-use crate::config::{ConfigError, Env};
+use crate::env::{ConfigError, Env};
 
 /// The certificate variable, named in errors.
 pub const CERT_VAR: &str = "KEYSHARE_TLS_CERT";

@@ -8,8 +8,8 @@ use tonic::Code;
 use tonic::transport::Channel;
 use uuid::Uuid;
 
-use crate::check::KeyName;
 use crate::error::{Error, Result};
+use crate::model::KeyName;
 
 /// Where a caller stands with a project's usage.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -8,8 +8,7 @@ use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 use super::{Buckets, CallLog, Filter, LogFilter, Point};
-use crate::check::{KeyName, Outcome};
-use crate::usage::{environment_from_number, environment_number};
+use crate::model::{KeyName, Outcome, environment_from_number, environment_number};
 
 type Result<T> = std::result::Result<T, DbError>;
 

@@ -75,7 +75,7 @@ pub struct World {
     pub frozen: Arc<FrozenClock>,
     pub keyring: krpb::keyring_service_client::KeyringServiceClient<Channel>,
     pub authorizer: AuthorizerServiceClient<Channel>,
-    pub shared: Arc<keyshare_authorizer::follower::Shared>,
+    pub shared: Arc<keyshare_authorizer::state::Shared>,
     pub token: String,
     /// The authorizer's check port (CheckKey, ext_authz).
     pub authorizer_addr: std::net::SocketAddr,

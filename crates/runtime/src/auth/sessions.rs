@@ -20,7 +20,7 @@ use keyshare_proto::identity::v1::watch_session_revocations_response::Event;
 use tonic::transport::Channel;
 use uuid::Uuid;
 
-use crate::auth::AuthError;
+use super::AuthError;
 use crate::client::ServiceToken;
 use crate::clock::SharedClock;
 use crate::metrics::Metrics;

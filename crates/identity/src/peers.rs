@@ -1,0 +1,40 @@
+//! What identity asks other services: keyring ends the project and key roles of a person who
+//! leaves an organization. The only module of identity that speaks keyring's wire types.
+
+use chrono::{DateTime, Utc};
+use keyshare_proto::keyring::v1 as kpb;
+use tonic::transport::Channel;
+use uuid::Uuid;
+
+/// keyring, as identity calls it.
+#[derive(Clone, Debug)]
+pub struct Keyring {
+    channel: Channel,
+}
+
+impl Keyring {
+    pub fn new(channel: Channel) -> Self {
+        Self { channel }
+    }
+
+    /// Ends `account`'s roles in `org`'s projects and keys as of `removed_at`, with `token`
+    /// (identity's own internal client). Idempotent; the error says why, for the retry log.
+    pub async fn end_membership(
+        &self,
+        token: &str,
+        org: Uuid,
+        account: Uuid,
+        removed_at: DateTime<Utc>,
+    ) -> Result<(), String> {
+        let message = kpb::EndOrganizationMembershipRequest {
+            name: format!("organizations/{org}/members/{account}"),
+            remove_time: Some(keyshare_runtime::wire::timestamp(removed_at)),
+        };
+        let request = keyshare_runtime::client::with_bearer(token, message).ok_or("token is no header value")?;
+        kpb::keyring_service_client::KeyringServiceClient::new(self.channel.clone())
+            .end_organization_membership(request)
+            .await
+            .map(|_| ())
+            .map_err(|status| format!("{:?}: {}", status.code(), status.message()))
+    }
+}
