@@ -3,7 +3,6 @@
 //! speaks of ([`KeyName`]), and how caller-controlled text is made safe to count and keep
 //! ([`method_label`], [`log_path`]) and stored ([`environment_number`]).
 
-use std::fmt;
 use std::net::IpAddr;
 
 use keyshare_runtime::credential::Environment;
@@ -105,17 +104,7 @@ pub struct CheckInput<'a> {
 }
 
 /// A key by its identifiers; displays as `projects/{project}/keys/{key}`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct KeyName {
-    pub project: Uuid,
-    pub key: Uuid,
-}
-
-impl fmt::Display for KeyName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "projects/{}/keys/{}", self.project, self.key)
-    }
-}
+pub use keyshare_runtime::resource::KeyName;
 
 /// The answer, with what is known of the credential.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -129,18 +118,12 @@ pub struct Decision {
 
 /// `projects/{project}/keys/{key}`.
 pub fn parse_key(raw: &str, field: &str) -> Result<KeyName, InvalidInput> {
-    match keyshare_runtime::resource::uuids(raw, &["projects", "*", "keys", "*"]).as_deref() {
-        Some(&[project, key]) => Ok(KeyName { project, key }),
-        _ => Err(InvalidInput::field(field, "must look like projects/{id}/keys/{id}")),
-    }
+    KeyName::parse(raw, field)
 }
 
 /// `projects/{project}`.
 pub fn parse_project(raw: &str, field: &str) -> Result<Uuid, InvalidInput> {
-    match keyshare_runtime::resource::uuids(raw, &["projects", "*"]).as_deref() {
-        Some(&[project]) => Ok(project),
-        _ => Err(InvalidInput::field(field, "must look like projects/{id}")),
-    }
+    keyshare_runtime::resource::ProjectName::parse(raw, field).map(|name| name.0)
 }
 
 /// Longest path kept in a call log, in bytes.

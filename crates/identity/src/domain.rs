@@ -79,26 +79,19 @@ impl OrgRole {
     }
 }
 
-/// Parses `{collection}/{uuid}` (AIP-122) and returns the id.
+/// Parses `{collection}/{uuid}` (AIP-122) and returns the id. Only the canonical UUID form is
+/// a name (`runtime::resource`), so each resource has exactly one.
 pub fn parse_name(raw: &str, collection: &str, field: &str) -> Result<Uuid, InvalidInput> {
-    let expected = || InvalidInput::field(field, format!("must look like {collection}/{{id}}"));
-    let id = raw.strip_prefix(collection).and_then(|rest| rest.strip_prefix('/')).ok_or_else(expected)?;
-    Uuid::parse_str(id).ok().filter(|_| !id.contains('/')).ok_or_else(expected)
+    keyshare_runtime::resource::uuids(raw, &[collection, "*"])
+        .map(|ids| ids[0])
+        .ok_or_else(|| InvalidInput::field(field, format!("must look like {collection}/{{id}}")))
 }
 
 /// Parses `organizations/{org}/{child}/{uuid}` and returns both ids.
 pub fn parse_child_name(raw: &str, child: &str, field: &str) -> Result<(Uuid, Uuid), InvalidInput> {
-    let expected = || InvalidInput::field(field, format!("must look like organizations/{{id}}/{child}/{{id}}"));
-    let mut parts = raw.split('/');
-    match (parts.next(), parts.next(), parts.next(), parts.next(), parts.next()) {
-        (Some("organizations"), Some(org), Some(c), Some(id), None) if c == child => {
-            match (Uuid::parse_str(org), Uuid::parse_str(id)) {
-                (Ok(org), Ok(id)) => Ok((org, id)),
-                _ => Err(expected()),
-            }
-        }
-        _ => Err(expected()),
-    }
+    keyshare_runtime::resource::uuids(raw, &["organizations", "*", child, "*"])
+        .map(|ids| (ids[0], ids[1]))
+        .ok_or_else(|| InvalidInput::field(field, format!("must look like organizations/{{id}}/{child}/{{id}}")))
 }
 
 /// An account as callers see it.

@@ -15,26 +15,28 @@ pub enum Target {
 
 impl Target {
     pub fn parse(raw: &str, field: &str) -> Result<Self, InvalidInput> {
-        let parts: Vec<&str> = raw.split('/').collect();
-        let id = |s: &str| Uuid::parse_str(s).ok().filter(|_| s.len() == 36);
-        let parsed = match parts.as_slice() {
-            ["organizations", org] => id(org).map(Target::Organization),
-            ["projects", project] => id(project).map(Target::Project),
-            ["projects", project, "keys", key] => {
-                id(project).zip(id(key)).map(|(project, key)| Target::Key { project, key })
-            }
-            _ => None,
+        use keyshare_runtime::resource::{KeyName, OrganizationName, ProjectName};
+        let parsed = if let Ok(org) = raw.parse::<OrganizationName>() {
+            Target::Organization(org.0)
+        } else if let Ok(project) = raw.parse::<ProjectName>() {
+            Target::Project(project.0)
+        } else if let Ok(KeyName { project, key }) = raw.parse::<KeyName>() {
+            Target::Key { project, key }
+        } else {
+            return Err(InvalidInput::field(
+                field,
+                "must look like organizations/{id}, projects/{id} or projects/{id}/keys/{id}",
+            ));
         };
-        parsed.ok_or_else(|| {
-            InvalidInput::field(field, "must look like organizations/{id}, projects/{id} or projects/{id}/keys/{id}")
-        })
+        Ok(parsed)
     }
 
     pub fn name(&self) -> String {
-        match self {
-            Target::Organization(org) => format!("organizations/{org}"),
-            Target::Project(project) => format!("projects/{project}"),
-            Target::Key { project, key } => format!("projects/{project}/keys/{key}"),
+        use keyshare_runtime::resource::{KeyName, OrganizationName, ProjectName};
+        match *self {
+            Target::Organization(org) => OrganizationName(org).to_string(),
+            Target::Project(project) => ProjectName(project).to_string(),
+            Target::Key { project, key } => KeyName { project, key }.to_string(),
         }
     }
 

@@ -5,6 +5,7 @@ use chrono::{DateTime, Utc};
 use ipnet::IpNet;
 pub use keyshare_runtime::credential::Environment;
 use keyshare_runtime::error::InvalidInput;
+use keyshare_runtime::resource::{AccountName, OrganizationName, ProjectName};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -189,40 +190,22 @@ fn bad_name(field: &str, shape: &str) -> InvalidInput {
 }
 
 pub fn parse_org(raw: &str, field: &str) -> Result<Uuid, InvalidInput> {
-    keyshare_runtime::resource::uuids(raw, &["organizations", "*"])
-        .map(|ids| ids[0])
-        .ok_or_else(|| bad_name(field, "organizations/{id}"))
+    OrganizationName::parse(raw, field).map(|name| name.0)
 }
 
 pub fn parse_account(raw: &str, field: &str) -> Result<Uuid, InvalidInput> {
-    keyshare_runtime::resource::uuids(raw, &["accounts", "*"])
-        .map(|ids| ids[0])
-        .ok_or_else(|| bad_name(field, "accounts/{id}"))
+    AccountName::parse(raw, field).map(|name| name.0)
 }
 
 pub fn parse_project(raw: &str, field: &str) -> Result<Uuid, InvalidInput> {
-    keyshare_runtime::resource::uuids(raw, &["projects", "*"])
-        .map(|ids| ids[0])
-        .ok_or_else(|| bad_name(field, "projects/{id}"))
+    ProjectName::parse(raw, field).map(|name| name.0)
 }
 
-/// `projects/{project}/keys/{key}`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct KeyRef {
-    pub project: Uuid,
-    pub key: Uuid,
-}
-
-impl KeyRef {
-    pub fn name(&self) -> String {
-        format!("projects/{}/keys/{}", self.project, self.key)
-    }
-}
+/// `projects/{project}/keys/{key}`: the name every service spells the same way.
+pub use keyshare_runtime::resource::KeyName as KeyRef;
 
 pub fn parse_key(raw: &str, field: &str) -> Result<KeyRef, InvalidInput> {
-    keyshare_runtime::resource::uuids(raw, &["projects", "*", "keys", "*"])
-        .map(|ids| KeyRef { project: ids[0], key: ids[1] })
-        .ok_or_else(|| bad_name(field, "projects/{id}/keys/{id}"))
+    KeyRef::parse(raw, field)
 }
 
 /// `projects/{project}/keys/{key}/environments/{sandbox|production}`.
