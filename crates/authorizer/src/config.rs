@@ -55,9 +55,16 @@ impl Config {
                     buffer: env.parse_or("KEYSHARE_USAGE_BUFFER", defaults.buffer)?,
                     buffer_bytes: env.parse_or("KEYSHARE_USAGE_BUFFER_BYTES", defaults.buffer_bytes)?,
                     counts_bytes: env.parse_or("KEYSHARE_USAGE_COUNTS_BYTES", defaults.counts_bytes)?,
-                    call_log_retention: std::time::Duration::from_secs(
-                        env.parse_or("KEYSHARE_CALL_LOG_RETENTION_DAYS", 30u64)?.saturating_mul(24 * 3600),
-                    ),
+                    call_log_retention_days: env
+                        .parse_or("KEYSHARE_CALL_LOG_RETENTION_DAYS", defaults.call_log_retention_days)?
+                        .max(1),
+                    minute_retention_days: env
+                        .parse_or("KEYSHARE_USAGE_MINUTES_RETENTION_DAYS", defaults.minute_retention_days)?,
+                    hour_retention_days: env
+                        .parse_or("KEYSHARE_USAGE_HOURS_RETENTION_DAYS", defaults.hour_retention_days)?,
+                    day_retention_days: env
+                        .parse_or("KEYSHARE_USAGE_DAYS_RETENTION_DAYS", defaults.day_retention_days)?,
+                    call_log_sample: sample(env)?,
                 }
             },
             shared_limits: {
@@ -75,6 +82,18 @@ impl Config {
             },
         })
     }
+}
+
+/// `KEYSHARE_CALL_LOG_SAMPLE`: a share from 0 to 1.
+fn sample(env: &Env) -> Result<f64, ConfigError> {
+    let share: f64 = env.parse_or("KEYSHARE_CALL_LOG_SAMPLE", 1.0)?;
+    if !(0.0..=1.0).contains(&share) {
+        return Err(ConfigError::new(
+            "KEYSHARE_CALL_LOG_SAMPLE",
+            format!("must be a share from 0 to 1 (0.1 logs one VALID call in ten), not {share}"),
+        ));
+    }
+    Ok(share)
 }
 
 #[cfg(test)]

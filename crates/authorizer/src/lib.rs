@@ -201,6 +201,11 @@ fn register_usage_metrics(metrics: &Metrics, usage: &usage::UsageMetrics) {
         "Call-log lines waiting to be written",
         usage.buffered_call_logs.clone(),
     );
+    registry.register(
+        "usage_sampled_out_call_logs",
+        "VALID calls left out of the call log by KEYSHARE_CALL_LOG_SAMPLE (counted all the same)",
+        usage.sampled_out_call_logs.clone(),
+    );
 }
 
 /// `keyshare_limits_shared` (0/1: sharing through the store right now),

@@ -1,10 +1,12 @@
 //! The authorizer's vocabulary, shared by every other module and depending on none of them:
 //! what a check is asked and answers ([`CheckInput`], [`Decision`], [`Outcome`]), the names it
 //! speaks of ([`KeyName`]), and how caller-controlled text is made safe to count and keep
-//! ([`method_label`], [`log_path`]) and stored ([`environment_number`]).
+//! ([`method_label`], [`log_path`]) and stored ([`environment_number`]), and the buckets usage
+//! is counted in ([`Granularity`]).
 
 use std::net::IpAddr;
 
+use chrono::{DateTime, TimeDelta, Utc};
 use keyshare_runtime::credential::Environment;
 use keyshare_runtime::error::InvalidInput;
 use uuid::Uuid;
@@ -208,5 +210,58 @@ mod tests {
         let with_query = log_path(format!("/v1/things?{}", "q".repeat(60_000)));
         assert_eq!(with_query, "/v1/things");
         assert!(with_query.capacity() <= with_query.len() + PATH_SLACK, "{}", with_query.capacity());
+    }
+}
+
+/// The width of a series' time buckets, aligned to UTC.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Granularity {
+    Minute,
+    Hour,
+    Day,
+}
+
+impl Granularity {
+    /// The width of one bucket. UTC days have no daylight saving: every one is 24 hours.
+    pub fn step(self) -> TimeDelta {
+        match self {
+            Granularity::Minute => TimeDelta::minutes(1),
+            Granularity::Hour => TimeDelta::hours(1),
+            Granularity::Day => TimeDelta::days(1),
+        }
+    }
+
+    /// How far back a series reaches when the caller gives no start.
+    pub fn default_span(self) -> TimeDelta {
+        match self {
+            Granularity::Minute => TimeDelta::hours(1),
+            Granularity::Hour => TimeDelta::days(1),
+            Granularity::Day => TimeDelta::days(30),
+        }
+    }
+
+    /// The table its counts are kept in (`authorizer` schema), and that table's time column.
+    pub fn table(self) -> (&'static str, &'static str) {
+        match self {
+            Granularity::Minute => ("usage_minutes", "minute"),
+            Granularity::Hour => ("usage_hours", "hour"),
+            Granularity::Day => ("usage_days", "day"),
+        }
+    }
+
+    /// The `date_trunc` field name.
+    pub fn sql_unit(self) -> &'static str {
+        match self {
+            Granularity::Minute => "minute",
+            Granularity::Hour => "hour",
+            Granularity::Day => "day",
+        }
+    }
+
+    /// Start of the bucket holding `at`.
+    pub fn floor(self, at: DateTime<Utc>) -> DateTime<Utc> {
+        let step = self.step().num_microseconds().unwrap_or(i64::MAX);
+        let micros = at.timestamp_micros();
+        DateTime::from_timestamp_micros(micros - micros.rem_euclid(step)).unwrap_or(at)
     }
 }

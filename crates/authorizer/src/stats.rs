@@ -18,6 +18,7 @@ use keyshare_runtime::page::{self, PageRequest};
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
+pub use crate::model::Granularity;
 use crate::model::{KeyName, METHOD_LABELS, Outcome};
 use access::{Access, ProjectStanding};
 
@@ -26,50 +27,6 @@ pub const MAX_BUCKETS: i64 = 1440;
 /// Most points one series may hold. A key's series never reaches it (1440 buckets × 2
 /// environments × 10 outcomes); a project's series per key can.
 pub const MAX_POINTS: usize = 30_000;
-
-/// The width of a series' time buckets, aligned to UTC.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Granularity {
-    Minute,
-    Hour,
-    Day,
-}
-
-impl Granularity {
-    /// The width of one bucket. UTC days have no daylight saving: every one is 24 hours.
-    pub fn step(self) -> TimeDelta {
-        match self {
-            Granularity::Minute => TimeDelta::minutes(1),
-            Granularity::Hour => TimeDelta::hours(1),
-            Granularity::Day => TimeDelta::days(1),
-        }
-    }
-
-    /// How far back a series reaches when the caller gives no start.
-    pub fn default_span(self) -> TimeDelta {
-        match self {
-            Granularity::Minute => TimeDelta::hours(1),
-            Granularity::Hour => TimeDelta::days(1),
-            Granularity::Day => TimeDelta::days(30),
-        }
-    }
-
-    /// The `date_trunc` field name.
-    pub fn sql_unit(self) -> &'static str {
-        match self {
-            Granularity::Minute => "minute",
-            Granularity::Hour => "hour",
-            Granularity::Day => "day",
-        }
-    }
-
-    /// Start of the bucket holding `at`.
-    pub fn floor(self, at: DateTime<Utc>) -> DateTime<Utc> {
-        let step = self.step().num_microseconds().unwrap_or(i64::MAX);
-        let micros = at.timestamp_micros();
-        DateTime::from_timestamp_micros(micros - micros.rem_euclid(step)).unwrap_or(at)
-    }
-}
 
 /// The whole buckets a series covers: from `start` (inclusive) to `end` (exclusive), both on
 /// bucket boundaries.

@@ -23,7 +23,7 @@
 //! the writer adds what is stored for today and this month (so counts survive a restart); after
 //! each write it moves the counters to the stored totals, which include other replicas' calls.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -41,7 +41,7 @@ use uuid::Uuid;
 
 use crate::index::slot;
 use crate::limits::Period;
-use crate::model::{KeyName, Outcome, environment_from_number, environment_number};
+use crate::model::{Granularity, KeyName, Outcome, environment_from_number, environment_number};
 use crate::state::Shared;
 
 mod store;
@@ -78,6 +78,12 @@ const COUNT_ENTRY_BYTES: usize = std::mem::size_of::<(CountKey, i64)>() * 2;
 /// The most records the writer takes from the channel at once.
 const RECEIVE_BULK: usize = 1024;
 
+/// How often the writer takes what the checks recorded.
+const DRAIN_INTERVAL: Duration = Duration::from_millis(10);
+
+/// Call-log partitions are made this many days ahead.
+const PARTITIONS_AHEAD: i64 = 3;
+
 /// Settings of the usage writer.
 #[derive(Clone, Debug)]
 pub struct UsageConfig {
@@ -97,8 +103,18 @@ pub struct UsageConfig {
     /// Bytes of counts held unwritten (`KEYSHARE_USAGE_COUNTS_BYTES`, default 16 MiB, about
     /// 100,000 key-minutes); beyond it further counts are dropped and counted.
     pub counts_bytes: usize,
-    /// Call logs older than this are deleted (`KEYSHARE_CALL_LOG_RETENTION_DAYS`, default 30).
-    pub call_log_retention: Duration,
+    /// Call logs are kept this many days (`KEYSHARE_CALL_LOG_RETENTION_DAYS`, default 30):
+    /// a day's partition is dropped whole once every call in it is older.
+    pub call_log_retention_days: u32,
+    /// Per-minute counts are kept this many days (`KEYSHARE_USAGE_MINUTES_RETENTION_DAYS`,
+    /// default 7), per-hour counts this many (`KEYSHARE_USAGE_HOURS_RETENTION_DAYS`, default
+    /// 90), per-day counts this many (`KEYSHARE_USAGE_DAYS_RETENTION_DAYS`, default 0: for ever).
+    pub minute_retention_days: u32,
+    pub hour_retention_days: u32,
+    pub day_retention_days: u32,
+    /// The share of VALID calls that get a call-log line (`KEYSHARE_CALL_LOG_SAMPLE`, from 0 to
+    /// 1, default 1: every one). Rejections are always logged, and counts are always exact.
+    pub call_log_sample: f64,
 }
 
 impl Default for UsageConfig {
@@ -109,7 +125,11 @@ impl Default for UsageConfig {
             buffer: 1_000_000,
             buffer_bytes: 32 << 20,
             counts_bytes: 16 << 20,
-            call_log_retention: Duration::from_secs(30 * 24 * 3600),
+            call_log_retention_days: 30,
+            minute_retention_days: 7,
+            hour_retention_days: 90,
+            day_retention_days: 0,
+            call_log_sample: 1.0,
         }
     }
 }
@@ -131,6 +151,8 @@ pub struct UsageMetrics {
     pub failed_writes: Counter,
     /// Call-log lines waiting to be written.
     pub buffered_call_logs: Gauge,
+    /// VALID calls left out of the call log by sampling (counted all the same).
+    pub sampled_out_call_logs: Counter,
 }
 
 /// The checks' end of the channel. Cloning is cheap.
@@ -139,18 +161,35 @@ pub struct Recorder {
     sender: mpsc::Sender<CallRecord>,
     metrics: Arc<UsageMetrics>,
     budget: Arc<LineBudget>,
+    /// A VALID call gets a line when a random `u32` is below this (`u32::MAX`: always).
+    sample_below: u32,
 }
 
 impl Recorder {
-    /// Hands a record to the writer without waiting. Its line is charged to the budget first;
-    /// over budget the record goes without its line. A full channel drops it and counts it.
+    /// Hands a record to the writer without waiting. A VALID call left out of the sample goes
+    /// without its line; otherwise the line is charged to the budget first, and over budget the
+    /// record goes without it. A full channel drops the record and counts it.
     pub fn record(&self, mut record: CallRecord) {
+        if record.outcome == Outcome::Valid
+            && self.sample_below != u32::MAX
+            && rand::random::<u32>() >= self.sample_below
+        {
+            record.logged = false;
+            record.path = String::new();
+            self.metrics.sampled_out_call_logs.inc();
+            self.send(record, 0);
+            return;
+        }
         let cost = record.log_bytes();
         record.logged = self.budget.try_take(cost);
         if !record.logged {
             record.path = String::new();
             self.metrics.dropped_call_logs.inc();
         }
+        self.send(record, cost);
+    }
+
+    fn send(&self, record: CallRecord, cost: usize) {
         if let Err(e) = self.sender.try_send(record) {
             if e.into_inner().logged {
                 self.budget.give_back(cost);
@@ -269,7 +308,13 @@ pub fn channel(
     let (sender, receiver) = mpsc::channel(config.channel.max(1));
     let metrics = Arc::new(UsageMetrics::default());
     let budget = Arc::new(LineBudget { used: AtomicUsize::new(0), limit: config.buffer_bytes });
-    let recorder = Recorder { sender, metrics: metrics.clone(), budget: budget.clone() };
+    let sample_below = if config.call_log_sample >= 1.0 {
+        u32::MAX
+    } else {
+        // In [0, 1): the share of u32 values below the threshold.
+        (config.call_log_sample.max(0.0) * f64::from(u32::MAX)) as u32
+    };
+    let recorder = Recorder { sender, metrics: metrics.clone(), budget: budget.clone(), sample_below };
     let writer = Writer {
         pool,
         database_url,
@@ -289,6 +334,7 @@ pub fn channel(
         known_months: HashMap::new(),
         failing_since: None,
         last_pruned: None,
+        partitions: HashSet::new(),
     };
     (recorder, writer)
 }
@@ -317,6 +363,8 @@ pub struct Writer {
     known_months: HashMap<(Uuid, i16, NaiveDate), i64>,
     failing_since: Option<std::time::Instant>,
     last_pruned: Option<std::time::Instant>,
+    /// Days whose call-log partition is known to be there.
+    partitions: HashSet<NaiveDate>,
 }
 
 impl std::fmt::Debug for Writer {
@@ -334,19 +382,23 @@ impl Writer {
     pub async fn run(mut self, mut stopping: watch::Receiver<bool>) {
         let mut ticker = tokio::time::interval(self.config.flush_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // Records are taken in bulk: under load one wake-up absorbs many checks.
+        // The channel is drained on a tick of its own rather than on every record: a check then
+        // never wakes the writer (a wake-up is a cross-thread switch per call under load), and the
+        // channel holds far more than arrives between two drains.
+        let mut drain = tokio::time::interval(DRAIN_INTERVAL.min(self.config.flush_interval));
+        drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut records = Vec::with_capacity(RECEIVE_BULK);
         loop {
             tokio::select! {
-                received = self.receiver.recv_many(&mut records, RECEIVE_BULK) => {
-                    if received == 0 {
+                _ = drain.tick() => {
+                    if !self.drain(&mut records) {
                         break;
                     }
-                    for record in records.drain(..) {
-                        self.absorb(record);
-                    }
                 }
-                _ = ticker.tick() => self.flush().await,
+                _ = ticker.tick() => {
+                    self.drain(&mut records);
+                    self.flush().await;
+                }
                 _ = stopping.changed() => break,
             }
         }
@@ -355,6 +407,31 @@ impl Writer {
         }
         if tokio::time::timeout(Duration::from_secs(5), self.flush()).await.is_err() || !self.sealed.is_empty() {
             tracing::warn!(pending_call_logs = self.buffered, "usage not written before shutdown");
+        }
+    }
+
+    /// Takes every record waiting in the channel; false once every recorder is gone.
+    fn drain(&mut self, records: &mut Vec<CallRecord>) -> bool {
+        loop {
+            match self.receiver.try_recv() {
+                Ok(record) => records.push(record),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    self.absorb_all(records);
+                    return false;
+                }
+            }
+            if records.len() == RECEIVE_BULK {
+                self.absorb_all(records);
+            }
+        }
+        self.absorb_all(records);
+        true
+    }
+
+    fn absorb_all(&mut self, records: &mut Vec<CallRecord>) {
+        for record in records.drain(..) {
+            self.absorb(record);
         }
     }
 
@@ -442,7 +519,16 @@ impl Writer {
         self.prune().await;
         while let Some(batch) = self.sealed.front_mut() {
             batch.tried = true;
-            let totals = store::write_batch(&self.pool, batch, self.clock.now()).await?;
+            let mut new_days: Vec<NaiveDate> = batch
+                .logs
+                .iter()
+                .map(|log| DateTime::from_timestamp_nanos(log.at_nanos).date_naive())
+                .filter(|day| !self.partitions.contains(day))
+                .collect();
+            new_days.sort_unstable();
+            new_days.dedup();
+            let totals = store::write_batch(&self.pool, batch, &new_days, self.clock.now()).await?;
+            self.partitions.extend(new_days);
             if let Some(batch) = self.sealed.pop_front() {
                 self.buffered -= batch.logs.len();
                 self.budget.give_back(batch.log_bytes);
@@ -515,27 +601,52 @@ impl Writer {
         self.known_months.retain(|(_, _, month), _| *month >= this_month);
     }
 
-    /// Deletes expired call logs and remembered batch ids, at most once an hour.
+    /// At most once an hour: makes the call-log partitions of the next days, drops those past
+    /// retention, deletes counts past their granularity's retention and forgets old batch ids.
     async fn prune(&mut self) {
         if self.last_pruned.is_some_and(|at| at.elapsed() < Duration::from_secs(3600)) {
             return;
         }
         self.last_pruned = Some(std::time::Instant::now());
+        if let Err(e) = self.upkeep().await {
+            tracing::warn!(error = %e, "usage upkeep (partitions, retention) failed; trying again in an hour");
+        }
+    }
+
+    async fn upkeep(&mut self) -> Result<(), DbError> {
         let now = self.clock.now();
-        let logs_before =
-            now - chrono::Duration::from_std(self.config.call_log_retention).unwrap_or(chrono::Duration::MAX);
-        let result = async {
-            let client = self.pool.get().await?;
-            let logs = store::delete_call_logs(&client, logs_before).await?;
-            store::forget_batches(&client, now - chrono::Duration::days(1)).await?;
-            Ok::<_, DbError>(logs)
+        let today = now.date_naive();
+        let mut client = self.pool.get().await?;
+        let ahead: Vec<NaiveDate> = (-1..=PARTITIONS_AHEAD).map(|n| today + chrono::TimeDelta::days(n)).collect();
+        store::ensure_partitions(&client, &ahead).await?;
+        let days = store::partitions(&client).await?;
+        // A day's partition goes once its last call is older than the retention.
+        let keep_from = today - chrono::TimeDelta::days(i64::from(self.config.call_log_retention_days));
+        let mut dropped = 0;
+        for day in days.iter().filter(|day| **day < keep_from) {
+            store::drop_partition(&mut client, *day).await?;
+            dropped += 1;
         }
-        .await;
-        match result {
-            Ok(0) => {}
-            Ok(deleted) => tracing::info!(deleted, "pruned call logs"),
-            Err(e) => tracing::warn!(error = %e, "pruning call logs failed"),
+        self.partitions = days.into_iter().filter(|day| *day >= keep_from).collect();
+        if dropped > 0 {
+            tracing::info!(partitions = dropped, "dropped call-log partitions past retention");
         }
+        for (granularity, retention) in [
+            (Granularity::Minute, self.config.minute_retention_days),
+            (Granularity::Hour, self.config.hour_retention_days),
+            (Granularity::Day, self.config.day_retention_days),
+        ] {
+            if retention == 0 {
+                continue;
+            }
+            let before = now - chrono::TimeDelta::days(i64::from(retention));
+            let deleted = store::delete_counts(&client, granularity, before).await?;
+            if deleted > 0 {
+                tracing::info!(deleted, table = granularity.table().0, "deleted counts past retention");
+            }
+        }
+        store::forget_batches(&client, now - chrono::TimeDelta::days(1)).await?;
+        Ok(())
     }
 }
 

@@ -246,3 +246,149 @@ async fn checks_go_on_while_postgres_is_down_and_usage_is_written_after() {
     w.synced().await;
     assert_eq!(w.check(&production, "GET", IP, "", ANY).await.outcome, O::Disabled as i32);
 }
+
+/// The call-log partitions there are, by day.
+async fn partition_days(client: &tokio_postgres::Client) -> Vec<chrono::NaiveDate> {
+    let rows = client
+        .query(
+            "SELECT child.relname FROM pg_inherits JOIN pg_class child ON child.oid = pg_inherits.inhrelid \
+             WHERE pg_inherits.inhparent = 'authorizer.call_logs'::regclass ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    rows.iter()
+        .map(|row| {
+            let name: String = row.get(0);
+            chrono::NaiveDate::parse_from_str(name.strip_prefix("call_logs_").unwrap(), "%Y%m%d").unwrap()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn call_logs_live_in_day_partitions_and_retention_drops_whole_days_and_old_counts() {
+    let (mut w, _project, key, _sandbox, production) = world().await;
+    let key_id = uuid::Uuid::parse_str(key.rsplit('/').next().unwrap()).unwrap();
+    for _ in 0..3 {
+        w.check(&production, "GET", IP, "", ANY).await;
+    }
+    stored_usage(&w, &key, 3).await;
+
+    // Partitions are made ahead: yesterday, today and the next three days at least.
+    let client = w.sql().await;
+    let now = w.frozen.now();
+    let today = now.date_naive();
+    let days = partition_days(&client).await;
+    for ahead in -1..=3 {
+        let day = today + chrono::TimeDelta::days(ahead);
+        assert!(days.contains(&day), "no call-log partition for {day} in {days:?}");
+    }
+
+    // Older history, as a long-running deployment has it: call logs 31 days old (past the
+    // 30-day retention) and 29 days old, minute counts 8 days old (past 7), hour counts 91
+    // days old (past 90) and day counts 400 days old (kept for ever).
+    let at = |days: i64| now - chrono::TimeDelta::days(days);
+    for age in [31, 29] {
+        client.execute("SELECT authorizer.ensure_call_log_partition($1)", &[&at(age).date_naive()]).await.unwrap();
+        client
+            .execute(
+                "INSERT INTO authorizer.call_logs (time, project_id, key_id, environment, method, path, outcome, \
+                 http_status) SELECT $1, project_id, key_id, environment, method, path, outcome, http_status \
+                 FROM authorizer.call_logs WHERE key_id = $2 LIMIT 1",
+                &[&at(age), &key_id],
+            )
+            .await
+            .unwrap();
+    }
+    for (table, column, age) in
+        [("usage_minutes", "minute", 8), ("usage_hours", "hour", 91), ("usage_days", "day", 400)]
+    {
+        let sql = format!(
+            "INSERT INTO authorizer.{table} ({column}, project_id, key_id, environment, method, outcome, calls) \
+             SELECT date_trunc('hour', $1::timestamptz), project_id, key_id, environment, method, outcome, 5 \
+             FROM authorizer.usage_minutes WHERE key_id = $2 LIMIT 1"
+        );
+        client.execute(&sql, &[&at(age), &key_id]).await.unwrap();
+    }
+
+    // A new writer tends the partitions and the retention when it starts.
+    w.restart_authorizer().await;
+    let old = at(31).date_naive();
+    eventually("the partition past retention to be dropped", Duration::from_secs(30), || {
+        let client = &client;
+        async move { (!partition_days(client).await.contains(&old)).then_some(()) }
+    })
+    .await;
+    let days = partition_days(&client).await;
+    assert!(days.contains(&at(29).date_naive()), "a partition within retention went: {days:?}");
+    let logs_by_age = |since: chrono::DateTime<chrono::Utc>| {
+        let client = &client;
+        async move {
+            let row = client
+                .query_one(
+                    "SELECT count(*) FROM authorizer.call_logs WHERE key_id = $1 AND time >= $2",
+                    &[&key_id, &since],
+                )
+                .await
+                .unwrap();
+            row.get::<_, i64>(0)
+        }
+    };
+    assert_eq!(logs_by_age(at(1)).await, 3, "today's call logs are kept");
+    assert_eq!(logs_by_age(at(30)).await, 4, "the 29-day-old call log is kept");
+    assert_eq!(logs_by_age(at(400)).await, 4, "the 31-day-old call log went with its partition");
+    let old_counts = |table: &'static str, column: &'static str, age: i64| {
+        let client = &client;
+        let before = at(age - 1);
+        async move {
+            let sql = format!("SELECT count(*) FROM authorizer.{table} WHERE key_id = $1 AND {column} < $2");
+            client.query_one(&sql, &[&key_id, &before]).await.unwrap().get::<_, i64>(0)
+        }
+    };
+    assert_eq!(old_counts("usage_minutes", "minute", 8).await, 0, "minutes past 7 days are deleted");
+    assert_eq!(old_counts("usage_hours", "hour", 91).await, 0, "hours past 90 days are deleted");
+    assert_eq!(old_counts("usage_days", "day", 400).await, 1, "days are kept for ever");
+}
+
+#[tokio::test]
+async fn sampled_call_logs_keep_every_rejection_and_exact_counts() {
+    let (mut w, _project, key, _sandbox, production) = world().await;
+    w.authorizer_config.usage.call_log_sample = 0.0;
+    w.restart_authorizer().await;
+    for _ in 0..20 {
+        w.check(&production, "GET", IP, "", ANY).await;
+    }
+    for _ in 0..3 {
+        w.check(&production, "TRACE", IP, "", ANY).await;
+    }
+    let counts = stored_usage(&w, &key, 23).await;
+    assert_eq!(
+        counts,
+        BTreeMap::from([
+            ((2, "GET".into(), O::Valid as i16), 20),
+            ((2, "TRACE".into(), O::MethodNotAllowed as i16), 3)
+        ])
+    );
+
+    // Only the rejections have call-log lines.
+    let client = w.sql().await;
+    let key_id = uuid::Uuid::parse_str(key.rsplit('/').next().unwrap()).unwrap();
+    let rows = client.query("SELECT outcome FROM authorizer.call_logs WHERE key_id = $1", &[&key_id]).await.unwrap();
+    let outcomes: Vec<i16> = rows.iter().map(|row| row.get(0)).collect();
+    assert_eq!(outcomes, vec![O::MethodNotAllowed as i16; 3]);
+    assert_eq!(w.metric("keyshare_usage_sampled_out_call_logs_total").await, Some(20.0));
+
+    // Charts at every granularity read their own rollup, and each counts every call.
+    let mut usage = w.usage().await;
+    for granularity in [pb::Granularity::Minute, pb::Granularity::Hour, pb::Granularity::Day] {
+        let response = usage
+            .query_key_usage(authed(
+                &w.token,
+                pb::QueryKeyUsageRequest { name: key.clone(), granularity: granularity as i32, ..Default::default() },
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(response.total_calls, 23, "{granularity:?}");
+    }
+}

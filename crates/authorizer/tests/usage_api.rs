@@ -49,8 +49,9 @@ async fn migrated(w: &World) {
     keyshare_authorizer::migrate(&w.db_url).await.unwrap();
 }
 
-/// One row of `authorizer.usage_minutes`: minutes after day zero, key name, environment,
-/// method, outcome, calls.
+/// One minute of counts, stored as the usage writer stores it (in `authorizer.usage_minutes`,
+/// and added to its hour in `usage_hours` and its day in `usage_days`): minutes after day zero,
+/// key name, environment, method, outcome, calls.
 type MinuteRow<'a> = (i64, &'a str, pb::Environment, &'a str, O, i64);
 
 async fn seed_minutes(w: &World, zero: DateTime<Utc>, rows: &[MinuteRow<'_>]) {
@@ -58,21 +59,29 @@ async fn seed_minutes(w: &World, zero: DateTime<Utc>, rows: &[MinuteRow<'_>]) {
     let sql = w.sql().await;
     for (minute, key, environment, method, outcome, calls) in rows {
         let (project, key) = ids(key);
-        sql.execute(
-            "INSERT INTO authorizer.usage_minutes (minute, project_id, key_id, environment, method, outcome, calls)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
-            &[
-                &(zero + TimeDelta::minutes(*minute)),
-                &project,
-                &key.unwrap(),
-                &(*environment as i16),
-                method,
-                &(*outcome as i16),
-                calls,
-            ],
-        )
-        .await
-        .unwrap();
+        for (table, column, unit) in
+            [("usage_minutes", "minute", "minute"), ("usage_hours", "hour", "hour"), ("usage_days", "day", "day")]
+        {
+            let statement = format!(
+                "INSERT INTO authorizer.{table} AS u ({column}, project_id, key_id, environment, method, outcome, calls)
+                 VALUES (date_trunc('{unit}', $1::timestamptz AT TIME ZONE 'UTC') AT TIME ZONE 'UTC', $2, $3, $4, $5, $6, $7)
+                 ON CONFLICT (key_id, {column}, environment, method, outcome) DO UPDATE SET calls = u.calls + excluded.calls"
+            );
+            sql.execute(
+                &statement,
+                &[
+                    &(zero + TimeDelta::minutes(*minute)),
+                    &project,
+                    &key.unwrap(),
+                    &(*environment as i16),
+                    method,
+                    &(*outcome as i16),
+                    calls,
+                ],
+            )
+            .await
+            .unwrap();
+        }
     }
 }
 
@@ -182,7 +191,9 @@ async fn key_usage_at_every_granularity_and_filter() {
             (DAY_MINUTES, &key, SAND, "GET", O::Valid, 10),
             (DAY_MINUTES + 1, &key, SAND, "OTHER", O::Disabled, 7),
             (0, &other_key, SAND, "GET", O::Valid, 100),
-            (2, &stray, SAND, "GET", O::Valid, 999),
+            // The same key id under another project (a method of its own, so no rollup row of the
+            // real key takes it in).
+            (2, &stray, SAND, "PUT", O::Valid, 999),
         ],
     )
     .await;

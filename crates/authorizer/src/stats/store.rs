@@ -1,5 +1,6 @@
-//! Every SQL statement of the usage API: reads of `authorizer.usage_minutes` and
-//! `authorizer.call_logs` (written by [`crate::usage`]). Environments and outcomes are stored as
+//! Every SQL statement of the usage API: reads of the counts (`authorizer.usage_minutes`,
+//! `usage_hours`, `usage_days`, one table per granularity) and of `authorizer.call_logs`
+//! (written by [`crate::usage`]). Environments and outcomes are stored as
 //! their `keyshare.authorizer.v1` enum numbers.
 
 use chrono::{DateTime, Utc};
@@ -30,9 +31,12 @@ pub async fn series(
     per_key: bool,
     limit: usize,
 ) -> Result<Vec<Point>> {
+    // Every granularity has a table of its own, so a series reads one row per bucket and key
+    // (and environment, method and outcome) whatever its span.
+    let (table, column) = buckets.granularity.table();
     let mut conditions = Conditions::default();
     let (start, end) = (conditions.param(buckets.start), conditions.param(buckets.end));
-    conditions.push(format!("minute >= {start} AND minute < {end}"));
+    conditions.push(format!("{column} >= {start} AND {column} < {end}"));
     let key_column = match scope {
         Scope::Key(key) => {
             conditions.eq("key_id", key.key);
@@ -55,16 +59,13 @@ pub async fn series(
         conditions.eq("outcome", outcome.number());
     }
     let limit = conditions.param(limit as i64);
-    // date_trunc on the UTC wall time, so buckets are UTC whatever the session's time zone.
     let sql = format!(
-        "SELECT date_trunc('{unit}', minute AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS bucket,
-                project_id, {key_column} AS key, environment, outcome, sum(calls)::bigint
-         FROM authorizer.usage_minutes
+        "SELECT {column} AS bucket, project_id, {key_column} AS key, environment, outcome, sum(calls)::bigint
+         FROM authorizer.{table}
          WHERE {conditions}
          GROUP BY 1, 2, 3, 4, 5
          ORDER BY 1, 3, 4, 5
          LIMIT {limit}",
-        unit = buckets.granularity.sql_unit(),
         conditions = conditions.sql(),
     );
     let rows = c.query(&sql, &conditions.params()).await?;
@@ -99,7 +100,8 @@ pub async fn call_logs(
     conditions.eq("project_id", key.project);
     if let Some((at, id)) = after {
         let (at, id) = (conditions.param(at), conditions.param(id));
-        conditions.push(format!("(time, id) < ({at}, {id})"));
+        // `time <= at` besides the row comparison lets PostgreSQL skip the newer day partitions.
+        conditions.push(format!("time <= {at} AND (time, id) < ({at}, {id})"));
     }
     if let Some(environment) = filter.environment {
         conditions.eq("environment", environment_number(environment));

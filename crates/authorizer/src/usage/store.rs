@@ -1,5 +1,5 @@
 //! Every SQL statement of the usage writer: batches of counts and call logs in one transaction
-//! each, the quota counters it restores at start, and pruning.
+//! each, the quota counters it restores at start, the call logs' day partitions, and pruning.
 
 use std::collections::HashMap;
 
@@ -12,7 +12,8 @@ use tokio_postgres::types::Type;
 use uuid::Uuid;
 
 use super::Batch;
-use crate::model::environment_number;
+use crate::model::Granularity;
+use crate::model::{KeyName, environment_number};
 
 /// The stored daily counts of `day`: (key, environment number, used).
 pub async fn key_days(c: &impl GenericClient, day: NaiveDate) -> Result<Vec<(Uuid, i16, i64)>, DbError> {
@@ -29,9 +30,51 @@ pub async fn project_months(c: &impl GenericClient, month: NaiveDate) -> Result<
     Ok(rows.iter().map(|row| (row.get(0), row.get(1), row.get(2))).collect())
 }
 
-/// Deletes the call logs older than `before`; how many went.
-pub async fn delete_call_logs(c: &impl GenericClient, before: DateTime<Utc>) -> Result<u64, DbError> {
-    Ok(c.execute("DELETE FROM authorizer.call_logs WHERE time < $1", &[&before]).await?)
+/// Makes the call-log partitions of `days` that are not there yet.
+pub async fn ensure_partitions(c: &impl GenericClient, days: &[NaiveDate]) -> Result<(), DbError> {
+    if !days.is_empty() {
+        c.execute("SELECT authorizer.ensure_call_log_partition(day) FROM unnest($1::date[]) AS day", &[&days]).await?;
+    }
+    Ok(())
+}
+
+/// The days that have a call-log partition.
+pub async fn partitions(c: &impl GenericClient) -> Result<Vec<NaiveDate>, DbError> {
+    let rows = c
+        .query(
+            "SELECT child.relname FROM pg_inherits JOIN pg_class child ON child.oid = pg_inherits.inhrelid \
+             WHERE pg_inherits.inhparent = 'authorizer.call_logs'::regclass",
+            &[],
+        )
+        .await?;
+    Ok(rows.iter().filter_map(|row| partition_day(row.get(0))).collect())
+}
+
+/// The day a partition named by `authorizer.call_log_partition_name` holds.
+fn partition_day(name: &str) -> Option<NaiveDate> {
+    NaiveDate::parse_from_str(name.strip_prefix("call_logs_")?, "%Y%m%d").ok()
+}
+
+/// Drops the call-log partition of `day`, waiting at most a few seconds for the lock (it is
+/// tried again at the next pruning rather than holding up the writers).
+pub async fn drop_partition(c: &mut deadpool_postgres::Client, day: NaiveDate) -> Result<(), DbError> {
+    let transaction = c.transaction().await?;
+    transaction.batch_execute("SET LOCAL lock_timeout = '5s'").await?;
+    let name: String = transaction.query_one("SELECT authorizer.call_log_partition_name($1)", &[&day]).await?.get(0);
+    // The name comes from the function above (digits and a fixed prefix), quoted besides.
+    transaction.batch_execute(&format!("DROP TABLE IF EXISTS authorizer.\"{name}\"")).await?;
+    transaction.commit().await?;
+    Ok(())
+}
+
+/// Deletes the counts of `granularity` older than `before`; how many rows went.
+pub async fn delete_counts(
+    c: &impl GenericClient,
+    granularity: Granularity,
+    before: DateTime<Utc>,
+) -> Result<u64, DbError> {
+    let (table, column) = granularity.table();
+    Ok(c.execute(&format!("DELETE FROM authorizer.{table} WHERE {column} < $1"), &[&before]).await?)
 }
 
 /// Forgets the ids of batches written before `before` (a retry comes long before that).
@@ -42,8 +85,14 @@ pub async fn forget_batches(c: &impl GenericClient, before: DateTime<Utc>) -> Re
 
 pub type Totals = (Vec<(Uuid, i16, NaiveDate, i64)>, Vec<(Uuid, i16, NaiveDate, i64)>);
 
-/// Writes one batch in one transaction. `None` when the batch had been written already.
-pub async fn write_batch(pool: &Pool, batch: &Batch, now: DateTime<Utc>) -> Result<Option<Totals>, DbError> {
+/// Writes one batch in one transaction, making the call-log partitions of `new_days` first.
+/// `None` when the batch had been written already.
+pub async fn write_batch(
+    pool: &Pool,
+    batch: &Batch,
+    new_days: &[NaiveDate],
+    now: DateTime<Utc>,
+) -> Result<Option<Totals>, DbError> {
     let mut client = pool.get().await?;
     let transaction = client.transaction().await?;
     let fresh = transaction
@@ -55,6 +104,7 @@ pub async fn write_batch(pool: &Pool, batch: &Batch, now: DateTime<Utc>) -> Resu
     if fresh == 0 {
         return Ok(None);
     }
+    ensure_partitions(&transaction, new_days).await?;
 
     let sink = transaction
         .copy_in(
@@ -95,34 +145,9 @@ pub async fn write_batch(pool: &Pool, batch: &Batch, now: DateTime<Utc>) -> Resu
     }
     writer.finish().await?;
 
-    let n = batch.counts.len();
-    let (mut minutes, mut projects, mut keys, mut environments, mut methods, mut outcomes, mut calls) = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
-    for (count, n) in &batch.counts {
-        minutes.push(DateTime::from_timestamp(count.minute * 60, 0).unwrap_or_default());
-        projects.push(count.key.project);
-        keys.push(count.key.key);
-        environments.push(environment_number(count.environment));
-        methods.push(count.method);
-        outcomes.push(count.outcome.number());
-        calls.push(*n);
+    for granularity in [Granularity::Minute, Granularity::Hour, Granularity::Day] {
+        upsert_counts(&transaction, granularity, batch).await?;
     }
-    transaction
-        .execute(
-            "INSERT INTO authorizer.usage_minutes AS u (minute, project_id, key_id, environment, method, outcome, calls) \
-             SELECT * FROM unnest($1::timestamptz[], $2::uuid[], $3::uuid[], $4::int2[], $5::text[], $6::int2[], $7::int8[]) \
-             ORDER BY 3, 1, 4, 5, 6 \
-             ON CONFLICT (key_id, minute, environment, method, outcome) DO UPDATE SET calls = u.calls + excluded.calls",
-            &[&minutes, &projects, &keys, &environments, &methods, &outcomes, &calls],
-        )
-        .await?;
 
     let days = upsert_quota(
         &transaction,
@@ -144,6 +169,55 @@ pub async fn write_batch(pool: &Pool, batch: &Batch, now: DateTime<Utc>) -> Resu
     .await?;
     transaction.commit().await?;
     Ok(Some((days, months)))
+}
+
+/// Adds the batch's counts, in buckets of `granularity`, to what is stored.
+async fn upsert_counts(
+    transaction: &deadpool_postgres::Transaction<'_>,
+    granularity: Granularity,
+    batch: &Batch,
+) -> Result<(), DbError> {
+    let step = granularity.step().num_seconds();
+    let mut buckets: HashMap<(i64, KeyName, i16, &'static str, i16), i64> = HashMap::new();
+    for (count, calls) in &batch.counts {
+        let start = (count.minute * 60).div_euclid(step) * step;
+        *buckets
+            .entry((start, count.key, environment_number(count.environment), count.method, count.outcome.number()))
+            .or_default() += calls;
+    }
+    let n = buckets.len();
+    let (mut starts, mut projects, mut keys, mut environments, mut methods, mut outcomes, mut calls) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for ((start, key, environment, method, outcome), n) in buckets {
+        starts.push(DateTime::from_timestamp(start, 0).unwrap_or_default());
+        projects.push(key.project);
+        keys.push(key.key);
+        environments.push(environment);
+        methods.push(method);
+        outcomes.push(outcome);
+        calls.push(n);
+    }
+    let (table, column) = granularity.table();
+    // Sorted like the primary key, so concurrent writers lock rows in one order.
+    transaction
+        .execute(
+            &format!(
+                "INSERT INTO authorizer.{table} AS u ({column}, project_id, key_id, environment, method, outcome, calls) \
+                 SELECT * FROM unnest($1::timestamptz[], $2::uuid[], $3::uuid[], $4::int2[], $5::text[], $6::int2[], \
+                 $7::int8[]) ORDER BY 3, 1, 4, 5, 6 \
+                 ON CONFLICT (key_id, {column}, environment, method, outcome) DO UPDATE SET calls = u.calls + excluded.calls"
+            ),
+            &[&starts, &projects, &keys, &environments, &methods, &outcomes, &calls],
+        )
+        .await?;
+    Ok(())
 }
 
 async fn upsert_quota(
