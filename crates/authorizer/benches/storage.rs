@@ -287,7 +287,14 @@ fn row(what: &str, times: &mut [f64]) {
 /// 15 s, and prints what reached PostgreSQL per second.
 async fn writer_throughput(url: &str, pool: deadpool_postgres::Pool, data: &Data, rate: u64) {
     let shared = Arc::new(Shared::default());
-    let config = UsageConfig { flush_interval: Duration::from_millis(250), ..UsageConfig::default() };
+    // Retention off: the writer alone is measured, not the first upkeep deleting the loaded
+    // history (which runs in a task of its own in any case).
+    let config = UsageConfig {
+        flush_interval: Duration::from_millis(250),
+        minute_retention_days: 0,
+        hour_retention_days: 0,
+        ..UsageConfig::default()
+    };
     let (recorder, writer) = usage::channel(pool, url.to_owned(), shared, Arc::new(SystemClock), config);
     let metrics = writer.metrics();
     let (stop, stopping) = tokio::sync::watch::channel(false);

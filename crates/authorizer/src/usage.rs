@@ -335,6 +335,7 @@ pub fn channel(
         failing_since: None,
         last_pruned: None,
         partitions: HashSet::new(),
+        upkeep: None,
     };
     (recorder, writer)
 }
@@ -363,8 +364,10 @@ pub struct Writer {
     known_months: HashMap<(Uuid, i16, NaiveDate), i64>,
     failing_since: Option<std::time::Instant>,
     last_pruned: Option<std::time::Instant>,
-    /// Days whose call-log partition is known to be there.
+    /// Days (yesterday on) whose call-log partition is known to be there.
     partitions: HashSet<NaiveDate>,
+    /// The running round of upkeep, if any.
+    upkeep: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Writer {
@@ -516,7 +519,7 @@ impl Writer {
             self.shared.quotas_restored.store(true, Ordering::Release);
             self.shared.quotas_restored_notify.notify_waiters();
         }
-        self.prune().await;
+        self.prune();
         while let Some(batch) = self.sealed.front_mut() {
             batch.tried = true;
             let mut new_days: Vec<NaiveDate> = batch
@@ -528,7 +531,10 @@ impl Writer {
             new_days.sort_unstable();
             new_days.dedup();
             let totals = store::write_batch(&self.pool, batch, &new_days, self.clock.now()).await?;
-            self.partitions.extend(new_days);
+            // Only days upkeep never drops are remembered (retention is at least a day); an
+            // older day is made again if it is gone, in the batch's transaction.
+            let yesterday = self.clock.now().date_naive() - chrono::TimeDelta::days(1);
+            self.partitions.extend(new_days.into_iter().filter(|day| *day >= yesterday));
             if let Some(batch) = self.sealed.pop_front() {
                 self.buffered -= batch.logs.len();
                 self.budget.give_back(batch.log_bytes);
@@ -601,53 +607,57 @@ impl Writer {
         self.known_months.retain(|(_, _, month), _| *month >= this_month);
     }
 
-    /// At most once an hour: makes the call-log partitions of the next days, drops those past
+    /// At most once an hour, in a task of its own (deleting a day of old counts must not hold
+    /// up the writes): makes the call-log partitions of the next days, drops those past
     /// retention, deletes counts past their granularity's retention and forgets old batch ids.
-    async fn prune(&mut self) {
-        if self.last_pruned.is_some_and(|at| at.elapsed() < Duration::from_secs(3600)) {
+    /// Skipped while the previous round is still running.
+    fn prune(&mut self) {
+        if self.last_pruned.is_some_and(|at| at.elapsed() < Duration::from_secs(3600))
+            || self.upkeep.as_ref().is_some_and(|task| !task.is_finished())
+        {
             return;
         }
         self.last_pruned = Some(std::time::Instant::now());
-        if let Err(e) = self.upkeep().await {
-            tracing::warn!(error = %e, "usage upkeep (partitions, retention) failed; trying again in an hour");
-        }
+        let (pool, clock, config) = (self.pool.clone(), self.clock.clone(), self.config.clone());
+        self.upkeep = Some(tokio::spawn(async move {
+            if let Err(e) = upkeep(&pool, clock.now(), &config).await {
+                tracing::warn!(error = %e, "usage upkeep (partitions, retention) failed; trying again in an hour");
+            }
+        }));
     }
+}
 
-    async fn upkeep(&mut self) -> Result<(), DbError> {
-        let now = self.clock.now();
-        let today = now.date_naive();
-        let mut client = self.pool.get().await?;
-        let ahead: Vec<NaiveDate> = (-1..=PARTITIONS_AHEAD).map(|n| today + chrono::TimeDelta::days(n)).collect();
-        store::ensure_partitions(&client, &ahead).await?;
-        let days = store::partitions(&client).await?;
-        // A day's partition goes once its last call is older than the retention.
-        let keep_from = today - chrono::TimeDelta::days(i64::from(self.config.call_log_retention_days));
-        let mut dropped = 0;
-        for day in days.iter().filter(|day| **day < keep_from) {
-            store::drop_partition(&mut client, *day).await?;
-            dropped += 1;
-        }
-        self.partitions = days.into_iter().filter(|day| *day >= keep_from).collect();
-        if dropped > 0 {
-            tracing::info!(partitions = dropped, "dropped call-log partitions past retention");
-        }
-        for (granularity, retention) in [
-            (Granularity::Minute, self.config.minute_retention_days),
-            (Granularity::Hour, self.config.hour_retention_days),
-            (Granularity::Day, self.config.day_retention_days),
-        ] {
-            if retention == 0 {
-                continue;
-            }
-            let before = now - chrono::TimeDelta::days(i64::from(retention));
-            let deleted = store::delete_counts(&client, granularity, before).await?;
-            if deleted > 0 {
-                tracing::info!(deleted, table = granularity.table().0, "deleted counts past retention");
-            }
-        }
-        store::forget_batches(&client, now - chrono::TimeDelta::days(1)).await?;
-        Ok(())
+async fn upkeep(pool: &Pool, now: DateTime<chrono::Utc>, config: &UsageConfig) -> Result<(), DbError> {
+    let today = now.date_naive();
+    let mut client = pool.get().await?;
+    let ahead: Vec<NaiveDate> = (-1..=PARTITIONS_AHEAD).map(|n| today + chrono::TimeDelta::days(n)).collect();
+    store::ensure_partitions(&client, &ahead).await?;
+    // A day's partition goes once its last call is older than the retention.
+    let keep_from = today - chrono::TimeDelta::days(i64::from(config.call_log_retention_days));
+    let mut dropped = 0;
+    for day in store::partitions(&client).await?.into_iter().filter(|day| *day < keep_from) {
+        store::drop_partition(&mut client, day).await?;
+        dropped += 1;
     }
+    if dropped > 0 {
+        tracing::info!(partitions = dropped, "dropped call-log partitions past retention");
+    }
+    for (granularity, retention) in [
+        (Granularity::Minute, config.minute_retention_days),
+        (Granularity::Hour, config.hour_retention_days),
+        (Granularity::Day, config.day_retention_days),
+    ] {
+        if retention == 0 {
+            continue;
+        }
+        let before = now - chrono::TimeDelta::days(i64::from(retention));
+        let deleted = store::delete_counts(&client, granularity, before).await?;
+        if deleted > 0 {
+            tracing::info!(deleted, table = granularity.table().0, "deleted counts past retention");
+        }
+    }
+    store::forget_batches(&client, now - chrono::TimeDelta::days(1)).await?;
+    Ok(())
 }
 
 #[cfg(test)]
