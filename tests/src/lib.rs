@@ -166,9 +166,9 @@ impl Stack {
         self.launch_authorizer().await.addr
     }
 
-    async fn launch_authorizer(&mut self) -> keyshare_authorizer::Started {
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let env = env(&[
+    /// The settings of an authorizer replica of this stack (any free port for each listener).
+    pub fn authorizer_env(&self) -> Vec<(&'static str, String)> {
+        vec![
             ("DATABASE_URL", self.db.url.clone()),
             ("KEYSHARE_LISTEN_ADDR", "127.0.0.1:0".into()),
             ("KEYSHARE_METRICS_ADDR", "127.0.0.1:0".into()),
@@ -178,7 +178,12 @@ impl Stack {
             ("KEYSHARE_CLIENT_ID", "authorizer".into()),
             ("KEYSHARE_CLIENT_SECRET", AUTHORIZER_SECRET.into()),
             ("KEYSHARE_MANAGEMENT_ADDR", "127.0.0.1:0".into()),
-        ]);
+        ]
+    }
+
+    async fn launch_authorizer(&mut self) -> keyshare_authorizer::Started {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let env = env(&self.authorizer_env());
         let started = keyshare_authorizer::start(
             keyshare_authorizer::Config::from_env(&env).unwrap(),
             Arc::new(SystemClock),

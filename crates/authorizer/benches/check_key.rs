@@ -15,7 +15,6 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,7 +30,7 @@ use keyshare_runtime::config::{CommonConfig, Env};
 use keyshare_runtime::credential::{Credential, Environment};
 use keyshare_runtime::metrics::Metrics;
 use keyshare_runtime::server::{self, ServeOptions};
-use keyshare_runtime::testkit::TestDatabase;
+use keyshare_runtime::testkit::{self, H2loadRun, TestDatabase};
 use prost::Message;
 use uuid::Uuid;
 
@@ -155,52 +154,13 @@ async fn serve_bare(response: pb::CheckKeyResponse) -> u16 {
     port
 }
 
-/// Runs h2load; returns requests per second and, with a log, the sorted latencies in µs.
-fn h2load(port: u16, body: &std::path::Path, args: &[&str], log: Option<&std::path::Path>) -> (f64, Vec<u64>) {
-    let mut command = Command::new("h2load");
-    command
-        .args(args)
-        .args(["-H", "content-type: application/grpc", "-H", "te: trailers", "-d"])
-        .arg(body)
-        .arg(format!("http://127.0.0.1:{port}/keyshare.authorizer.v1.AuthorizerService/CheckKey"));
-    if let Some(log) = log {
-        command.arg("--log-file").arg(log);
-    }
-    let out = command.output().expect("h2load is installed (scripts/bench installs it)");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("0 failed, 0 errored"), "h2load reported failures:\n{text}");
-    let rps = text
-        .lines()
-        .find(|l| l.starts_with("finished in"))
-        .and_then(|l| l.split(", ").nth(1))
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(0.0);
-    let mut latencies: Vec<u64> = log
-        .map(|log| std::fs::read_to_string(log).unwrap_or_default())
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split('\t').nth(2).and_then(|d| d.trim().parse().ok()))
-        .collect();
-    latencies.sort_unstable();
-    (rps, latencies)
-}
-
-fn pct(sorted: &[u64], p: f64) -> u64 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    sorted[(((sorted.len() - 1) as f64) * p / 100.0).round() as usize]
-}
-
-fn grpc_body(dir: &std::path::Path, request: &pb::CheckKeyRequest) -> std::path::PathBuf {
-    let message = request.encode_to_vec();
-    let mut framed = vec![0u8];
-    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
-    framed.extend_from_slice(&message);
-    let path = dir.join("request.bin");
-    std::fs::write(&path, framed).unwrap();
-    path
+fn h2load(port: u16, body: &std::path::Path, args: &[&str], latencies: bool) -> H2loadRun {
+    testkit::h2load(
+        &format!("http://127.0.0.1:{port}/keyshare.authorizer.v1.AuthorizerService/CheckKey"),
+        body,
+        args,
+        latencies,
+    )
 }
 
 fn main() {
@@ -247,27 +207,27 @@ fn main() {
         });
         let bare_port = runtime.block_on(serve_bare(expected));
         let handler_port = runtime.block_on(serve_handler_only(checker));
-        let body = grpc_body(&dir, &request);
+        let body = testkit::grpc_body(&dir, "request.bin", &request.encode_to_vec());
         let saturate = ["-n", "200000", "-c", "4", "-m", "32", "-t", "1"];
         let moderate = ["-n", "20000", "-c", "1", "-m", "1", "-t", "1"];
         // Warm both, then measure each in turn.
-        h2load(bare_port, &body, &["-n", "20000", "-c", "4", "-m", "32"], None);
-        h2load(real_port, &body, &["-n", "20000", "-c", "4", "-m", "32"], None);
-        h2load(handler_port, &body, &["-n", "20000", "-c", "4", "-m", "32"], None);
+        h2load(bare_port, &body, &["-n", "20000", "-c", "4", "-m", "32"], false);
+        h2load(real_port, &body, &["-n", "20000", "-c", "4", "-m", "32"], false);
+        h2load(handler_port, &body, &["-n", "20000", "-c", "4", "-m", "32"], false);
         // In turn, twice, so that drift on a noisy machine hits all alike.
         let (mut bare_rps, mut real_rps, mut handler_rps) = (0.0, 0.0, 0.0);
-        let (mut bare_lat, mut real_lat) = (Vec::new(), Vec::new());
+        let (mut bare_lat, mut real_lat) = (H2loadRun::default(), H2loadRun::default());
         for _ in 0..2 {
-            bare_rps += h2load(bare_port, &body, &saturate, None).0 / 2.0;
-            real_rps += h2load(real_port, &body, &saturate, None).0 / 2.0;
-            handler_rps += h2load(handler_port, &body, &saturate, None).0 / 2.0;
+            bare_rps += h2load(bare_port, &body, &saturate, false).requests_per_second / 2.0;
+            real_rps += h2load(real_port, &body, &saturate, false).requests_per_second / 2.0;
+            handler_rps += h2load(handler_port, &body, &saturate, false).requests_per_second / 2.0;
         }
         for _ in 0..2 {
-            bare_lat.extend(h2load(bare_port, &body, &moderate, Some(&dir.join("bare.log"))).1);
-            real_lat.extend(h2load(real_port, &body, &moderate, Some(&dir.join("real.log"))).1);
+            bare_lat.latencies_us.extend(h2load(bare_port, &body, &moderate, true).latencies_us);
+            real_lat.latencies_us.extend(h2load(real_port, &body, &moderate, true).latencies_us);
         }
-        bare_lat.sort_unstable();
-        real_lat.sort_unstable();
+        bare_lat.latencies_us.sort_unstable();
+        real_lat.latencies_us.sort_unstable();
         // Resident memory grows in pages and allocator arenas: a small index moves it by too
         // little to divide by.
         if keys >= 100_000 {
@@ -285,10 +245,10 @@ fn main() {
         );
         println!(
             "  one at a time  baseline p50 {} µs p99 {} µs   CheckKey p50 {} µs p99 {} µs",
-            pct(&bare_lat, 50.0),
-            pct(&bare_lat, 99.0),
-            pct(&real_lat, 50.0),
-            pct(&real_lat, 99.0)
+            bare_lat.percentile_us(50.0),
+            bare_lat.percentile_us(99.0),
+            real_lat.percentile_us(50.0),
+            real_lat.percentile_us(99.0)
         );
         std::thread::sleep(Duration::from_millis(1500));
         println!(

@@ -378,6 +378,74 @@ fn decode_quoted_printable(text: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// One h2load run against a gRPC method: its requests per second and, when asked, every
+/// request's latency in µs, sorted. Panics when h2load reports a failed or errored request.
+#[derive(Clone, Debug, Default)]
+pub struct H2loadRun {
+    pub requests_per_second: f64,
+    pub latencies_us: Vec<u64>,
+}
+
+impl H2loadRun {
+    /// The `p`-th percentile (0–100) of the latencies, 0 without any.
+    pub fn percentile_us(&self, p: f64) -> u64 {
+        let sorted = &self.latencies_us;
+        if sorted.is_empty() {
+            return 0;
+        }
+        sorted[(((sorted.len() - 1) as f64) * p / 100.0).round() as usize]
+    }
+}
+
+/// A gRPC request body as h2load sends it: the message in a gRPC frame, in a file.
+pub fn grpc_body(dir: &Path, name: &str, message: &[u8]) -> PathBuf {
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    framed.extend_from_slice(message);
+    let path = dir.join(name);
+    std::fs::write(&path, framed).expect("write the request body");
+    path
+}
+
+/// Runs h2load (Debian's `nghttp2-client`) with `args` against `url` (a gRPC method), posting
+/// `body` (see [`grpc_body`]); with `latencies`, keeps every request's latency.
+pub fn h2load(url: &str, body: &Path, args: &[&str], latencies: bool) -> H2loadRun {
+    let log =
+        latencies.then(|| std::env::temp_dir().join(format!("h2load-{}-{}.log", std::process::id(), rand_suffix())));
+    let mut command = Command::new("h2load");
+    command.args(args).args(["-H", "content-type: application/grpc", "-H", "te: trailers", "-d"]).arg(body).arg(url);
+    if let Some(log) = &log {
+        command.arg("--log-file").arg(log);
+    }
+    let out = command.output().expect("h2load is installed (scripts/bench installs it)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("0 failed, 0 errored"), "h2load reported failures:\n{text}");
+    let requests_per_second = text
+        .lines()
+        .find(|l| l.starts_with("finished in"))
+        .and_then(|l| l.split(", ").nth(1))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(0.0);
+    let mut latencies_us: Vec<u64> = log
+        .as_ref()
+        .map(|log| std::fs::read_to_string(log).unwrap_or_default())
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split('\t').nth(2).and_then(|d| d.trim().parse().ok()))
+        .collect();
+    if let Some(log) = log {
+        let _ = std::fs::remove_file(log);
+    }
+    latencies_us.sort_unstable();
+    H2loadRun { requests_per_second, latencies_us }
+}
+
+fn rand_suffix() -> u64 {
+    use rand::Rng as _;
+    rand::thread_rng().r#gen()
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -1,0 +1,270 @@
+//! CheckKey as gateways meet it: the real `authorizer` binary (release, its own process, every
+//! check counted and logged into PostgreSQL, following keyring's feed), against a bare tonic
+//! unary server answering a same-sized message after a HashMap lookup (the baseline), both
+//! driven in turn by h2load on this machine, three rounds, median of each:
+//!
+//! | load | bare tonic | CheckKey | ratio |
+//!
+//! for saturation (16 connections × 8 streams), one connection × 10 streams (throughput and
+//! p99) and one request at a time (p50, p99). Then, when valgrind is installed, the
+//! instructions the binary executes per check (all its threads: the check, the server stack,
+//! the usage writer), counted by callgrind over a fixed number of checks after a warm-up —
+//! instruction counts repeat on a noisy machine where times do not.
+//!
+//! identity and keyring run in this process (they are idle once the key is loaded).
+//!
+//! Run: `scripts/bench check` (builds the release binary first), or
+//! `cargo build --release -p keyshare-authorizer --bin authorizer && cargo bench -p
+//! keyshare-system-tests --bench check_binary`. `CHECK_BENCH_ROUNDS` (3) sets the rounds,
+//! `CHECK_BENCH_CALLGRIND_CHECKS` (2000, 0 skips) the checks counted under callgrind.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use keyshare_proto::authorizer::v1 as pb;
+use keyshare_proto::authorizer::v1::authorizer_service_server::{AuthorizerService, AuthorizerServiceServer};
+use keyshare_runtime::testkit::{self, H2loadRun, free_ports, workspace_root};
+use keyshare_system_tests::Stack;
+use prost::Message;
+
+/// The baseline: a HashMap lookup of the credential, answering the real answer.
+struct Bare(HashMap<String, pb::CheckKeyResponse>);
+
+#[tonic::async_trait]
+impl AuthorizerService for Bare {
+    async fn check_key(
+        &self,
+        request: tonic::Request<pb::CheckKeyRequest>,
+    ) -> Result<tonic::Response<pb::CheckKeyResponse>, tonic::Status> {
+        match self.0.get(&request.get_ref().key) {
+            Some(answer) => Ok(tonic::Response::new(answer.clone())),
+            None => Err(tonic::Status::not_found("no such key")),
+        }
+    }
+}
+
+fn setting(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+const SATURATION: &[&str] = &["-n", "200000", "-c", "16", "-m", "8", "-t", "1"];
+const TEN_STREAMS: &[&str] = &["-n", "100000", "-c", "1", "-m", "10", "-t", "1"];
+const ONE_AT_A_TIME: &[&str] = &["-n", "20000", "-c", "1", "-m", "1", "-t", "1"];
+
+fn binary() -> PathBuf {
+    let path = workspace_root().join("target/release/authorizer");
+    assert!(
+        path.exists(),
+        "{} is missing: cargo build --release -p keyshare-authorizer --bin authorizer (scripts/bench check does)",
+        path.display()
+    );
+    path
+}
+
+/// Starts the authorizer binary (under `wrapper`, e.g. valgrind, when given) with the stack's
+/// settings; returns it and its check port.
+fn spawn_authorizer(stack: &Stack, wrapper: &[String]) -> (Child, u16) {
+    let base = free_ports(3);
+    let mut command = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut command = Command::new(program);
+            command.args(args).arg(binary());
+            command
+        }
+        None => Command::new(binary()),
+    };
+    for (name, value) in stack.authorizer_env() {
+        command.env(name, value);
+    }
+    command
+        .env("KEYSHARE_LISTEN_ADDR", format!("127.0.0.1:{base}"))
+        .env("KEYSHARE_MANAGEMENT_ADDR", format!("127.0.0.1:{}", base + 1))
+        .env("KEYSHARE_METRICS_ADDR", format!("127.0.0.1:{}", base + 2))
+        // What a deployment runs with: info, JSON logs, no trace export.
+        .env("RUST_LOG", "info")
+        .env("KEYSHARE_LOG_FORMAT", "json")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    (command.spawn().expect("start the authorizer binary"), base)
+}
+
+async fn serve_bare(answers: HashMap<String, pb::CheckKeyResponse>) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(AuthorizerServiceServer::new(Bare(answers)))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))),
+    );
+    port
+}
+
+fn url(port: u16) -> String {
+    format!("http://127.0.0.1:{port}/keyshare.authorizer.v1.AuthorizerService/CheckKey")
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// The medians over rounds of one load, for one server.
+#[derive(Default)]
+struct Rounds {
+    rps: Vec<f64>,
+    p50: Vec<f64>,
+    p99: Vec<f64>,
+}
+
+impl Rounds {
+    fn add(&mut self, run: &H2loadRun) {
+        self.rps.push(run.requests_per_second);
+        self.p50.push(run.percentile_us(50.0) as f64);
+        self.p99.push(run.percentile_us(99.0) as f64);
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let rounds = setting("CHECK_BENCH_ROUNDS", 3).max(1);
+    let callgrind_checks = setting("CHECK_BENCH_CALLGRIND_CHECKS", 2000);
+    let dir = tempfile::tempdir().unwrap();
+    let stack = Stack::start().await;
+    let token = stack.account("check-bench@example.com").await;
+    let (_keyring, created) = stack.key(&token).await;
+    let key = created.key.unwrap().name;
+    let project = key.split("/keys/").next().unwrap().to_owned();
+    let request = pb::CheckKeyRequest {
+        key: created.production_credential.clone(),
+        project,
+        method: "GET".into(),
+        path: "/v1/things".into(),
+        client_ip: "198.51.100.7".into(),
+        environment: pb::Environment::Production as i32,
+    };
+    let body = testkit::grpc_body(dir.path(), "check.bin", &request.encode_to_vec());
+
+    let (mut authorizer, port) = spawn_authorizer(&stack, &[]);
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    Stack::serving(addr, Duration::from_secs(60)).await;
+    let answer = pb::authorizer_service_client::AuthorizerServiceClient::new(Stack::channel(addr).await)
+        .check_key(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.outcome, pb::Outcome::Valid as i32, "the benchmark checks a valid key");
+    let bare = serve_bare(HashMap::from([(request.key.clone(), answer)])).await;
+
+    println!("CheckKey: the real authorizer binary vs a bare tonic server, h2load, median of {rounds} rounds");
+    // Warm both up.
+    for port in [bare, port] {
+        tokio::task::spawn_blocking({
+            let body = body.clone();
+            move || testkit::h2load(&url(port), &body, &["-n", "20000", "-c", "4", "-m", "8"], false)
+        })
+        .await
+        .unwrap();
+    }
+    let loads: [(&str, &[&str]); 3] = [
+        ("saturation, 16 connections × 8 streams", SATURATION),
+        ("1 connection × 10 streams", TEN_STREAMS),
+        ("one at a time", ONE_AT_A_TIME),
+    ];
+    let mut results: Vec<(Rounds, Rounds)> = loads.iter().map(|_| Default::default()).collect();
+    for _ in 0..rounds {
+        for ((_, args), (bare_rounds, real_rounds)) in loads.iter().zip(results.iter_mut()) {
+            // Driven in turn, so drift on a noisy machine hits both alike.
+            for (server, rounds) in [(bare, &mut *bare_rounds), (port, &mut *real_rounds)] {
+                let body = body.clone();
+                let args: Vec<&'static str> = args.to_vec();
+                let run = tokio::task::spawn_blocking(move || testkit::h2load(&url(server), &body, &args, true))
+                    .await
+                    .unwrap();
+                rounds.add(&run);
+            }
+        }
+    }
+    println!("\n| load | bare tonic | CheckKey | ratio |\n|---|---|---|---|");
+    for ((what, _), (bare_rounds, real_rounds)) in loads.iter().zip(&results) {
+        let (b, r) = (median(bare_rounds.rps.clone()), median(real_rounds.rps.clone()));
+        let (bp50, rp50) = (median(bare_rounds.p50.clone()), median(real_rounds.p50.clone()));
+        let (bp99, rp99) = (median(bare_rounds.p99.clone()), median(real_rounds.p99.clone()));
+        println!(
+            "| {what} | {:.1}k req/s, p50 {bp50:.0} µs, p99 {bp99:.0} µs | {:.1}k req/s, p50 {rp50:.0} µs, p99 \
+             {rp99:.0} µs | {:.2}, p99 {:.2}× |",
+            b / 1e3,
+            r / 1e3,
+            r / b.max(1.0),
+            rp99 / bp99.max(1.0)
+        );
+    }
+    println!("targets: saturation ≥ 0.90×; p99 at 1 × 10 streams ≤ 1.3× bare tonic's");
+    let _ = authorizer.kill();
+    let _ = authorizer.wait();
+
+    if callgrind_checks > 0 {
+        match instructions_per_check(&stack, &body, callgrind_checks, dir.path()).await {
+            Some(per_check) => println!(
+                "\ninstructions per check (callgrind, the whole binary, {callgrind_checks} checks one at a time): \
+                 {per_check:.0}"
+            ),
+            None => println!("\ninstructions per check: skipped (valgrind is not installed)"),
+        }
+    }
+}
+
+/// Runs the binary under callgrind, warms it up, zeroes the counters, sends `checks` checks one
+/// at a time, dumps, and divides the instructions by the checks.
+async fn instructions_per_check(stack: &Stack, body: &Path, checks: u64, dir: &Path) -> Option<f64> {
+    if Command::new("valgrind").arg("--version").output().is_err() {
+        return None;
+    }
+    let out = dir.join("callgrind.out");
+    let wrapper = vec![
+        "valgrind".to_owned(),
+        "--tool=callgrind".to_owned(),
+        format!("--callgrind-out-file={}", out.display()),
+        "--dump-instr=no".to_owned(),
+        "--collect-atstart=yes".to_owned(),
+    ];
+    let (mut child, port) = spawn_authorizer(stack, &wrapper);
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    Stack::serving(addr, Duration::from_secs(300)).await;
+    let pid = child.id().to_string();
+    let send = |n: u64| {
+        let body = body.to_owned();
+        tokio::task::spawn_blocking(move || {
+            testkit::h2load(&url(port), &body, &["-n", &n.to_string(), "-c", "1", "-m", "1", "-t", "1"], false)
+        })
+    };
+    send(500).await.unwrap();
+    let control = |flag: &str| {
+        let status = Command::new("callgrind_control").arg(flag).arg(&pid).stdout(Stdio::null()).status();
+        assert!(status.is_ok_and(|s| s.success()), "callgrind_control {flag} failed");
+    };
+    control("-z");
+    send(checks).await.unwrap();
+    // The writer writes what these checks recorded within its flush interval: let it.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    control("-d");
+    let _ = child.kill();
+    let _ = child.wait();
+    // callgrind_control -d writes <out>.<n> files; the totals line of the newest holds the sum.
+    let mut dumps: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("callgrind.out.")))
+        .collect();
+    dumps.sort();
+    let mut total = 0u64;
+    for dump in &dumps {
+        let text = std::fs::read_to_string(dump).unwrap_or_default();
+        if let Some(line) = text.lines().find(|l| l.starts_with("summary:") || l.starts_with("totals:")) {
+            total += line.split_whitespace().nth(1).and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
+        }
+    }
+    Some(total as f64 / checks as f64)
+}
