@@ -6,8 +6,6 @@
 
 use keyshare_runtime::credential;
 use uuid::Uuid;
-#[allow(unused_imports)]
-use keyshare_proto::authorizer::v1 as wire;
 
 use crate::index::{self, Index};
 use crate::limits::{self, Bucket, Period, Sharing};
