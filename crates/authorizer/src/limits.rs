@@ -550,4 +550,92 @@ mod tests {
         // Disabled: every take passes and nothing is counted.
         assert!(sharing.take(&Lease::default(), Bucket::KeyRate(uuid::Uuid::nil(), 0), 1, 1));
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Arrival times (nanoseconds, non-decreasing) from gaps of up to `max_gap`.
+        fn arrivals(max_gap: i64) -> impl Strategy<Value = Vec<i64>> {
+            proptest::collection::vec(0..=max_gap, 1..400).prop_map(|gaps| {
+                let mut now = NANOS;
+                gaps.into_iter()
+                    .map(|gap| {
+                        now += gap;
+                        now
+                    })
+                    .collect()
+            })
+        }
+
+        proptest! {
+            /// GCRA never admits more than rate × time + burst, over any stretch of any arrival
+            /// sequence; refused requests never change what later ones get.
+            #[test]
+            fn gcra_admits_at_most_rate_times_time_plus_burst(
+                per_second in 1i64..2000,
+                times in arrivals(NANOS / 50),
+            ) {
+                let rate = Rate::default();
+                let admitted: Vec<i64> = times.iter().copied().filter(|now| rate.take(*now, per_second).is_ok()).collect();
+                let interval = (NANOS / per_second).max(1);
+                for (i, first) in admitted.iter().enumerate() {
+                    for (j, last) in admitted.iter().enumerate().skip(i) {
+                        let count = (j - i + 1) as i64;
+                        let bound = per_second + (last - first) / interval;
+                        prop_assert!(count <= bound, "{count} admitted in {} ns at {per_second}/s", last - first);
+                    }
+                }
+            }
+
+            /// A take refused by another limit and given back leaves the bucket as if it never
+            /// happened: what is admitted afterwards is exactly what a fresh bucket admits after
+            /// the same kept takes, and giving back never creates budget beyond the burst.
+            #[test]
+            fn give_back_restores_exactly_and_never_adds_budget(
+                per_second in 1i64..500,
+                steps in proptest::collection::vec((0..=NANOS / 20, any::<bool>()), 1..300),
+            ) {
+                let (rate, kept_only) = (Rate::default(), Rate::default());
+                let mut now = NANOS;
+                for (gap, refused_elsewhere) in steps {
+                    now += gap;
+                    let taken = rate.take(now, per_second).is_ok();
+                    if taken && refused_elsewhere {
+                        give_back_all(&[(&rate, per_second)]);
+                    } else {
+                        prop_assert_eq!(taken, kept_only.take(now, per_second).is_ok());
+                    }
+                }
+                // At the end, no more than a burst is available at once.
+                let burst = (0..per_second * 2).take_while(|_| rate.take(now, per_second).is_ok()).count() as i64;
+                prop_assert!(burst <= per_second, "{burst} at once at {per_second}/s");
+            }
+
+            /// A quota never charges past its limit, and giving back never goes below zero.
+            #[test]
+            fn quotas_hold_their_limit_and_never_go_below_zero(
+                limit in 1i64..200,
+                steps in proptest::collection::vec(-3i64..=1, 1..500),
+            ) {
+                let quota = Quota::default();
+                let period = Period::of_day(NaiveDate::from_ymd_opt(2026, 12, 2).unwrap_or_default());
+                let mut expected: i64 = 0;
+                for step in steps {
+                    if step == 1 {
+                        let charged = quota.try_charge(period, limit);
+                        prop_assert_eq!(charged, expected < limit);
+                        if charged {
+                            expected += 1;
+                        }
+                    } else {
+                        quota.add(period, step);
+                        expected = (expected + step).max(0);
+                    }
+                    prop_assert_eq!(quota.used(period) as i64, expected);
+                    prop_assert!(quota.used(period) as i64 <= limit);
+                }
+            }
+        }
+    }
 }
