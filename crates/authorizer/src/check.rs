@@ -57,9 +57,9 @@ pub fn check(index: &Index, sharing: &Sharing, input: &CheckInput<'_>, now_nanos
         return known(Outcome::SourceNotAllowed);
     }
     let slot = index::slot(found.environment);
-    let (key, project) = (found.key, found.project);
-    let (key_rate, project_rate) = (i64::from(settings.rate_limit), project.limits[slot].rate_limit);
-    let rates = [(&key.rates[slot], key_rate), (&project.rates[slot], project_rate)];
+    let (key, project, key_limits) = (found.key, found.project, found.limits);
+    let (key_rate, project_rate) = (i64::from(key_limits.rate_limit[slot]), project.limits[slot].rate_limit);
+    let rates = [(&key_limits.rates[slot], key_rate), (&project.rates[slot], project_rate)];
     if let Err(retry_after) = limits::take_all(&rates, now_nanos) {
         return Decision { retry_after, ..known(Outcome::RateLimited) };
     }
@@ -67,7 +67,7 @@ pub fn check(index: &Index, sharing: &Sharing, input: &CheckInput<'_>, now_nanos
     // lease of the fleet's budget (a count-down in memory; the leases are kept by a task).
     let environment = slot as u8;
     let second = now.clamp(0, i64::from(u32::MAX)) as u32;
-    let (key_lease, project_lease) = (&key.rates[slot].lease, &project.rates[slot].lease);
+    let (key_lease, project_lease) = (&key_limits.rates[slot].lease, &project.rates[slot].lease);
     if !sharing.take(key_lease, Bucket::KeyRate(key.id, environment), second, key_rate) {
         limits::give_back_all(&rates);
         return Decision { retry_after: 1, ..known(Outcome::RateLimited) };
@@ -83,29 +83,30 @@ pub fn check(index: &Index, sharing: &Sharing, input: &CheckInput<'_>, now_nanos
         limits::give_back_all(&rates);
     };
     let (day, month) = (Period::day(now), Period::month(now));
-    let (daily_quota, monthly_quota) = (i64::from(settings.daily_quota), project.limits[slot].monthly_quota);
+    let (daily_quota, monthly_quota) = (i64::from(key_limits.daily_quota[slot]), project.limits[slot].monthly_quota);
     let (daily, monthly) = (&key.daily[slot], &project.monthly[slot]);
+    let (daily_lease, monthly_lease) = (&key_limits.daily_leases[slot], &project.monthly_leases[slot]);
     let over_day = || Decision { retry_after: Period::seconds_to_next_day(now), ..known(Outcome::QuotaExceeded) };
     let over_month = || Decision { retry_after: Period::seconds_to_next_month(now), ..known(Outcome::QuotaExceeded) };
     if !daily.try_charge(day, daily_quota) {
         give_back_rates();
         return over_day();
     }
-    if !sharing.take(&daily.1, Bucket::KeyDay(key.id, environment), day.number(), daily_quota) {
+    if !sharing.take(daily_lease, Bucket::KeyDay(key.id, environment), day.number(), daily_quota) {
         daily.add(day, -1);
         give_back_rates();
         return over_day();
     }
     let give_back_day = || {
         daily.add(day, -1);
-        sharing.give_back(&daily.1, day.number(), daily_quota);
+        sharing.give_back(daily_lease, day.number(), daily_quota);
         give_back_rates();
     };
     if !monthly.try_charge(month, monthly_quota) {
         give_back_day();
         return over_month();
     }
-    if !sharing.take(&monthly.1, Bucket::ProjectMonth(project.id, environment), month.number(), monthly_quota) {
+    if !sharing.take(monthly_lease, Bucket::ProjectMonth(project.id, environment), month.number(), monthly_quota) {
         monthly.add(month, -1);
         give_back_day();
         return over_month();

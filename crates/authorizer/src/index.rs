@@ -2,22 +2,25 @@
 //! key's per-environment settings and every project's limits, with the rate and quota counters
 //! checks charge. Replaced whole by a snapshot, changed key by key by the events after it.
 //!
-//! It is laid out for a million keys in well under 300 bytes each: keys and projects live in
-//! slot vectors and are referred to by `u32` slots; identifiers are UUIDs (names are formatted
-//! only in answers); a credential is found by the first 128 bits of its SHA-256, which map to
-//! its key's slot and environment. Settings shared by an environment's credentials are stored
-//! once per key; the rare credential in a regeneration grace period lives in a side map, and so
-//! do IP allowlists.
+//! It is laid out for ten million keys in under 150 bytes each: keys and projects live in slot
+//! vectors and are referred to by `u32` slots; identifiers are UUIDs (names are formatted only
+//! in answers). A credential is known by the first 128 bits of its SHA-256, held once, in its
+//! key's record; the tables that find a credential or a key hold only a `u32` reference (5
+//! bytes a bucket with hashbrown's control byte) and compare against the record. Settings
+//! shared by an environment's credentials are stored once per key; a key's rate buckets and
+//! shared-limit leases exist only for a key with a rate limit or a daily quota. The rare
+//! credential in a regeneration grace period lives in a side map, and so do IP allowlists.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
 use std::net::IpAddr;
 
+use hashbrown::HashTable;
 use ipnet::IpNet;
 use keyshare_runtime::credential::Environment;
 use uuid::Uuid;
 
-use crate::limits::{Quota, Rate};
+use crate::limits::{Lease, Quota, Rate};
 
 /// A credential as the index knows it: the first 128 bits of its SHA-256. Finding another
 /// credential with the same 128 bits is a second-preimage search, so the prefix identifies it.
@@ -66,6 +69,18 @@ impl Hasher for PrefixHasher {
 
 type CredentialMap<V> = HashMap<CredentialId, V, BuildHasherDefault<PrefixHasher>>;
 
+/// The table hash of a credential id: its first eight bytes (see [`PrefixHasher`]).
+fn credential_hash(id: &CredentialId) -> u64 {
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&id[..8]);
+    u64::from_le_bytes(first)
+}
+
+/// The current credential a reference names: the id its key's record holds.
+fn current_of(keys: &[KeyRecord], reference: u32) -> &CredentialId {
+    &keys[(reference >> 1) as usize].current[(reference & 1) as usize]
+}
+
 /// Methods a credential may call, one bit each.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Methods(u8);
@@ -99,15 +114,11 @@ impl Methods {
     }
 }
 
-/// Settings of one environment of a key: 16 bytes.
+/// Settings of one environment of a key: 8 bytes. Its limits are in [`KeyLimits`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EnvSettings {
     flags: u8,
     pub methods: Methods,
-    /// Requests per second; 0 means none.
-    pub rate_limit: u32,
-    /// Calls per UTC day; 0 means none. (Quotas above `u32::MAX` a day are held as that.)
-    pub daily_quota: u32,
     /// Unix seconds after which the environment's credentials are expired; 0 means never.
     expire_at: u32,
 }
@@ -135,6 +146,36 @@ impl EnvSettings {
     }
 }
 
+/// A key's limits per environment (sandbox first), with the counters only a limit needs: held
+/// only by a key with a rate limit or a daily quota.
+#[derive(Debug, Default)]
+pub struct KeyLimits {
+    /// Requests per second; 0 means none.
+    pub rate_limit: [u32; 2],
+    /// Calls per UTC day; 0 means none. (Quotas above `u32::MAX` a day are held as that.)
+    pub daily_quota: [u32; 2],
+    /// Rate buckets.
+    pub rates: [Rate; 2],
+    /// This replica's share of the fleet's daily quota (with shared limits).
+    pub daily_leases: [Lease; 2],
+}
+
+impl KeyLimits {
+    fn is_unlimited(&self) -> bool {
+        self.rate_limit == [0; 2] && self.daily_quota == [0; 2]
+    }
+}
+
+/// No limit: what a key without a [`KeyLimits`] of its own reads. Nothing charges it (a limit
+/// of 0 touches no counter, and the shared-limits task finds no lease for such a key), so one
+/// shared value serves every such key.
+static NO_LIMITS: KeyLimits = KeyLimits {
+    rate_limit: [0; 2],
+    daily_quota: [0; 2],
+    rates: [Rate::new(), Rate::new()],
+    daily_leases: [Lease::new(), Lease::new()],
+};
+
 /// A key: its identity, its settings per environment and the counters checks charge.
 #[derive(Debug, Default)]
 pub struct KeyRecord {
@@ -142,12 +183,20 @@ pub struct KeyRecord {
     /// Slot of the key's project.
     project: u32,
     pub environments: [EnvSettings; 2],
-    /// The current credential of each environment (all zero: none), to remove it on change.
+    /// The current credential of each environment (all zero: none): what the credential table's
+    /// references point at.
     current: [CredentialId; 2],
-    /// Rate buckets per environment.
-    pub rates: [Rate; 2],
-    /// Calls charged to the daily quota, per environment.
+    /// Calls charged to the day, per environment: counted with or without a daily quota, so a
+    /// quota set later in the day sees the calls before it.
     pub daily: [Quota; 2],
+    limits: Option<Box<KeyLimits>>,
+}
+
+impl KeyRecord {
+    /// The key's limits and their counters, if it has any.
+    pub fn limits(&self) -> Option<&KeyLimits> {
+        self.limits.as_deref()
+    }
 }
 
 /// A project's limits for one environment.
@@ -165,6 +214,8 @@ pub struct ProjectRecord {
     pub rates: [Rate; 2],
     /// Calls charged to the monthly quota, per environment.
     pub monthly: [Quota; 2],
+    /// This replica's share of the fleet's monthly quota (with shared limits).
+    pub monthly_leases: [Lease; 2],
     keys: u32,
 }
 
@@ -209,6 +260,8 @@ pub struct Found<'a> {
     pub project: &'a ProjectRecord,
     pub environment: Environment,
     pub settings: &'a EnvSettings,
+    /// The key's limits (none at all, for a key without any).
+    pub limits: &'a KeyLimits,
     /// For a regenerated credential in its grace period: Unix seconds when it stops working.
     pub grace_end: Option<i64>,
     reference: u32,
@@ -233,21 +286,30 @@ fn place<T>(records: &mut Vec<T>, free: &mut Vec<u32>, record: T) -> u32 {
     }
 }
 
+/// Bytes of a hashbrown table of `u32` that holds `capacity` items: its buckets (7 in 8 used
+/// at most, a power of two) of 4 bytes and a control byte each.
+fn table_bytes(capacity: usize) -> usize {
+    if capacity == 0 { 0 } else { (capacity * 8).div_ceil(7).next_power_of_two() * 5 }
+}
+
 fn clamp_u32(value: i64) -> u32 {
     value.clamp(0, i64::from(u32::MAX)) as u32
 }
 
 #[derive(Debug, Default)]
 pub struct Index {
-    /// Current credentials → key slot and environment.
-    credentials: CredentialMap<u32>,
+    /// Current credentials, as references (key slot and environment) hashed by
+    /// [`credential_hash`] of the id the key's record holds.
+    credentials: HashTable<u32>,
     /// Regenerated credentials in their grace period → (key slot and environment, grace end).
     grace: CredentialMap<(u32, u32)>,
     /// Allowlists by key slot and environment, for environments that have one.
     allowlists: HashMap<u32, Box<[IpNet]>>,
     keys: Vec<KeyRecord>,
     free_keys: Vec<u32>,
-    key_slots: HashMap<Uuid, u32>,
+    /// Live keys, as slots hashed by `key_hasher` of the id their record holds.
+    key_slots: HashTable<u32>,
+    key_hasher: RandomState,
     projects: Vec<ProjectRecord>,
     free_projects: Vec<u32>,
     project_slots: HashMap<Uuid, u32>,
@@ -257,7 +319,8 @@ impl Index {
     /// Finds a credential by its SHA-256. Allocates nothing.
     pub fn lookup(&self, sha256: &[u8; 32]) -> Option<Found<'_>> {
         let id = credential_id(sha256);
-        let (reference, grace_end) = match self.credentials.get(&id) {
+        let current = self.credentials.find(credential_hash(&id), |&r| *current_of(&self.keys, r) == id);
+        let (reference, grace_end) = match current {
             Some(&reference) => (reference, None),
             None => self.grace.get(&id).map(|&(reference, end)| (reference, Some(i64::from(end))))?,
         };
@@ -268,6 +331,7 @@ impl Index {
             project: self.projects.get(key.project as usize)?,
             environment: environment_of(environment),
             settings: &key.environments[environment],
+            limits: key.limits().unwrap_or(&NO_LIMITS),
             grace_end,
             reference,
         })
@@ -292,8 +356,25 @@ impl Index {
         self.key_slots.len()
     }
 
+    fn key_slot(&self, id: Uuid) -> Option<u32> {
+        let keys = &self.keys;
+        self.key_slots.find(self.key_hasher.hash_one(id), |&slot| keys[slot as usize].id == id).copied()
+    }
+
     pub fn key(&self, id: Uuid) -> Option<&KeyRecord> {
-        self.key_slots.get(&id).map(|&slot| &self.keys[slot as usize])
+        self.key_slot(id).map(|slot| &self.keys[slot as usize])
+    }
+
+    /// Bytes the index holds for its keys and credentials, by the capacity of its vectors and
+    /// tables (what an allocator hands out, before its own overhead). Projects, allowlists and
+    /// grace credentials are left out: they are few.
+    pub fn key_bytes(&self) -> usize {
+        let limited = self.keys.iter().filter(|k| k.limits.is_some()).count();
+        self.keys.capacity() * std::mem::size_of::<KeyRecord>()
+            + limited * std::mem::size_of::<KeyLimits>()
+            + self.free_keys.capacity() * 4
+            + table_bytes(self.credentials.capacity())
+            + table_bytes(self.key_slots.capacity())
     }
 
     pub fn project(&self, id: Uuid) -> Option<&ProjectRecord> {
@@ -318,28 +399,30 @@ impl Index {
     /// that a changed rate limit starts a fresh bucket.
     pub fn upsert_key(&mut self, id: Uuid, project: Uuid, credentials: Vec<NewCredential>) {
         let project = self.project_slot(project);
-        let slot = match self.key_slots.get(&id) {
-            Some(&slot) => {
+        let slot = match self.key_slot(id) {
+            Some(slot) => {
                 self.forget_credentials(slot);
                 slot
             }
             None => {
                 let slot = place(&mut self.keys, &mut self.free_keys, KeyRecord { id, project, ..Default::default() });
-                self.key_slots.insert(id, slot);
+                let keys = &self.keys;
+                let hasher = &self.key_hasher;
+                self.key_slots.insert_unique(hasher.hash_one(id), slot, |&s| hasher.hash_one(keys[s as usize].id));
                 self.projects[project as usize].keys += 1;
                 slot
             }
         };
         let mut environments = [EnvSettings::default(); 2];
         let mut current = [[0; 16]; 2];
+        let (mut rate_limit, mut daily_quota) = ([0u32; 2], [0u32; 2]);
+        let mut graced = Vec::new();
         for credential in credentials {
             let environment = self::slot(credential.environment);
             let reference = reference(slot, environment);
             let mut settings = EnvSettings {
                 flags: EnvSettings::PRESENT,
                 methods: credential.methods,
-                rate_limit: clamp_u32(credential.rate_limit),
-                daily_quota: clamp_u32(credential.daily_quota),
                 expire_at: credential.expire_at.map_or(0, |at| clamp_u32(at).max(1)),
             };
             if credential.active {
@@ -350,39 +433,71 @@ impl Index {
                 self.allowlists.insert(reference, credential.allowlist.into_boxed_slice());
             }
             let credential_id = credential_id(&credential.sha256);
+            let current_one = credential.grace_end.is_none();
+            if current_one || !environments[environment].present() {
+                environments[environment] = settings;
+                rate_limit[environment] = clamp_u32(credential.rate_limit);
+                daily_quota[environment] = clamp_u32(credential.daily_quota);
+            }
             match credential.grace_end {
-                None => {
-                    current[environment] = credential_id;
-                    environments[environment] = settings;
-                    self.credentials.insert(credential_id, reference);
-                }
-                Some(end) => {
-                    if !environments[environment].present() {
-                        environments[environment] = settings;
-                    }
-                    self.grace.insert(credential_id, (reference, clamp_u32(end)));
-                }
+                None => current[environment] = credential_id,
+                Some(end) => graced.push((credential_id, (reference, clamp_u32(end)))),
             }
         }
         let record = &mut self.keys[slot as usize];
-        for (environment, settings) in environments.iter().enumerate() {
-            if record.environments[environment].rate_limit != settings.rate_limit {
-                record.rates[environment].reset();
-            }
-        }
         record.environments = environments;
         record.current = current;
+        let wanted = KeyLimits { rate_limit, daily_quota, ..KeyLimits::default() };
+        record.limits = match record.limits.take() {
+            _ if wanted.is_unlimited() => None,
+            None => Some(Box::new(wanted)),
+            Some(mut limits) => {
+                for ((rate, before), after) in limits.rates.iter().zip(limits.rate_limit).zip(rate_limit) {
+                    if before != after {
+                        rate.reset();
+                    }
+                }
+                limits.rate_limit = rate_limit;
+                limits.daily_quota = daily_quota;
+                Some(limits)
+            }
+        };
+        // The record names its current credentials before the table refers to them.
+        for (environment, id) in current.iter().enumerate() {
+            if *id != [0; 16] {
+                self.insert_credential(*id, reference(slot, environment));
+            }
+        }
+        self.grace.extend(graced);
     }
 
-    /// Removes a key's credentials and allowlists from the maps, keeping its record.
+    /// Points the credential table at `reference` for `id`, which the record `reference` names
+    /// already holds. Another key's reference for the same id is replaced (the last one written
+    /// wins, as keyring's unique credential hashes make moot).
+    fn insert_credential(&mut self, id: CredentialId, reference: u32) {
+        let keys = &self.keys;
+        let hash = |&r: &u32| credential_hash(current_of(keys, r));
+        match self.credentials.entry(credential_hash(&id), |&r| *current_of(keys, r) == id, hash) {
+            hashbrown::hash_table::Entry::Occupied(mut entry) => *entry.get_mut() = reference,
+            hashbrown::hash_table::Entry::Vacant(entry) => {
+                entry.insert(reference);
+            }
+        }
+    }
+
+    /// Removes a key's credentials and allowlists from the tables, keeping its record.
     fn forget_credentials(&mut self, slot: u32) {
         let record = &self.keys[slot as usize];
         for (environment, settings) in record.environments.iter().enumerate() {
-            if record.current[environment] != [0; 16] {
-                self.credentials.remove(&record.current[environment]);
+            let reference = reference(slot, environment);
+            let id = record.current[environment];
+            if id != [0; 16]
+                && let Ok(entry) = self.credentials.find_entry(credential_hash(&id), |&r| r == reference)
+            {
+                entry.remove();
             }
             if settings.has_allowlist() {
-                self.allowlists.remove(&reference(slot, environment));
+                self.allowlists.remove(&reference);
             }
         }
         // Grace credentials are few (only regenerations within their grace period): a scan is
@@ -391,8 +506,11 @@ impl Index {
     }
 
     pub fn remove_key(&mut self, id: Uuid) {
-        let Some(slot) = self.key_slots.remove(&id) else { return };
+        let Some(slot) = self.key_slot(id) else { return };
         self.forget_credentials(slot);
+        if let Ok(entry) = self.key_slots.find_entry(self.key_hasher.hash_one(id), |&s| s == slot) {
+            entry.remove();
+        }
         let project = self.keys[slot as usize].project as usize;
         self.keys[slot as usize] = KeyRecord::default();
         self.free_keys.push(slot);
@@ -432,15 +550,18 @@ impl Index {
     /// Carries rate and quota counters over from the index this one replaces, so a fresh
     /// snapshot does not hand out a new budget.
     pub fn carry_counters_from(&self, old: &Index) {
-        for (id, &slot) in &self.key_slots {
-            if let Some(previous) = old.key(*id) {
-                let record = &self.keys[slot as usize];
-                for environment in 0..2 {
-                    if record.environments[environment].rate_limit == previous.environments[environment].rate_limit {
-                        record.rates[environment].copy_from(&previous.rates[environment]);
-                    }
-                    record.daily[environment].copy_from(&previous.daily[environment]);
+        for &slot in self.key_slots.iter() {
+            let record = &self.keys[slot as usize];
+            let Some(previous) = old.key(record.id) else { continue };
+            for environment in 0..2 {
+                record.daily[environment].copy_from(&previous.daily[environment]);
+            }
+            let (Some(limits), Some(before)) = (record.limits(), previous.limits()) else { continue };
+            for environment in 0..2 {
+                if limits.rate_limit[environment] == before.rate_limit[environment] {
+                    limits.rates[environment].copy_from(&before.rates[environment]);
                 }
+                limits.daily_leases[environment].copy_from(&before.daily_leases[environment]);
             }
         }
         for (id, &slot) in &self.project_slots {
@@ -451,6 +572,7 @@ impl Index {
                         record.rates[environment].copy_from(&previous.rates[environment]);
                     }
                     record.monthly[environment].copy_from(&previous.monthly[environment]);
+                    record.monthly_leases[environment].copy_from(&previous.monthly_leases[environment]);
                 }
             }
         }
@@ -511,8 +633,84 @@ mod tests {
 
     #[test]
     fn compact_records() {
-        assert_eq!(std::mem::size_of::<EnvSettings>(), 16);
-        // 120 bytes, plus 16 per rate bucket and quota for the leases of shared limits.
-        assert!(std::mem::size_of::<KeyRecord>() <= 184, "{}", std::mem::size_of::<KeyRecord>());
+        assert_eq!(std::mem::size_of::<EnvSettings>(), 8);
+        // id 16, project 4, settings 16, current credentials 32, day counts 16, limits 8.
+        assert_eq!(std::mem::size_of::<KeyRecord>(), 96);
+    }
+
+    #[test]
+    fn limits_are_held_only_by_keys_that_have_them() {
+        let (project, key) = (Uuid::now_v7(), Uuid::now_v7());
+        let mut index = Index::default();
+        index.upsert_key(key, project, vec![credential(1, Environment::Production)]);
+        assert!(index.key(key).unwrap().limits().is_none());
+        let found = index.lookup(&[1; 32]).unwrap();
+        assert_eq!((found.limits.rate_limit, found.limits.daily_quota), ([0; 2], [0; 2]));
+        // The day's count is kept without a quota, and stays when one is set.
+        assert!(found.key.daily[1].try_charge(crate::limits::Period::day(0), 0));
+
+        let limited = NewCredential { rate_limit: 5, daily_quota: 7, ..credential(1, Environment::Production) };
+        index.upsert_key(key, project, vec![limited.clone()]);
+        let found = index.lookup(&[1; 32]).unwrap();
+        assert_eq!((found.limits.rate_limit, found.limits.daily_quota), ([0, 5], [0, 7]));
+        assert_eq!(found.key.daily[1].used(crate::limits::Period::day(0)), 1);
+        // A rate bucket in use keeps its state while the rate stays, and starts afresh when it
+        // changes.
+        let now = 1_000_000_000;
+        assert!((0..5).all(|_| found.limits.rates[1].take(now, 5).is_ok()));
+        index.upsert_key(key, project, vec![limited.clone()]);
+        assert!(index.lookup(&[1; 32]).unwrap().limits.rates[1].take(now, 5).is_err());
+        index.upsert_key(key, project, vec![NewCredential { rate_limit: 6, ..limited }]);
+        assert!(index.lookup(&[1; 32]).unwrap().limits.rates[1].take(now, 6).is_ok());
+
+        index.upsert_key(key, project, vec![credential(1, Environment::Production)]);
+        assert!(index.key(key).unwrap().limits().is_none());
+    }
+
+    #[test]
+    fn tables_find_every_key_and_credential_after_growing_and_shrinking() {
+        let project = Uuid::now_v7();
+        let mut index = Index::default();
+        let ids: Vec<Uuid> = (0..5_000).map(|_| Uuid::new_v4()).collect();
+        let sha = |n: usize, env: u8| {
+            let mut sha = [env; 32];
+            sha[..8].copy_from_slice(&(n as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15).to_le_bytes());
+            sha
+        };
+        for (n, id) in ids.iter().enumerate() {
+            index.upsert_key(
+                *id,
+                project,
+                vec![
+                    NewCredential::unrestricted(sha(n, 1), Environment::Sandbox),
+                    NewCredential::unrestricted(sha(n, 2), Environment::Production),
+                ],
+            );
+        }
+        for (n, id) in ids.iter().enumerate().filter(|(n, _)| n % 2 == 0) {
+            if n % 4 == 0 {
+                index.remove_key(*id);
+            } else {
+                // Regenerated: new credentials replace the old ones.
+                index.upsert_key(
+                    *id,
+                    project,
+                    vec![NewCredential::unrestricted(sha(n + 100_000, 2), Environment::Production)],
+                );
+            }
+        }
+        for (n, id) in ids.iter().enumerate() {
+            let found = |sha: [u8; 32]| index.lookup(&sha).map(|f| f.key.id);
+            match n % 4 {
+                0 => assert!(index.key(*id).is_none() && found(sha(n, 1)).is_none() && found(sha(n, 2)).is_none()),
+                2 => {
+                    assert_eq!(found(sha(n + 100_000, 2)), Some(*id));
+                    assert!(found(sha(n, 1)).is_none() && found(sha(n, 2)).is_none());
+                }
+                _ => assert!(found(sha(n, 1)) == Some(*id) && found(sha(n, 2)) == Some(*id)),
+            }
+        }
+        assert_eq!(index.keys(), 3_750);
+        assert_eq!(index.credentials(), 2 * 2_500 + 1_250);
     }
 }

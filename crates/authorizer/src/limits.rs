@@ -4,7 +4,7 @@
 //!   arrival time. A limit of N per second admits bursts of N.
 //! - Quotas (a key's calls per UTC day, a project's per UTC month) as a counter tagged with its
 //!   period: a counter from an earlier period reads as zero, so periods roll over without a task.
-//! - With limits shared across replicas ([`Sharing`]), every bucket and quota also holds a
+//! - With limits shared across replicas ([`Sharing`]), every bucket and quota also has a
 //!   [`Lease`]: the part of the fleet's budget for the current window (a second, a day, a month)
 //!   that this replica may spend without asking anyone. `shared_limits` reserves leases in the
 //!   shared store in the background; a check only counts down an atomic.
@@ -26,6 +26,11 @@ pub struct Rate {
 }
 
 impl Rate {
+    /// A bucket nobody has used.
+    pub const fn new() -> Self {
+        Self { tat: AtomicI64::new(0), lease: Lease::new() }
+    }
+
     /// Takes one request at `now` under a limit of `per_second`; on refusal, the nanoseconds
     /// until one would be admitted. A limit of 0 means none.
     pub fn take(&self, now: i64, per_second: i64) -> Result<(), i64> {
@@ -143,9 +148,10 @@ impl Period {
 }
 
 /// Calls charged to one quota in one period: the period in the top 16 bits, the count in the
-/// other 48; and this replica's share of the fleet's remaining budget for the period.
+/// other 48. (With shared limits, this replica's share of the fleet's remaining budget for the
+/// period is a [`Lease`] kept beside it.)
 #[derive(Debug, Default)]
-pub struct Quota(AtomicU64, pub Lease);
+pub struct Quota(AtomicU64);
 
 impl Quota {
     fn unpack(value: u64, period: Period) -> u64 {
@@ -203,7 +209,6 @@ impl Quota {
     /// Copies another counter's value (the same quota in a freshly loaded index).
     pub fn copy_from(&self, other: &Quota) {
         self.0.store(other.0.load(Ordering::Relaxed), Ordering::Relaxed);
-        self.1.copy_from(&other.1);
     }
 }
 
@@ -358,6 +363,11 @@ pub struct Lease {
 }
 
 impl Lease {
+    /// No lease held and none leased ahead.
+    pub const fn new() -> Self {
+        Self { current: AtomicU64::new(0), next: AtomicU64::new(0) }
+    }
+
     fn unpack(value: u64) -> (u64, u64, bool, u64) {
         (value >> TAG_SHIFT, (value >> OPENED_SHIFT) & OPENED_MAX, value & WANTED != 0, value & LEFT_MAX)
     }
@@ -453,7 +463,7 @@ impl Lease {
         self.next.store((tag(window) << TAG_SHIFT) | calls.min(LEFT_MAX), Ordering::Release);
     }
 
-    fn copy_from(&self, other: &Lease) {
+    pub fn copy_from(&self, other: &Lease) {
         self.current.store(other.current.load(Ordering::Acquire), Ordering::Release);
         self.next.store(other.next.load(Ordering::Acquire), Ordering::Release);
     }

@@ -158,9 +158,10 @@ fn resolve<'a>(index: &'a Index, bucket: &Bucket, now: i64) -> Option<(&'a Lease
     let seconds = now.div_euclid(1_000_000_000);
     Some(match *bucket {
         Bucket::KeyRate(id, env) => {
-            let record = index.key(id)?;
+            // A key without limits of its own has no lease: nothing to share.
+            let limits = index.key(id)?.limits()?;
             let env = usize::from(env).min(1);
-            (&record.rates[env].lease, i64::from(record.environments[env].rate_limit), second as u32, true)
+            (&limits.rates[env].lease, i64::from(limits.rate_limit[env]), second as u32, true)
         }
         Bucket::ProjectRate(id, env) => {
             let record = index.project(id)?;
@@ -168,19 +169,14 @@ fn resolve<'a>(index: &'a Index, bucket: &Bucket, now: i64) -> Option<(&'a Lease
             (&record.rates[env].lease, record.limits[env].rate_limit, second as u32, true)
         }
         Bucket::KeyDay(id, env) => {
-            let record = index.key(id)?;
+            let limits = index.key(id)?.limits()?;
             let env = usize::from(env).min(1);
-            (
-                &record.daily[env].1,
-                i64::from(record.environments[env].daily_quota),
-                Period::day(seconds).number(),
-                false,
-            )
+            (&limits.daily_leases[env], i64::from(limits.daily_quota[env]), Period::day(seconds).number(), false)
         }
         Bucket::ProjectMonth(id, env) => {
             let record = index.project(id)?;
             let env = usize::from(env).min(1);
-            (&record.monthly[env].1, record.limits[env].monthly_quota, Period::month(seconds).number(), false)
+            (&record.monthly_leases[env], record.limits[env].monthly_quota, Period::month(seconds).number(), false)
         }
     })
 }
