@@ -162,6 +162,7 @@ async fn follow_once(
                     shared.sequence.store(message.sequence, Ordering::Release);
                     tracing::info!(sequence = message.sequence, credentials, "snapshot loaded");
                     if !shared.loaded.swap(true, Ordering::AcqRel) {
+                        shared.loaded_notify.notify_one();
                         spawn_ready_after_restore(shared.clone(), readiness.clone());
                     }
                 }

@@ -19,6 +19,8 @@ pub struct Shared {
     pub connected: AtomicBool,
     /// Whether a first snapshot has been loaded.
     pub loaded: AtomicBool,
+    /// Told once the first snapshot is loaded (a permit waits if nobody is listening yet).
+    pub loaded_notify: tokio::sync::Notify,
     /// Whether the quota counts stored in the database have been added to the index.
     pub quotas_restored: AtomicBool,
     pub quotas_restored_notify: tokio::sync::Notify,

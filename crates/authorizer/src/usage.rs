@@ -391,8 +391,15 @@ impl Writer {
         let mut drain = tokio::time::interval(DRAIN_INTERVAL.min(self.config.flush_interval));
         drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut records = Vec::with_capacity(RECEIVE_BULK);
+        let shared = self.shared.clone();
         loop {
             tokio::select! {
+                // Readiness waits for the stored quota counts: restore them as soon as the
+                // first snapshot is in, not at the next flush.
+                () = shared.loaded_notify.notified(), if !self.restored => {
+                    self.drain(&mut records);
+                    self.flush().await;
+                }
                 _ = drain.tick() => {
                     if !self.drain(&mut records) {
                         break;
