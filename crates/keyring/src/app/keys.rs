@@ -1,0 +1,309 @@
+//! Keys and their credentials: create, get, list (a project's, and those shared with the
+//! caller), update, environment settings, reveal, regenerate and delete.
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::Transaction;
+use keyshare_runtime::credential::Credential;
+use keyshare_runtime::crypto::Sealed;
+use keyshare_runtime::page::{self, PageRequest};
+use uuid::Uuid;
+
+use super::{CreatedKey, Ctx, EnvironmentChange, Keyring};
+use crate::domain::{
+    Environment, InvitationSummary, Key, KeyAccess, KeyAction, KeyEnvironment, KeyRef, KeyRole, Page, Permissions,
+    ProjectRole,
+};
+use crate::error::{Error, Result};
+use crate::feed::{self, FeedEvent};
+use crate::store;
+
+impl Keyring {
+    pub async fn create_key(
+        &self,
+        ctx: &Ctx,
+        project: Uuid,
+        display_name: String,
+        description: String,
+        permissions: Permissions,
+        request_id: Option<String>,
+    ) -> Result<CreatedKey> {
+        let account = ctx.account()?;
+        self.project_access(account, project, false).await?;
+        if let Some(request_id) = &request_id {
+            let client = self.pool.get().await?;
+            if let Some(existing) = store::key_by_request(&client, account, request_id).await? {
+                drop(client);
+                return self.created_again(ctx, existing).await;
+            }
+        }
+        let now = self.now();
+        let key = KeyRef { project, key: Uuid::now_v7() };
+        let sandbox = Credential::generate(Environment::Sandbox);
+        let production = Credential::generate(Environment::Production);
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let new_key = store::NewKey {
+            key,
+            display_name: &display_name,
+            description: &description,
+            created_by: account,
+            request_id: request_id.as_deref(),
+            now,
+        };
+        if let Err(e) = store::insert_key(&tx, &new_key).await {
+            return Err(match e.unique_violation() {
+                Some("keys_name_unique") => Error::KeyNameTaken,
+                // A concurrent retry with the same request id won the race: answer as it did.
+                Some("keys_request") => {
+                    drop(tx);
+                    drop(client);
+                    let client = self.pool.get().await?;
+                    let existing = store::key_by_request(&client, account, request_id.as_deref().unwrap_or_default())
+                        .await?
+                        .ok_or(Error::Internal("request id conflict without a key".into()))?;
+                    drop(client);
+                    return self.created_again(ctx, existing).await;
+                }
+                _ => e.into(),
+            });
+        }
+        for (env, credential) in [(Environment::Sandbox, &sandbox), (Environment::Production, &production)] {
+            store::insert_environment(&tx, key.key, env, permissions).await?;
+            self.insert_credential(&tx, key.key, credential, now).await?;
+        }
+        store::insert_key_member(&tx, key.key, account, KeyRole::Owner, now).await?;
+        self.audit(&tx, ctx, project, Some(key.key), "key.create", &key.name()).await?;
+        feed::record_key(&tx, key, now).await?;
+        tx.commit().await?;
+        let key = self.load(key, Some(KeyRole::Owner)).await?;
+        Ok(CreatedKey { key, sandbox: sandbox.expose().to_owned(), production: production.expose().to_owned() })
+    }
+
+    /// The answer to a retried CreateKey: the same key and its current credentials.
+    async fn created_again(&self, ctx: &Ctx, key: KeyRef) -> Result<CreatedKey> {
+        let sandbox = self.reveal(ctx, key, Environment::Sandbox).await?;
+        let production = self.reveal(ctx, key, Environment::Production).await?;
+        let account = ctx.account()?;
+        let client = self.pool.get().await?;
+        let role = store::key_role(&client, key.key, account).await?;
+        drop(client);
+        Ok(CreatedKey { key: self.load(key, role).await?, sandbox, production })
+    }
+
+    async fn insert_credential(
+        &self,
+        tx: &Transaction<'_>,
+        key: Uuid,
+        credential: &Credential,
+        now: DateTime<Utc>,
+    ) -> Result<()> {
+        let id = Uuid::now_v7();
+        // The sealed copy is bound to its row: it cannot be moved to another credential.
+        let sealed = self.sealer.seal(credential.expose().as_bytes(), id.as_bytes());
+        let hint = credential.hint();
+        store::insert_credential(
+            tx,
+            &store::NewCredential {
+                id,
+                key,
+                environment: credential.environment(),
+                sha256: &credential.hash(),
+                sealed: &sealed.blob,
+                kek_id: &sealed.key_id,
+                prefix: hint.prefix,
+                last_four: &hint.last_four,
+                now,
+            },
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn load(&self, key: KeyRef, caller_role: Option<KeyRole>) -> Result<Key> {
+        let client = self.pool.get().await?;
+        let key = store::load_key(&client, key, self.now()).await?.ok_or(Error::NotFound("key"))?;
+        Ok(Key { caller_role, ..key })
+    }
+
+    pub async fn get_key(&self, ctx: &Ctx, key: KeyRef) -> Result<Key> {
+        let access = self.key_access(ctx.account()?, key, KeyAction::See).await?;
+        self.load(key, access.key_role).await
+    }
+
+    pub async fn list_keys(&self, ctx: &Ctx, project: Uuid, page: PageRequest) -> Result<Page<Key>> {
+        let account = ctx.account()?;
+        let client = self.pool.get().await?;
+        let p = store::project(&client, project).await?.ok_or(Error::NotFound("project"))?;
+        let project_role = store::project_role(&client, project, account).await?;
+        let key_member = project_role.is_none() && store::has_key_role_in(&client, project, account).await?;
+        drop(client);
+        let manager = project_role == Some(ProjectRole::Owner) || self.is_org_owner(p.organization_id, account).await?;
+        // Decided before the page token is looked at, so no token can tell an outsider whether
+        // the project exists.
+        if !manager && project_role.is_none() && !key_member {
+            return Err(Error::NotFound("project"));
+        }
+        let after = page.after.as_deref().map(page::parse_time_id_cursor).transpose()?;
+        let client = self.pool.get().await?;
+        let member = if manager { None } else { Some(account) };
+        let mut rows = store::project_keys(&client, project, member, after, page.size as i64 + 1).await?;
+        drop(client);
+        let scope = format!("projects/{project}/keys");
+        let next_page_token =
+            page::next_token(&mut rows, page.size, &scope, |(k, _, at)| page::time_id_cursor(*at, k.key));
+        // Invitation counts are sharing information: only for those who may see who a key is
+        // shared with (its owner and admins, project and organization owners), never contributors.
+        let sees_sharing = |role: Option<KeyRole>| {
+            KeyAccess { key_role: role, project_owner: manager, org_owner: false }.allows(KeyAction::Manage)
+        };
+        let shown: Vec<String> =
+            rows.iter().filter(|(_, role, _)| sees_sharing(*role)).map(|(key, _, _)| key.name()).collect();
+        let counts = self.invitations.counts(shown).await;
+        let mut items = Vec::with_capacity(rows.len());
+        for (key, role, _) in rows {
+            let mut loaded = self.load(key, role).await?;
+            loaded.invitations = match &counts {
+                _ if !sees_sharing(role) => InvitationSummary::Hidden,
+                Some(counts) => InvitationSummary::Counts(counts.get(&key.name()).copied().unwrap_or_default()),
+                None => InvitationSummary::Unknown,
+            };
+            items.push(loaded);
+        }
+        Ok(Page { items, next_page_token })
+    }
+
+    pub async fn update_key(
+        &self,
+        ctx: &Ctx,
+        key: KeyRef,
+        display_name: Option<String>,
+        description: Option<String>,
+        etag: Option<i64>,
+    ) -> Result<Key> {
+        let access = self.key_access(ctx.account()?, key, KeyAction::Manage).await?;
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let row = store::key_row(&tx, key, true).await?.ok_or(Error::NotFound("key"))?;
+        if etag.is_some_and(|etag| etag != row.version) {
+            return Err(Error::EtagMismatch { field: "etag" });
+        }
+        let name = display_name.unwrap_or(row.display_name);
+        let description = description.unwrap_or(row.description);
+        store::update_key_text(&tx, key.key, &name, &description)
+            .await
+            .map_err(|e| if e.unique_violation().is_some() { Error::KeyNameTaken } else { e.into() })?;
+        store::touch_key(&tx, key.key, self.now()).await?;
+        self.audit(&tx, ctx, key.project, Some(key.key), "key.update", &key.name()).await?;
+        tx.commit().await?;
+        self.load(key, access.key_role).await
+    }
+
+    pub async fn update_environment(
+        &self,
+        ctx: &Ctx,
+        key: KeyRef,
+        environment: Environment,
+        change: EnvironmentChange,
+        etag: Option<i64>,
+    ) -> Result<Key> {
+        let access = self.key_access(ctx.account()?, key, KeyAction::Manage).await?;
+        let now = self.now();
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let row = store::key_row(&tx, key, true).await?.ok_or(Error::NotFound("key"))?;
+        if etag.is_some_and(|etag| etag != row.version) {
+            return Err(Error::EtagMismatch { field: "etag" });
+        }
+        let current = store::load_key(&tx, key, now).await?.ok_or(Error::NotFound("key"))?;
+        let mut env: KeyEnvironment =
+            if environment == Environment::Sandbox { current.sandbox } else { current.production };
+        env.active = change.active.unwrap_or(env.active);
+        env.permissions = change.permissions.unwrap_or(env.permissions);
+        env.rate_limit = change.rate_limit.unwrap_or(env.rate_limit);
+        env.daily_quota = change.daily_quota.unwrap_or(env.daily_quota);
+        env.ip_allowlist = change.ip_allowlist.unwrap_or(env.ip_allowlist);
+        env.expire_at = change.expire_at.unwrap_or(env.expire_at);
+        store::update_environment(&tx, key.key, &env).await?;
+        store::touch_key(&tx, key.key, now).await?;
+        let target = format!("{}/environments/{}", key.name(), environment.as_str());
+        self.audit(&tx, ctx, key.project, Some(key.key), "key_environment.update", &target).await?;
+        feed::record_key(&tx, key, now).await?;
+        tx.commit().await?;
+        self.load(key, access.key_role).await
+    }
+
+    pub async fn reveal(&self, ctx: &Ctx, key: KeyRef, environment: Environment) -> Result<String> {
+        self.key_access(ctx.account()?, key, KeyAction::See).await?;
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let (id, blob, kek_id) = store::current_sealed(&tx, key.key, environment).await?.ok_or(Error::NoCredential)?;
+        let plaintext = self
+            .sealer
+            .open(&Sealed { key_id: kek_id, blob }, id.as_bytes())
+            .map_err(|e| Error::Internal(format!("opening credential {id}: {e}")))?;
+        let plaintext =
+            String::from_utf8(plaintext).map_err(|_| Error::Internal(format!("credential {id} is not text")))?;
+        let target = format!("{}/environments/{}", key.name(), environment.as_str());
+        self.audit(&tx, ctx, key.project, Some(key.key), "credential.reveal", &target).await?;
+        tx.commit().await?;
+        Ok(plaintext)
+    }
+
+    pub async fn regenerate(
+        &self,
+        ctx: &Ctx,
+        key: KeyRef,
+        environment: Environment,
+        grace: chrono::Duration,
+    ) -> Result<(String, Key)> {
+        let access = self.key_access(ctx.account()?, key, KeyAction::Manage).await?;
+        let now = self.now();
+        let credential = Credential::generate(environment);
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        store::key_row(&tx, key, true).await?.ok_or(Error::NotFound("key"))?;
+        store::retire_current(&tx, key.key, environment, now, now + grace).await?;
+        self.insert_credential(&tx, key.key, &credential, now).await?;
+        store::touch_key(&tx, key.key, now).await?;
+        let target = format!("{}/environments/{}", key.name(), environment.as_str());
+        self.audit(&tx, ctx, key.project, Some(key.key), "credential.regenerate", &target).await?;
+        feed::record_key(&tx, key, now).await?;
+        tx.commit().await?;
+        Ok((credential.expose().to_owned(), self.load(key, access.key_role).await?))
+    }
+
+    pub async fn delete_key(&self, ctx: &Ctx, key: KeyRef, etag: Option<i64>) -> Result<()> {
+        self.key_access(ctx.account()?, key, KeyAction::Delete).await?;
+        let now = self.now();
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let row = store::key_row(&tx, key, true).await?.ok_or(Error::NotFound("key"))?;
+        if etag.is_some_and(|etag| etag != row.version) {
+            return Err(Error::EtagMismatch { field: "etag" });
+        }
+        store::delete_key(&tx, key.key, now).await?;
+        // Invitations live in the invitation service: revoke them after commit, with retries.
+        store::queue_call(&tx, "revoke_invitations", &key.name()).await?;
+        self.audit(&tx, ctx, key.project, Some(key.key), "key.delete", &key.name()).await?;
+        feed::record(&tx, &FeedEvent::KeyRemoved { project: key.project, key: key.key }).await?;
+        tx.commit().await?;
+        self.invitations.run_now(&self.pool).await;
+        Ok(())
+    }
+
+    pub async fn shared_keys(&self, ctx: &Ctx, page: PageRequest) -> Result<Page<(Key, KeyRole)>> {
+        let account = ctx.account()?;
+        let after = page.after.as_deref().map(page::parse_time_id_cursor).transpose()?;
+        let client = self.pool.get().await?;
+        let mut rows = store::shared_keys(&client, account, after, page.size as i64 + 1).await?;
+        drop(client);
+        let scope = format!("sharedKeys:{account}");
+        let next_page_token =
+            page::next_token(&mut rows, page.size, &scope, |(k, _, at)| page::time_id_cursor(*at, k.key));
+        let mut items = Vec::with_capacity(rows.len());
+        for (key, role, _) in rows {
+            items.push((self.load(key, Some(role)).await?, role));
+        }
+        Ok(Page { items, next_page_token })
+    }
+}
