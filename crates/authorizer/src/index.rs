@@ -416,7 +416,6 @@ impl Index {
         let mut environments = [EnvSettings::default(); 2];
         let mut current = [[0; 16]; 2];
         let (mut rate_limit, mut daily_quota) = ([0u32; 2], [0u32; 2]);
-        let mut graced = Vec::new();
         for credential in credentials {
             let environment = self::slot(credential.environment);
             let reference = reference(slot, environment);
@@ -433,15 +432,16 @@ impl Index {
                 self.allowlists.insert(reference, credential.allowlist.into_boxed_slice());
             }
             let credential_id = credential_id(&credential.sha256);
-            let current_one = credential.grace_end.is_none();
-            if current_one || !environments[environment].present() {
+            if credential.grace_end.is_none() || !environments[environment].present() {
                 environments[environment] = settings;
                 rate_limit[environment] = clamp_u32(credential.rate_limit);
                 daily_quota[environment] = clamp_u32(credential.daily_quota);
             }
             match credential.grace_end {
                 None => current[environment] = credential_id,
-                Some(end) => graced.push((credential_id, (reference, clamp_u32(end)))),
+                Some(end) => {
+                    self.grace.insert(credential_id, (reference, clamp_u32(end)));
+                }
             }
         }
         let record = &mut self.keys[slot as usize];
@@ -468,7 +468,6 @@ impl Index {
                 self.insert_credential(*id, reference(slot, environment));
             }
         }
-        self.grace.extend(graced);
     }
 
     /// Points the credential table at `reference` for `id`, which the record `reference` names
