@@ -151,7 +151,9 @@ async fn follow_once(
     while let Some(message) = stream.message().await.map_err(|s| format!("WatchKeys stream: {:?}", s.code()))? {
         let Some(event) = message.event else { continue };
         match event {
-            Event::SnapshotStart(_) => building = Some(Index::default()),
+            Event::SnapshotStart(start) => {
+                building = Some(Index::with_capacity(usize::try_from(start.estimated_key_count).unwrap_or(0)));
+            }
             Event::SnapshotEnd(_) => {
                 if let Some(index) = building.take() {
                     let credentials = index.credentials();

@@ -315,7 +315,22 @@ pub struct Index {
     project_slots: HashMap<Uuid, u32>,
 }
 
+/// The most keys [`Index::with_capacity`] sizes for up front; past it the tables grow as keys come.
+const MAX_PRESIZED_KEYS: usize = 50_000_000;
+
 impl Index {
+    /// An empty index with room for about `keys` keys and their two credentials each, so that
+    /// loading a snapshot of that size never rehashes its tables nor moves its records.
+    pub fn with_capacity(keys: usize) -> Index {
+        let keys = keys.min(MAX_PRESIZED_KEYS);
+        Index {
+            credentials: HashTable::with_capacity(2 * keys),
+            keys: Vec::with_capacity(keys),
+            key_slots: HashTable::with_capacity(keys),
+            ..Index::default()
+        }
+    }
+
     /// Finds a credential by its SHA-256. Allocates nothing.
     pub fn lookup(&self, sha256: &[u8; 32]) -> Option<Found<'_>> {
         let id = credential_id(sha256);
@@ -549,18 +564,21 @@ impl Index {
     /// Carries rate and quota counters over from the index this one replaces, so a fresh
     /// snapshot does not hand out a new budget.
     pub fn carry_counters_from(&self, old: &Index) {
-        for &slot in self.key_slots.iter() {
-            let record = &self.keys[slot as usize];
-            let Some(previous) = old.key(record.id) else { continue };
-            for environment in 0..2 {
-                record.daily[environment].copy_from(&previous.daily[environment]);
-            }
-            let (Some(limits), Some(before)) = (record.limits(), previous.limits()) else { continue };
-            for environment in 0..2 {
-                if limits.rate_limit[environment] == before.rate_limit[environment] {
-                    limits.rates[environment].copy_from(&before.rates[environment]);
+        // A first snapshot has nothing to carry: skip a million lookups that would find nothing.
+        if !old.key_slots.is_empty() {
+            for &slot in self.key_slots.iter() {
+                let record = &self.keys[slot as usize];
+                let Some(previous) = old.key(record.id) else { continue };
+                for environment in 0..2 {
+                    record.daily[environment].copy_from(&previous.daily[environment]);
                 }
-                limits.daily_leases[environment].copy_from(&before.daily_leases[environment]);
+                let (Some(limits), Some(before)) = (record.limits(), previous.limits()) else { continue };
+                for environment in 0..2 {
+                    if limits.rate_limit[environment] == before.rate_limit[environment] {
+                        limits.rates[environment].copy_from(&before.rates[environment]);
+                    }
+                    limits.daily_leases[environment].copy_from(&before.daily_leases[environment]);
+                }
             }
         }
         for (id, &slot) in &self.project_slots {
@@ -664,6 +682,34 @@ mod tests {
 
         index.upsert_key(key, project, vec![credential(1, Environment::Production)]);
         assert!(index.key(key).unwrap().limits().is_none());
+    }
+
+    #[test]
+    fn an_index_sized_for_a_snapshot_loads_it_without_growing() {
+        let project = Uuid::now_v7();
+        let mut index = Index::with_capacity(3_000);
+        let sized = index.key_bytes();
+        assert!(sized > 3_000 * std::mem::size_of::<KeyRecord>(), "room for the records: {sized} B");
+        for n in 0u64..3_000 {
+            let mut sandbox = [1; 32];
+            sandbox[..8].copy_from_slice(&n.to_le_bytes());
+            let mut production = [2; 32];
+            production[..8].copy_from_slice(&n.to_le_bytes());
+            index.upsert_key(
+                Uuid::new_v4(),
+                project,
+                vec![
+                    NewCredential::unrestricted(sandbox, Environment::Sandbox),
+                    NewCredential::unrestricted(production, Environment::Production),
+                ],
+            );
+        }
+        assert_eq!((index.keys(), index.credentials()), (3_000, 6_000));
+        assert_eq!(index.key_bytes(), sized, "the tables and the records grew");
+        assert!(index.lookup(&[2; 32]).is_none());
+        let mut last = [2; 32];
+        last[..8].copy_from_slice(&2_999u64.to_le_bytes());
+        assert!(index.lookup(&last).is_some());
     }
 
     #[test]

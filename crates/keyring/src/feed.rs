@@ -24,8 +24,9 @@ const CHANNEL: &str = "keyring_changes";
 /// One credential as the authorizer needs it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CredentialState {
-    /// SHA-256 of the credential, hex.
-    pub sha256: String,
+    /// SHA-256 of the credential (hex in the feed's JSON).
+    #[serde(with = "const_hex::serde::no_prefix")]
+    pub sha256: Vec<u8>,
     /// `sandbox` or `production`.
     pub environment: String,
     pub active: bool,
@@ -66,13 +67,23 @@ pub enum FeedEvent {
 /// What a watcher receives.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum FeedMessage {
-    SnapshotStart { sequence: i64 },
-    Event { sequence: i64, event: FeedEvent },
-    SnapshotEnd { sequence: i64 },
+    /// `keys` is about how many keys follow (the table statistics' estimate; 0 when unknown).
+    SnapshotStart {
+        sequence: i64,
+        keys: i64,
+    },
+    Event {
+        sequence: i64,
+        event: FeedEvent,
+    },
+    SnapshotEnd {
+        sequence: i64,
+    },
 }
 
 /// Records `event` in the caller's transaction. Call it last, just before commit: it holds the
-/// feed lock until the transaction ends.
+/// feed lock until the transaction ends. A trigger on the feed replaces (or removes) the key's
+/// row in `feed_keys`, which snapshots read.
 pub async fn record(tx: &impl GenericClient, event: &FeedEvent) -> Result<i64, DbError> {
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&advisory_key("keyring.changes")]).await?;
     let seq: i64 = tx.query_one("SELECT nextval('keyring.change_seq')", &[]).await?.get(0);
@@ -108,9 +119,8 @@ const CREDENTIAL_STATE_SQL: &str = "
     WHERE (c.retired_at IS NULL OR c.retired_at > $1)";
 
 fn credential_state(row: &tokio_postgres::Row) -> CredentialState {
-    let sha: Vec<u8> = row.get(2);
     CredentialState {
-        sha256: hex(&sha),
+        sha256: row.get(2),
         environment: row.get(3),
         active: row.get(4),
         permissions: Permissions { create: row.get(5), read: row.get(6), update: row.get(7), delete: row.get(8) },
@@ -157,14 +167,6 @@ async fn project_state(c: &impl GenericClient, project: Option<Uuid>) -> Result<
             production: ProjectLimits { rate_limit: r.get(3), monthly_quota: r.get(4) },
         })
         .collect())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut out, b| {
-        let _ = write!(out, "{b:02x}");
-        out
-    })
 }
 
 /// Streams the feed to one watcher: a snapshot when `after` is 0 or no longer retained, then
@@ -246,15 +248,16 @@ async fn send_snapshot(
         .read_only(true)
         .start()
         .await?;
-    // A million keys are one big sort: in memory, not in temporary files of the default 4 MB
-    // work_mem, and without the seconds JIT compilation would spend on a query run once.
-    tx.batch_execute("SET LOCAL work_mem = '256MB'; SET LOCAL jit = off").await?;
     // Within one repeatable-read snapshot: every change up to this sequence is visible, and
     // none after it (writers commit in sequence order).
     let sequence: i64 = tx.query_one("SELECT coalesce(max(seq), 0) FROM keyring.changes", &[]).await?.get(0);
     let pruned: i64 = tx.query_one("SELECT pruned_through FROM keyring.feed_state", &[]).await?.get(0);
     let sequence = sequence.max(pruned);
-    if out.send(Ok(FeedMessage::SnapshotStart { sequence })).await.is_err() {
+    let keys: i64 = tx
+        .query_one("SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid = 'keyring.feed_keys'::regclass", &[])
+        .await?
+        .get(0);
+    if out.send(Ok(FeedMessage::SnapshotStart { sequence, keys })).await.is_err() {
         return Ok(sequence);
     }
     for state in project_state(&tx, None).await? {
@@ -263,28 +266,17 @@ async fn send_snapshot(
             return Ok(sequence);
         }
     }
-    // Streamed from the server in key order, so a million keys never sit in memory at once.
-    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&now];
-    let rows =
-        tx.query_raw(&format!("{CREDENTIAL_STATE_SQL} ORDER BY c.key_id, c.environment, c.created_at"), params).await?;
+    // One row a key, streamed from the server as it is read, so a million keys never sit in
+    // memory at once and the first arrive before the scan ends.
+    let rows = tx.query_raw("SELECT state FROM keyring.feed_keys", std::iter::empty::<i64>()).await?;
     futures::pin_mut!(rows);
-    let mut current: Option<KeyState> = None;
     while let Some(row) = rows.next().await {
-        let row = row?;
-        let (project, key): (Uuid, Uuid) = (row.get(0), row.get(1));
-        if current.as_ref().is_some_and(|state| state.key != key)
-            && let Some(done) = current.take()
-            && out.send(Ok(FeedMessage::Event { sequence, event: FeedEvent::KeyUpserted(done) })).await.is_err()
-        {
+        let Json(mut state): Json<KeyState> = row?.try_get(0)?;
+        // As `key_state` reads it now: a regenerated credential only while its grace lasts.
+        state.credentials.retain(|c| c.grace_end.is_none_or(|end| end > now));
+        if out.send(Ok(FeedMessage::Event { sequence, event: FeedEvent::KeyUpserted(state) })).await.is_err() {
             return Ok(sequence);
         }
-        current
-            .get_or_insert_with(|| KeyState { project, key, credentials: Vec::new() })
-            .credentials
-            .push(credential_state(&row));
-    }
-    if let Some(done) = current.take() {
-        let _ = out.send(Ok(FeedMessage::Event { sequence, event: FeedEvent::KeyUpserted(done) })).await;
     }
     tx.commit().await?;
     let _ = out.send(Ok(FeedMessage::SnapshotEnd { sequence })).await;

@@ -326,3 +326,59 @@ async fn a_pruned_sequence_gets_a_fresh_snapshot() {
     }
     assert_eq!(keys, 2);
 }
+
+/// The last statement of the migration that made `feed_keys`: the one that fills it from the
+/// key tables.
+fn feed_keys_backfill() -> &'static str {
+    let migration = include_str!("../migrations/V30__feed_keys.sql");
+    &migration[migration.rfind("INSERT INTO keyring.feed_keys").unwrap()..]
+}
+
+/// Snapshots are read from `feed_keys`, which each change rewrites. After a run of random
+/// changes (new keys, environment updates, regenerations with and without grace, deletions),
+/// the snapshot equals one rebuilt from the key tables by the backfill migration's statement:
+/// the table was kept by every write, and the migration writes what the feed writes.
+#[tokio::test]
+async fn the_snapshot_table_agrees_with_the_key_tables() {
+    let h = Harness::start().await;
+    let (_, owner) = h.account("table@example.com").await;
+    let org = h.organization(&owner, "Table").await;
+    let mut keyring = h.keyring().await;
+    let internal = h.feed_token().await;
+    let project = create_project(&mut keyring, &owner, &org, "Table").await.name;
+    let mut rng = StdRng::seed_from_u64(7);
+    let mut keys = Vec::new();
+    for n in 0..200 {
+        random_change(&mut rng, &mut keyring, &owner, &project, &mut keys, 0, n).await;
+    }
+    let (kept, _) = snapshot(&mut keyring, &internal).await;
+    assert!(kept.keys.len() > 10, "the changes should have left keys behind ({})", kept.keys.len());
+    assert_eq!(kept.keys.len(), keys.len());
+    assert!(
+        kept.keys.values().any(|k| k.credentials.iter().any(|c| c.grace_end_time.is_some())),
+        "some regenerated credential should be in its grace period"
+    );
+
+    let (client, connection) = tokio_postgres::connect(&h.db.url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    client.batch_execute("DELETE FROM keyring.feed_keys").await.unwrap();
+    assert!(snapshot(&mut keyring, &internal).await.0.keys.is_empty());
+    client.batch_execute(feed_keys_backfill()).await.unwrap();
+    let (rebuilt, _) = snapshot(&mut keyring, &internal).await;
+    assert_eq!(rebuilt, kept, "the backfill and the feed disagree");
+
+    // A writer that knows nothing of the table (a replica of the release before it, during a
+    // rolling upgrade) only inserts into the feed; the table follows all the same.
+    let gone = kept.keys.keys().next().unwrap().clone();
+    let name: keyshare_runtime::resource::KeyName = gone.parse().unwrap();
+    client
+        .execute(
+            "INSERT INTO keyring.changes (seq, event) VALUES (nextval('keyring.change_seq'), $1)",
+            &[&serde_json::json!({ "KeyRemoved": { "project": name.project, "key": name.key } })],
+        )
+        .await
+        .unwrap();
+    let (after, _) = snapshot(&mut keyring, &internal).await;
+    assert_eq!(after.keys.len(), kept.keys.len() - 1);
+    assert!(!after.keys.contains_key(&gone), "a removal recorded by another writer left the key in snapshots");
+}

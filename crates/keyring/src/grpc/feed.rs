@@ -50,7 +50,9 @@ pub(super) fn watch_keys(grpc: &KeyringGrpc, request: Request<pb::WatchKeysReque
 fn feed_pb(message: FeedMessage) -> pb::WatchKeysResponse {
     use pb::watch_keys_response::Event;
     let (sequence, event) = match message {
-        FeedMessage::SnapshotStart { sequence } => (sequence, Event::SnapshotStart(pb::SnapshotStart {})),
+        FeedMessage::SnapshotStart { sequence, keys } => {
+            (sequence, Event::SnapshotStart(pb::SnapshotStart { estimated_key_count: keys }))
+        }
         FeedMessage::SnapshotEnd { sequence } => (sequence, Event::SnapshotEnd(pb::SnapshotEnd {})),
         FeedMessage::Event { sequence, event } => (
             sequence,
@@ -62,7 +64,7 @@ fn feed_pb(message: FeedMessage) -> pb::WatchKeysResponse {
                         .credentials
                         .into_iter()
                         .map(|c| pb::CredentialState {
-                            sha256: unhex(&c.sha256),
+                            sha256: c.sha256,
                             environment: Environment::parse(&c.environment).map_or(0, environment_pb),
                             active: c.active,
                             permissions: Some(permissions_pb(c.permissions)),
@@ -85,8 +87,4 @@ fn feed_pb(message: FeedMessage) -> pb::WatchKeysResponse {
         ),
     };
     pb::WatchKeysResponse { sequence, event: Some(event) }
-}
-
-fn unhex(text: &str) -> Vec<u8> {
-    (0..text.len() / 2).filter_map(|i| u8::from_str_radix(text.get(i * 2..i * 2 + 2)?, 16).ok()).collect()
 }
