@@ -13,6 +13,10 @@ use std::time::{Duration, Instant};
 
 use keyshare_system_tests::Stack;
 
+/// The allocator of the service binaries, whose work this process does.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Keys inserted per statement.
 const CHUNK: i64 = 100_000;
 
