@@ -67,10 +67,10 @@ pub enum FeedEvent {
 /// What a watcher receives.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum FeedMessage {
-    /// `keys` is about how many keys follow (the table statistics' estimate; 0 when unknown).
+    /// `estimated_keys` is about how many keys follow (the table statistics; 0 when unknown).
     SnapshotStart {
         sequence: i64,
-        keys: i64,
+        estimated_keys: i64,
     },
     Event {
         sequence: i64,
@@ -253,11 +253,11 @@ async fn send_snapshot(
     let sequence: i64 = tx.query_one("SELECT coalesce(max(seq), 0) FROM keyring.changes", &[]).await?.get(0);
     let pruned: i64 = tx.query_one("SELECT pruned_through FROM keyring.feed_state", &[]).await?.get(0);
     let sequence = sequence.max(pruned);
-    let keys: i64 = tx
+    let estimated_keys: i64 = tx
         .query_one("SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid = 'keyring.feed_keys'::regclass", &[])
         .await?
         .get(0);
-    if out.send(Ok(FeedMessage::SnapshotStart { sequence, keys })).await.is_err() {
+    if out.send(Ok(FeedMessage::SnapshotStart { sequence, estimated_keys })).await.is_err() {
         return Ok(sequence);
     }
     for state in project_state(&tx, None).await? {

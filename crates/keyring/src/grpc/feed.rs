@@ -50,8 +50,8 @@ pub(super) fn watch_keys(grpc: &KeyringGrpc, request: Request<pb::WatchKeysReque
 fn feed_pb(message: FeedMessage) -> pb::WatchKeysResponse {
     use pb::watch_keys_response::Event;
     let (sequence, event) = match message {
-        FeedMessage::SnapshotStart { sequence, keys } => {
-            (sequence, Event::SnapshotStart(pb::SnapshotStart { estimated_key_count: keys }))
+        FeedMessage::SnapshotStart { sequence, estimated_keys } => {
+            (sequence, Event::SnapshotStart(pb::SnapshotStart { estimated_key_count: estimated_keys }))
         }
         FeedMessage::SnapshotEnd { sequence } => (sequence, Event::SnapshotEnd(pb::SnapshotEnd {})),
         FeedMessage::Event { sequence, event } => (
