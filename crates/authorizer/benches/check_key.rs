@@ -110,6 +110,7 @@ async fn serve_real(shared: Arc<Shared>, database_url: &str) -> (u16, Arc<UsageM
         verifier,
         ready_on_start: true,
         untraced_methods: keyshare_authorizer::CHECK_METHODS,
+        stack: server::Stack::Checks,
     };
     let pool = keyshare_runtime::db::pool(database_url, 4).unwrap();
     let (recorder, writer) =

@@ -23,7 +23,7 @@ use keyshare_runtime::clock::SharedClock;
 use keyshare_runtime::db;
 use keyshare_runtime::metrics::Metrics;
 pub use keyshare_runtime::server::StartError;
-use keyshare_runtime::server::{self, ServeError, ServeOptions};
+use keyshare_runtime::server::{self, ServeError, ServeOptions, Stack};
 use keyshare_runtime::sessions::SessionRevocations;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -134,12 +134,13 @@ pub async fn start(
     let (addr, management_addr) = (gateway.local_addr(), management.local_addr());
     follower::spawn(keyring.clone(), token, shared.clone(), gateway.readiness());
 
-    let options = |ready_on_start| ServeOptions {
+    let options = |ready_on_start, stack| ServeOptions {
         config: common.clone(),
         metrics: metrics.clone(),
         verifier: verifier.clone(),
         ready_on_start,
         untraced_methods: CHECK_METHODS,
+        stack,
     };
     let checker = check::Checker::new(shared.clone(), clock.clone(), recorder);
     let grpc = grpc::AuthorizerGrpc::new(checker.clone());
@@ -149,13 +150,15 @@ pub async fn start(
         stats::access::Access::new(keyring.clone()),
         clock.clone(),
     ));
+    // Checks answer from memory and carry no token: the check port's lean stack.
     let checks = gateway.serve(
-        options(false),
+        options(false, Stack::Checks),
         |routes| routes.add_service(AuthorizerServiceServer::new(grpc)).add_service(AuthorizationServer::new(envoy)),
         shutdown(),
     );
     // Statistics need no snapshot: the management port is ready at once.
-    let statistics = management.serve(options(true), |routes| routes.add_service(usage_api.into_server()), shutdown());
+    let statistics =
+        management.serve(options(true, Stack::Full), |routes| routes.add_service(usage_api.into_server()), shutdown());
     let server = tokio::spawn(async move {
         let (checks, statistics) = tokio::join!(checks, statistics);
         // The usage writer writes what it holds once no check can arrive any more.

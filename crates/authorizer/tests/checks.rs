@@ -226,3 +226,53 @@ async fn checks_go_on_while_keyring_is_down_and_catch_up_after() {
     assert!(w.shared.connected.load(std::sync::atomic::Ordering::Relaxed));
     assert_eq!(w.shared.stale_for(), std::time::Duration::ZERO);
 }
+
+/// The check port's lean stack (`Stack::Checks`): a gateway's request id comes back, none is
+/// made up, a token is neither needed nor looked at, and every check is still counted and
+/// timed. The management port keeps the full stack.
+#[tokio::test]
+async fn the_check_port_echoes_request_ids_and_still_counts_every_call() {
+    let (mut w, project, _key, _sandbox, production) = world().await;
+    let request = |id: Option<&str>, authorization: Option<&str>| {
+        let mut request = tonic::Request::new(pb::CheckKeyRequest {
+            key: production.clone(),
+            project: project.clone(),
+            method: "GET".into(),
+            path: "/v1/things".into(),
+            client_ip: "198.51.100.7".into(),
+            environment: PROD as i32,
+        });
+        if let Some(id) = id {
+            request.metadata_mut().insert("x-request-id", id.parse().unwrap());
+        }
+        if let Some(value) = authorization {
+            request.metadata_mut().insert("authorization", value.parse().unwrap());
+        }
+        request
+    };
+    let answered_id = |response: &tonic::Response<pb::CheckKeyResponse>| {
+        response.metadata().get("x-request-id").map(|v| v.to_str().unwrap().to_owned())
+    };
+
+    let echoed = w.authorizer.check_key(request(Some("gw-42.a/B"), None)).await.unwrap();
+    assert_eq!(echoed.get_ref().outcome, O::Valid as i32);
+    assert_eq!(answered_id(&echoed).as_deref(), Some("gw-42.a/B"));
+    let none = w.authorizer.check_key(request(None, None)).await.unwrap();
+    assert_eq!(answered_id(&none), None, "the check port makes no request id");
+    let too_long = "x".repeat(129);
+    let dropped = w.authorizer.check_key(request(Some(&too_long), None)).await.unwrap();
+    assert_eq!(answered_id(&dropped), None, "an unacceptable id is dropped, not echoed");
+    // A token, even a bad one, changes nothing: checks carry none.
+    let with_token = w.authorizer.check_key(request(None, Some("Bearer not-a-token"))).await.unwrap();
+    assert_eq!(with_token.get_ref().outcome, O::Valid as i32);
+
+    let counted = w.metric("keyshare_rpc_calls_total").await.unwrap();
+    assert!(counted >= 4.0, "checks are counted like every call: {counted}");
+
+    // UsageService on the management port still gets a fresh request id and needs a token.
+    let mut usage = w.usage().await;
+    let refused = usage.query_key_usage(pb::QueryKeyUsageRequest::default()).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    let fresh = refused.metadata().get("x-request-id").unwrap().to_str().unwrap().to_owned();
+    assert!(uuid::Uuid::parse_str(&fresh).is_ok(), "{fresh}");
+}

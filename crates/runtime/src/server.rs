@@ -1,9 +1,10 @@
-//! The gRPC server every service runs: its routes plus health and reflection, behind the same
-//! tower stack (request id → span and metrics → concurrency limit → authentication → per-call
-//! timeout), with graceful shutdown. A client's `x-request-id` is kept only if it is at most
-//! [`MAX_REQUEST_ID_LEN`] printable ASCII characters; otherwise the call gets a fresh one, so
-//! logs, spans and responses never carry what a client chose to smuggle into them. With
-//! `KEYSHARE_TLS_CERT` set the listener serves TLS (see [`crate::tls`]), plaintext otherwise.
+//! The gRPC server every service runs: its routes plus health and reflection, behind one of two
+//! tower stacks ([`Stack`]), with graceful shutdown. The full stack: request id → span and
+//! metrics → concurrency limit → authentication → per-call timeout. A client's `x-request-id`
+//! is kept only if it is at most [`MAX_REQUEST_ID_LEN`] printable ASCII characters; otherwise
+//! the call gets a fresh one, so logs, spans and responses never carry what a client chose to
+//! smuggle into them. With `KEYSHARE_TLS_CERT` set the listener serves TLS (see
+//! [`crate::tls`]), plaintext otherwise.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -63,6 +64,23 @@ pub struct ServeOptions {
     /// `info` they cost no span, no log formatting and no trace export. A span per check halved
     /// CheckKey's throughput with JSON logs on (`check_key` benchmark).
     pub untraced_methods: &'static [&'static str],
+    pub stack: Stack,
+}
+
+/// The tower stack a listener's calls go through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stack {
+    /// Request id (a client's, or a fresh one) → span and metrics → concurrency limit
+    /// (`KEYSHARE_MAX_CONCURRENT_CALLS`) → authentication → per-call timeout
+    /// (`KEYSHARE_CALL_TIMEOUT_SECS`).
+    Full,
+    /// For a listener whose calls answer from memory without waiting and carry no token: the
+    /// authorizer's check port (CheckKey, ext_authz, health, reflection). A client's acceptable
+    /// `x-request-id` is echoed, but none is made; spans and metrics as in [`Stack::Full`]. No
+    /// concurrency limit, authentication or timeout: a call that never waits cannot pile up or
+    /// overrun, and HTTP/2's per-connection stream limit still bounds what is in flight. The
+    /// three layers cost a fifth of CheckKey's throughput at saturation (`scripts/bench check`).
+    Checks,
 }
 
 pub use crate::start::StartError;
@@ -161,14 +179,7 @@ impl Bound {
             .map_err(|e| ServeError::Reflection(e.to_string()))?;
         let routes = add_services(routes).add_service(reflection_v1).add_service(reflection_v1alpha);
 
-        let layers = ServiceBuilder::new()
-            .layer(SanitizeRequestIdLayer)
-            .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
-            .layer(PropagateRequestIdLayer::x_request_id())
-            .layer(ObserveLayer { metrics: options.metrics.clone(), untraced: options.untraced_methods })
-            .layer(GlobalConcurrencyLimitLayer::new(options.config.max_concurrent_calls))
-            .layer(AuthLayer::new(options.verifier.clone()));
-
+        let observe = ObserveLayer { metrics: options.metrics.clone(), untraced: options.untraced_methods };
         if options.ready_on_start {
             readiness.set(true).await;
         }
@@ -190,12 +201,37 @@ impl Bound {
             tracing::info!("shutting down: draining in-flight calls");
             let _ = stopping_tx.send(());
         };
-        let router = Server::builder().timeout(options.config.call_timeout).layer(layers).add_routes(routes);
-        let server: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> = match tls {
-            Some(tls) => {
-                Box::pin(router.serve_with_incoming_shutdown(crate::tls::accept(incoming(listener), tls), signal))
+        // The two stacks make routers of different types; each is served the same way.
+        macro_rules! serve_router {
+            ($router:expr) => {{
+                let router = $router;
+                let server: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> = match tls {
+                    Some(tls) => Box::pin(
+                        router.serve_with_incoming_shutdown(crate::tls::accept(incoming(listener), tls), signal),
+                    ),
+                    None => Box::pin(router.serve_with_incoming_shutdown(incoming(listener), signal)),
+                };
+                server
+            }};
+        }
+        let server = match options.stack {
+            Stack::Full => {
+                let layers = ServiceBuilder::new()
+                    .layer(SanitizeRequestIdLayer)
+                    .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+                    .layer(PropagateRequestIdLayer::x_request_id())
+                    .layer(observe)
+                    .layer(GlobalConcurrencyLimitLayer::new(options.config.max_concurrent_calls))
+                    .layer(AuthLayer::new(options.verifier.clone()));
+                serve_router!(Server::builder().timeout(options.config.call_timeout).layer(layers).add_routes(routes))
             }
-            None => Box::pin(router.serve_with_incoming_shutdown(incoming(listener), signal)),
+            Stack::Checks => {
+                let layers = ServiceBuilder::new()
+                    .layer(SanitizeRequestIdLayer)
+                    .layer(PropagateRequestIdLayer::x_request_id())
+                    .layer(observe);
+                serve_router!(Server::builder().layer(layers).add_routes(routes))
+            }
         };
         // Plaintext health (nothing but grpc.health.v1) for as long as the server runs.
         let health = health.map(|listener| {
