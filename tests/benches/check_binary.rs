@@ -11,12 +11,19 @@
 //! the usage writer), counted by callgrind over a fixed number of checks after a warm-up —
 //! instruction counts repeat on a noisy machine where times do not.
 //!
+//! Then Envoy's ext_authz `Check` against CheckKey on the same binary, the authorizer's side of
+//! every request behind Envoy: a `CheckRequest` shaped as Envoy sends it (peers, request time,
+//! twelve HTTP headers, the route's context extensions), throughput at saturation and one at a
+//! time, and instructions per call under callgrind.
+//!
 //! identity and keyring run in this process (they are idle once the key is loaded).
 //!
 //! Run: `scripts/bench check` (builds the release binary first), or
 //! `cargo build --release -p keyshare-authorizer --bin authorizer && cargo bench -p
 //! keyshare-system-tests --bench check_binary`. `CHECK_BENCH_ROUNDS` (3) sets the rounds,
-//! `CHECK_BENCH_CALLGRIND_CHECKS` (2000, 0 skips) the checks counted under callgrind.
+//! `CHECK_BENCH_CALLGRIND_CHECKS` (2000, 0 skips) the checks counted under callgrind, and
+//! `CHECK_BENCH_CALLGRIND_OUT` a directory that keeps the callgrind dump for
+//! `callgrind_annotate --inclusive=yes` (by default it goes with the run's temporary files).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
 use std::collections::HashMap;
@@ -104,6 +111,65 @@ async fn serve_bare(answers: HashMap<String, pb::CheckKeyResponse>) -> u16 {
 
 fn url(port: u16) -> String {
     format!("http://127.0.0.1:{port}/keyshare.authorizer.v1.AuthorizerService/CheckKey")
+}
+
+fn ext_authz_url(port: u16) -> String {
+    format!("http://127.0.0.1:{port}/envoy.service.auth.v3.Authorization/Check")
+}
+
+/// An ext_authz `CheckRequest` as Envoy sends one for `GET /v1/things` carrying `credential` in
+/// `x-api-key`, on a route whose context extensions name the project and environment.
+fn envoy_check_request(credential: &str, project: &str) -> envoy_types::ext_authz::v3::pb::CheckRequest {
+    use envoy_types::pb::envoy::config::core::v3::{Address, SocketAddress, address, socket_address};
+    use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
+    use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Peer, Request};
+    let peer = |ip: &str, port: u32| Peer {
+        address: Some(Address {
+            address: Some(address::Address::SocketAddress(SocketAddress {
+                address: ip.into(),
+                port_specifier: Some(socket_address::PortSpecifier::PortValue(port)),
+                ..Default::default()
+            })),
+        }),
+        ..Default::default()
+    };
+    let headers = [
+        (":authority", "api.example.com"),
+        (":method", "GET"),
+        (":path", "/v1/things"),
+        (":scheme", "https"),
+        ("accept", "application/json"),
+        ("user-agent", "curl/8.5.0"),
+        ("x-api-key", credential),
+        ("x-forwarded-for", "198.51.100.7"),
+        ("x-forwarded-proto", "https"),
+        ("x-request-id", "6f1c1d1e-5a3b-4c2d-9e8f-0a1b2c3d4e5f"),
+        ("x-envoy-expected-rq-timeout-ms", "15000"),
+        ("content-length", "0"),
+    ];
+    let http = HttpRequest {
+        id: "6f1c1d1e-5a3b-4c2d-9e8f-0a1b2c3d4e5f".into(),
+        method: "GET".into(),
+        headers: headers.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+        path: "/v1/things".into(),
+        host: "api.example.com".into(),
+        scheme: "https".into(),
+        protocol: "HTTP/2".into(),
+        ..Default::default()
+    };
+    let request = Request {
+        time: Some(envoy_types::pb::google::protobuf::Timestamp { seconds: 1_764_633_600, nanos: 123_000_000 }),
+        http: Some(http),
+    };
+    let extensions = [("project", project), ("environment", "production")];
+    let attributes = AttributeContext {
+        source: Some(peer("198.51.100.7", 50_123)),
+        destination: Some(peer("10.0.0.5", 8080)),
+        request: Some(request),
+        context_extensions: extensions.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+        ..Default::default()
+    };
+    envoy_types::ext_authz::v3::pb::CheckRequest { attributes: Some(attributes) }
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -202,27 +268,87 @@ async fn main() {
         );
     }
     println!("targets: saturation ≥ 0.90×; p99 at 1 × 10 streams ≤ 1.3× bare tonic's");
+
+    // Envoy's ext_authz Check against CheckKey, on the same binary.
+    let envoy_request = envoy_check_request(&request.key, &request.project);
+    let envoy_body = testkit::grpc_body(dir.path(), "ext_authz.bin", &envoy_request.encode_to_vec());
+    let answer = envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient::new(
+        Stack::channel(addr).await,
+    )
+    .check(envoy_request)
+    .await
+    .unwrap()
+    .into_inner();
+    assert_eq!(answer.status.map(|s| s.code), Some(0), "the benchmark's ext_authz check is allowed");
+    let envoy_loads: [(&str, &[&str]); 2] =
+        [("saturation, 16 connections × 8 streams", SATURATION), ("one at a time", ONE_AT_A_TIME)];
+    let mut envoy_results: Vec<(Rounds, Rounds)> = envoy_loads.iter().map(|_| Default::default()).collect();
+    for _ in 0..rounds {
+        for ((_, args), (check_rounds, envoy_rounds)) in envoy_loads.iter().zip(envoy_results.iter_mut()) {
+            for (url, body, rounds) in
+                [(url(port), &body, &mut *check_rounds), (ext_authz_url(port), &envoy_body, &mut *envoy_rounds)]
+            {
+                let body = body.clone();
+                let args: Vec<&'static str> = args.to_vec();
+                let run = tokio::task::spawn_blocking(move || testkit::h2load(&url, &body, &args, true)).await.unwrap();
+                rounds.add(&run);
+            }
+        }
+    }
+    println!("\n| load, the same binary | CheckKey | ext_authz Check | ratio |\n|---|---|---|---|");
+    for ((what, _), (check_rounds, envoy_rounds)) in envoy_loads.iter().zip(&envoy_results) {
+        let (c, e) = (median(check_rounds.rps.clone()), median(envoy_rounds.rps.clone()));
+        let (cp50, ep50) = (median(check_rounds.p50.clone()), median(envoy_rounds.p50.clone()));
+        let (cp99, ep99) = (median(check_rounds.p99.clone()), median(envoy_rounds.p99.clone()));
+        println!(
+            "| {what} | {:.1}k req/s, p50 {cp50:.0} µs, p99 {cp99:.0} µs | {:.1}k req/s, p50 {ep50:.0} µs, p99 \
+             {ep99:.0} µs | {:.2} |",
+            c / 1e3,
+            e / 1e3,
+            e / c.max(1.0),
+        );
+    }
     let _ = authorizer.kill();
     let _ = authorizer.wait();
 
     if callgrind_checks > 0 {
-        match instructions_per_check(&stack, &body, callgrind_checks, dir.path()).await {
-            Some(per_check) => println!(
-                "\ninstructions per check (callgrind, the whole binary, {callgrind_checks} checks one at a time): \
-                 {per_check:.0}"
-            ),
-            None => println!("\ninstructions per check: skipped (valgrind is not installed)"),
+        let out = std::env::var_os("CHECK_BENCH_CALLGRIND_OUT").map_or_else(|| dir.path().to_owned(), PathBuf::from);
+        for (what, url, body, sub) in [
+            ("CheckKey", url as fn(u16) -> String, &body, "check_key"),
+            ("ext_authz Check", ext_authz_url, &envoy_body, "ext_authz"),
+        ] {
+            let out = out.join(sub);
+            std::fs::create_dir_all(&out).unwrap();
+            match instructions_per_call(&stack, url, body, callgrind_checks, &out).await {
+                Some(per_call) => println!(
+                    "\ninstructions per {what} (callgrind, the whole binary, {callgrind_checks} calls one at a time): \
+                     {per_call:.0}"
+                ),
+                None => println!("\ninstructions per call: skipped (valgrind is not installed)"),
+            }
         }
     }
 }
 
-/// Runs the binary under callgrind, warms it up, zeroes the counters, sends `checks` checks one
-/// at a time, dumps, and divides the instructions by the checks.
-async fn instructions_per_check(stack: &Stack, body: &Path, checks: u64, dir: &Path) -> Option<f64> {
+/// Runs the binary under callgrind, warms it up, zeroes the counters, sends `checks` calls of
+/// `body` to `url` one at a time, dumps, and divides the instructions by the calls.
+async fn instructions_per_call(
+    stack: &Stack,
+    url: fn(u16) -> String,
+    body: &Path,
+    checks: u64,
+    dir: &Path,
+) -> Option<f64> {
     if Command::new("valgrind").arg("--version").output().is_err() {
         return None;
     }
     let out = dir.join("callgrind.out");
+    // A kept directory may hold an earlier run's dumps, which the sum below must not count.
+    for entry in std::fs::read_dir(dir).unwrap().filter_map(Result::ok) {
+        if entry.file_name().to_string_lossy().starts_with("callgrind.out") {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
     let wrapper = vec![
         "valgrind".to_owned(),
         "--tool=callgrind".to_owned(),
