@@ -8,7 +8,10 @@
 //! any scheme, many `x-forwarded-for` entries, source address, method, path, context
 //! extensions), so that checks beyond the decoding are reached.
 //!
-//! Properties: no panic, and the check finishes without waiting; the answer is OK exactly when
+//! The adapter reads requests with its own lean `wire::CheckRequest`: raw bytes Envoy's type
+//! decodes must decode into it too, and it is what the adapter checks.
+//!
+//! Properties: no panic; the answer is OK exactly when
 //! it carries an OK HTTP response, and a denial carries the outcome's status (and `retry-after`
 //! with 429); no response echoes the credential or any request header value; the allowlisted
 //! key is granted only when the address the adapter is told to trust is in its allowlist: the
@@ -19,12 +22,12 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 
-use envoy_types::ext_authz::v3::pb::{Authorization, CheckRequest, CheckResponse, HttpResponse};
+use envoy_types::ext_authz::v3::pb::{CheckRequest, CheckResponse, HttpResponse};
 use envoy_types::pb::envoy::config::core::v3::{Address, SocketAddress, address};
 use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
 use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Peer, Request};
-use keyshare_authorizer::ext_authz::{ExtAuthz, ExtAuthzConfig};
-use keyshare_fuzz::{Fixture, Kind, PROJECT, fixture, now};
+use keyshare_authorizer::ext_authz::{ExtAuthz, ExtAuthzConfig, wire};
+use keyshare_fuzz::{Fixture, Kind, PROJECT, fixture};
 use libfuzzer_sys::arbitrary::{self, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
@@ -164,12 +167,12 @@ fn allowlisted(address: Option<&str>) -> bool {
     ip.is_some_and(|ip| Fixture::allowlist().iter().any(|net| net.contains(&ip)))
 }
 
-fn check(fixture: &Fixture, trust_forwarded_for: bool, request: &CheckRequest) {
+/// Checks `lean`, the adapter's own reading of the bytes Envoy's type decoded as `request`;
+/// what the answer must be is worked out from `request`.
+fn check(fixture: &Fixture, trust_forwarded_for: bool, request: &CheckRequest, lean: &wire::CheckRequest) {
     let config = ExtAuthzConfig { credential_header: "x-api-key".to_owned(), trust_forwarded_for };
     let adapter = ExtAuthz::new(fixture.checker.clone(), config);
-    let response = now(adapter.check(tonic::Request::new(request.clone())))
-        .expect("a denial is an answer, never an error")
-        .into_inner();
+    let response = adapter.check(lean.clone());
     let code = response.status.as_ref().map_or(0, |s| s.code);
     let http = request.attributes.as_ref().and_then(|a| a.request.as_ref()).and_then(|r| r.http.as_ref());
     let empty = HashMap::new();
@@ -238,17 +241,19 @@ fuzz_target!(|data: &[u8]| {
     let Some((&mode, rest)) = data.split_first() else {
         return;
     };
-    let request = if mode & 1 == 0 {
-        match CheckRequest::decode(rest) {
-            Ok(request) => request,
-            Err(_) => return,
-        }
+    let (request, lean) = if mode & 1 == 0 {
+        let Ok(request) = CheckRequest::decode(rest) else {
+            return;
+        };
+        // Whatever Envoy's type reads, the adapter's lean type reads too.
+        (request, wire::CheckRequest::decode(rest).expect("the lean CheckRequest decodes what Envoy's does"))
     } else {
-        match structured(&mut Unstructured::new(rest), fixture) {
-            Ok(request) => request,
-            Err(_) => return,
-        }
+        let Ok(request) = structured(&mut Unstructured::new(rest), fixture) else {
+            return;
+        };
+        let lean = wire::CheckRequest::decode(request.encode_to_vec().as_slice()).expect("the lean type decodes it");
+        (request, lean)
     };
-    check(fixture, false, &request);
-    check(fixture, true, &request);
+    check(fixture, false, &request, &lean);
+    check(fixture, true, &request, &lean);
 });

@@ -10,13 +10,23 @@
 //!   credential header is removed. Denied: the outcome's HTTP status with a small JSON body
 //!   `{"outcome": …, "message": …}`, and `retry-after` on 429. A denial is a normal response
 //!   (non-OK `status` inside it), never an RPC error, which Envoy would read as "authorizer down".
+//! - The request is read with [`wire::CheckRequest`], which decodes only what the check reads;
+//!   [`AuthorizationServer`] serves `Check` with it and answers Envoy's own `CheckResponse`.
 
+pub mod wire;
+
+use std::convert::Infallible;
 use std::net::IpAddr;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 
-use envoy_types::ext_authz::v3::pb::{Authorization, CheckRequest, CheckResponse, HttpStatusCode};
-use envoy_types::ext_authz::v3::{CheckRequestExt, CheckResponseExt, DeniedHttpResponseBuilder, OkHttpResponseBuilder};
+use envoy_types::ext_authz::v3::pb::{CheckResponse, HttpStatusCode};
+use envoy_types::ext_authz::v3::{CheckResponseExt, DeniedHttpResponseBuilder, OkHttpResponseBuilder};
 use keyshare_runtime::credential::Environment;
-use tonic::{Request, Response, Status};
+use tonic::Status;
+use tonic::codegen::{Body, BoxFuture, StdError, http};
+use tonic::server::{Grpc, NamedService, UnaryService};
+use wire::CheckRequest;
 
 use crate::check::Checker;
 use crate::model::{CheckInput, Outcome};
@@ -73,10 +83,9 @@ fn forwarded_client(value: &str) -> Option<IpAddr> {
     value.rsplit(',').next()?.trim().parse().ok()
 }
 
-#[tonic::async_trait]
-impl Authorization for ExtAuthz {
-    async fn check(&self, request: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
-        let mut request = request.into_inner();
+impl ExtAuthz {
+    /// Decides the request Envoy describes. A denial is an answer too: this never fails.
+    pub fn check(&self, mut request: CheckRequest) -> CheckResponse {
         let path = request
             .attributes
             .as_mut()
@@ -84,26 +93,23 @@ impl Authorization for ExtAuthz {
             .and_then(|r| r.http.as_mut())
             .map(|h| std::mem::take(&mut h.path))
             .unwrap_or_default();
-        let empty = Default::default();
-        let headers = request.get_client_headers().unwrap_or(&empty);
-        let http = request.attributes.as_ref().and_then(|a| a.request.as_ref()).and_then(|r| r.http.as_ref());
-        let extensions = request.attributes.as_ref().map(|a| &a.context_extensions);
-        let from_header = headers.get(&self.config.credential_header).map(String::as_str);
+        let headers = request.headers();
+        let from_header = wire::lookup(headers, &self.config.credential_header);
         let (credential, header) = match from_header {
             Some(value) => (value, self.config.credential_header.as_str()),
-            None => (headers.get("authorization").and_then(|v| bearer(v)).unwrap_or_default(), "authorization"),
+            None => (wire::lookup(headers, "authorization").and_then(bearer).unwrap_or_default(), "authorization"),
         };
         let client_ip = if self.config.trust_forwarded_for {
-            headers.get("x-forwarded-for").and_then(|v| forwarded_client(v))
+            wire::lookup(headers, "x-forwarded-for").and_then(forwarded_client)
         } else {
-            request.get_client_address().and_then(|a| a.parse::<IpAddr>().ok())
+            request.source_address().and_then(|a| a.parse::<IpAddr>().ok())
         };
         let input = CheckInput {
             credential: credential.trim(),
-            project: extensions.and_then(|e| e.get("project")).map_or("", String::as_str),
-            method: http.map_or("", |h| h.method.as_str()),
+            project: request.context_extension("project").unwrap_or_default(),
+            method: request.http().map_or("", |h| h.method.as_str()),
             client_ip,
-            environment: extensions.and_then(|e| e.get("environment")).and_then(|e| Environment::parse(e)),
+            environment: request.context_extension("environment").and_then(Environment::parse),
         };
         let decision = self.checker.decide(&input, path);
 
@@ -131,13 +137,118 @@ impl Authorization for ExtAuthz {
             };
             response.set_status(status).set_http_response(denied.build());
         }
-        Ok(Response::new(response))
+        response
+    }
+}
+
+/// `envoy.service.auth.v3.Authorization`, answering `Check` with [`ExtAuthz::check`].
+#[derive(Clone)]
+pub struct AuthorizationServer(Arc<ExtAuthz>);
+
+impl AuthorizationServer {
+    pub fn new(adapter: ExtAuthz) -> Self {
+        Self(Arc::new(adapter))
+    }
+}
+
+impl NamedService for AuthorizationServer {
+    const NAME: &'static str = crate::EXT_AUTHZ_SERVICE;
+}
+
+const CHECK_PATH: &str = "/envoy.service.auth.v3.Authorization/Check";
+
+impl<B> tonic::codegen::Service<http::Request<B>> for AuthorizationServer
+where
+    B: Body + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        if request.uri().path() != CHECK_PATH {
+            return Box::pin(std::future::ready(Ok(tonic::Status::unimplemented("").into_http())));
+        }
+        let check = Check(self.0.clone());
+        Box::pin(async move {
+            let mut grpc = Grpc::new(tonic_prost::ProstCodec::<CheckResponse, CheckRequest>::default());
+            Ok(grpc.unary(check, request).await)
+        })
+    }
+}
+
+struct Check(Arc<ExtAuthz>);
+
+impl UnaryService<CheckRequest> for Check {
+    type Response = CheckResponse;
+    type Future = std::future::Ready<Result<tonic::Response<CheckResponse>, tonic::Status>>;
+
+    fn call(&mut self, request: tonic::Request<CheckRequest>) -> Self::Future {
+        std::future::ready(Ok(tonic::Response::new(self.0.check(request.into_inner()))))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_lean_request_reads_what_envoy_sends() {
+        use envoy_types::pb::envoy::config::core::v3::{Address, Pipe, SocketAddress, address};
+        use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
+        use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Peer, Request};
+        use prost::Message;
+
+        let peer = |address| Peer { address: Some(Address { address: Some(address) }), ..Default::default() };
+        let socket =
+            |ip: &str| address::Address::SocketAddress(SocketAddress { address: ip.into(), ..Default::default() });
+        let map = |entries: &[(&str, &str)]| entries.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        let envoy = |source| envoy_types::ext_authz::v3::pb::CheckRequest {
+            attributes: Some(AttributeContext {
+                source: Some(source),
+                destination: Some(peer(socket("10.0.0.5"))),
+                request: Some(Request {
+                    time: Some(Default::default()),
+                    http: Some(HttpRequest {
+                        id: "id-1".into(),
+                        method: "POST".into(),
+                        headers: map(&[("x-api-key", "ks_live_x"), ("accept", "*/*"), ("x-forwarded-for", "a, b")]),
+                        path: "/v1/things?x=1".into(),
+                        host: "api.example.com".into(),
+                        ..Default::default()
+                    }),
+                }),
+                context_extensions: map(&[("project", "projects/p"), ("environment", "sandbox")]),
+                ..Default::default()
+            }),
+        };
+        let lean = |request: &envoy_types::ext_authz::v3::pb::CheckRequest| {
+            wire::CheckRequest::decode(request.encode_to_vec().as_slice()).unwrap()
+        };
+
+        let read = lean(&envoy(peer(socket("198.51.100.7"))));
+        assert_eq!(read.source_address(), Some("198.51.100.7"));
+        assert_eq!(read.http().map(|h| (h.method.as_str(), h.path.as_str())), Some(("POST", "/v1/things?x=1")));
+        assert_eq!(wire::lookup(read.headers(), "x-api-key"), Some("ks_live_x"));
+        assert_eq!(wire::lookup(read.headers(), "x-forwarded-for"), Some("a, b"));
+        assert_eq!(wire::lookup(read.headers(), "authorization"), None);
+        assert_eq!(read.context_extension("project"), Some("projects/p"));
+        assert_eq!(read.context_extension("environment"), Some("sandbox"));
+        // A pipe is no client address.
+        let piped = lean(&envoy(peer(address::Address::Pipe(Pipe { path: "/run/envoy".into(), mode: 0 }))));
+        assert_eq!(piped.source_address(), None);
+        // A map entry given twice keeps its last value, as a decoded map does.
+        let twice = [("x-api-key", "first"), ("x-api-key", "second")]
+            .iter()
+            .map(|(k, v)| wire::Entry { key: (*k).into(), value: (*v).into() })
+            .collect::<Vec<_>>();
+        assert_eq!(wire::lookup(&twice, "x-api-key"), Some("second"));
+    }
 
     #[test]
     fn the_bearer_scheme_is_case_insensitive() {

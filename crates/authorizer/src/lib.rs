@@ -15,7 +15,6 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use envoy_types::ext_authz::v3::pb::AuthorizationServer;
 use keyshare_proto::authorizer::v1::authorizer_service_server::AuthorizerServiceServer;
 use keyshare_runtime::auth::{IdentityKeySource, TokenVerifier};
 use keyshare_runtime::client::{ServiceToken, lazy_channel};
@@ -153,7 +152,11 @@ pub async fn start(
     // Checks answer from memory and carry no token: the check port's lean stack.
     let checks = gateway.serve(
         options(false, Stack::Checks),
-        |routes| routes.add_service(AuthorizerServiceServer::new(grpc)).add_service(AuthorizationServer::new(envoy)),
+        |routes| {
+            routes
+                .add_service(AuthorizerServiceServer::new(grpc))
+                .add_service(ext_authz::AuthorizationServer::new(envoy))
+        },
         shutdown(),
     );
     // Statistics need no snapshot: the management port is ready at once.
