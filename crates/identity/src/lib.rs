@@ -16,7 +16,7 @@ use keyshare_runtime::db;
 use keyshare_runtime::mail::OutboxWorker;
 use keyshare_runtime::metrics::Metrics;
 pub use keyshare_runtime::server::StartError;
-use keyshare_runtime::server::{self, ServeError, ServeOptions, Stack};
+use keyshare_runtime::server::{self, ServeError, ServeOptions};
 use tokio::task::JoinHandle;
 
 pub mod app;
@@ -101,14 +101,7 @@ pub async fn start(
     let addr = bound.local_addr();
 
     let outbox_task = outbox.spawn();
-    let options = ServeOptions {
-        config: common,
-        metrics,
-        verifier,
-        ready_on_start: true,
-        untraced_methods: &[],
-        stack: Stack::Full,
-    };
+    let options = ServeOptions::ready(common, metrics, verifier);
     let grpc = grpc::IdentityGrpc::new(app, trust_forwarded_for, revocations);
     // Streams end as soon as the server starts stopping, so the drain is not held up by them.
     let shutdown = async move {

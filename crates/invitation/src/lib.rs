@@ -17,7 +17,7 @@ use keyshare_runtime::db;
 use keyshare_runtime::mail::OutboxWorker;
 use keyshare_runtime::metrics::Metrics;
 pub use keyshare_runtime::server::StartError;
-use keyshare_runtime::server::{self, ServeError, ServeOptions, Stack};
+use keyshare_runtime::server::{self, ServeError, ServeOptions};
 use keyshare_runtime::sessions::SessionRevocations;
 use tokio::task::JoinHandle;
 
@@ -81,14 +81,7 @@ pub async fn start(
     let bound = server::bind(&common, GRPC_SERVICE).await?;
     let addr = bound.local_addr();
     let outbox_task = outbox.spawn();
-    let options = ServeOptions {
-        config: common,
-        metrics,
-        verifier,
-        ready_on_start: true,
-        untraced_methods: &[],
-        stack: Stack::Full,
-    };
+    let options = ServeOptions::ready(common, metrics, verifier);
     let grpc = grpc::InvitationGrpc::new(app);
     let server = tokio::spawn(async move {
         let result =

@@ -83,6 +83,13 @@ pub enum Stack {
     Checks,
 }
 
+impl ServeOptions {
+    /// What most listeners serve with: ready at once, every call traced, the full stack.
+    pub fn ready(config: CommonConfig, metrics: Arc<Metrics>, verifier: Arc<TokenVerifier>) -> Self {
+        Self { config, metrics, verifier, ready_on_start: true, untraced_methods: &[], stack: Stack::Full }
+    }
+}
+
 pub use crate::start::StartError;
 
 /// A bound listener with its health reporter, before serving starts.
