@@ -172,7 +172,9 @@ where
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         if request.uri().path() != CHECK_PATH {
-            return Box::pin(std::future::ready(Ok(tonic::Status::unimplemented("").into_http())));
+            // Routes send this service every `/envoy.service.auth.v3.Authorization/…` path.
+            let unknown = tonic::Status::unimplemented("envoy.service.auth.v3.Authorization serves only Check");
+            return Box::pin(std::future::ready(Ok(unknown.into_http())));
         }
         let check = Check(self.0.clone());
         Box::pin(async move {

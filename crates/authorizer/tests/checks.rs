@@ -276,3 +276,17 @@ async fn the_check_port_echoes_request_ids_and_still_counts_every_call() {
     let fresh = refused.metadata().get("x-request-id").unwrap().to_str().unwrap().to_owned();
     assert!(uuid::Uuid::parse_str(&fresh).is_ok(), "{fresh}");
 }
+
+/// The ext_authz service answers a method it does not have with UNIMPLEMENTED, saying what it
+/// serves.
+#[tokio::test]
+async fn ext_authz_refuses_an_unknown_method_by_name() {
+    let (w, ..) = world().await;
+    let mut grpc = tonic::client::Grpc::new(channel(w.authorizer_addr).await);
+    grpc.ready().await.unwrap();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/envoy.service.auth.v3.Authorization/Nope");
+    let codec = tonic_prost::ProstCodec::<(), ()>::default();
+    let refused = grpc.unary(tonic::Request::new(()), path, codec).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unimplemented);
+    assert!(refused.message().contains("serves only Check"), "{refused:?}");
+}
