@@ -5,8 +5,10 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
 use keyshare_runtime::auth::{Caller, Claims, Principal, Scope, Scopes};
+use keyshare_runtime::client::PeerError;
 use keyshare_runtime::clock::SharedClock;
 use keyshare_runtime::crypto::{constant_time_eq, random_token, sha256};
+use keyshare_runtime::jobs::{Backoff, Round, Waker};
 use keyshare_runtime::mail::{self, Mail, OutboxWaker};
 use keyshare_runtime::page::{self, PageRequest};
 use uuid::Uuid;
@@ -620,34 +622,38 @@ impl Identity {
         Ok(())
     }
 
-    /// Tells keyring of the removals it has not confirmed yet; failures are retried with backoff.
+    /// Tells keyring of the removals it has not confirmed yet: a call keyring refuses for good is
+    /// recorded as such, any other failure is tried again with [`Backoff::PEER_CALL`].
     pub async fn tell_keyring(&self) {
-        let client = match self.pool.get().await {
-            Ok(client) => client,
-            Err(e) => return tracing::debug!(error = %e, "keyring calls wait for the database"),
-        };
-        let due = match store::due_keyring_calls(&client).await {
-            Ok(due) => due,
-            Err(e) => return tracing::debug!(error = %e, "reading keyring calls failed"),
-        };
-        for call in due {
-            let outcome = self.end_in_keyring(&call).await;
-            let written = match &outcome {
-                Ok(()) => store::keyring_call_done(&client, call.id).await,
-                Err(why) => {
-                    tracing::warn!(organization = %call.org, account = %call.account, error = %why,
-                        "keyring did not take the end of a membership yet; will retry");
-                    store::keyring_call_failed(&client, call.id, why, 2f64.powi(call.attempts.clamp(0, 8))).await
-                }
-            };
-            if let Err(e) = written {
-                tracing::debug!(error = %e, "recording a keyring call failed");
-            }
+        if let Err(e) = self.keyring_round().await {
+            tracing::debug!(error = %e, "keyring calls wait for the database");
         }
     }
 
-    async fn end_in_keyring(&self, call: &store::KeyringCall) -> std::result::Result<(), String> {
-        let token = self.self_token().await.map_err(|e| e.to_string())?;
+    async fn keyring_round(&self) -> Result<Round> {
+        let client = self.pool.get().await?;
+        let due = store::due_keyring_calls(&client).await?;
+        for call in &due {
+            match self.end_in_keyring(call).await {
+                Ok(()) => store::keyring_call_done(&client, call.id, None).await?,
+                Err(PeerError::Permanent(why)) => {
+                    tracing::warn!(organization = %call.org, account = %call.account, error = %why,
+                        "keyring refused the end of a membership for good");
+                    store::keyring_call_done(&client, call.id, Some(&why)).await?;
+                }
+                Err(PeerError::Retry(why)) => {
+                    tracing::warn!(organization = %call.org, account = %call.account, error = %why,
+                        "keyring did not take the end of a membership yet; will retry");
+                    let wait = Backoff::PEER_CALL.secs_after(call.attempts + 1);
+                    store::keyring_call_failed(&client, call.id, &why, wait).await?;
+                }
+            }
+        }
+        Ok(if due.is_empty() { Round::Idle } else { Round::More })
+    }
+
+    async fn end_in_keyring(&self, call: &store::KeyringCall) -> std::result::Result<(), PeerError> {
+        let token = self.self_token().await.map_err(|e| PeerError::Retry(e.to_string()))?;
         self.keyring.end_membership(&token, call.org, call.account, call.removed_at).await
     }
 
@@ -668,13 +674,9 @@ impl Identity {
     /// Retries keyring calls until the process ends.
     pub fn spawn_keyring_calls(self: &Arc<Self>, every: std::time::Duration) {
         let app = Arc::downgrade(self);
-        tokio::spawn(async move {
-            let mut ticker = tokio::time::interval(every);
-            loop {
-                ticker.tick().await;
-                let Some(app) = app.upgrade() else { return };
-                app.tell_keyring().await;
-            }
+        keyshare_runtime::jobs::spawn_rounds("keyring_calls", every, Waker::default(), move || {
+            let app = app.upgrade()?;
+            Some(async move { app.keyring_round().await.map_err(|e| e.to_string()) })
         });
     }
 

@@ -699,8 +699,10 @@ pub async fn due_keyring_calls(c: &impl GenericClient) -> Result<Vec<KeyringCall
         .collect())
 }
 
-pub async fn keyring_call_done(c: &impl GenericClient, id: i64) -> Result<()> {
-    c.execute("UPDATE identity.keyring_calls SET done_at = now(), last_error = NULL WHERE id = $1", &[&id]).await?;
+/// Marks a call done: carried out, or (with `refused`) refused by keyring for good.
+pub async fn keyring_call_done(c: &impl GenericClient, id: i64, refused: Option<&str>) -> Result<()> {
+    c.execute("UPDATE identity.keyring_calls SET done_at = now(), last_error = $2 WHERE id = $1", &[&id, &refused])
+        .await?;
     Ok(())
 }
 

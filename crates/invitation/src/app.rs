@@ -13,9 +13,11 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
 use keyshare_runtime::auth::{Caller, Principal, Scope};
+use keyshare_runtime::client::PeerError;
 use keyshare_runtime::clock::SharedClock;
 use keyshare_runtime::crypto::{random_token, sha256};
 use keyshare_runtime::email::Email;
+use keyshare_runtime::jobs::{Backoff, Round, Waker, spawn_rounds};
 use keyshare_runtime::mail::{self, Mail, OutboxWaker};
 use keyshare_runtime::page::{self, PageRequest};
 use tracing::Instrument;
@@ -23,9 +25,13 @@ use uuid::Uuid;
 
 use crate::domain::{Invitation, NotInvited, Role, Status, Target};
 use crate::error::{Error, Result};
-use crate::peers::{CallFailure, Grantable, Peers, Standing};
+use crate::peers::{Grantable, Peers, Standing};
 use crate::store;
 use crate::trace::{self, TraceContext};
+
+/// A grant or removal a peer did not take waits 1 s, then 2 s, 4 s … at most a minute: someone
+/// who just accepted is waiting for it.
+const CALL_BACKOFF: Backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
 
 /// The most emails one CreateInvitations call may carry.
 pub const MAX_INVITEES: usize = 100;
@@ -466,7 +472,7 @@ impl Invitations {
             .await;
             match result {
                 Ok(()) => store::call_done(&tx, id, None).await?,
-                Err(CallFailure::Permanent(why)) => {
+                Err(PeerError::Permanent(why)) => {
                     tracing::warn!(invitation = %invitation, call = %kind, error = %why, "call to a peer refused for good");
                     store::call_done(&tx, id, Some(&why)).await?;
                     // A grant that can never happen must not leave the invitation ACCEPTED.
@@ -474,9 +480,9 @@ impl Invitations {
                         store::mark_revoked(&tx, invitation, self.now()).await?;
                     }
                 }
-                Err(CallFailure::Retry(why)) => {
+                Err(PeerError::Retry(why)) => {
                     tracing::warn!(invitation = %invitation, call = %kind, error = %why, "call to a peer failed; will retry");
-                    store::call_failed(&tx, id, &why, 2.0).await?;
+                    store::call_failed(&tx, id, &why, CALL_BACKOFF.secs_after(call.attempts + 1)).await?;
                     outcome = Err(Error::Unavailable(why));
                     break;
                 }
@@ -486,24 +492,24 @@ impl Invitations {
         outcome
     }
 
-    /// Retries due calls until the process ends.
+    /// Retries due calls until the process ends, each invitation's in order.
     pub fn spawn_retries(self: &std::sync::Arc<Self>, every: Duration) {
         let app = std::sync::Arc::downgrade(self);
-        tokio::spawn(async move {
-            let mut ticker = tokio::time::interval(every);
-            loop {
-                ticker.tick().await;
-                let Some(app) = app.upgrade() else { return };
-                let due = match app.pool.get().await {
-                    Ok(client) => store::due_calls(&client).await.unwrap_or_default(),
-                    Err(_) => continue,
+        spawn_rounds("calls", every, Waker::default(), move || {
+            let app = app.upgrade()?;
+            Some(async move {
+                let due = {
+                    let client = app.pool.get().await.map_err(|e| e.to_string())?;
+                    store::due_calls(&client).await.map_err(|e| e.to_string())?
                 };
                 for invitation in due {
                     if let Err(e) = app.drain(invitation).await {
                         tracing::debug!(invitation = %invitation, error = %e, "retry did not go through yet");
                     }
                 }
-            }
+                // A call that failed again waits for its backoff, so the tick is soon enough.
+                Ok(Round::Idle)
+            })
         });
     }
 }

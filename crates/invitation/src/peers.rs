@@ -8,7 +8,7 @@ use keyshare_proto::identity::v1 as idpb;
 use keyshare_proto::identity::v1::identity_service_client::IdentityServiceClient;
 use keyshare_proto::keyring::v1 as krpb;
 use keyshare_proto::keyring::v1::keyring_service_client::KeyringServiceClient;
-use keyshare_runtime::client::ServiceToken;
+use keyshare_runtime::client::{PeerError, ServiceToken};
 use tonic::Code;
 use tonic::transport::Channel;
 use uuid::Uuid;
@@ -44,15 +44,6 @@ pub enum Grantable {
     TargetGone,
     /// The inviter no longer holds the right to grant the invitation's role.
     InviterLostRole,
-}
-
-/// A grant or removal that did not go through.
-#[derive(Debug)]
-pub enum CallFailure {
-    /// Worth retrying (the peer is down, a timeout).
-    Retry(String),
-    /// Will never succeed (the target is gone, the grant was revoked meanwhile).
-    Permanent(String),
 }
 
 #[derive(Clone, Debug)]
@@ -325,7 +316,7 @@ impl Peers {
     }
 
     /// Grants the membership an accepted invitation promises; idempotent per invitation.
-    pub async fn grant(&self, invitation: Uuid, target: &Target, account: Uuid, role: Role) -> Result<(), CallFailure> {
+    pub async fn grant(&self, invitation: Uuid, target: &Target, account: Uuid, role: Role) -> Result<(), PeerError> {
         let invitation_id = invitation.to_string();
         let account = format!("accounts/{account}");
         let result = match target {
@@ -343,7 +334,7 @@ impl Peers {
                         invitation_id,
                     })
                     .await
-                    .map_err(|e| CallFailure::Retry(e.to_string()))?;
+                    .map_err(|e| PeerError::Retry(e.to_string()))?;
                 self.identity().add_organization_member(request).await.map(|_| ())
             }
             Target::Project(project) => {
@@ -357,7 +348,7 @@ impl Peers {
                         invitation_id,
                     })
                     .await
-                    .map_err(|e| CallFailure::Retry(e.to_string()))?;
+                    .map_err(|e| PeerError::Retry(e.to_string()))?;
                 self.keyring().add_project_member(request).await.map(|_| ())
             }
             Target::Key { .. } => {
@@ -370,7 +361,7 @@ impl Peers {
                         invitation_id,
                     })
                     .await
-                    .map_err(|e| CallFailure::Retry(e.to_string()))?;
+                    .map_err(|e| PeerError::Retry(e.to_string()))?;
                 self.keyring().add_key_member(request).await.map(|_| ())
             }
         };
@@ -379,7 +370,7 @@ impl Peers {
 
     /// Removes the membership an invitation granted (only if the invitation made it); a
     /// membership already gone counts as done.
-    pub async fn remove(&self, invitation: Uuid, target: &Target, account: Uuid) -> Result<(), CallFailure> {
+    pub async fn remove(&self, invitation: Uuid, target: &Target, account: Uuid) -> Result<(), PeerError> {
         let invitation_id = invitation.to_string();
         let result = match target {
             Target::Organization(org) => {
@@ -389,7 +380,7 @@ impl Peers {
                         invitation_id,
                     })
                     .await
-                    .map_err(|e| CallFailure::Retry(e.to_string()))?;
+                    .map_err(|e| PeerError::Retry(e.to_string()))?;
                 self.identity().delete_organization_member(request).await.map(|_| ())
             }
             Target::Project(project) => {
@@ -399,7 +390,7 @@ impl Peers {
                         invitation_id,
                     })
                     .await
-                    .map_err(|e| CallFailure::Retry(e.to_string()))?;
+                    .map_err(|e| PeerError::Retry(e.to_string()))?;
                 self.keyring().delete_project_member(request).await.map(|_| ())
             }
             Target::Key { .. } => {
@@ -409,7 +400,7 @@ impl Peers {
                         invitation_id,
                     })
                     .await
-                    .map_err(|e| CallFailure::Retry(e.to_string()))?;
+                    .map_err(|e| PeerError::Retry(e.to_string()))?;
                 self.keyring().delete_key_member(request).await.map(|_| ())
             }
         };
@@ -420,19 +411,6 @@ impl Peers {
     }
 }
 
-fn classify(result: std::result::Result<(), tonic::Status>) -> Result<(), CallFailure> {
-    match result {
-        Ok(()) => Ok(()),
-        Err(status) => match status.code() {
-            Code::Unavailable
-            | Code::DeadlineExceeded
-            | Code::Unknown
-            | Code::Internal
-            | Code::ResourceExhausted
-            | Code::Aborted
-            | Code::Unauthenticated
-            | Code::Cancelled => Err(CallFailure::Retry(format!("{:?}: {}", status.code(), status.message()))),
-            code => Err(CallFailure::Permanent(format!("{code:?}: {}", status.message()))),
-        },
-    }
+fn classify(result: std::result::Result<(), tonic::Status>) -> Result<(), PeerError> {
+    result.map_err(|status| PeerError::from_status(&status))
 }

@@ -261,6 +261,8 @@ pub struct QueuedCall {
     pub kind: String,
     /// The trace of the request that queued it.
     pub trace: TraceContext,
+    /// Failed tries so far.
+    pub attempts: i32,
 }
 
 pub async fn queue_call(c: &impl GenericClient, invitation: Uuid, kind: &str, trace: &TraceContext) -> Result<()> {
@@ -276,7 +278,7 @@ pub async fn queue_call(c: &impl GenericClient, invitation: Uuid, kind: &str, tr
 pub async fn lock_calls(c: &impl GenericClient, invitation: Uuid) -> Result<Vec<QueuedCall>> {
     let rows = c
         .query(
-            "SELECT id, kind, traceparent, tracestate FROM invitation.calls
+            "SELECT id, kind, traceparent, tracestate, attempts FROM invitation.calls
              WHERE invitation_id = $1 AND done_at IS NULL ORDER BY id FOR UPDATE",
             &[&invitation],
         )
@@ -287,6 +289,7 @@ pub async fn lock_calls(c: &impl GenericClient, invitation: Uuid) -> Result<Vec<
             id: r.get(0),
             kind: r.get(1),
             trace: TraceContext { traceparent: r.get(2), tracestate: r.get(3) },
+            attempts: r.get(4),
         })
         .collect())
 }

@@ -10,7 +10,8 @@ use std::time::Duration;
 use deadpool_postgres::Pool;
 use keyshare_proto::invitation::v1 as pb;
 use keyshare_proto::invitation::v1::invitation_service_client::InvitationServiceClient;
-use keyshare_runtime::client::ServiceToken;
+use keyshare_runtime::client::{PeerError, ServiceToken};
+use keyshare_runtime::jobs::{Backoff, Round, Waker, spawn_rounds};
 use tonic::transport::Channel;
 
 use crate::domain::InvitationCounts;
@@ -58,41 +59,36 @@ impl InvitationClient {
         }
     }
 
-    async fn revoke_target(&self, target: &str) -> Result<(), String> {
-        let request = self
-            .token
-            .request(pb::RevokeTargetInvitationsRequest { target: target.to_owned() })
-            .await
-            .map_err(|e| e.to_string())?;
+    async fn revoke_target(&self, target: &str) -> Result<(), PeerError> {
+        let request = self.token.request(pb::RevokeTargetInvitationsRequest { target: target.to_owned() }).await?;
         InvitationServiceClient::new(self.channel.clone())
             .revoke_target_invitations(request)
             .await
             .map(|_| ())
-            .map_err(|status| format!("{:?}: {}", status.code(), status.message()))
+            .map_err(|status| PeerError::from_status(&status))
     }
 
-    async fn end_invitations(&self, target: &str, account: Option<uuid::Uuid>) -> Result<(), String> {
-        let account = account.ok_or("no account")?;
+    async fn end_invitations(&self, target: &str, account: Option<uuid::Uuid>) -> Result<(), PeerError> {
+        let account = account.ok_or_else(|| PeerError::Permanent("no account".into()))?;
         let request = self
             .token
             .request(pb::EndAcceptedInvitationsRequest {
                 target: target.to_owned(),
                 account: format!("accounts/{account}"),
             })
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
         InvitationServiceClient::new(self.channel.clone())
             .end_accepted_invitations(request)
             .await
             .map(|_| ())
-            .map_err(|status| format!("{:?}: {}", status.code(), status.message()))
+            .map_err(|status| PeerError::from_status(&status))
     }
 
     /// Runs the due calls now, so a change's effect on invitations shows from the very next
     /// call; whatever fails or takes too long is left to the worker.
     pub async fn run_now(&self, pool: &Pool) {
         match tokio::time::timeout(RUN_NOW_TIMEOUT, self.run_due(pool)).await {
-            Ok(Ok(())) => {}
+            Ok(Ok(_)) => {}
             Ok(Err(e)) => tracing::debug!(error = %e, "pending calls left to the worker"),
             Err(_) => tracing::debug!("pending calls took too long; left to the worker"),
         }
@@ -100,35 +96,38 @@ impl InvitationClient {
 
     /// Carries out queued calls until the process ends.
     pub fn spawn_worker(self, pool: Pool, every: Duration) {
-        tokio::spawn(async move {
-            let mut ticker = tokio::time::interval(every);
-            loop {
-                ticker.tick().await;
-                if let Err(e) = self.run_due(&pool).await {
-                    tracing::debug!(error = %e, "pending calls round failed");
-                }
-            }
+        let this = Arc::new(self);
+        spawn_rounds("pending_calls", every, Waker::default(), move || {
+            let (this, pool) = (this.clone(), pool.clone());
+            Some(async move { this.run_due(&pool).await })
         });
     }
 
-    async fn run_due(&self, pool: &Pool) -> Result<(), String> {
+    /// One round of due calls: a call the invitation service refuses for good is recorded as
+    /// such, any other failure is tried again with [`Backoff::PEER_CALL`].
+    async fn run_due(&self, pool: &Pool) -> Result<Round, String> {
         let client = pool.get().await.map_err(|e| e.to_string())?;
         let due = store::due_pending_calls(&client).await.map_err(|e| e.to_string())?;
-        for call in due {
+        for call in &due {
             let result = match call.kind.as_str() {
                 "revoke_invitations" => self.revoke_target(&call.target).await,
                 "end_invitations" => self.end_invitations(&call.target, call.account).await,
-                other => Err(format!("unknown call kind {other}")),
+                other => Err(PeerError::Permanent(format!("unknown call kind {other}"))),
             };
             let recorded = match result {
-                Ok(()) => store::pending_call_done(&client, call.id).await,
-                Err(error) => {
-                    let backoff = 2f64.powi(call.attempts.clamp(0, 8));
-                    store::pending_call_failed(&client, call.id, &error, backoff).await
+                Ok(()) => store::pending_call_done(&client, call.id, None).await,
+                Err(PeerError::Permanent(why)) => {
+                    tracing::warn!(call = %call.kind, target = %call.target, error = %why,
+                        "the invitation service refused a call for good");
+                    store::pending_call_done(&client, call.id, Some(&why)).await
+                }
+                Err(PeerError::Retry(why)) => {
+                    let wait = Backoff::PEER_CALL.secs_after(call.attempts + 1);
+                    store::pending_call_failed(&client, call.id, &why, wait).await
                 }
             };
             recorded.map_err(|e| e.to_string())?;
         }
-        Ok(())
+        Ok(if due.is_empty() { Round::Idle } else { Round::More })
     }
 }

@@ -802,8 +802,10 @@ pub async fn due_pending_calls(c: &impl GenericClient) -> Result<Vec<PendingCall
         .collect())
 }
 
-pub async fn pending_call_done(c: &impl GenericClient, id: i64) -> Result<()> {
-    c.execute("UPDATE keyring.pending_calls SET done_at = now(), last_error = NULL WHERE id = $1", &[&id]).await?;
+/// Marks a call done: carried out, or (with `refused`) refused by the invitation service for good.
+pub async fn pending_call_done(c: &impl GenericClient, id: i64, refused: Option<&str>) -> Result<()> {
+    c.execute("UPDATE keyring.pending_calls SET done_at = now(), last_error = $2 WHERE id = $1", &[&id, &refused])
+        .await?;
     Ok(())
 }
 

@@ -59,6 +59,47 @@ impl ClientCredentials {
     }
 }
 
+/// A call to another Keyshare service that did not go through, as queued work reads it: tried
+/// again later, or recorded as refused for good.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PeerError {
+    /// Worth trying again: the peer is down, busy, restarting, timed out, failed on its side,
+    /// or did not take this service's token yet.
+    #[error("{0}")]
+    Retry(String),
+    /// The peer answered and will answer the same again (invalid, not found, denied, a failed
+    /// precondition): trying again cannot help.
+    #[error("{0}")]
+    Permanent(String),
+}
+
+impl PeerError {
+    /// How a peer's `status` reads for queued work; the message names the code and what the
+    /// peer said, never the request.
+    pub fn from_status(status: &tonic::Status) -> Self {
+        use tonic::Code;
+        let why = format!("{:?}: {}", status.code(), status.message());
+        match status.code() {
+            Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::Unknown
+            | Code::Internal
+            | Code::ResourceExhausted
+            | Code::Aborted
+            | Code::Unauthenticated
+            | Code::Cancelled => Self::Retry(why),
+            _ => Self::Permanent(why),
+        }
+    }
+}
+
+impl From<TokenError> for PeerError {
+    /// Without this service's own token no call went out: tried again.
+    fn from(e: TokenError) -> Self {
+        Self::Retry(e.to_string())
+    }
+}
+
 /// Failure to obtain a service token.
 #[derive(Debug, thiserror::Error)]
 #[error("obtaining a service token from identity failed: {0}")]
@@ -117,5 +158,26 @@ impl ServiceToken {
     pub async fn request<T>(&self, message: T) -> Result<tonic::Request<T>, TokenError> {
         let token = self.get().await?;
         with_bearer(&token, message).ok_or_else(|| TokenError("token is not a header value".into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_that_may_answer_otherwise_later_is_tried_again_and_a_refusal_is_final() {
+        use tonic::Code;
+        for code in [Code::Unavailable, Code::DeadlineExceeded, Code::Internal, Code::Unauthenticated, Code::Aborted] {
+            assert!(matches!(PeerError::from_status(&tonic::Status::new(code, "x")), PeerError::Retry(_)), "{code:?}");
+        }
+        for code in [Code::InvalidArgument, Code::NotFound, Code::PermissionDenied, Code::FailedPrecondition] {
+            assert!(
+                matches!(PeerError::from_status(&tonic::Status::new(code, "x")), PeerError::Permanent(_)),
+                "{code:?}"
+            );
+        }
+        let refused = PeerError::from_status(&tonic::Status::not_found("no such key"));
+        assert_eq!(refused.to_string(), "NotFound: no such key");
     }
 }

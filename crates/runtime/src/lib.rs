@@ -12,7 +12,9 @@
 //!   refused;
 //! - [`telemetry`] and [`metrics`]: logs, traces, Prometheus;
 //! - [`mail`]: the transactional email outbox;
-//! - [`client`]: channels to other services and this service's own access token;
+//! - [`jobs`]: what every durable queue shares: its backoff and the worker running its rounds;
+//! - [`client`]: channels to other services, this service's own access token, and how a peer's
+//!   failure reads for queued work (try again, or refused for good);
 //! - [`tls`]: TLS and mutual TLS for servers and clients, certificates reloaded when renewed;
 //! - [`credential`]: API-key credentials, their format and checksum;
 //! - [`clock`], [`crypto`], [`page`], [`resource`]: time, secrets, pagination, resource names;
@@ -28,6 +30,7 @@ pub mod db;
 pub mod email;
 pub mod env;
 pub mod error;
+pub mod jobs;
 pub mod mail;
 pub mod metrics;
 pub mod page;

@@ -19,11 +19,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::jobs::{Backoff, Round};
 use lettre::message::Body;
 use lettre::message::Mailbox;
 use lettre::message::header::{ContentTransferEncoding, ContentType};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
-use tokio::sync::Notify;
 
 use crate::db::{DbError, GenericClient};
 use crate::env::{ConfigError, Env};
@@ -180,14 +180,7 @@ impl MailConfig {
 }
 
 /// Wakes the outbox worker after a mail was committed, so delivery does not wait for the poll.
-#[derive(Clone, Debug, Default)]
-pub struct OutboxWaker(Arc<Notify>);
-
-impl OutboxWaker {
-    pub fn wake(&self) {
-        self.0.notify_one();
-    }
-}
+pub type OutboxWaker = crate::jobs::Waker;
 
 /// The delivery worker of one service's outbox.
 pub struct OutboxWorker {
@@ -206,22 +199,22 @@ impl OutboxWorker {
         self.waker.clone()
     }
 
-    /// Runs until the task is dropped or aborted.
+    /// Runs until the task is aborted: one mail a round, the next at once while any is due.
     pub fn spawn(self) -> tokio::task::JoinHandle<()> {
-        tokio::spawn(async move {
-            loop {
-                match self.deliver_next().await {
-                    Ok(true) => continue,
-                    Ok(false) => {}
+        let worker = Arc::new(self);
+        let (every, waker) = (worker.config.poll_interval, worker.waker.clone());
+        crate::jobs::spawn_rounds("outbox", every, waker, move || {
+            let worker = worker.clone();
+            Some(async move {
+                match worker.deliver_next().await {
+                    Ok(true) => Ok(Round::More),
+                    Ok(false) => Ok(Round::Idle),
                     Err(e) => {
-                        tracing::warn!(error = %e, schema = self.schema, "outbox delivery round failed")
+                        tracing::warn!(error = %e, schema = worker.schema, "outbox delivery round failed");
+                        Ok(Round::Idle)
                     }
                 }
-                tokio::select! {
-                    () = self.waker.0.notified() => {}
-                    () = tokio::time::sleep(self.config.poll_interval) => {}
-                }
-            }
+            })
         })
     }
 
@@ -289,9 +282,10 @@ impl OutboxWorker {
         Ok(true)
     }
 
+    /// 1 s after the first failure, doubled after each further one, up to
+    /// `KEYSHARE_MAIL_RETRY_MAX_SECS`.
     fn backoff(&self, attempts: i32) -> f64 {
-        let exponent = attempts.clamp(1, 20) - 1;
-        (2f64.powi(exponent)).min(self.config.retry_max.as_secs_f64())
+        Backoff::new(Duration::from_secs(1), self.config.retry_max).secs_after(attempts)
     }
 
     async fn send(&self, id: i64, recipient: &str, subject: String, body: String) -> Result<(), SendError> {
