@@ -8,12 +8,11 @@ use chrono::{DateTime, Utc};
 use keyshare_proto::authorizer::v1 as pb;
 use keyshare_runtime::auth;
 use keyshare_runtime::credential::Environment;
-use keyshare_runtime::error::{FieldViolation, InvalidInput};
+use keyshare_runtime::error::{FieldViolation, InvalidInput, Reply};
 use keyshare_runtime::page::PageRequest;
 use keyshare_runtime::wire::timestamp;
 use prost_types::Timestamp;
-use tonic::{Request, Response, Status};
-use tracing::Instrument;
+use tonic::{Request, Status};
 
 use crate::error::Error;
 use crate::model::Outcome;
@@ -39,10 +38,9 @@ impl UsageGrpc {
     }
 }
 
-type Reply<T> = Result<Response<T>, Status>;
-
-async fn handle<T>(name: &'static str, body: impl Future<Output = Result<T, Error>>) -> Reply<T> {
-    body.instrument(tracing::info_span!("authorizer", otel.name = name)).await.map(Response::new).map_err(Status::from)
+/// [`keyshare_runtime::error::handle`] for this service's errors.
+async fn handle<T>(name: &'static str, body: impl std::future::Future<Output = Result<T, Error>>) -> Reply<T> {
+    keyshare_runtime::error::handle(name, body).await
 }
 
 /// `Ok` with the parsed input when no violation was recorded.

@@ -7,11 +7,10 @@ use std::sync::Arc;
 use futures::{Stream, StreamExt as _};
 use keyshare_proto::identity::v1 as pb;
 use keyshare_runtime::auth::{self, Caller};
-use keyshare_runtime::error::{InvalidInput, update_paths};
+use keyshare_runtime::error::{InvalidInput, Reply, update_paths};
 use keyshare_runtime::page::PageRequest;
 use keyshare_runtime::wire::timestamp;
 use tonic::{Request, Response, Status};
-use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::app::{self, Identity};
@@ -50,11 +49,9 @@ impl IdentityGrpc {
     }
 }
 
-type Reply<T> = Result<Response<T>, Status>;
-
-/// Runs a handler body in a span named after the use case, mapping domain errors to status.
-async fn handle<T>(name: &'static str, body: impl Future<Output = Result<T, Error>>) -> Reply<T> {
-    body.instrument(tracing::info_span!("identity", otel.name = name)).await.map(Response::new).map_err(Status::from)
+/// [`keyshare_runtime::error::handle`] for this service's errors.
+async fn handle<T>(name: &'static str, body: impl std::future::Future<Output = Result<T, Error>>) -> Reply<T> {
+    keyshare_runtime::error::handle(name, body).await
 }
 
 fn caller<T>(request: &Request<T>) -> Result<Caller, Status> {

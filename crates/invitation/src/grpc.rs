@@ -6,11 +6,10 @@ use std::sync::Arc;
 use keyshare_proto::invitation::v1 as pb;
 use keyshare_runtime::auth::{self, Authentication};
 use keyshare_runtime::email::Email;
-use keyshare_runtime::error::{FieldViolation, InvalidInput};
+use keyshare_runtime::error::{FieldViolation, InvalidInput, Reply};
 use keyshare_runtime::page::PageRequest;
 use keyshare_runtime::wire::timestamp;
-use tonic::{Request, Response, Status as GrpcStatus};
-use tracing::Instrument;
+use tonic::{Request, Status as GrpcStatus};
 
 use crate::app::{self, Ctx, Invitations, InviteeInput};
 use crate::domain::{self, Delivery, Invitation, NotInvited, Role, Status, Target};
@@ -27,13 +26,9 @@ impl InvitationGrpc {
     }
 }
 
-type Reply<T> = Result<Response<T>, GrpcStatus>;
-
-async fn handle<T>(name: &'static str, body: impl Future<Output = Result<T, Error>>) -> Reply<T> {
-    body.instrument(tracing::info_span!("invitation", otel.name = name))
-        .await
-        .map(Response::new)
-        .map_err(GrpcStatus::from)
+/// [`keyshare_runtime::error::handle`] for this service's errors.
+async fn handle<T>(name: &'static str, body: impl std::future::Future<Output = Result<T, Error>>) -> Reply<T> {
+    keyshare_runtime::error::handle(name, body).await
 }
 
 fn ctx<T>(request: &Request<T>) -> Result<Ctx, GrpcStatus> {

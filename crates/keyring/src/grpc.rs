@@ -9,11 +9,10 @@ use std::sync::Arc;
 
 use keyshare_proto::keyring::v1 as pb;
 use keyshare_runtime::auth;
-use keyshare_runtime::error::InvalidInput;
+use keyshare_runtime::error::{InvalidInput, Reply};
 use keyshare_runtime::page::PageRequest;
 use tokio::sync::watch;
-use tonic::{Request, Response, Status};
-use tracing::Instrument;
+use tonic::{Request, Status};
 
 use crate::app::{Ctx, Keyring};
 use crate::error::Error;
@@ -39,10 +38,9 @@ impl KeyringGrpc {
     }
 }
 
-type Reply<T> = Result<Response<T>, Status>;
-
-async fn handle<T>(name: &'static str, body: impl Future<Output = Result<T, Error>>) -> Reply<T> {
-    body.instrument(tracing::info_span!("keyring", otel.name = name)).await.map(Response::new).map_err(Status::from)
+/// [`keyshare_runtime::error::handle`] for this service's errors.
+async fn handle<T>(name: &'static str, body: impl std::future::Future<Output = Result<T, Error>>) -> Reply<T> {
+    keyshare_runtime::error::handle(name, body).await
 }
 
 fn ctx<T>(request: &Request<T>) -> Result<Ctx, Status> {

@@ -5,6 +5,7 @@
 //! these helpers. A status message never carries SQL, causes or secrets.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::time::Duration;
 
 use tonic::{Code, Status};
@@ -23,6 +24,16 @@ impl FieldViolation {
     pub fn new(field: impl Into<String>, description: impl Into<String>) -> Self {
         Self { field: field.into(), description: description.into() }
     }
+}
+
+/// What a gRPC handler answers.
+pub type Reply<T> = Result<tonic::Response<T>, Status>;
+
+/// Runs a handler's body in a span named after its use case (`otel.name`, e.g.
+/// `keyring.create_key`) and answers its value, or its error as the service's status.
+pub async fn handle<T, E: Into<Status>>(name: &'static str, body: impl Future<Output = Result<T, E>>) -> Reply<T> {
+    use tracing::Instrument as _;
+    body.instrument(tracing::info_span!("rpc", otel.name = name)).await.map(tonic::Response::new).map_err(Into::into)
 }
 
 /// Bad input: one or more field violations. Collects every problem of a request, not just the

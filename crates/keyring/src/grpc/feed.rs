@@ -11,7 +11,9 @@ use keyshare_runtime::wire::timestamp;
 use tonic::{Request, Response, Status};
 
 use super::convert::{environment_pb, limits_pb, permissions_pb};
-use super::{KeyringGrpc, Reply, ctx};
+use keyshare_runtime::error::Reply;
+
+use super::{KeyringGrpc, ctx};
 use crate::domain::Environment;
 use crate::error::Error;
 use crate::feed::{self, FeedEvent, FeedMessage};
