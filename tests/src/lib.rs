@@ -9,7 +9,8 @@ use keyshare_proto::identity::v1 as idpb;
 use keyshare_runtime::clock::SystemClock;
 use keyshare_runtime::config::Env;
 use keyshare_runtime::crypto::Sealer;
-use keyshare_runtime::testkit::TestDatabase;
+pub use keyshare_runtime::testkit::authed;
+use keyshare_runtime::testkit::{self, TestDatabase};
 use tonic::transport::Channel;
 
 /// The secret of the internal client a test or benchmark acts as.
@@ -214,25 +215,12 @@ impl Stack {
     }
 
     pub async fn channel(addr: SocketAddr) -> Channel {
-        Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap()
+        testkit::channel(addr).await
     }
 
     /// A new account's access token.
     pub async fn account(&self, email: &str) -> String {
-        let mut identity =
-            idpb::identity_service_client::IdentityServiceClient::new(Self::channel(self.identity).await);
-        let password = "benchmark password 123";
-        identity
-            .create_account(idpb::CreateAccountRequest {
-                email: email.into(),
-                display_name: email.into(),
-                password: password.into(),
-            })
-            .await
-            .unwrap();
-        let login =
-            identity.login(idpb::LoginRequest { email: email.into(), password: password.into() }).await.unwrap();
-        login.into_inner().grant.unwrap().access_token
+        testkit::sign_up(Self::channel(self.identity).await, email, "benchmark password 123", None).await.token
     }
 
     /// An organization, a project and a key owned by the account behind `token`; returns the
@@ -327,13 +315,6 @@ async fn start_identity(pairs: &[(&'static str, String)]) -> (SocketAddr, Runnin
     .await
     .unwrap();
     (started.addr, RunningIdentity { stop, server: started.server })
-}
-
-/// Bearer-authenticated request.
-pub fn authed<T>(token: &str, message: T) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
-    request
 }
 
 /// p-th percentile (0–100) of sorted samples.

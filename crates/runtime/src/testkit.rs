@@ -1,6 +1,7 @@
 //! Test support: a fresh PostgreSQL database per test, a real SMTP server (aiosmtpd) that keeps
-//! what it receives, a test certificate authority writing certificate files (rcgen), and lookup
-//! of the tools `scripts/test` installs.
+//! what it receives, a test certificate authority writing certificate files (rcgen), lookup of
+//! the tools `scripts/test` installs, and the calls every service's tests make through the real
+//! API ([`authed`], [`sign_up`], [`client_token`], [`reason`], [`bad_fields`]).
 //!
 //! Failures here panic with a message saying what is missing: tests never skip silently.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -760,4 +761,105 @@ pub async fn served_certificate(
     let tls = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await?;
     let chain = tls.get_ref().1.peer_certificates().ok_or_else(|| std::io::Error::other("no certificate"))?;
     Ok(chain.first().ok_or_else(|| std::io::Error::other("empty chain"))?.to_vec())
+}
+
+/// A connected plaintext channel to the gRPC server at `addr`.
+pub async fn channel(addr: std::net::SocketAddr) -> tonic::transport::Channel {
+    tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap()
+}
+
+/// `message` as a caller holding `token` sends it: `authorization: Bearer <token>`.
+pub fn authed<T>(token: &str, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    request
+}
+
+/// The `ErrorInfo.reason` of a status, empty when it has none.
+pub fn reason(status: &tonic::Status) -> String {
+    use tonic_types::StatusExt as _;
+    status.get_details_error_info().map(|i| i.reason).unwrap_or_default()
+}
+
+/// The fields a status's `BadRequest` names, in its order.
+pub fn bad_fields(status: &tonic::Status) -> Vec<String> {
+    use tonic_types::StatusExt as _;
+    status
+        .get_details_bad_request()
+        .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
+        .unwrap_or_default()
+}
+
+/// The token of a mail's link or grpcurl line (`token=…`).
+pub fn token_from_mail(body: &str) -> String {
+    body.lines()
+        .find_map(|line| line.split("token=").nth(1))
+        .map(|t| t.trim().to_owned())
+        .expect("the mail carries a token")
+}
+
+/// A person as a test signed them up: the account's name (`accounts/{id}`) and their tokens.
+#[derive(Clone, Debug)]
+pub struct TestAccount {
+    pub name: String,
+    pub token: String,
+    pub refresh_token: String,
+}
+
+/// Signs `email` up through identity's API (display name: the address) and logs in. With
+/// `verify_through`, the verification mail that SMTP server received is followed first.
+pub async fn sign_up(
+    identity: tonic::transport::Channel,
+    email: &str,
+    password: &str,
+    verify_through: Option<&SmtpServer>,
+) -> TestAccount {
+    use keyshare_proto::identity::v1 as pb;
+    let mut client = pb::identity_service_client::IdentityServiceClient::new(identity.clone());
+    let account = client
+        .create_account(pb::CreateAccountRequest {
+            email: email.into(),
+            display_name: email.into(),
+            password: password.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .account
+        .unwrap();
+    if let Some(smtp) = verify_through {
+        let mail = smtp.wait_for_mail(email, "Verify").await;
+        client.verify_email(pb::VerifyEmailRequest { token: token_from_mail(&mail.body) }).await.unwrap();
+    }
+    let grant = login(identity, email, password).await.unwrap();
+    TestAccount { name: account.name, token: grant.access_token, refresh_token: grant.refresh_token }
+}
+
+/// Logs `email` in with `password`.
+pub async fn login(
+    identity: tonic::transport::Channel,
+    email: &str,
+    password: &str,
+) -> Result<keyshare_proto::identity::v1::TokenGrant, tonic::Status> {
+    use keyshare_proto::identity::v1 as pb;
+    pb::identity_service_client::IdentityServiceClient::new(identity)
+        .login(pb::LoginRequest { email: email.into(), password: password.into() })
+        .await
+        .map(|r| r.into_inner().grant.unwrap())
+}
+
+/// An access token of the internal client `client_id`, as that service obtains it.
+pub async fn client_token(identity: tonic::transport::Channel, client_id: &str, client_secret: &str) -> String {
+    use keyshare_proto::identity::v1 as pb;
+    pb::identity_service_client::IdentityServiceClient::new(identity)
+        .issue_service_account_token(pb::IssueServiceAccountTokenRequest {
+            client_id: client_id.into(),
+            client_secret: client_secret.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .grant
+        .unwrap()
+        .access_token
 }

@@ -17,7 +17,7 @@ use keyshare_proto::identity::v1::identity_service_client::IdentityServiceClient
 use keyshare_proto::keyring::v1 as krpb;
 use keyshare_proto::keyring::v1::keyring_service_client::KeyringServiceClient;
 use keyshare_runtime::crypto::Sealer;
-use keyshare_runtime::testkit::{SmtpServer, TestDatabase, TestPki, free_port};
+use keyshare_runtime::testkit::{self, SmtpServer, TestDatabase, TestPki, free_port};
 use keyshare_runtime::tls::{CertFiles, TlsSettings};
 use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -228,19 +228,7 @@ impl Keyshare {
 
     /// A new account with a verified email; returns its access token.
     pub async fn account(&self, email: &str) -> String {
-        let mut identity = self.identity();
-        identity
-            .create_account(idpb::CreateAccountRequest {
-                email: email.into(),
-                display_name: email.into(),
-                password: PASSWORD.into(),
-            })
-            .await
-            .unwrap();
-        let mail = self.smtp.wait_for_mail(email, "Verify").await;
-        identity.verify_email(idpb::VerifyEmailRequest { token: token_in(&mail.body) }).await.unwrap();
-        let grant = identity.login(idpb::LoginRequest { email: email.into(), password: PASSWORD.into() }).await;
-        grant.unwrap().into_inner().grant.unwrap().access_token
+        testkit::sign_up(self.channel("identity"), email, PASSWORD, Some(&self.smtp)).await.token
     }
 
     /// An organization, a project and a key owned by the account behind `token`.
@@ -282,9 +270,5 @@ impl Drop for Keyshare {
     }
 }
 
-pub use keyshare_system_tests::authed;
-
-/// The token of a mail's link.
-pub fn token_in(body: &str) -> String {
-    body.lines().find_map(|l| l.split("token=").nth(1)).map(|t| t.trim().to_owned()).expect("a token in the mail")
-}
+#[allow(unused_imports)] // each test binary uses some of them
+pub use keyshare_runtime::testkit::{authed, token_from_mail as token_in};

@@ -13,8 +13,9 @@ use keyshare_proto::keyring::v1 as krpb;
 use keyshare_runtime::clock::{FrozenClock, ManualClock};
 use keyshare_runtime::config::Env;
 use keyshare_runtime::crypto::Sealer;
-pub use keyshare_runtime::testkit::scrape;
-use keyshare_runtime::testkit::{PrivateCluster, TestDatabase, eventually};
+use keyshare_runtime::testkit::{self, PrivateCluster, TestDatabase, eventually};
+#[allow(unused_imports)] // each test binary uses some of them
+pub use keyshare_runtime::testkit::{authed, channel, scrape};
 use prost_types::FieldMask;
 use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -29,16 +30,6 @@ const INVITATION_SECRET: &str = "invitation-secret-for-tests-0123456789abc";
 
 pub fn env(pairs: Vec<(&str, String)>) -> Env {
     Env::from_pairs(pairs.into_iter().map(|(k, v)| (k.to_owned(), v)))
-}
-
-pub fn authed<T>(token: &str, message: T) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
-    request
-}
-
-pub async fn channel(addr: std::net::SocketAddr) -> Channel {
-    Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap()
 }
 
 /// Starts keyring; returns its stop switch, its server task and its address.
@@ -409,50 +400,23 @@ impl World {
     }
 
     pub async fn identity(&self) -> idpb::identity_service_client::IdentityServiceClient<Channel> {
-        let channel = Channel::from_shared(self.keyring_config.identity_url.clone()).unwrap().connect().await.unwrap();
-        idpb::identity_service_client::IdentityServiceClient::new(channel)
+        idpb::identity_service_client::IdentityServiceClient::new(self.identity_channel().await)
+    }
+
+    async fn identity_channel(&self) -> Channel {
+        Channel::from_shared(self.keyring_config.identity_url.clone()).unwrap().connect().await.unwrap()
     }
 
     /// A new, logged-in account: (`accounts/{id}`, access token).
     pub async fn account(&self, email: &str) -> (String, String) {
-        let mut identity = self.identity().await;
-        let password = "usage test password";
-        let account = identity
-            .create_account(idpb::CreateAccountRequest {
-                email: email.into(),
-                display_name: email.into(),
-                password: password.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .account
-            .unwrap();
-        let grant = identity
-            .login(idpb::LoginRequest { email: email.into(), password: password.into() })
-            .await
-            .unwrap()
-            .into_inner()
-            .grant
-            .unwrap();
-        (account.name, grant.access_token)
+        let account = testkit::sign_up(self.identity_channel().await, email, "usage test password", None).await;
+        (account.name, account.token)
     }
 
     /// An access token of invitation's internal client, the one that grants memberships for
     /// accepted invitations (the authorizer's own client may not).
     pub async fn internal_token(&self) -> String {
-        self.identity()
-            .await
-            .issue_service_account_token(idpb::IssueServiceAccountTokenRequest {
-                client_id: "invitation".into(),
-                client_secret: INVITATION_SECRET.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .grant
-            .unwrap()
-            .access_token
+        testkit::client_token(self.identity_channel().await, "invitation", INVITATION_SECRET).await
     }
 
     /// Makes `account` a member of `key` with `role`.

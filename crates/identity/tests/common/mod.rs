@@ -9,9 +9,10 @@ use keyshare_proto::identity::v1::identity_service_client::IdentityServiceClient
 use keyshare_runtime::clock::ManualClock;
 use keyshare_runtime::config::Env;
 use keyshare_runtime::crypto::Sealer;
-use keyshare_runtime::testkit::{SmtpServer, TestDatabase};
+use keyshare_runtime::testkit::{self, SmtpServer, TestDatabase};
+#[allow(unused_imports)] // each test binary uses some of them
+pub use keyshare_runtime::testkit::{authed, bad_fields, reason, token_from_mail};
 use tonic::transport::Channel;
-use tonic_types::StatusExt;
 
 pub type Client = IdentityServiceClient<Channel>;
 
@@ -116,38 +117,10 @@ pub async fn connect(addr: std::net::SocketAddr) -> Client {
     IdentityServiceClient::new(channel)
 }
 
-pub fn authed<T>(token: &str, message: T) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
-    request
-}
-
-/// The token line of a verification mail.
-pub fn token_from_mail(body: &str) -> String {
-    body.lines()
-        .find_map(|line| line.split("token=").nth(1))
-        .map(|t| t.trim().to_owned())
-        .expect("verification mail carries a token")
-}
-
 /// A verified, logged-in account: (account name, access token, refresh token).
 pub async fn verified_account(h: &Harness, email: &str) -> (String, String, String) {
-    let mut client = h.client().await;
-    let account = client
-        .create_account(pb::CreateAccountRequest {
-            email: email.into(),
-            display_name: format!("User {email}"),
-            password: PASSWORD.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .account
-        .unwrap();
-    let mail = h.smtp.wait_for(email, 1).await.pop().unwrap();
-    client.verify_email(pb::VerifyEmailRequest { token: token_from_mail(&mail.body) }).await.unwrap();
-    let grant = login(&mut client, email).await.unwrap();
-    (account.name, grant.access_token, grant.refresh_token)
+    let account = testkit::sign_up(testkit::channel(h.addr).await, email, PASSWORD, Some(&h.smtp)).await;
+    (account.name, account.token, account.refresh_token)
 }
 
 pub async fn login(client: &mut Client, email: &str) -> Result<pb::TokenGrant, tonic::Status> {
@@ -169,19 +142,6 @@ pub async fn internal_token(client: &mut Client) -> String {
         .grant
         .unwrap()
         .access_token
-}
-
-/// The `ErrorInfo.reason` of a status.
-pub fn reason(status: &tonic::Status) -> String {
-    status.get_details_error_info().map(|i| i.reason).unwrap_or_default()
-}
-
-/// The fields named by a status's `BadRequest`.
-pub fn bad_fields(status: &tonic::Status) -> Vec<String> {
-    status
-        .get_details_bad_request()
-        .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
-        .unwrap_or_default()
 }
 
 /// Row count of an identity table, to prove nothing was written.

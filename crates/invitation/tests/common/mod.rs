@@ -14,9 +14,10 @@ use keyshare_proto::keyring::v1::keyring_service_client::KeyringServiceClient;
 use keyshare_runtime::clock::ManualClock;
 use keyshare_runtime::config::Env;
 use keyshare_runtime::crypto::Sealer;
-use keyshare_runtime::testkit::{SmtpServer, TestDatabase, free_port};
+use keyshare_runtime::testkit::{self, SmtpServer, TestDatabase, free_port};
+#[allow(unused_imports)] // each test binary uses some of them
+pub use keyshare_runtime::testkit::{authed, bad_fields, reason, token_from_mail as token_in};
 use tonic::transport::Channel;
-use tonic_types::StatusExt;
 
 pub type Invitations = InvitationServiceClient<Channel>;
 pub type Keyring = KeyringServiceClient<Channel>;
@@ -130,48 +131,27 @@ impl Harness {
         Self { db, smtp, clock, identity, keyring, invitation, stops }
     }
 
-    async fn channel(addr: SocketAddr) -> Channel {
-        Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap()
-    }
-
     pub async fn invitations(&self) -> Invitations {
-        InvitationServiceClient::new(Self::channel(self.invitation).await)
+        InvitationServiceClient::new(testkit::channel(self.invitation).await)
     }
 
     pub async fn keyring(&self) -> Keyring {
-        KeyringServiceClient::new(Self::channel(self.keyring).await)
+        KeyringServiceClient::new(testkit::channel(self.keyring).await)
     }
 
     pub async fn identity(&self) -> Identity {
-        IdentityServiceClient::new(Self::channel(self.identity).await)
+        IdentityServiceClient::new(testkit::channel(self.identity).await)
     }
 
     /// Signs up; verifies unless told not to. Returns (`accounts/{id}`, access token).
     pub async fn account(&self, email: &str, verify: bool) -> (String, String) {
-        let mut identity = self.identity().await;
-        let account = identity
-            .create_account(idpb::CreateAccountRequest {
-                email: email.into(),
-                display_name: email.into(),
-                password: PASSWORD.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .account
-            .unwrap();
-        if verify {
-            let mail = self.smtp.wait_for_mail(email, "Verify").await;
-            let token = token_in(&mail.body);
-            identity.verify_email(idpb::VerifyEmailRequest { token }).await.unwrap();
-        }
-        (account.name, self.login(email).await)
+        let smtp = verify.then_some(&self.smtp);
+        let account = testkit::sign_up(testkit::channel(self.identity).await, email, PASSWORD, smtp).await;
+        (account.name, account.token)
     }
 
     pub async fn login(&self, email: &str) -> String {
-        let mut identity = self.identity().await;
-        let grant = identity.login(idpb::LoginRequest { email: email.into(), password: PASSWORD.into() }).await;
-        grant.unwrap().into_inner().grant.unwrap().access_token
+        testkit::login(testkit::channel(self.identity).await, email, PASSWORD).await.unwrap().access_token
     }
 
     /// An owner with an organization, a project and a key: (owner token, org, project, key).
@@ -228,18 +208,7 @@ impl Harness {
     /// An access token of the invitation service's internal client, for what only Keyshare's
     /// own services may do (adding a membership directly, as a grant does).
     pub async fn internal_token(&self) -> String {
-        self.identity()
-            .await
-            .issue_service_account_token(idpb::IssueServiceAccountTokenRequest {
-                client_id: "invitation".into(),
-                client_secret: INVITATION_SECRET.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .grant
-            .unwrap()
-            .access_token
+        testkit::client_token(testkit::channel(self.identity).await, "invitation", INVITATION_SECRET).await
     }
 
     pub async fn count(&self, table: &str) -> i64 {
@@ -257,31 +226,9 @@ impl Drop for Harness {
     }
 }
 
-pub fn authed<T>(token: &str, message: T) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
-    request
-}
-
-/// The token of a mail's link.
-pub fn token_in(body: &str) -> String {
-    body.lines().find_map(|l| l.split("token=").nth(1)).map(|t| t.trim().to_owned()).expect("a token in the mail")
-}
-
 pub fn invite(parent: &str, list: &[(&str, pb::InvitationRole)]) -> pb::CreateInvitationsRequest {
     pb::CreateInvitationsRequest {
         parent: parent.into(),
         invitees: list.iter().map(|(email, role)| pb::Invitee { email: (*email).into(), role: *role as i32 }).collect(),
     }
-}
-
-pub fn reason(status: &tonic::Status) -> String {
-    status.get_details_error_info().map(|i| i.reason).unwrap_or_default()
-}
-
-pub fn bad_fields(status: &tonic::Status) -> Vec<String> {
-    status
-        .get_details_bad_request()
-        .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
-        .unwrap_or_default()
 }

@@ -11,9 +11,10 @@ use keyshare_proto::keyring::v1::keyring_service_client::KeyringServiceClient;
 use keyshare_runtime::clock::ManualClock;
 use keyshare_runtime::config::Env;
 use keyshare_runtime::crypto::Sealer;
-use keyshare_runtime::testkit::{SmtpServer, TestDatabase, free_port};
+use keyshare_runtime::testkit::{self, SmtpServer, TestDatabase, free_port};
+#[allow(unused_imports)] // each test binary uses some of them
+pub use keyshare_runtime::testkit::{authed, bad_fields, reason};
 use tonic::transport::Channel;
-use tonic_types::StatusExt;
 
 pub type Keyring = KeyringServiceClient<Channel>;
 pub type Identity = IdentityServiceClient<Channel>;
@@ -129,29 +130,9 @@ impl Harness {
 
     /// A verified, logged-in account: (account id as `accounts/{id}`, access token).
     pub async fn account(&self, email: &str) -> (String, String) {
-        let mut identity = self.identity().await;
-        let account = identity
-            .create_account(idpb::CreateAccountRequest {
-                email: email.into(),
-                display_name: email.into(),
-                password: PASSWORD.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .account
-            .unwrap();
-        let mail = self.smtp.wait_for(email, 1).await.pop().unwrap();
-        let token = mail.body.lines().find_map(|l| l.split("token=").nth(1)).unwrap().trim().to_owned();
-        identity.verify_email(idpb::VerifyEmailRequest { token }).await.unwrap();
-        let grant = identity
-            .login(idpb::LoginRequest { email: email.into(), password: PASSWORD.into() })
-            .await
-            .unwrap()
-            .into_inner()
-            .grant
-            .unwrap();
-        (account.name, grant.access_token)
+        let account =
+            testkit::sign_up(testkit::channel(self.identity_addr).await, email, PASSWORD, Some(&self.smtp)).await;
+        (account.name, account.token)
     }
 
     /// An access token of the authorizer's internal client, the one that follows the feed.
@@ -165,18 +146,7 @@ impl Harness {
     }
 
     async fn client_token(&self, client_id: &str, client_secret: &str) -> String {
-        self.identity()
-            .await
-            .issue_service_account_token(idpb::IssueServiceAccountTokenRequest {
-                client_id: client_id.into(),
-                client_secret: client_secret.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .grant
-            .unwrap()
-            .access_token
+        testkit::client_token(testkit::channel(self.identity_addr).await, client_id, client_secret).await
     }
 
     /// A new service account of `org` (created by its owner), made a member of `project` with
@@ -246,12 +216,6 @@ pub async fn keyring_at(addr: std::net::SocketAddr) -> Keyring {
     KeyringServiceClient::new(channel)
 }
 
-pub fn authed<T>(token: &str, message: T) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
-    request
-}
-
 pub async fn create_project(keyring: &mut Keyring, token: &str, org: &str, name: &str) -> pb::Project {
     keyring
         .create_project(authed(
@@ -281,15 +245,4 @@ pub async fn create_key(keyring: &mut Keyring, token: &str, project: &str, name:
         .await
         .unwrap()
         .into_inner()
-}
-
-pub fn reason(status: &tonic::Status) -> String {
-    status.get_details_error_info().map(|i| i.reason).unwrap_or_default()
-}
-
-pub fn bad_fields(status: &tonic::Status) -> Vec<String> {
-    status
-        .get_details_bad_request()
-        .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
-        .unwrap_or_default()
 }
