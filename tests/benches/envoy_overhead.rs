@@ -20,17 +20,15 @@
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use keyshare_runtime::testkit::{free_port, tool, workspace_root};
+use keyshare_runtime::testkit::{Envoy, EnvoySite, envoy_config, free_port, http_call, shipped_envoy_yaml};
 use keyshare_system_tests::{Stack, percentile};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Connections of the moderate load; each sends at `rate / CLIENTS` requests per second.
 const CLIENTS: u32 = 4;
@@ -54,17 +52,20 @@ async fn main() {
     let credential = created.production_credential;
     let upstream = serve_upstream().await;
 
-    let shipped = std::fs::read_to_string(workspace_root().join("deploy/envoy/envoy.yaml")).unwrap();
-    let authorizer = stack.authorizer.port();
+    let shipped = shipped_envoy_yaml();
+    let authorizers = [(stack.authorizer.port(), 1)];
+    let site =
+        |listen| EnvoySite { listen, admin: free_port(), upstream, authorizers: &authorizers, project: &project };
     let (with_port, without_port) = (free_port(), free_port());
-    let with_config = configure(&shipped, with_port, free_port(), upstream, authorizer, &project);
-    let without_config =
-        without_ext_authz(&configure(&shipped, without_port, free_port(), upstream, authorizer, &project));
+    let with_config = envoy_config(&shipped, &site(with_port));
+    let without_config = without_ext_authz(&envoy_config(&shipped, &site(without_port)));
     let mut with = Envoy::start("with-ext-authz", &with_config, with_port, dir.path());
     let mut without = Envoy::start("without-ext-authz", &without_config, without_port, dir.path());
     // The first 200 through the filter also means the authorizer has the key in memory.
-    with.wait_until_it_passes(&credential).await;
-    without.wait_until_it_passes(&credential).await;
+    for envoy in [&mut with, &mut without] {
+        let port = envoy.port;
+        envoy.wait_until("a 200", || async { get(port, &credential).await == Some(200) }).await;
+    }
 
     let per_client = rate / CLIENTS;
     println!(
@@ -162,24 +163,6 @@ async fn serve_upstream() -> u16 {
     port
 }
 
-/// The shipped configuration with this run's ports, upstream, authorizer and project. Each
-/// placeholder must be there, so that a change to the shipped file stops the benchmark rather
-/// than have it measure something else.
-fn configure(shipped: &str, listen: u16, admin: u16, upstream: u16, authorizer: u16, project: &str) -> String {
-    [
-        ("port_value: 8080", format!("port_value: {listen}")),
-        ("port_value: 9901", format!("port_value: {admin}")),
-        ("address: upstream, port_value: 8000", format!("address: 127.0.0.1, port_value: {upstream}")),
-        ("address: authorizer, port_value: 50054", format!("address: 127.0.0.1, port_value: {authorizer}")),
-        ("projects/REPLACE-WITH-YOUR-PROJECT-ID", project.to_owned()),
-    ]
-    .iter()
-    .fold(shipped.to_owned(), |config, (from, to)| {
-        assert!(config.contains(from), "deploy/envoy/envoy.yaml no longer contains `{from}`");
-        config.replace(from, to)
-    })
-}
-
 /// The same configuration without the ext_authz filter: its entry in `http_filters` and the
 /// route's `typed_per_filter_config` go (each with the lines indented under it); the rest,
 /// including the authorizer's cluster, stays as it is.
@@ -211,68 +194,9 @@ fn without_ext_authz(config: &str) -> String {
     stripped
 }
 
-/// An Envoy process, killed when dropped.
-struct Envoy {
-    name: &'static str,
-    port: u16,
-    child: Child,
-    log: PathBuf,
-}
-
-impl Envoy {
-    fn start(name: &'static str, config: &str, port: u16, dir: &Path) -> Self {
-        let path = dir.join(format!("{name}.yaml"));
-        std::fs::write(&path, config).unwrap();
-        let log = dir.join(format!("{name}.stderr"));
-        let child = Command::new(tool("envoy"))
-            .arg("-c")
-            .arg(&path)
-            .args(["--base-id", &port.to_string(), "--log-level", "warn", "--disable-hot-restart"])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        Self { name, port, child, log }
-    }
-
-    /// Waits until a request with `credential` gets a 200 through this Envoy.
-    async fn wait_until_it_passes(&mut self, credential: &str) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let mut last = None;
-        loop {
-            last = get(self.port, credential).await.or(last);
-            if last == Some(200) {
-                return;
-            }
-            let log = || std::fs::read_to_string(&self.log).unwrap_or_default();
-            assert!(
-                Instant::now() < deadline,
-                "{} gave no 200 within 60 s (last status {last:?}); its log:\n{}",
-                self.name,
-                log()
-            );
-            assert!(matches!(self.child.try_wait(), Ok(None)), "{} exited; its log:\n{}", self.name, log());
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-impl Drop for Envoy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// The status of one `GET /v1/things` with the credential, or `None` if there was no answer.
 async fn get(port: u16, credential: &str) -> Option<u16> {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-    let request =
-        format!("GET /v1/things HTTP/1.1\r\nHost: api.example\r\nx-api-key: {credential}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.ok()?;
-    response.split_whitespace().nth(1)?.parse().ok()
+    http_call(port, "GET", "/v1/things", &[("x-api-key", credential)]).await.map(|(status, _, _)| status)
 }
 
 /// What h2load said about one run.

@@ -16,12 +16,14 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout, clippy::print_stderr)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use keyshare_proto::authorizer::v1 as pb;
 use keyshare_proto::keyring::v1 as krpb;
-use keyshare_runtime::testkit::{RedisServer, free_port, scrape, tool, workspace_root};
+use keyshare_runtime::testkit::{
+    Envoy, EnvoySite, RedisServer, envoy_config, free_port, http_call, scrape, shipped_envoy_yaml,
+};
 use keyshare_system_tests::{Stack, authed};
 use prost::Message;
 
@@ -98,7 +100,7 @@ async fn main() {
         "run", "limit", "offered/s", "secs", "admitted", "promise", "ratio"
     );
     for (limit, weights, credential) in &rate_runs {
-        let envoy = Envoy::start(&dir, upstream, &ports, *weights, &project, &probe).await;
+        let envoy = Gateway::start(&dir, upstream, &ports, *weights, &project, &probe).await;
         let clients = if *limit >= 100 { 10 } else { 1 };
         let rate = 5 * limit / clients;
         let run = h2load(
@@ -111,7 +113,7 @@ async fn main() {
     }
     for (kind, runs) in [("daily quota", &daily_runs), ("monthly quota", &monthly_runs)] {
         for (weights, gateway_project, credential) in runs.iter() {
-            let envoy = Envoy::start(&dir, upstream, &ports, *weights, gateway_project, credential).await;
+            let envoy = Gateway::start(&dir, upstream, &ports, *weights, gateway_project, credential).await;
             let run = h2load(envoy.port, credential, &["-c", "8", "--rps", "250", "-n", "4000"]);
             // The probe that found Envoy ready spent one call of the quota.
             let run = Run { ok: run.ok + envoy.probe_calls, ..run };
@@ -255,14 +257,14 @@ async fn serve_upstream() -> u16 {
 
 /// An Envoy with the shipped configuration, its authorizer cluster the replicas at `ports`
 /// weighted by `weights`; killed when dropped.
-struct Envoy {
+struct Gateway {
+    _envoy: Envoy,
     port: u16,
-    child: Child,
     /// Calls of `credential` that reached the upstream while waiting for Envoy to be ready.
     probe_calls: u64,
 }
 
-impl Envoy {
+impl Gateway {
     async fn start(
         dir: &tempfile::TempDir,
         upstream: u16,
@@ -271,78 +273,18 @@ impl Envoy {
         project: &str,
         credential: &str,
     ) -> Self {
-        let shipped = std::fs::read_to_string(workspace_root().join("deploy/envoy/envoy.yaml")).unwrap();
-        let (port, admin) = (free_port(), free_port());
-        let endpoint =
-            "              - endpoint: { address: { socket_address: { address: authorizer, port_value: 50054 } } }";
-        let endpoints: Vec<String> = ports
-            .iter()
-            .zip(weights)
-            .map(|(p, w)| {
-                format!(
-                    "              - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {p} }} }} }}\n                load_balancing_weight: {w}"
-                )
-            })
-            .collect();
-        let config = [
-            ("port_value: 8080", format!("port_value: {port}")),
-            ("port_value: 9901", format!("port_value: {admin}")),
-            ("address: upstream, port_value: 8000", format!("address: 127.0.0.1, port_value: {upstream}")),
-            (endpoint, endpoints.join("\n")),
-            ("projects/REPLACE-WITH-YOUR-PROJECT-ID", project.to_owned()),
-        ]
-        .iter()
-        .fold(shipped, |config, (from, to)| {
-            assert!(config.contains(from), "deploy/envoy/envoy.yaml no longer contains `{from}`");
-            config.replace(from, to)
-        });
-        let path = dir.path().join(format!("envoy-{port}.yaml"));
-        std::fs::write(&path, config).unwrap();
-        let log = dir.path().join(format!("envoy-{port}.log"));
-        let child = Command::new(tool("envoy"))
-            .arg("-c")
-            .arg(&path)
-            .args(["--base-id", &port.to_string(), "--log-level", "warn", "--disable-hot-restart"])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let mut envoy = Self { port, child, probe_calls: 0 };
-        envoy.wait_until_it_passes(credential, &log).await;
-        envoy
-    }
-
-    async fn wait_until_it_passes(&mut self, credential: &str, log: &Path) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if get(self.port, credential).await == Some(200) {
-                self.probe_calls += 1;
-                return;
-            }
-            let text = || std::fs::read_to_string(log).unwrap_or_default();
-            assert!(Instant::now() < deadline, "Envoy gave no 200 within 60 s; its log:\n{}", text());
-            assert!(matches!(self.child.try_wait(), Ok(None)), "Envoy exited; its log:\n{}", text());
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-impl Drop for Envoy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let port = free_port();
+        let authorizers: Vec<(u16, u32)> = ports.iter().copied().zip(weights).collect();
+        let site = EnvoySite { listen: port, admin: free_port(), upstream, authorizers: &authorizers, project };
+        let config = envoy_config(&shipped_envoy_yaml(), &site);
+        let mut envoy = Envoy::start(&format!("envoy-{port}"), &config, port, dir.path());
+        envoy.wait_until("a 200", || async { get(port, credential).await == Some(200) }).await;
+        Self { _envoy: envoy, port, probe_calls: 1 }
     }
 }
 
 async fn get(port: u16, credential: &str) -> Option<u16> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-    let request =
-        format!("GET /v1/things HTTP/1.1\r\nHost: api.example\r\nx-api-key: {credential}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.ok()?;
-    response.split_whitespace().nth(1)?.parse().ok()
+    http_call(port, "GET", "/v1/things", &[("x-api-key", credential)]).await.map(|(status, _, _)| status)
 }
 
 /// What h2load counted.

@@ -863,3 +863,131 @@ pub async fn client_token(identity: tonic::transport::Channel, client_id: &str, 
         .unwrap()
         .access_token
 }
+
+/// Where a test points Envoy's configuration (`deploy/envoy/envoy.yaml`, or one of its shape):
+/// its listener and admin ports, the upstream, the authorizer replicas (check ports, each with
+/// its load-balancing weight), and the project the gateway checks keys for.
+#[derive(Clone, Debug)]
+pub struct EnvoySite<'a> {
+    pub listen: u16,
+    pub admin: u16,
+    pub upstream: u16,
+    pub authorizers: &'a [(u16, u32)],
+    pub project: &'a str,
+}
+
+/// The configuration Keyshare ships for Envoy.
+pub fn shipped_envoy_yaml() -> String {
+    std::fs::read_to_string(workspace_root().join("deploy/envoy/envoy.yaml")).unwrap()
+}
+
+/// `shipped` pointed at `site`. Every placeholder must be there, so that a change to the shipped
+/// file stops the test rather than have it try something else.
+pub fn envoy_config(shipped: &str, site: &EnvoySite<'_>) -> String {
+    const AUTHORIZER: &str = "address: authorizer, port_value: 50054";
+    let endpoint = shipped
+        .lines()
+        .find(|line| line.contains(AUTHORIZER))
+        .unwrap_or_else(|| panic!("the Envoy configuration no longer contains `{AUTHORIZER}`"));
+    let indent = " ".repeat(endpoint.len() - endpoint.trim_start().len() + 2);
+    let endpoints: Vec<String> = site
+        .authorizers
+        .iter()
+        .map(|(port, weight)| {
+            let line = endpoint.replace(AUTHORIZER, &format!("address: 127.0.0.1, port_value: {port}"));
+            format!("{line}\n{indent}load_balancing_weight: {weight}")
+        })
+        .collect();
+    [
+        (endpoint.to_owned(), endpoints.join("\n")),
+        ("port_value: 8080".to_owned(), format!("port_value: {}", site.listen)),
+        ("port_value: 9901".to_owned(), format!("port_value: {}", site.admin)),
+        (
+            "address: upstream, port_value: 8000".to_owned(),
+            format!("address: 127.0.0.1, port_value: {}", site.upstream),
+        ),
+        ("projects/REPLACE-WITH-YOUR-PROJECT-ID".to_owned(), site.project.to_owned()),
+    ]
+    .iter()
+    .fold(shipped.to_owned(), |config, (from, to)| {
+        assert!(config.contains(from.as_str()), "the Envoy configuration no longer contains `{from}`");
+        config.replace(from.as_str(), to)
+    })
+}
+
+/// A real Envoy (`tool("envoy")`), its stderr kept in a file; killed when dropped.
+pub struct Envoy {
+    pub port: u16,
+    pub name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Envoy {
+    /// Starts Envoy with `config` (written into `dir` as `<name>.yaml`) listening on `port`.
+    pub fn start(name: &str, config: &str, port: u16, dir: &Path) -> Self {
+        let path = dir.join(format!("{name}.yaml"));
+        std::fs::write(&path, config).unwrap();
+        let log = dir.join(format!("{name}.stderr"));
+        let child = Command::new(tool("envoy"))
+            .arg("-c")
+            .arg(&path)
+            .args(["--base-id", &port.to_string(), "--log-level", "warn", "--disable-hot-restart"])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Self { port, name: name.to_owned(), child, log }
+    }
+
+    /// What Envoy wrote to stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until `ready` says yes, at most a minute; fails with Envoy's log if it exits or the
+    /// minute passes.
+    pub async fn wait_until<F, Fut>(&mut self, what: &str, mut ready: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if ready().await {
+                return;
+            }
+            assert!(matches!(self.child.try_wait(), Ok(None)), "{} exited; its log:\n{}", self.name, self.log());
+            assert!(Instant::now() < deadline, "{}: {what} not within 60 s; its log:\n{}", self.name, self.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One HTTP/1.1 request to `127.0.0.1:port` (`Host: api.example`, connection closed after):
+/// (status, response head in lower case, body), or `None` if nothing whole came back.
+pub async fn http_call(port: u16, method: &str, path: &str, headers: &[(&str, &str)]) -> Option<(u16, String, String)> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: api.example\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    if method == "POST" {
+        request.push_str("Content-Length: 0\r\n");
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, head.to_ascii_lowercase(), body.to_owned()))
+}

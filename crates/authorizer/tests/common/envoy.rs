@@ -2,22 +2,14 @@
 //! upstream that echoes what reached it.
 #![allow(dead_code, clippy::unwrap_used)]
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use keyshare_runtime::testkit::{eventually, free_port, tool, workspace_root};
+use keyshare_runtime::testkit::{EnvoySite, envoy_config, eventually, free_port, http_call, shipped_envoy_yaml};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::World;
 
-pub struct Envoy(Child);
-
-impl Drop for Envoy {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+pub use keyshare_runtime::testkit::Envoy;
 
 /// An upstream that answers 200 with the request head it received.
 pub async fn echo_upstream() -> u16 {
@@ -44,26 +36,12 @@ pub async fn echo_upstream() -> u16 {
 
 /// One HTTP/1.1 request for `/v1/things` through Envoy: (status, response head, body).
 pub async fn call(port: u16, method: &str, headers: &[(&str, &str)]) -> Option<(u16, String, String)> {
-    call_path(port, method, "/v1/things", headers).await
+    http_call(port, method, "/v1/things", headers).await
 }
 
 /// [`call`] for another path.
 pub async fn call_path(port: u16, method: &str, path: &str, headers: &[(&str, &str)]) -> Option<(u16, String, String)> {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: api.example\r\nConnection: close\r\n");
-    for (name, value) in headers {
-        request.push_str(&format!("{name}: {value}\r\n"));
-    }
-    if method == "POST" {
-        request.push_str("Content-Length: 0\r\n");
-    }
-    request.push_str("\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.ok()?;
-    let (head, body) = response.split_once("\r\n\r\n")?;
-    let status = head.split_whitespace().nth(1)?.parse().ok()?;
-    Some((status, head.to_ascii_lowercase(), body.to_owned()))
+    http_call(port, method, path, headers).await
 }
 
 pub async fn start_envoy(w: &World, project: &str, upstream: u16) -> (Envoy, u16) {
@@ -73,48 +51,19 @@ pub async fn start_envoy(w: &World, project: &str, upstream: u16) -> (Envoy, u16
 /// The shipped configuration with `authorizers` (check ports on 127.0.0.1) as the authorizer
 /// cluster's endpoints.
 pub async fn start_envoy_at(project: &str, upstream: u16, authorizers: &[u16]) -> (Envoy, u16) {
-    let shipped = std::fs::read_to_string(workspace_root().join("deploy/envoy/envoy.yaml")).unwrap();
-    start_envoy_with(&shipped, project, upstream, authorizers).await
+    start_envoy_with(&shipped_envoy_yaml(), project, upstream, authorizers).await
 }
 
 /// [`start_envoy_at`] with another configuration than the shipped one (of the same shape).
 pub async fn start_envoy_with(shipped: &str, project: &str, upstream: u16, authorizers: &[u16]) -> (Envoy, u16) {
     let (listen, admin) = (free_port(), free_port());
-    let endpoint = shipped.lines().find(|line| line.contains("address: authorizer, port_value: 50054")).unwrap();
-    let endpoints: Vec<String> = authorizers
-        .iter()
-        .map(|port| {
-            endpoint
-                .replace("address: authorizer, port_value: 50054", &format!("address: 127.0.0.1, port_value: {port}"))
-        })
-        .collect();
-    let config = shipped
-        .replace(endpoint, &endpoints.join("\n"))
-        .replace("port_value: 8080", &format!("port_value: {listen}"))
-        .replace("port_value: 9901", &format!("port_value: {admin}"))
-        .replace("address: upstream, port_value: 8000", &format!("address: 127.0.0.1, port_value: {upstream}"))
-        .replace("projects/REPLACE-WITH-YOUR-PROJECT-ID", project)
-        // A loaded test machine may take longer than a production authorizer to answer; a
-        // timeout here would be the machine's failure, not the authorizer's.
-        .replace("timeout: 0.25s", "timeout: 10s");
-    let dir = tempfile_dir();
-    let path = dir.join("envoy.yaml");
-    std::fs::write(&path, config).unwrap();
-    let child = Command::new(tool("envoy"))
-        .arg("-c")
-        .arg(&path)
-        .args(["--base-id", &listen.to_string(), "--log-level", "warn", "--disable-hot-restart"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let envoy = Envoy(child);
-    eventually(
-        "Envoy to answer",
-        Duration::from_secs(60),
-        || async move { call(listen, "GET", &[]).await.map(|_| ()) },
-    )
-    .await;
+    let authorizers: Vec<(u16, u32)> = authorizers.iter().map(|port| (*port, 1)).collect();
+    let site = EnvoySite { listen, admin, upstream, authorizers: &authorizers, project };
+    // A loaded test machine may take longer than a production authorizer to answer; a timeout
+    // here would be the machine's failure, not the authorizer's.
+    let config = envoy_config(shipped, &site).replace("timeout: 0.25s", "timeout: 10s");
+    let mut envoy = Envoy::start("envoy", &config, listen, &tempfile_dir());
+    envoy.wait_until("an answer", || async move { call(listen, "GET", &[]).await.is_some() }).await;
     (envoy, listen)
 }
 
