@@ -318,7 +318,7 @@ async fn login_flood_leaves_internal_and_management_calls_answering() {
             .await;
     let (account, owner_token, _) = verified_account(&h, "owner@example.com").await;
     let mut client = h.client().await;
-    let internal = internal_token(&mut client).await;
+    let internal = internal_token(&h).await;
     let org = client
         .create_organization(authed(
             &owner_token,

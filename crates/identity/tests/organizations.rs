@@ -78,7 +78,7 @@ async fn roles_and_removals_apply_on_the_next_call_and_the_last_owner_stays() {
     let org = create_org(&mut client, &owner_token, "Acme").await;
 
     // Grant through the internal, idempotent path (as an accepted invitation does).
-    let internal = internal_token(&mut client).await;
+    let internal = internal_token(&h).await;
     for _ in 0..2 {
         let member = grant(&mut client, &internal, &org, &reader, pb::OrganizationRole::Reader, "inv-1").await.unwrap();
         assert_eq!(member.role, pb::OrganizationRole::Reader as i32);
@@ -150,7 +150,7 @@ async fn concurrent_demotions_keep_one_owner() {
     let (b, b_token, _) = verified_account(&h, "b@example.com").await;
     let mut client = h.client().await;
     let org = create_org(&mut client, &a_token, "Twin").await;
-    let internal = internal_token(&mut client).await;
+    let internal = internal_token(&h).await;
     grant(&mut client, &internal, &org, &b, pb::OrganizationRole::Owner, "inv-twin").await.unwrap();
     // Each owner demotes the other at the same moment: one must fail.
     let (mut c1, mut c2) = (client.clone(), client.clone());
@@ -203,7 +203,7 @@ async fn service_accounts_and_internal_rpcs() {
     assert_eq!(err.code(), Code::PermissionDenied);
 
     // Keyshare's own services may look accounts up by verified email.
-    let internal = internal_token(&mut client).await;
+    let internal = internal_token(&h).await;
     let found = client
         .lookup_account(authed(&internal, pb::LookupAccountRequest { email: "OPS@example.com".into() }))
         .await
@@ -261,7 +261,7 @@ async fn pagination_walks_every_member_once() {
     let (_, owner_token, _) = verified_account(&h, "pager@example.com").await;
     let mut client = h.client().await;
     let org = create_org(&mut client, &owner_token, "Pages").await;
-    let internal = internal_token(&mut client).await;
+    let internal = internal_token(&h).await;
     for i in 0..7 {
         let email = format!("m{i}@example.com");
         let (account, _, _) = verified_account(&h, &email).await;

@@ -34,7 +34,7 @@ async fn next_revoked(feed: &mut Feed) -> String {
 
 async fn watch(h: &Harness) -> Feed {
     let mut client = h.client().await;
-    let token = internal_token(&mut client).await;
+    let token = internal_token(h).await;
     let mut feed = client
         .watch_session_revocations(authed(&token, pb::WatchSessionRevocationsRequest {}))
         .await
@@ -84,7 +84,7 @@ async fn a_revocation_committed_after_a_later_one_is_still_streamed_and_in_the_n
 
     // A watcher that connects now gets both in its snapshot, then the snapshot's end.
     let mut client = h.client().await;
-    let token = internal_token(&mut client).await;
+    let token = internal_token(&h).await;
     let mut fresh = client
         .watch_session_revocations(authed(&token, pb::WatchSessionRevocationsRequest {}))
         .await

@@ -130,18 +130,9 @@ pub async fn login(client: &mut Client, email: &str) -> Result<pb::TokenGrant, t
         .map(|r| r.into_inner().grant.unwrap())
 }
 
-pub async fn internal_token(client: &mut Client) -> String {
-    client
-        .issue_service_account_token(pb::IssueServiceAccountTokenRequest {
-            client_id: "invitation".into(),
-            client_secret: INTERNAL_SECRET.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .grant
-        .unwrap()
-        .access_token
+/// An access token of invitation's internal client.
+pub async fn internal_token(h: &Harness) -> String {
+    testkit::client_token(testkit::channel(h.addr).await, "invitation", INTERNAL_SECRET).await
 }
 
 /// Row count of an identity table, to prove nothing was written.
