@@ -22,14 +22,6 @@ use crate::state::Shared;
 /// database; without the database the authorizer serves anyway.
 const QUOTA_RESTORE_WAIT: Duration = Duration::from_secs(5);
 
-fn environment(value: i32) -> Option<Environment> {
-    match pb::Environment::try_from(value).ok()? {
-        pb::Environment::Sandbox => Some(Environment::Sandbox),
-        pb::Environment::Production => Some(Environment::Production),
-        pb::Environment::Unspecified => None,
-    }
-}
-
 fn limits(l: Option<pb::ProjectEnvironmentLimits>) -> Limits {
     l.map(|l| Limits { rate_limit: l.rate_limit_per_second, monthly_quota: l.monthly_quota }).unwrap_or_default()
 }
@@ -59,7 +51,7 @@ pub fn apply(index: &mut Index, event: Event) {
                     let permissions = c.permissions.unwrap_or_default();
                     Some(NewCredential {
                         sha256: c.sha256.as_slice().try_into().ok()?,
-                        environment: environment(c.environment)?,
+                        environment: Environment::from_number(c.environment)?,
                         active: c.active,
                         methods: Methods::new(
                             permissions.create,

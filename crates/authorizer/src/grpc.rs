@@ -34,13 +34,6 @@ pub(crate) fn outcome_pb(outcome: Outcome) -> pb::Outcome {
     }
 }
 
-pub(crate) fn environment_pb(environment: Environment) -> pb::Environment {
-    match environment {
-        Environment::Sandbox => pb::Environment::Sandbox,
-        Environment::Production => pb::Environment::Production,
-    }
-}
-
 #[tonic::async_trait]
 impl pb::authorizer_service_server::AuthorizerService for AuthorizerGrpc {
     /// A rejected key is an answer, never an error: gateways read RPC errors as "authorizer down".
@@ -51,11 +44,7 @@ impl pb::authorizer_service_server::AuthorizerService for AuthorizerGrpc {
             project: &r.project,
             method: &r.method,
             client_ip: r.client_ip.parse::<IpAddr>().ok(),
-            environment: match pb::Environment::try_from(r.environment) {
-                Ok(pb::Environment::Sandbox) => Some(Environment::Sandbox),
-                Ok(pb::Environment::Production) => Some(Environment::Production),
-                _ => None,
-            },
+            environment: Environment::from_number(r.environment),
         };
         let decision = self.checker.decide(&input, r.path);
         Ok(Response::new(pb::CheckKeyResponse {
@@ -63,7 +52,7 @@ impl pb::authorizer_service_server::AuthorizerService for AuthorizerGrpc {
             outcome: outcome_pb(decision.outcome) as i32,
             http_status: decision.outcome.http_status(),
             key: decision.key.map(|k| k.to_string()).unwrap_or_default(),
-            environment: decision.environment.map_or(0, |e| environment_pb(e) as i32),
+            environment: decision.environment.map_or(0, Environment::number),
             retry_after_seconds: i32::try_from(decision.retry_after).unwrap_or(i32::MAX),
         }))
     }

@@ -166,19 +166,13 @@ const PATH_SLACK: usize = 64;
 
 /// The `keyshare.authorizer.v1.Environment` number, as stored.
 pub fn environment_number(environment: Environment) -> i16 {
-    match environment {
-        Environment::Sandbox => 1,
-        Environment::Production => 2,
-    }
+    // 1 or 2: always fits.
+    environment.number() as i16
 }
 
 /// `None` for a number no version of the writer stores; such rows are skipped.
 pub fn environment_from_number(number: i16) -> Option<Environment> {
-    match number {
-        1 => Some(Environment::Sandbox),
-        2 => Some(Environment::Production),
-        _ => None,
-    }
+    Environment::from_number(i32::from(number))
 }
 
 #[cfg(test)]

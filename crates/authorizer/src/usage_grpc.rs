@@ -172,11 +172,11 @@ fn granularity(raw: i32) -> Result<Option<Granularity>, InvalidInput> {
 
 /// An optional filter: unspecified means every environment.
 fn environment(raw: i32, field: &str) -> Result<Option<Environment>, InvalidInput> {
-    match pb::Environment::try_from(raw) {
-        Ok(pb::Environment::Unspecified) => Ok(None),
-        Ok(pb::Environment::Sandbox) => Ok(Some(Environment::Sandbox)),
-        Ok(pb::Environment::Production) => Ok(Some(Environment::Production)),
-        Err(_) => Err(InvalidInput::field(field, "is not a known environment")),
+    match raw {
+        0 => Ok(None),
+        n => Environment::from_number(n)
+            .map(Some)
+            .ok_or_else(|| InvalidInput::field(field, "is not a known environment")),
     }
 }
 
@@ -218,7 +218,7 @@ fn series_pb(series: Series) -> SeriesPb {
         .into_iter()
         .map(|point| pb::UsagePoint {
             start_time: Some(timestamp(point.start)),
-            environment: crate::grpc::environment_pb(point.environment) as i32,
+            environment: point.environment.number(),
             outcome: crate::grpc::outcome_pb(point.outcome) as i32,
             calls: point.calls,
             key: point.key.map(|key| key.to_string()).unwrap_or_default(),
@@ -244,7 +244,7 @@ fn call_log_pb(log: CallLog) -> pb::CallLog {
         name: format!("{}/callLogs/{}", log.key, log.id),
         key: log.key.to_string(),
         call_time: Some(timestamp(log.at)),
-        environment: crate::grpc::environment_pb(log.environment) as i32,
+        environment: log.environment.number(),
         method: log.method,
         path: log.path,
         client_ip: log.client_ip.map(|ip| ip.to_string()).unwrap_or_default(),

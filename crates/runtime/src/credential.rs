@@ -20,6 +20,26 @@ pub enum Environment {
 }
 
 impl Environment {
+    /// The number both wire enums (`keyshare.keyring.v1.Environment` and
+    /// `keyshare.authorizer.v1.Environment`) and the authorizer's usage tables give this
+    /// environment. 0 is neither: unspecified.
+    pub const fn number(self) -> i32 {
+        match self {
+            Self::Sandbox => 1,
+            Self::Production => 2,
+        }
+    }
+
+    /// The environment `number` names; `None` for 0 (unspecified) and for a number no version
+    /// writes.
+    pub const fn from_number(number: i32) -> Option<Self> {
+        match number {
+            1 => Some(Self::Sandbox),
+            2 => Some(Self::Production),
+            _ => None,
+        }
+    }
+
     /// The prefix of this environment's credentials.
     pub fn prefix(self) -> &'static str {
         match self {

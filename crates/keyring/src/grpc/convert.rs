@@ -8,7 +8,7 @@ use keyshare_runtime::wire::timestamp;
 
 use crate::app;
 use crate::domain::{
-    self, Environment, InvitationSummary, Key, KeyEnvironment, KeyMember, KeyRole, Permissions, Project, ProjectLimits,
+    self, InvitationSummary, Key, KeyEnvironment, KeyMember, KeyRole, Permissions, Project, ProjectLimits,
     ProjectMember, ProjectRole,
 };
 
@@ -68,13 +68,6 @@ pub(super) fn timestamp_domain(t: &prost_types::Timestamp, field: &str) -> Resul
         .and_then(|nanos| DateTime::from_timestamp(t.seconds, nanos))
         .filter(|at| at.timestamp() >= 0 && at.timestamp() < 253_402_300_800)
         .ok_or_else(|| InvalidInput::field(field, "must be a time between 1970-01-01 and 9999-12-31"))
-}
-
-pub(super) fn environment_pb(env: Environment) -> i32 {
-    match env {
-        Environment::Sandbox => pb::Environment::Sandbox as i32,
-        Environment::Production => pb::Environment::Production as i32,
-    }
 }
 
 pub(super) fn project_role_pb(role: ProjectRole) -> i32 {
@@ -138,7 +131,7 @@ pub(super) fn key_environment_pb(key_name: &str, e: KeyEnvironment) -> pb::KeyEn
     };
     pb::KeyEnvironment {
         name: format!("{key_name}/environments/{}", e.environment.as_str()),
-        environment: environment_pb(e.environment),
+        environment: e.environment.number(),
         active: e.active,
         permissions: Some(permissions_pb(e.permissions)),
         rate_limit_per_second: e.rate_limit,

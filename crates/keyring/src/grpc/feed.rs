@@ -10,7 +10,7 @@ use keyshare_runtime::error::InvalidInput;
 use keyshare_runtime::wire::timestamp;
 use tonic::{Request, Response, Status};
 
-use super::convert::{environment_pb, limits_pb, permissions_pb};
+use super::convert::{limits_pb, permissions_pb};
 use keyshare_runtime::error::Reply;
 
 use super::{KeyringGrpc, ctx};
@@ -67,7 +67,7 @@ fn feed_pb(message: FeedMessage) -> pb::WatchKeysResponse {
                         .into_iter()
                         .map(|c| pb::CredentialState {
                             sha256: c.sha256,
-                            environment: Environment::parse(&c.environment).map_or(0, environment_pb),
+                            environment: Environment::parse(&c.environment).map_or(0, Environment::number),
                             active: c.active,
                             permissions: Some(permissions_pb(c.permissions)),
                             rate_limit_per_second: c.rate_limit,
