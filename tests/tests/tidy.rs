@@ -3,7 +3,9 @@
 //! 2. a crate's top-level modules form no cycle: the `crate::` arrows between them run one way;
 //! 3. wire types (`keyshare_proto`, `tonic`, `prost`, `envoy_types`) appear only in the adapter
 //!    modules [`ADAPTERS`] lists and their submodules (`grpc/convert` is part of `grpc`);
-//! 4. SQL appears only in store modules, and in the exceptions [`SQL_OUTSIDE_STORES`] lists.
+//! 4. SQL appears only in store modules, and in the exceptions [`SQL_OUTSIDE_STORES`] lists;
+//! 5. a SQLSTATE is read only where database failures are classified: store modules, each
+//!    service's `error` (its one `From<DbError>`), and runtime's `db`.
 //!
 //! Comments and `#[cfg(test)]` modules are not read: tests may reach anywhere.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -325,6 +327,38 @@ fn sql_lives_in_stores() {
     assert!(problems.is_empty(), "SQL outside the store modules:\n{}", problems.join("\n"));
 }
 
+/// Whether a line reads a SQLSTATE (directly, or through `DbError`'s readers of it).
+fn reads_sql_state(line: &str) -> bool {
+    ["SqlState", ".sql_state()", ".unique_violation()", ".code() == Some(&"].iter().any(|needle| line.contains(needle))
+}
+
+#[test]
+fn sql_states_are_read_only_where_failures_are_classified() {
+    let root = workspace_root();
+    let mut problems = Vec::new();
+    for krate in CRATES {
+        let src = root.join("crates").join(krate).join("src");
+        for (module, file) in modules(&src) {
+            let classifies = module.split('/').any(|part| part == "store" || part == "error")
+                || (*krate == "runtime" && module == "db");
+            if classifies {
+                continue;
+            }
+            let text = std::fs::read_to_string(&file).unwrap();
+            for (number, line) in code(&text) {
+                if reads_sql_state(&line) {
+                    problems.push(format!("crates/{krate}/src/{module}.rs:{number}: {}", line.trim()));
+                }
+            }
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "a SQLSTATE read outside the stores and error mappings (a store should answer in its own type):\n{}",
+        problems.join("\n")
+    );
+}
+
 #[test]
 fn the_checks_themselves_find_what_they_look_for() {
     // A rule that cannot fail is no rule: each detector on a line it must catch and one it must not.
@@ -333,6 +367,11 @@ fn the_checks_themselves_find_what_they_look_for() {
     assert!(is_sql(r#"        .query("SELECT id FROM t WHERE a = $1", &[&a])"#));
     assert!(is_sql(r#"            &format!("INSERT INTO {schema}.outbox (a) VALUES ($1)"),"#));
     assert!(!is_sql(r#"    let label = "Select a key";"#));
+    assert!(reads_sql_state(
+        r#"        .map_err(|e| if e.unique_violation().is_some() { Error::EmailTaken } else { e.into() })?;"#
+    ));
+    assert!(reads_sql_state("    if e.code() == Some(&SqlState::T_R_DEADLOCK_DETECTED) {"));
+    assert!(!reads_sql_state("    store::update_key_text(&tx, key, &name, &description).await?.map_err(|_| taken)?;"));
     assert!(is_adapter(&["grpc", "stats/access"], "grpc/convert"));
     assert!(is_adapter(&["grpc", "stats/access"], "stats/access"));
     assert!(!is_adapter(&["grpc", "stats/access"], "grpcx"));

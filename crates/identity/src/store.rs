@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 use keyshare_runtime::auth::{PublicKeyMaterial, Scope, Scopes};
 use keyshare_runtime::crypto::Sealed;
-use keyshare_runtime::db::{DbError, GenericClient, advisory_key};
+use keyshare_runtime::db::{DbError, GenericClient, Taken, advisory_key, unless_taken};
 use tokio_postgres::Row;
 use uuid::Uuid;
 
@@ -38,7 +38,7 @@ pub async fn insert_account(
     display_name: &str,
     password_hash: &str,
     now: DateTime<Utc>,
-) -> Result<Account> {
+) -> Result<std::result::Result<Account, Taken>> {
     let row = c
         .query_one(
             &format!(
@@ -47,8 +47,8 @@ pub async fn insert_account(
             ),
             &[&id, &email, &email_normalized, &display_name, &password_hash, &now],
         )
-        .await?;
-    Ok(account(&row))
+        .await;
+    Ok(unless_taken(row)?.map(|row| account(&row)))
 }
 
 pub async fn account_by_id(c: &impl GenericClient, id: Uuid) -> Result<Option<Account>> {

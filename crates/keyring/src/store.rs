@@ -2,7 +2,7 @@
 //! client or transaction, so use cases compose them into one transaction per write.
 
 use chrono::{DateTime, Utc};
-use keyshare_runtime::db::{DbError, GenericClient};
+use keyshare_runtime::db::{DbError, GenericClient, Taken, unless_taken};
 use tokio_postgres::Row;
 use uuid::Uuid;
 
@@ -305,14 +305,29 @@ pub struct NewKey<'a> {
     pub now: DateTime<Utc>,
 }
 
-pub async fn insert_key(c: &impl GenericClient, k: &NewKey<'_>) -> Result<()> {
-    c.execute(
-        "INSERT INTO keyring.keys (id, project_id, display_name, description, created_by, request_id, created_at, updated_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $7)",
-        &[&k.key.key, &k.key.project, &k.display_name, &k.description, &k.created_by, &k.request_id, &k.now],
-    )
-    .await?;
-    Ok(())
+/// Why a key could not be inserted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyTaken {
+    /// Another live key of the project has the name.
+    Name,
+    /// The creator made a key with this request id already.
+    Request,
+}
+
+pub async fn insert_key(c: &impl GenericClient, k: &NewKey<'_>) -> Result<std::result::Result<(), KeyTaken>> {
+    let inserted = c
+        .execute(
+            "INSERT INTO keyring.keys (id, project_id, display_name, description, created_by, request_id, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $7)",
+            &[&k.key.key, &k.key.project, &k.display_name, &k.description, &k.created_by, &k.request_id, &k.now],
+        )
+        .await;
+    match unless_taken(inserted)? {
+        Ok(_) => Ok(Ok(())),
+        Err(taken) if taken.constraint() == "keys_request" => Ok(Err(KeyTaken::Request)),
+        Err(taken) if taken.constraint() == "keys_name_unique" => Ok(Err(KeyTaken::Name)),
+        Err(taken) => Err(taken.into_error()),
+    }
 }
 
 /// The key an earlier CreateKey with this request id made.
@@ -508,13 +523,20 @@ pub async fn touch_key(c: &impl GenericClient, key: Uuid, now: DateTime<Utc>) ->
     Ok(())
 }
 
-pub async fn update_key_text(c: &impl GenericClient, key: Uuid, name: &str, description: &str) -> Result<()> {
-    c.execute(
-        "UPDATE keyring.keys SET display_name = $2, description = $3 WHERE id = $1",
-        &[&key, &name, &description],
-    )
-    .await?;
-    Ok(())
+/// Renames and redescribes a key; [`Taken`] when another live key of its project has the name.
+pub async fn update_key_text(
+    c: &impl GenericClient,
+    key: Uuid,
+    name: &str,
+    description: &str,
+) -> Result<std::result::Result<(), Taken>> {
+    let updated = c
+        .execute(
+            "UPDATE keyring.keys SET display_name = $2, description = $3 WHERE id = $1",
+            &[&key, &name, &description],
+        )
+        .await;
+    Ok(unless_taken(updated)?.map(|_| ()))
 }
 
 pub async fn update_environment(c: &impl GenericClient, key: Uuid, env: &KeyEnvironment) -> Result<()> {

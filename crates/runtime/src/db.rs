@@ -30,6 +30,34 @@ pub enum DbError {
     Tls(String),
 }
 
+/// A write a unique constraint refused: the row it would have made is there already.
+#[derive(Debug)]
+pub struct Taken(DbError);
+
+impl Taken {
+    /// The constraint that refused the write.
+    pub fn constraint(&self) -> &str {
+        self.0.unique_violation().unwrap_or_default()
+    }
+
+    /// The failure as it was, for a constraint the store does not expect.
+    pub fn into_error(self) -> DbError {
+        self.0
+    }
+}
+
+/// A statement's result with a unique violation set apart as [`Taken`], so a store says "taken"
+/// in its own type and no use case reads a SQLSTATE.
+pub fn unless_taken<T>(result: Result<T, PostgresError>) -> Result<Result<T, Taken>, DbError> {
+    match result {
+        Ok(value) => Ok(Ok(value)),
+        Err(e) => {
+            let e = DbError::Postgres(e);
+            if e.unique_violation().is_some() { Ok(Err(Taken(e))) } else { Err(e) }
+        }
+    }
+}
+
 /// Implements `From<deadpool_postgres::PoolError>` and `From<tokio_postgres::Error>` for a
 /// service's error enum that has `From<DbError>`: both go through [`DbError`], so each service
 /// decides in one place what a database failure means to its callers, and `?` works on pool and

@@ -50,8 +50,8 @@ impl Identity {
             &password_hash,
             now,
         )
-        .await
-        .map_err(|e| if e.unique_violation().is_some() { Error::EmailTaken } else { e.into() })?;
+        .await?
+        .map_err(|_| Error::EmailTaken)?;
         self.queue_verification(&tx, &account, now).await?;
         tx.commit().await?;
         self.outbox.wake();

@@ -50,11 +50,11 @@ impl Keyring {
             request_id: request_id.as_deref(),
             now,
         };
-        if let Err(e) = store::insert_key(&tx, &new_key).await {
-            return Err(match e.unique_violation() {
-                Some("keys_name_unique") => Error::KeyNameTaken,
+        if let Err(taken) = store::insert_key(&tx, &new_key).await? {
+            return Err(match taken {
+                store::KeyTaken::Name => Error::KeyNameTaken,
                 // A concurrent retry with the same request id won the race: answer as it did.
-                Some("keys_request") => {
+                store::KeyTaken::Request => {
                     drop(tx);
                     drop(client);
                     let client = self.pool.get().await?;
@@ -64,7 +64,6 @@ impl Keyring {
                     drop(client);
                     return self.created_again(ctx, existing).await;
                 }
-                _ => e.into(),
             });
         }
         for (env, credential) in [(Environment::Sandbox, &sandbox), (Environment::Production, &production)] {
@@ -189,9 +188,7 @@ impl Keyring {
         }
         let name = display_name.unwrap_or(row.display_name);
         let description = description.unwrap_or(row.description);
-        store::update_key_text(&tx, key.key, &name, &description)
-            .await
-            .map_err(|e| if e.unique_violation().is_some() { Error::KeyNameTaken } else { e.into() })?;
+        store::update_key_text(&tx, key.key, &name, &description).await?.map_err(|_| Error::KeyNameTaken)?;
         store::touch_key(&tx, key.key, self.now()).await?;
         self.audit(&tx, ctx, key.project, Some(key.key), "key.update", &key.name()).await?;
         tx.commit().await?;
