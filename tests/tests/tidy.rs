@@ -304,26 +304,37 @@ fn only_adapters_name_wire_types() {
     );
 }
 
-#[test]
-fn sql_lives_in_stores() {
+/// Every code line, outside the modules `allowed` lets through (crate, module), that `breaks`
+/// the rule, as `crates/<crate>/src/<module>.rs:<line>: <code>`.
+fn lines_breaking(allowed: impl Fn(&str, &str) -> bool, breaks: impl Fn(&str) -> bool) -> Vec<String> {
     let root = workspace_root();
     let mut problems = Vec::new();
     for krate in CRATES {
         let src = root.join("crates").join(krate).join("src");
         for (module, file) in modules(&src) {
-            let in_store = module.split('/').any(|part| part == "store");
-            let excepted = SQL_OUTSIDE_STORES.iter().any(|(m, _)| *m == format!("{krate}/{module}"));
-            if in_store || excepted {
+            if allowed(krate, &module) {
                 continue;
             }
             let text = std::fs::read_to_string(&file).unwrap();
             for (number, line) in code(&text) {
-                if is_sql(&line) {
+                if breaks(&line) {
                     problems.push(format!("crates/{krate}/src/{module}.rs:{number}: {}", line.trim()));
                 }
             }
         }
     }
+    problems
+}
+
+#[test]
+fn sql_lives_in_stores() {
+    let problems = lines_breaking(
+        |krate, module| {
+            module.split('/').any(|part| part == "store")
+                || SQL_OUTSIDE_STORES.iter().any(|(m, _)| *m == format!("{krate}/{module}"))
+        },
+        is_sql,
+    );
     assert!(problems.is_empty(), "SQL outside the store modules:\n{}", problems.join("\n"));
 }
 
@@ -334,24 +345,12 @@ fn reads_sql_state(line: &str) -> bool {
 
 #[test]
 fn sql_states_are_read_only_where_failures_are_classified() {
-    let root = workspace_root();
-    let mut problems = Vec::new();
-    for krate in CRATES {
-        let src = root.join("crates").join(krate).join("src");
-        for (module, file) in modules(&src) {
-            let classifies = module.split('/').any(|part| part == "store" || part == "error")
-                || (*krate == "runtime" && module == "db");
-            if classifies {
-                continue;
-            }
-            let text = std::fs::read_to_string(&file).unwrap();
-            for (number, line) in code(&text) {
-                if reads_sql_state(&line) {
-                    problems.push(format!("crates/{krate}/src/{module}.rs:{number}: {}", line.trim()));
-                }
-            }
-        }
-    }
+    let problems = lines_breaking(
+        |krate, module| {
+            module.split('/').any(|part| part == "store" || part == "error") || (krate == "runtime" && module == "db")
+        },
+        reads_sql_state,
+    );
     assert!(
         problems.is_empty(),
         "a SQLSTATE read outside the stores and error mappings (a store should answer in its own type):\n{}",

@@ -19,7 +19,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::jobs::{Backoff, Round};
 use lettre::message::Body;
 use lettre::message::Mailbox;
 use lettre::message::header::{ContentTransferEncoding, ContentType};
@@ -27,6 +26,7 @@ use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 
 use crate::db::{DbError, GenericClient};
 use crate::env::{ConfigError, Env};
+use crate::jobs::{Backoff, Round};
 
 /// A mail to send.
 #[derive(Clone, PartialEq, Eq)]
