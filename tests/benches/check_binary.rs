@@ -191,6 +191,31 @@ impl Rounds {
         self.p50.push(run.percentile_us(50.0) as f64);
         self.p99.push(run.percentile_us(99.0) as f64);
     }
+
+    /// Median throughput, p50 and p99 over the rounds.
+    fn medians(&self) -> (f64, f64, f64) {
+        (median(self.rps.clone()), median(self.p50.clone()), median(self.p99.clone()))
+    }
+}
+
+/// `rounds` rounds of every load against two targets (URL and request body each), driven in
+/// turn so that drift on a noisy machine hits both alike.
+async fn in_turn(
+    rounds: u64,
+    loads: &[(&str, &'static [&'static str])],
+    targets: [(String, PathBuf); 2],
+) -> Vec<(Rounds, Rounds)> {
+    let mut results: Vec<(Rounds, Rounds)> = loads.iter().map(|_| Default::default()).collect();
+    for _ in 0..rounds {
+        for ((_, args), (first, second)) in loads.iter().zip(results.iter_mut()) {
+            for ((url, body), rounds) in targets.iter().zip([first, second]) {
+                let (url, body, args) = (url.clone(), body.clone(), args.to_vec());
+                let run = tokio::task::spawn_blocking(move || testkit::h2load(&url, &body, &args, true)).await.unwrap();
+                rounds.add(&run);
+            }
+        }
+    }
+    results
 }
 
 #[tokio::main]
@@ -239,25 +264,10 @@ async fn main() {
         ("1 connection × 10 streams", TEN_STREAMS),
         ("one at a time", ONE_AT_A_TIME),
     ];
-    let mut results: Vec<(Rounds, Rounds)> = loads.iter().map(|_| Default::default()).collect();
-    for _ in 0..rounds {
-        for ((_, args), (bare_rounds, real_rounds)) in loads.iter().zip(results.iter_mut()) {
-            // Driven in turn, so drift on a noisy machine hits both alike.
-            for (server, rounds) in [(bare, &mut *bare_rounds), (port, &mut *real_rounds)] {
-                let body = body.clone();
-                let args: Vec<&'static str> = args.to_vec();
-                let run = tokio::task::spawn_blocking(move || testkit::h2load(&url(server), &body, &args, true))
-                    .await
-                    .unwrap();
-                rounds.add(&run);
-            }
-        }
-    }
+    let results = in_turn(rounds, &loads, [(url(bare), body.clone()), (url(port), body.clone())]).await;
     println!("\n| load | bare tonic | CheckKey | ratio |\n|---|---|---|---|");
     for ((what, _), (bare_rounds, real_rounds)) in loads.iter().zip(&results) {
-        let (b, r) = (median(bare_rounds.rps.clone()), median(real_rounds.rps.clone()));
-        let (bp50, rp50) = (median(bare_rounds.p50.clone()), median(real_rounds.p50.clone()));
-        let (bp99, rp99) = (median(bare_rounds.p99.clone()), median(real_rounds.p99.clone()));
+        let ((b, bp50, bp99), (r, rp50, rp99)) = (bare_rounds.medians(), real_rounds.medians());
         println!(
             "| {what} | {:.1}k req/s, p50 {bp50:.0} µs, p99 {bp99:.0} µs | {:.1}k req/s, p50 {rp50:.0} µs, p99 \
              {rp99:.0} µs | {:.2}, p99 {:.2}× |",
@@ -282,24 +292,11 @@ async fn main() {
     assert_eq!(answer.status.map(|s| s.code), Some(0), "the benchmark's ext_authz check is allowed");
     let envoy_loads: [(&str, &[&str]); 2] =
         [("saturation, 16 connections × 8 streams", SATURATION), ("one at a time", ONE_AT_A_TIME)];
-    let mut envoy_results: Vec<(Rounds, Rounds)> = envoy_loads.iter().map(|_| Default::default()).collect();
-    for _ in 0..rounds {
-        for ((_, args), (check_rounds, envoy_rounds)) in envoy_loads.iter().zip(envoy_results.iter_mut()) {
-            for (url, body, rounds) in
-                [(url(port), &body, &mut *check_rounds), (ext_authz_url(port), &envoy_body, &mut *envoy_rounds)]
-            {
-                let body = body.clone();
-                let args: Vec<&'static str> = args.to_vec();
-                let run = tokio::task::spawn_blocking(move || testkit::h2load(&url, &body, &args, true)).await.unwrap();
-                rounds.add(&run);
-            }
-        }
-    }
+    let envoy_results =
+        in_turn(rounds, &envoy_loads, [(url(port), body.clone()), (ext_authz_url(port), envoy_body.clone())]).await;
     println!("\n| load, the same binary | CheckKey | ext_authz Check | ratio |\n|---|---|---|---|");
     for ((what, _), (check_rounds, envoy_rounds)) in envoy_loads.iter().zip(&envoy_results) {
-        let (c, e) = (median(check_rounds.rps.clone()), median(envoy_rounds.rps.clone()));
-        let (cp50, ep50) = (median(check_rounds.p50.clone()), median(envoy_rounds.p50.clone()));
-        let (cp99, ep99) = (median(check_rounds.p99.clone()), median(envoy_rounds.p99.clone()));
+        let ((c, cp50, cp99), (e, ep50, ep99)) = (check_rounds.medians(), envoy_rounds.medians());
         println!(
             "| {what} | {:.1}k req/s, p50 {cp50:.0} µs, p99 {cp99:.0} µs | {:.1}k req/s, p50 {ep50:.0} µs, p99 \
              {ep99:.0} µs | {:.2} |",
