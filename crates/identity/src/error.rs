@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use keyshare_runtime::db::DbError;
+use keyshare_runtime::db::{Contention, DbError};
 use keyshare_runtime::error::{self, InvalidInput};
 use tonic::{Code, Status};
 
@@ -53,13 +53,27 @@ pub enum Error {
     WrongPassword,
     #[error("database unavailable: {0}")]
     Unavailable(DbError),
+    #[error("rolled back for a concurrent change: {0}")]
+    Contended(String),
     #[error("internal: {0}")]
     Internal(String),
 }
 
 impl From<DbError> for Error {
     fn from(e: DbError) -> Self {
-        if e.is_unavailable() { Error::Unavailable(e) } else { Error::Internal(e.to_string()) }
+        if e.is_unavailable() {
+            Error::Unavailable(e)
+        } else if e.is_contention() {
+            Error::Contended(e.to_string())
+        } else {
+            Error::Internal(e.to_string())
+        }
+    }
+}
+
+impl Contention for Error {
+    fn is_contention(&self) -> bool {
+        matches!(self, Error::Contended(_))
     }
 }
 
@@ -100,6 +114,7 @@ impl From<Error> for Status {
             Error::GrantRevoked => simple(Code::FailedPrecondition, "GRANT_REVOKED", &e),
             Error::WrongPassword => simple(Code::PermissionDenied, "WRONG_PASSWORD", &e),
             Error::Unavailable(cause) => error::unavailable(DOMAIN, &cause),
+            Error::Contended(cause) => error::contended(DOMAIN, &cause),
             Error::Internal(cause) => error::internal(DOMAIN, &cause),
         }
     }

@@ -17,6 +17,7 @@ use keyshare_runtime::client::PeerError;
 use keyshare_runtime::clock::SharedClock;
 use keyshare_runtime::crypto::{random_token, sha256};
 use keyshare_runtime::email::Email;
+use keyshare_runtime::in_transaction;
 use keyshare_runtime::jobs::{Backoff, Round, Waker, spawn_rounds};
 use keyshare_runtime::mail::{self, Mail, OutboxWaker};
 use keyshare_runtime::page::{self, PageRequest};
@@ -163,47 +164,46 @@ impl Invitations {
             plans.push((invitee.raw_email, invitee.role, outcome));
         }
 
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        let mut created = Vec::new();
-        let mut results = Vec::with_capacity(plans.len());
-        for (raw, role, outcome) in plans {
-            let email = match outcome {
-                Ok(email) => email,
-                Err(why) => {
-                    results.push((raw, Err(why)));
-                    continue;
+        let results = in_transaction!(self.pool, |tx| -> Result<_> {
+            let mut created = Vec::new();
+            let mut results = Vec::with_capacity(plans.len());
+            for (raw, role, outcome) in plans.iter().cloned() {
+                let email = match outcome {
+                    Ok(email) => email,
+                    Err(why) => {
+                        results.push((raw, Err(why)));
+                        continue;
+                    }
+                };
+                let id = Uuid::now_v7();
+                let token = random_token(32);
+                let new = store::NewInvitation {
+                    id,
+                    target: &target,
+                    email: email.as_str(),
+                    email_normalized: &email.normalized(),
+                    role,
+                    inviter,
+                    token_hash: &sha256(token.as_bytes()),
+                    now,
+                    expires_at: now + self.validity,
+                };
+                if store::insert(&tx, &new).await? {
+                    mail::enqueue(
+                        &tx,
+                        "invitation",
+                        &self.mail(id, email.as_str(), role, &person.display_name, title.as_deref(), &token),
+                    )
+                    .await?;
+                    created.push(id);
+                    results.push((raw, Ok(id)));
+                } else {
+                    let existing = store::open_invitation(&tx, &target, &email.normalized()).await?.unwrap_or_default();
+                    results.push((raw, Err(NotInvited::AlreadyPending(existing))));
                 }
-            };
-            let id = Uuid::now_v7();
-            let token = random_token(32);
-            let new = store::NewInvitation {
-                id,
-                target: &target,
-                email: email.as_str(),
-                email_normalized: &email.normalized(),
-                role,
-                inviter,
-                token_hash: &sha256(token.as_bytes()),
-                now,
-                expires_at: now + self.validity,
-            };
-            if store::insert(&tx, &new).await? {
-                mail::enqueue(
-                    &tx,
-                    "invitation",
-                    &self.mail(id, email.as_str(), role, &person.display_name, title.as_deref(), &token),
-                )
-                .await?;
-                created.push(id);
-                results.push((raw, Ok(id)));
-            } else {
-                let existing = store::open_invitation(&tx, &target, &email.normalized()).await?.unwrap_or_default();
-                results.push((raw, Err(NotInvited::AlreadyPending(existing))));
             }
-        }
-        tx.commit().await?;
-        drop(client);
+            Ok(results)
+        })?;
         self.outbox.wake();
         let client = self.pool.get().await?;
         let mut answers = Vec::with_capacity(results.len());
@@ -363,20 +363,20 @@ impl Invitations {
         let title = self.peers.title(&ctx.token, &invitation.target).await;
         let now = self.now();
         let token = random_token(32);
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        let (_, stored, expires_at) = store::lock(&tx, id).await?.ok_or(Error::NotFound("invitation"))?;
-        if !matches!(Status::of(&stored, expires_at, now), Status::Pending | Status::Expired) {
-            return Err(Error::WrongStatus { expected: "pending or expired", action: "resent" });
-        }
-        store::renew(&tx, id, &sha256(token.as_bytes()), now, now + self.validity).await?;
-        mail::enqueue(
-            &tx,
-            "invitation",
-            &self.mail(id, &invitation.email, invitation.role, &person.display_name, title.as_deref(), &token),
-        )
-        .await?;
-        tx.commit().await?;
+        in_transaction!(self.pool, |tx| -> Result<()> {
+            let (_, stored, expires_at) = store::lock(&tx, id).await?.ok_or(Error::NotFound("invitation"))?;
+            if !matches!(Status::of(&stored, expires_at, now), Status::Pending | Status::Expired) {
+                return Err(Error::WrongStatus { expected: "pending or expired", action: "resent" });
+            }
+            store::renew(&tx, id, &sha256(token.as_bytes()), now, now + self.validity).await?;
+            mail::enqueue(
+                &tx,
+                "invitation",
+                &self.mail(id, &invitation.email, invitation.role, &person.display_name, title.as_deref(), &token),
+            )
+            .await?;
+            Ok(())
+        })?;
         self.outbox.wake();
         self.load(id).await
     }
@@ -384,33 +384,32 @@ impl Invitations {
     pub async fn revoke(&self, ctx: &Ctx, id: Uuid) -> Result<Invitation> {
         self.get(ctx, id).await?;
         let now = self.now();
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        let (_, stored, expires_at) = store::lock(&tx, id).await?.ok_or(Error::NotFound("invitation"))?;
-        if Status::of(&stored, expires_at, now) != Status::Pending {
-            return Err(Error::WrongStatus {
-                expected: "pending",
-                action: "revoked (revoke access for accepted ones)",
-            });
-        }
-        store::mark_revoked(&tx, id, now).await?;
-        tx.commit().await?;
+        in_transaction!(self.pool, |tx| -> Result<()> {
+            let (_, stored, expires_at) = store::lock(&tx, id).await?.ok_or(Error::NotFound("invitation"))?;
+            if Status::of(&stored, expires_at, now) != Status::Pending {
+                return Err(Error::WrongStatus {
+                    expected: "pending",
+                    action: "revoked (revoke access for accepted ones)",
+                });
+            }
+            store::mark_revoked(&tx, id, now).await?;
+            Ok(())
+        })?;
         self.load(id).await
     }
 
     pub async fn revoke_access(&self, ctx: &Ctx, id: Uuid) -> Result<Invitation> {
         self.get(ctx, id).await?;
         let now = self.now();
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        let (_, stored, _) = store::lock(&tx, id).await?.ok_or(Error::NotFound("invitation"))?;
-        if stored != "accepted" {
-            return Err(Error::WrongStatus { expected: "accepted", action: "revoked access" });
-        }
-        store::mark_revoked(&tx, id, now).await?;
-        store::queue_call(&tx, id, "remove", &TraceContext::current()).await?;
-        tx.commit().await?;
-        drop(client);
+        in_transaction!(self.pool, |tx| -> Result<()> {
+            let (_, stored, _) = store::lock(&tx, id).await?.ok_or(Error::NotFound("invitation"))?;
+            if stored != "accepted" {
+                return Err(Error::WrongStatus { expected: "accepted", action: "revoked access" });
+            }
+            store::mark_revoked(&tx, id, now).await?;
+            store::queue_call(&tx, id, "remove", &TraceContext::current()).await?;
+            Ok(())
+        })?;
         tracing::info!(invitation = %id, "access revoked");
         self.drain(id).await?;
         self.load(id).await

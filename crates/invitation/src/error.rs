@@ -1,6 +1,6 @@
 //! Invitation's errors, each mapped to one gRPC code with an `ErrorInfo` reason.
 
-use keyshare_runtime::db::DbError;
+use keyshare_runtime::db::{Contention, DbError};
 use keyshare_runtime::error::{self, InvalidInput};
 use tonic::{Code, Status};
 
@@ -39,13 +39,27 @@ pub enum Error {
     InviterLostRole,
     #[error("a dependency is unavailable: {0}")]
     Unavailable(String),
+    #[error("rolled back for a concurrent change: {0}")]
+    Contended(String),
     #[error("internal: {0}")]
     Internal(String),
 }
 
 impl From<DbError> for Error {
     fn from(e: DbError) -> Self {
-        if e.is_unavailable() { Error::Unavailable(e.to_string()) } else { Error::Internal(e.to_string()) }
+        if e.is_unavailable() {
+            Error::Unavailable(e.to_string())
+        } else if e.is_contention() {
+            Error::Contended(e.to_string())
+        } else {
+            Error::Internal(e.to_string())
+        }
+    }
+}
+
+impl Contention for Error {
+    fn is_contention(&self) -> bool {
+        matches!(self, Error::Contended(_))
     }
 }
 
@@ -70,6 +84,7 @@ impl From<Error> for Status {
             Error::TargetGone => simple(Code::FailedPrecondition, "INVITATION_TARGET_GONE", &e),
             Error::InviterLostRole => simple(Code::FailedPrecondition, "INVITER_LOST_ROLE", &e),
             Error::Unavailable(cause) => error::unavailable(DOMAIN, &cause),
+            Error::Contended(cause) => error::contended(DOMAIN, &cause),
             Error::Internal(cause) => error::internal(DOMAIN, &cause),
         }
     }

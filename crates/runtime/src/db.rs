@@ -1,5 +1,6 @@
 //! PostgreSQL access shared by every service: the connection pool, embedded migrations applied
-//! at start (safe with several replicas starting at once), and SQLSTATE classification.
+//! at start (safe with several replicas starting at once), transactions that are run again when
+//! they lose a race, and SQLSTATE classification.
 //! Connections use TLS when `DATABASE_URL` asks for it (`sslmode=require`, `verify-ca`,
 //! `verify-full`; see [`crate::pg_tls`]).
 
@@ -98,6 +99,12 @@ impl DbError {
         }
     }
 
+    /// Whether the database aborted this transaction in favour of a concurrent one (a
+    /// serialization failure or a deadlock): the same work run again may well succeed.
+    pub fn is_contention(&self) -> bool {
+        matches!(self.sql_state(), Some(state) if *state == SqlState::T_R_SERIALIZATION_FAILURE || *state == SqlState::T_R_DEADLOCK_DETECTED)
+    }
+
     /// Whether the database could not be reached at all (as opposed to refusing a statement).
     pub fn is_unavailable(&self) -> bool {
         match self {
@@ -106,6 +113,81 @@ impl DbError {
             _ => false,
         }
     }
+}
+
+/// A service error that can say whether it is a [`DbError::is_contention`] failure, kept apart
+/// from other database failures so that [`in_transaction!`] knows what to run again.
+pub trait Contention {
+    fn is_contention(&self) -> bool;
+}
+
+impl Contention for DbError {
+    fn is_contention(&self) -> bool {
+        DbError::is_contention(self)
+    }
+}
+
+/// How many times [`in_transaction!`] runs work that keeps losing races, in all.
+pub const TRANSACTION_ATTEMPTS: u32 = 3;
+
+/// Runs a block in one transaction on a connection of a pool and commits it:
+/// `in_transaction!(pool, |tx| -> Result<T> { ..; Ok(value) })`, where the block reads the
+/// transaction as `tx` and answers the `Result` (of the type named) that the whole answers.
+///
+/// When the database aborts the transaction for a serialization failure or a deadlock, it is
+/// rolled back and the block runs again from the start, on a fresh transaction, after a short
+/// randomised wait; [`TRANSACTION_ATTEMPTS`] runs in all, then the failure is the caller's. Any
+/// other error rolls back and is answered at once. The block answers like a function body, by its
+/// last expression or by `return`, and `?` answers its error; `Ok` commits. So the
+/// block does database work only (no mail sent, no peer called): whatever follows the commit
+/// goes after the macro. A block that must commit and still answer an error answers
+/// `Ok(Err(..))`.
+///
+/// A macro rather than a function taking a closure: an async closure over a borrowed
+/// transaction would be the natural form, but tonic's handlers need `Send` futures, which the
+/// compiler cannot yet prove for such closures (nor for boxed futures borrowing the caller's
+/// locals).
+#[macro_export]
+macro_rules! in_transaction {
+    ($pool:expr, |$tx:ident| -> $answer:ty $body:block) => {{
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let result: $answer = async {
+                let mut client = $pool.get().await?;
+                #[allow(unused_mut)]
+                let mut $tx = client.transaction().await?;
+                // An inner block, so that a `return` in the body ends the body only.
+                let answer: $answer = async { $body }.await;
+                let value = match answer {
+                    Ok(value) => value,
+                    Err(e) => return Err(e),
+                };
+                $tx.commit().await?;
+                Ok(value)
+            }
+            .await;
+            match result {
+                Err(e) if $crate::db::run_again(&e, attempt).await => continue,
+                result => break result,
+            }
+        }
+    }};
+}
+
+/// Whether [`in_transaction!`] runs its block again after attempt `attempt` failed with `error`;
+/// waits first when it does.
+pub async fn run_again<E: Contention>(error: &E, attempt: u32) -> bool {
+    if !error.is_contention() || attempt >= TRANSACTION_ATTEMPTS {
+        return false;
+    }
+    tracing::info!(attempt, "transaction lost a race with a concurrent one; running it again");
+    // 5-10 ms, then 20-40 ms: long enough for the winner to commit, and spread so that two
+    // losers do not meet again.
+    let base = 5u64 << (2 * (attempt - 1));
+    let wait = base + rand::Rng::gen_range(&mut rand::thread_rng(), 0..=base);
+    tokio::time::sleep(Duration::from_millis(wait)).await;
+    true
 }
 
 /// Builds the connection pool. Connections are made lazily, so a database that is briefly down

@@ -151,6 +151,13 @@ pub fn unavailable(domain: &str, cause: &dyn std::fmt::Display) -> Status {
     status(Code::Unavailable, domain, "UNAVAILABLE", "service temporarily unavailable, retry")
 }
 
+/// ABORTED for a change the database rolled back because a concurrent one won, after it was run
+/// again as often as [`crate::db::in_transaction`] runs it: the caller may retry the call.
+pub fn contended(domain: &str, cause: &dyn std::fmt::Display) -> Status {
+    tracing::warn!(error = %cause, "transaction kept losing races with concurrent ones");
+    status(Code::Aborted, domain, "CONTENDED", "the change met concurrent changes and was rolled back; retry")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

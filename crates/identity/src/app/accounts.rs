@@ -4,6 +4,7 @@
 use chrono::{DateTime, Utc};
 use keyshare_runtime::auth::{Caller, Scope, Scopes};
 use keyshare_runtime::crypto::{random_token, sha256};
+use keyshare_runtime::in_transaction;
 use keyshare_runtime::mail::{self, Mail};
 use uuid::Uuid;
 
@@ -33,27 +34,27 @@ impl Identity {
         let password_hash = self.passwords.reserve()?.hash(password.expose().to_owned()).await?;
         let now = self.now();
         self.count_mail(&email, now).await?;
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        if let Some(existing) = store::lock_account_by_email(&tx, &email.normalized()).await? {
-            if existing.email_verified || !store::delete_unverified_account(&tx, existing.id).await? {
-                return Err(Error::EmailTaken);
+        let account = in_transaction!(self.pool, |tx| -> Result<_> {
+            if let Some(existing) = store::lock_account_by_email(&tx, &email.normalized()).await? {
+                if existing.email_verified || !store::delete_unverified_account(&tx, existing.id).await? {
+                    return Err(Error::EmailTaken);
+                }
+                tracing::info!(account = %existing.id, "unverified account replaced by a new sign-up");
             }
-            tracing::info!(account = %existing.id, "unverified account replaced by a new sign-up");
-        }
-        let account = store::insert_account(
-            &tx,
-            Uuid::now_v7(),
-            email.as_str(),
-            &email.normalized(),
-            display_name.as_str(),
-            &password_hash,
-            now,
-        )
-        .await?
-        .map_err(|_| Error::EmailTaken)?;
-        self.queue_verification(&tx, &account, now).await?;
-        tx.commit().await?;
+            let account = store::insert_account(
+                &tx,
+                Uuid::now_v7(),
+                email.as_str(),
+                &email.normalized(),
+                display_name.as_str(),
+                &password_hash,
+                now,
+            )
+            .await?
+            .map_err(|_| Error::EmailTaken)?;
+            self.queue_verification(&tx, &account, now).await?;
+            Ok(account)
+        })?;
         self.outbox.wake();
         tracing::info!(account = %account.id, "account created");
         Ok(account)
@@ -145,16 +146,16 @@ impl Identity {
     pub async fn verify_email(&self, token: &str) -> Result<Account> {
         let now = self.now();
         let hash = sha256(token.trim().as_bytes());
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        let verification = store::lock_verification(&tx, &hash).await?.ok_or(Error::VerificationTokenInvalid)?;
-        if verification.used || verification.expires_at <= now {
-            return Err(Error::VerificationTokenInvalid);
-        }
-        store::use_verification(&tx, &hash, verification.account_id, now).await?;
-        let account =
-            store::account_by_id(&tx, verification.account_id).await?.ok_or(Error::VerificationTokenInvalid)?;
-        tx.commit().await?;
+        let account = in_transaction!(self.pool, |tx| -> Result<_> {
+            let verification = store::lock_verification(&tx, &hash).await?.ok_or(Error::VerificationTokenInvalid)?;
+            if verification.used || verification.expires_at <= now {
+                return Err(Error::VerificationTokenInvalid);
+            }
+            store::use_verification(&tx, &hash, verification.account_id, now).await?;
+            let account =
+                store::account_by_id(&tx, verification.account_id).await?.ok_or(Error::VerificationTokenInvalid)?;
+            Ok(account)
+        })?;
         Ok(account)
     }
 
@@ -164,14 +165,14 @@ impl Identity {
     pub async fn resend_verification(&self, email: Email) -> Result<()> {
         let now = self.now();
         self.count_mail(&email, now).await?;
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        if let Some(account) = store::lock_account_by_email(&tx, &email.normalized()).await?
-            && !account.email_verified
-        {
-            self.queue_password_mail(&tx, &account, PasswordMail::FinishSignUp, now).await?;
-        }
-        tx.commit().await?;
+        in_transaction!(self.pool, |tx| -> Result<()> {
+            if let Some(account) = store::lock_account_by_email(&tx, &email.normalized()).await?
+                && !account.email_verified
+            {
+                self.queue_password_mail(&tx, &account, PasswordMail::FinishSignUp, now).await?;
+            }
+            Ok(())
+        })?;
         self.outbox.wake();
         Ok(())
     }
@@ -180,13 +181,13 @@ impl Identity {
     pub async fn request_password_reset(&self, email: Email) -> Result<()> {
         let now = self.now();
         self.count_mail(&email, now).await?;
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        if let Some(account) = store::lock_account_by_email(&tx, &email.normalized()).await? {
-            self.queue_password_mail(&tx, &account, PasswordMail::Reset, now).await?;
-            tracing::info!(account = %account.id, "password reset requested");
-        }
-        tx.commit().await?;
+        in_transaction!(self.pool, |tx| -> Result<()> {
+            if let Some(account) = store::lock_account_by_email(&tx, &email.normalized()).await? {
+                self.queue_password_mail(&tx, &account, PasswordMail::Reset, now).await?;
+                tracing::info!(account = %account.id, "password reset requested");
+            }
+            Ok(())
+        })?;
         self.outbox.wake();
         Ok(())
     }
@@ -204,20 +205,21 @@ impl Identity {
         }
         let password_hash = self.passwords.reserve()?.hash(new.expose().to_owned()).await?;
         let now = self.now();
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        let reset = store::password_reset(&tx, &hash, true)
-            .await?
-            .filter(|reset| usable(reset, now))
-            .ok_or(Error::PasswordResetTokenInvalid)?;
-        store::spend_password_resets(&tx, reset.account_id, now).await?;
-        store::spend_verifications(&tx, reset.account_id, now).await?;
-        store::set_password_hash(&tx, reset.account_id, &password_hash, now).await?;
-        let account =
-            store::mark_email_verified(&tx, reset.account_id, now).await?.ok_or(Error::PasswordResetTokenInvalid)?;
-        let revoked = store::revoke_all_sessions(&tx, reset.account_id, now, "password reset").await?;
-        store::throttle_clear(&tx, Bucket::LoginEmail, &account.email.to_ascii_lowercase()).await?;
-        tx.commit().await?;
+        let (account, revoked) = in_transaction!(self.pool, |tx| -> Result<_> {
+            let reset = store::password_reset(&tx, &hash, true)
+                .await?
+                .filter(|reset| usable(reset, now))
+                .ok_or(Error::PasswordResetTokenInvalid)?;
+            store::spend_password_resets(&tx, reset.account_id, now).await?;
+            store::spend_verifications(&tx, reset.account_id, now).await?;
+            store::set_password_hash(&tx, reset.account_id, &password_hash, now).await?;
+            let account = store::mark_email_verified(&tx, reset.account_id, now)
+                .await?
+                .ok_or(Error::PasswordResetTokenInvalid)?;
+            let revoked = store::revoke_all_sessions(&tx, reset.account_id, now, "password reset").await?;
+            store::throttle_clear(&tx, Bucket::LoginEmail, &account.email.to_ascii_lowercase()).await?;
+            Ok((account, revoked))
+        })?;
         tracing::info!(account = %account.id, revoked_sessions = revoked, "password reset");
         Ok((account, revoked))
     }
@@ -258,11 +260,11 @@ impl Identity {
             return Err(Error::EmailNotVerified);
         }
         let session_id = Uuid::now_v7();
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        store::insert_session(&tx, session_id, found.account.id, now).await?;
-        let grant = self.issue_account_grant(&tx, found.account.id, session_id, now).await?;
-        tx.commit().await?;
+        let grant = in_transaction!(self.pool, |tx| -> Result<_> {
+            store::insert_session(&tx, session_id, found.account.id, now).await?;
+            let grant = self.issue_account_grant(&tx, found.account.id, session_id, now).await?;
+            Ok(grant)
+        })?;
         tracing::info!(account = %found.account.id, session = %session_id, "logged in");
         Ok((grant, found.account))
     }
@@ -309,11 +311,11 @@ impl Identity {
     pub async fn logout(&self, refresh_token: &str) -> Result<()> {
         let now = self.now();
         let hash = sha256(refresh_token.trim().as_bytes());
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        let token = store::lock_refresh_token(&tx, &hash).await?.ok_or(Error::RefreshTokenInvalid)?;
-        store::revoke_session(&tx, token.session_id, now, "logout").await?;
-        tx.commit().await?;
+        in_transaction!(self.pool, |tx| -> Result<()> {
+            let token = store::lock_refresh_token(&tx, &hash).await?.ok_or(Error::RefreshTokenInvalid)?;
+            store::revoke_session(&tx, token.session_id, now, "logout").await?;
+            Ok(())
+        })?;
         Ok(())
     }
 
@@ -354,12 +356,12 @@ impl Identity {
         }
         let new_hash = self.passwords.reserve()?.hash(new.expose().to_owned()).await?;
         let now = self.now();
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        store::set_password_hash(&tx, me, &new_hash, now).await?;
-        store::spend_password_resets(&tx, me, now).await?;
-        let revoked = store::revoke_other_sessions(&tx, me, caller.session_id, now).await?;
-        tx.commit().await?;
+        let revoked = in_transaction!(self.pool, |tx| -> Result<_> {
+            store::set_password_hash(&tx, me, &new_hash, now).await?;
+            store::spend_password_resets(&tx, me, now).await?;
+            let revoked = store::revoke_other_sessions(&tx, me, caller.session_id, now).await?;
+            Ok(revoked)
+        })?;
         Ok(revoked)
     }
 

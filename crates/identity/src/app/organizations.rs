@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use keyshare_runtime::auth::{Caller, Principal, Scope};
 use keyshare_runtime::client::PeerError;
+use keyshare_runtime::in_transaction;
 use keyshare_runtime::jobs::{Backoff, Round, Waker};
 use keyshare_runtime::page::{self, PageRequest};
 use uuid::Uuid;
@@ -18,11 +19,11 @@ impl Identity {
         let me = self.require_account(caller).await?;
         let now = self.now();
         let id = Uuid::now_v7();
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        store::insert_organization(&tx, id, display_name.as_str(), me, now).await?;
-        store::insert_member(&tx, id, me, OrgRole::Owner, now).await?;
-        tx.commit().await?;
+        in_transaction!(self.pool, |tx| -> Result<()> {
+            store::insert_organization(&tx, id, display_name.as_str(), me, now).await?;
+            store::insert_member(&tx, id, me, OrgRole::Owner, now).await?;
+            Ok(())
+        })?;
         Ok(Organization {
             id,
             display_name: display_name.as_str().to_owned(),
@@ -97,16 +98,16 @@ impl Identity {
 
     pub async fn set_member_role(&self, caller: &Caller, org: Uuid, account: Uuid, role: OrgRole) -> Result<Member> {
         self.require_owner(caller, org).await?;
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        store::lock_organization(&tx, org).await?;
-        let current = store::member_role(&tx, org, account).await?.ok_or(Error::NotFound("member"))?;
-        if current == OrgRole::Owner && role != OrgRole::Owner && store::count_owners(&tx, org).await? <= 1 {
-            return Err(Error::LastOwner);
-        }
-        store::set_member_role(&tx, org, account, role).await?;
-        let member = store::member(&tx, org, account).await?.ok_or(Error::NotFound("member"))?;
-        tx.commit().await?;
+        let member = in_transaction!(self.pool, |tx| -> Result<_> {
+            store::lock_organization(&tx, org).await?;
+            let current = store::member_role(&tx, org, account).await?.ok_or(Error::NotFound("member"))?;
+            if current == OrgRole::Owner && role != OrgRole::Owner && store::count_owners(&tx, org).await? <= 1 {
+                return Err(Error::LastOwner);
+            }
+            store::set_member_role(&tx, org, account, role).await?;
+            let member = store::member(&tx, org, account).await?.ok_or(Error::NotFound("member"))?;
+            Ok(member)
+        })?;
         Ok(member)
     }
 
@@ -130,28 +131,30 @@ impl Identity {
             return Err(Error::PermissionDenied("only organization owners may remove members"));
         }
         let now = self.now();
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        store::lock_organization(&tx, org).await?;
-        if let Some(invitation) = invitation.filter(|_| on_behalf) {
-            match store::grant_created(&tx, invitation).await? {
-                Some((granted_org, granted_account, _)) if (granted_org, granted_account) != (org, account) => {
-                    return Err(Error::InvitationConflict(invitation.to_owned()));
+        let removed = in_transaction!(self.pool, |tx| -> Result<bool> {
+            store::lock_organization(&tx, org).await?;
+            if let Some(invitation) = invitation.filter(|_| on_behalf) {
+                match store::grant_created(&tx, invitation).await? {
+                    Some((granted_org, granted_account, _)) if (granted_org, granted_account) != (org, account) => {
+                        return Err(Error::InvitationConflict(invitation.to_owned()));
+                    }
+                    // The invitation made nothing (it never ran, or the person was a member already).
+                    None | Some((_, _, false)) => return Ok(false),
+                    Some(_) => {}
                 }
-                // The invitation made nothing (it never ran, or the person was a member already).
-                None | Some((_, _, false)) => return Ok(()),
-                Some(_) => {}
             }
+            let current = store::member_role(&tx, org, account).await?.ok_or(Error::NotFound("member"))?;
+            if current == OrgRole::Owner && store::count_owners(&tx, org).await? <= 1 {
+                return Err(Error::LastOwner);
+            }
+            store::delete_member(&tx, org, account).await?;
+            store::queue_keyring_call(&tx, org, account, now).await?;
+            Ok(true)
+        })?;
+        if removed {
+            tracing::info!(organization = %org, account = %account, "organization member removed");
+            self.tell_keyring().await;
         }
-        let current = store::member_role(&tx, org, account).await?.ok_or(Error::NotFound("member"))?;
-        if current == OrgRole::Owner && store::count_owners(&tx, org).await? <= 1 {
-            return Err(Error::LastOwner);
-        }
-        store::delete_member(&tx, org, account).await?;
-        store::queue_keyring_call(&tx, org, account, now).await?;
-        tx.commit().await?;
-        tracing::info!(organization = %org, account = %account, "organization member removed");
-        self.tell_keyring().await;
         Ok(())
     }
 
@@ -224,31 +227,29 @@ impl Identity {
     ) -> Result<Member> {
         require(caller, Scope::MembershipsWrite)?;
         let now = self.now();
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        if !store::lock_organization(&tx, org).await? {
-            return Err(Error::NotFound("organization"));
-        }
-        if store::account_by_id(&tx, account).await?.is_none() {
-            return Err(Error::NotFound("account"));
-        }
-        match store::grant_of_invitation(&tx, invitation_id).await? {
-            // A retry: answer with the membership the first call made, unless it was removed
-            // since, which a retry must not undo.
-            Some(existing) if existing == (org, account) => {
-                return store::member(&tx, org, account).await?.ok_or(Error::GrantRevoked);
+        in_transaction!(self.pool, |tx| -> Result<Member> {
+            if !store::lock_organization(&tx, org).await? {
+                return Err(Error::NotFound("organization"));
             }
-            Some(_) => return Err(Error::InvitationConflict(invitation_id.to_owned())),
-            None => {
-                // A member already keeps their role; the grant records that it made nothing, so
-                // revoking the invitation's access later removes nothing.
-                let created = store::insert_member(&tx, org, account, role, now).await?;
-                store::insert_grant(&tx, invitation_id, org, account, role, created, now).await?;
+            if store::account_by_id(&tx, account).await?.is_none() {
+                return Err(Error::NotFound("account"));
             }
-        }
-        let member = store::member(&tx, org, account).await?.ok_or(Error::NotFound("member"))?;
-        tx.commit().await?;
-        Ok(member)
+            match store::grant_of_invitation(&tx, invitation_id).await? {
+                // A retry: answer with the membership the first call made, unless it was removed
+                // since, which a retry must not undo.
+                Some(existing) if existing == (org, account) => {
+                    return store::member(&tx, org, account).await?.ok_or(Error::GrantRevoked);
+                }
+                Some(_) => return Err(Error::InvitationConflict(invitation_id.to_owned())),
+                None => {
+                    // A member already keeps their role; the grant records that it made nothing, so
+                    // revoking the invitation's access later removes nothing.
+                    let created = store::insert_member(&tx, org, account, role, now).await?;
+                    store::insert_grant(&tx, invitation_id, org, account, role, created, now).await?;
+                }
+            }
+            store::member(&tx, org, account).await?.ok_or(Error::NotFound("member"))
+        })
     }
 
     // --- Service accounts ---

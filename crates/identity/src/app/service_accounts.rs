@@ -2,6 +2,7 @@
 
 use keyshare_runtime::auth::{Caller, Scope};
 use keyshare_runtime::crypto::{constant_time_eq, random_token, sha256};
+use keyshare_runtime::in_transaction;
 use keyshare_runtime::page::{self, PageRequest};
 use uuid::Uuid;
 
@@ -66,13 +67,13 @@ impl Identity {
     pub async fn delete_service_account(&self, caller: &Caller, org: Uuid, id: Uuid) -> Result<()> {
         self.require_owner(caller, org).await?;
         let now = self.now();
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        if !store::delete_service_account(&tx, org, id, now).await? {
-            return Err(Error::NotFound("service account"));
-        }
-        store::queue_keyring_call(&tx, org, id, now).await?;
-        tx.commit().await?;
+        in_transaction!(self.pool, |tx| -> Result<()> {
+            if !store::delete_service_account(&tx, org, id, now).await? {
+                return Err(Error::NotFound("service account"));
+            }
+            store::queue_keyring_call(&tx, org, id, now).await?;
+            Ok(())
+        })?;
         self.tell_keyring().await;
         Ok(())
     }

@@ -5,6 +5,7 @@ use chrono::{DateTime, Utc};
 use deadpool_postgres::Transaction;
 use keyshare_runtime::credential::Credential;
 use keyshare_runtime::crypto::Sealed;
+use keyshare_runtime::in_transaction;
 use keyshare_runtime::page::{self, PageRequest};
 use uuid::Uuid;
 
@@ -40,8 +41,6 @@ impl Keyring {
         let key = KeyRef { project, key: Uuid::now_v7() };
         let sandbox = Credential::generate(Environment::Sandbox);
         let production = Credential::generate(Environment::Production);
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
         let new_key = store::NewKey {
             key,
             display_name: &display_name,
@@ -50,30 +49,34 @@ impl Keyring {
             request_id: request_id.as_deref(),
             now,
         };
-        if let Err(taken) = store::insert_key(&tx, &new_key).await? {
-            return Err(match taken {
-                store::KeyTaken::Name => Error::KeyNameTaken,
-                // A concurrent retry with the same request id won the race: answer as it did.
-                store::KeyTaken::Request => {
-                    drop(tx);
-                    drop(client);
-                    let client = self.pool.get().await?;
-                    let existing = store::key_by_request(&client, account, request_id.as_deref().unwrap_or_default())
-                        .await?
-                        .ok_or(Error::Internal("request id conflict without a key".into()))?;
-                    drop(client);
-                    return self.created_again(ctx, existing).await;
-                }
-            });
+        let made = in_transaction!(self.pool, |tx| -> Result<bool> {
+            if let Err(taken) = store::insert_key(&tx, &new_key).await? {
+                return match taken {
+                    store::KeyTaken::Name => Err(Error::KeyNameTaken),
+                    // A concurrent retry with the same request id won the race. The refused
+                    // insert leaves nothing to commit: PostgreSQL ends this transaction as a
+                    // rollback.
+                    store::KeyTaken::Request => Ok(false),
+                };
+            }
+            for (env, credential) in [(Environment::Sandbox, &sandbox), (Environment::Production, &production)] {
+                store::insert_environment(&tx, key.key, env, permissions).await?;
+                self.insert_credential(&tx, key.key, credential, now).await?;
+            }
+            store::insert_key_member(&tx, key.key, account, KeyRole::Owner, now).await?;
+            self.audit(&tx, ctx, project, Some(key.key), "key.create", &key.name()).await?;
+            feed::record_key(&tx, key, now).await?;
+            Ok(true)
+        })?;
+        if !made {
+            // Answer as the winner did.
+            let client = self.pool.get().await?;
+            let existing = store::key_by_request(&client, account, request_id.as_deref().unwrap_or_default())
+                .await?
+                .ok_or(Error::Internal("request id conflict without a key".into()))?;
+            drop(client);
+            return self.created_again(ctx, existing).await;
         }
-        for (env, credential) in [(Environment::Sandbox, &sandbox), (Environment::Production, &production)] {
-            store::insert_environment(&tx, key.key, env, permissions).await?;
-            self.insert_credential(&tx, key.key, credential, now).await?;
-        }
-        store::insert_key_member(&tx, key.key, account, KeyRole::Owner, now).await?;
-        self.audit(&tx, ctx, project, Some(key.key), "key.create", &key.name()).await?;
-        feed::record_key(&tx, key, now).await?;
-        tx.commit().await?;
         let key = self.load(key, Some(KeyRole::Owner)).await?;
         Ok(CreatedKey { key, sandbox: sandbox.expose().to_owned(), production: production.expose().to_owned() })
     }
@@ -180,18 +183,18 @@ impl Keyring {
         etag: Option<i64>,
     ) -> Result<Key> {
         let access = self.key_access(ctx.account()?, key, KeyAction::Manage).await?;
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        let row = store::key_row(&tx, key, true).await?.ok_or(Error::NotFound("key"))?;
-        if etag.is_some_and(|etag| etag != row.version) {
-            return Err(Error::EtagMismatch { field: "etag" });
-        }
-        let name = display_name.unwrap_or(row.display_name);
-        let description = description.unwrap_or(row.description);
-        store::update_key_text(&tx, key.key, &name, &description).await?.map_err(|_| Error::KeyNameTaken)?;
-        store::touch_key(&tx, key.key, self.now()).await?;
-        self.audit(&tx, ctx, key.project, Some(key.key), "key.update", &key.name()).await?;
-        tx.commit().await?;
+        in_transaction!(self.pool, |tx| -> Result<()> {
+            let row = store::key_row(&tx, key, true).await?.ok_or(Error::NotFound("key"))?;
+            if etag.is_some_and(|etag| etag != row.version) {
+                return Err(Error::EtagMismatch { field: "etag" });
+            }
+            let name = display_name.clone().unwrap_or(row.display_name);
+            let description = description.clone().unwrap_or(row.description);
+            store::update_key_text(&tx, key.key, &name, &description).await?.map_err(|_| Error::KeyNameTaken)?;
+            store::touch_key(&tx, key.key, self.now()).await?;
+            self.audit(&tx, ctx, key.project, Some(key.key), "key.update", &key.name()).await?;
+            Ok(())
+        })?;
         self.load(key, access.key_role).await
     }
 
@@ -205,44 +208,45 @@ impl Keyring {
     ) -> Result<Key> {
         let access = self.key_access(ctx.account()?, key, KeyAction::Manage).await?;
         let now = self.now();
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        let row = store::key_row(&tx, key, true).await?.ok_or(Error::NotFound("key"))?;
-        if etag.is_some_and(|etag| etag != row.version) {
-            return Err(Error::EtagMismatch { field: "etag" });
-        }
-        let current = store::load_key(&tx, key, now).await?.ok_or(Error::NotFound("key"))?;
-        let mut env: KeyEnvironment =
-            if environment == Environment::Sandbox { current.sandbox } else { current.production };
-        env.active = change.active.unwrap_or(env.active);
-        env.permissions = change.permissions.unwrap_or(env.permissions);
-        env.rate_limit = change.rate_limit.unwrap_or(env.rate_limit);
-        env.daily_quota = change.daily_quota.unwrap_or(env.daily_quota);
-        env.ip_allowlist = change.ip_allowlist.unwrap_or(env.ip_allowlist);
-        env.expire_at = change.expire_at.unwrap_or(env.expire_at);
-        store::update_environment(&tx, key.key, &env).await?;
-        store::touch_key(&tx, key.key, now).await?;
-        let target = format!("{}/environments/{}", key.name(), environment.as_str());
-        self.audit(&tx, ctx, key.project, Some(key.key), "key_environment.update", &target).await?;
-        feed::record_key(&tx, key, now).await?;
-        tx.commit().await?;
+        in_transaction!(self.pool, |tx| -> Result<()> {
+            let row = store::key_row(&tx, key, true).await?.ok_or(Error::NotFound("key"))?;
+            if etag.is_some_and(|etag| etag != row.version) {
+                return Err(Error::EtagMismatch { field: "etag" });
+            }
+            let current = store::load_key(&tx, key, now).await?.ok_or(Error::NotFound("key"))?;
+            let mut env: KeyEnvironment =
+                if environment == Environment::Sandbox { current.sandbox } else { current.production };
+            env.active = change.active.unwrap_or(env.active);
+            env.permissions = change.permissions.unwrap_or(env.permissions);
+            env.rate_limit = change.rate_limit.unwrap_or(env.rate_limit);
+            env.daily_quota = change.daily_quota.unwrap_or(env.daily_quota);
+            env.ip_allowlist = change.ip_allowlist.clone().unwrap_or(env.ip_allowlist);
+            env.expire_at = change.expire_at.unwrap_or(env.expire_at);
+            store::update_environment(&tx, key.key, &env).await?;
+            store::touch_key(&tx, key.key, now).await?;
+            let target = format!("{}/environments/{}", key.name(), environment.as_str());
+            self.audit(&tx, ctx, key.project, Some(key.key), "key_environment.update", &target).await?;
+            feed::record_key(&tx, key, now).await?;
+            Ok(())
+        })?;
         self.load(key, access.key_role).await
     }
 
     pub async fn reveal(&self, ctx: &Ctx, key: KeyRef, environment: Environment) -> Result<String> {
         self.key_access(ctx.account()?, key, KeyAction::See).await?;
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        let (id, blob, kek_id) = store::current_sealed(&tx, key.key, environment).await?.ok_or(Error::NoCredential)?;
-        let plaintext = self
-            .sealer
-            .open(&Sealed { key_id: kek_id, blob }, id.as_bytes())
-            .map_err(|e| Error::Internal(format!("opening credential {id}: {e}")))?;
-        let plaintext =
-            String::from_utf8(plaintext).map_err(|_| Error::Internal(format!("credential {id} is not text")))?;
-        let target = format!("{}/environments/{}", key.name(), environment.as_str());
-        self.audit(&tx, ctx, key.project, Some(key.key), "credential.reveal", &target).await?;
-        tx.commit().await?;
+        let plaintext = in_transaction!(self.pool, |tx| -> Result<_> {
+            let (id, blob, kek_id) =
+                store::current_sealed(&tx, key.key, environment).await?.ok_or(Error::NoCredential)?;
+            let plaintext = self
+                .sealer
+                .open(&Sealed { key_id: kek_id, blob }, id.as_bytes())
+                .map_err(|e| Error::Internal(format!("opening credential {id}: {e}")))?;
+            let plaintext =
+                String::from_utf8(plaintext).map_err(|_| Error::Internal(format!("credential {id} is not text")))?;
+            let target = format!("{}/environments/{}", key.name(), environment.as_str());
+            self.audit(&tx, ctx, key.project, Some(key.key), "credential.reveal", &target).await?;
+            Ok(plaintext)
+        })?;
         Ok(plaintext)
     }
 
@@ -256,34 +260,34 @@ impl Keyring {
         let access = self.key_access(ctx.account()?, key, KeyAction::Manage).await?;
         let now = self.now();
         let credential = Credential::generate(environment);
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        store::key_row(&tx, key, true).await?.ok_or(Error::NotFound("key"))?;
-        store::retire_current(&tx, key.key, environment, now, now + grace).await?;
-        self.insert_credential(&tx, key.key, &credential, now).await?;
-        store::touch_key(&tx, key.key, now).await?;
-        let target = format!("{}/environments/{}", key.name(), environment.as_str());
-        self.audit(&tx, ctx, key.project, Some(key.key), "credential.regenerate", &target).await?;
-        feed::record_key(&tx, key, now).await?;
-        tx.commit().await?;
+        in_transaction!(self.pool, |tx| -> Result<()> {
+            store::key_row(&tx, key, true).await?.ok_or(Error::NotFound("key"))?;
+            store::retire_current(&tx, key.key, environment, now, now + grace).await?;
+            self.insert_credential(&tx, key.key, &credential, now).await?;
+            store::touch_key(&tx, key.key, now).await?;
+            let target = format!("{}/environments/{}", key.name(), environment.as_str());
+            self.audit(&tx, ctx, key.project, Some(key.key), "credential.regenerate", &target).await?;
+            feed::record_key(&tx, key, now).await?;
+            Ok(())
+        })?;
         Ok((credential.expose().to_owned(), self.load(key, access.key_role).await?))
     }
 
     pub async fn delete_key(&self, ctx: &Ctx, key: KeyRef, etag: Option<i64>) -> Result<()> {
         self.key_access(ctx.account()?, key, KeyAction::Delete).await?;
         let now = self.now();
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        let row = store::key_row(&tx, key, true).await?.ok_or(Error::NotFound("key"))?;
-        if etag.is_some_and(|etag| etag != row.version) {
-            return Err(Error::EtagMismatch { field: "etag" });
-        }
-        store::delete_key(&tx, key.key, now).await?;
-        // Invitations live in the invitation service: revoke them after commit, with retries.
-        store::queue_call(&tx, "revoke_invitations", &key.name()).await?;
-        self.audit(&tx, ctx, key.project, Some(key.key), "key.delete", &key.name()).await?;
-        feed::record(&tx, &FeedEvent::KeyRemoved { project: key.project, key: key.key }).await?;
-        tx.commit().await?;
+        in_transaction!(self.pool, |tx| -> Result<()> {
+            let row = store::key_row(&tx, key, true).await?.ok_or(Error::NotFound("key"))?;
+            if etag.is_some_and(|etag| etag != row.version) {
+                return Err(Error::EtagMismatch { field: "etag" });
+            }
+            store::delete_key(&tx, key.key, now).await?;
+            // Invitations live in the invitation service: revoke them after commit, with retries.
+            store::queue_call(&tx, "revoke_invitations", &key.name()).await?;
+            self.audit(&tx, ctx, key.project, Some(key.key), "key.delete", &key.name()).await?;
+            feed::record(&tx, &FeedEvent::KeyRemoved { project: key.project, key: key.key }).await?;
+            Ok(())
+        })?;
         self.invitations.run_now(&self.pool).await;
         Ok(())
     }

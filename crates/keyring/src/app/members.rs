@@ -4,6 +4,7 @@
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Transaction;
 use keyshare_runtime::auth::Scope;
+use keyshare_runtime::in_transaction;
 use keyshare_runtime::page::{self, PageRequest};
 use uuid::Uuid;
 
@@ -39,21 +40,28 @@ impl Keyring {
         role: ProjectRole,
     ) -> Result<ProjectMember> {
         self.project_access(ctx.account()?, project, true).await?;
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        store::lock_project(&tx, project).await?.ok_or(Error::NotFound("project"))?;
-        let current = store::project_role(&tx, project, account).await?.ok_or(Error::NotFound("member"))?;
-        if current == ProjectRole::Owner
-            && role != ProjectRole::Owner
-            && store::count_project_owners(&tx, project).await? <= 1
-        {
-            return Err(Error::LastProjectOwner);
-        }
-        store::set_project_role(&tx, project, account, role).await?;
-        self.audit(&tx, ctx, project, None, "project_member.update", &format!("projects/{project}/members/{account}"))
+        let member = in_transaction!(self.pool, |tx| -> Result<_> {
+            store::lock_project(&tx, project).await?.ok_or(Error::NotFound("project"))?;
+            let current = store::project_role(&tx, project, account).await?.ok_or(Error::NotFound("member"))?;
+            if current == ProjectRole::Owner
+                && role != ProjectRole::Owner
+                && store::count_project_owners(&tx, project).await? <= 1
+            {
+                return Err(Error::LastProjectOwner);
+            }
+            store::set_project_role(&tx, project, account, role).await?;
+            self.audit(
+                &tx,
+                ctx,
+                project,
+                None,
+                "project_member.update",
+                &format!("projects/{project}/members/{account}"),
+            )
             .await?;
-        let member = store::project_member(&tx, project, account).await?.ok_or(Error::NotFound("member"))?;
-        tx.commit().await?;
+            let member = store::project_member(&tx, project, account).await?.ok_or(Error::NotFound("member"))?;
+            Ok(member)
+        })?;
         Ok(member)
     }
 
@@ -71,26 +79,35 @@ impl Keyring {
         if !on_behalf {
             self.project_access(ctx.account()?, project, true).await?;
         }
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        store::lock_project(&tx, project).await?.ok_or(Error::NotFound("project"))?;
-        if let Some(invitation) = invitation.filter(|_| by_invitation)
-            && !self.granted_by(&tx, invitation, &format!("projects/{project}"), account).await?
-        {
-            return Ok(());
-        }
-        let current = store::project_role(&tx, project, account).await?.ok_or(Error::NotFound("member"))?;
-        if current == ProjectRole::Owner && store::count_project_owners(&tx, project).await? <= 1 {
-            return Err(Error::LastProjectOwner);
-        }
-        store::delete_project_member(&tx, project, account).await?;
-        self.audit(&tx, ctx, project, None, "project_member.delete", &format!("projects/{project}/members/{account}"))
+        let removed = in_transaction!(self.pool, |tx| -> Result<bool> {
+            store::lock_project(&tx, project).await?.ok_or(Error::NotFound("project"))?;
+            if let Some(invitation) = invitation.filter(|_| by_invitation)
+                && !self.granted_by(&tx, invitation, &format!("projects/{project}"), account).await?
+            {
+                return Ok(false);
+            }
+            let current = store::project_role(&tx, project, account).await?.ok_or(Error::NotFound("member"))?;
+            if current == ProjectRole::Owner && store::count_project_owners(&tx, project).await? <= 1 {
+                return Err(Error::LastProjectOwner);
+            }
+            store::delete_project_member(&tx, project, account).await?;
+            self.audit(
+                &tx,
+                ctx,
+                project,
+                None,
+                "project_member.delete",
+                &format!("projects/{project}/members/{account}"),
+            )
             .await?;
-        if !by_invitation {
-            store::queue_member_call(&tx, "end_invitations", &format!("projects/{project}"), account).await?;
+            if !by_invitation {
+                store::queue_member_call(&tx, "end_invitations", &format!("projects/{project}"), account).await?;
+            }
+            Ok(true)
+        })?;
+        if removed {
+            self.invitations.run_now(&self.pool).await;
         }
-        tx.commit().await?;
-        self.invitations.run_now(&self.pool).await;
         Ok(())
     }
 
@@ -119,23 +136,23 @@ impl Keyring {
         removed_at: DateTime<Utc>,
     ) -> Result<(usize, usize)> {
         ctx.require(Scope::MembershipsEnd)?;
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        let keys = store::end_org_key_roles(&tx, org, account, removed_at).await?;
-        let projects = store::end_org_project_roles(&tx, org, account, removed_at).await?;
-        for key in &keys {
-            let target = format!("{}/members/{account}", key.name());
-            self.audit(&tx, ctx, key.project, Some(key.key), "key_member.delete", &target).await?;
-            store::queue_member_call(&tx, "end_invitations", &key.name(), account).await?;
-        }
-        for project in &projects {
-            let target = format!("projects/{project}/members/{account}");
-            self.audit(&tx, ctx, *project, None, "project_member.delete", &target).await?;
-            store::queue_member_call(&tx, "end_invitations", &format!("projects/{project}"), account).await?;
-        }
-        // The organization invitation that made them a member, if any, ends too.
-        store::queue_member_call(&tx, "end_invitations", &format!("organizations/{org}"), account).await?;
-        tx.commit().await?;
+        let (projects, keys) = in_transaction!(self.pool, |tx| -> Result<_> {
+            let keys = store::end_org_key_roles(&tx, org, account, removed_at).await?;
+            let projects = store::end_org_project_roles(&tx, org, account, removed_at).await?;
+            for key in &keys {
+                let target = format!("{}/members/{account}", key.name());
+                self.audit(&tx, ctx, key.project, Some(key.key), "key_member.delete", &target).await?;
+                store::queue_member_call(&tx, "end_invitations", &key.name(), account).await?;
+            }
+            for project in &projects {
+                let target = format!("projects/{project}/members/{account}");
+                self.audit(&tx, ctx, *project, None, "project_member.delete", &target).await?;
+                store::queue_member_call(&tx, "end_invitations", &format!("projects/{project}"), account).await?;
+            }
+            // The organization invitation that made them a member, if any, ends too.
+            store::queue_member_call(&tx, "end_invitations", &format!("organizations/{org}"), account).await?;
+            Ok((projects, keys))
+        })?;
         tracing::info!(organization = %org, account = %account, projects = projects.len(), keys = keys.len(),
             "organization membership ended in keyring");
         self.invitations.run_now(&self.pool).await;
@@ -152,26 +169,27 @@ impl Keyring {
     ) -> Result<ProjectMember> {
         ctx.require(Scope::MembershipsWrite)?;
         let target = format!("projects/{project}");
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        store::share_project(&tx, project).await?.ok_or(Error::NotFound("project"))?;
-        match store::grant(&tx, invitation_id).await? {
-            Some(existing) if existing == (target.clone(), account) => {
-                return store::project_member(&tx, project, account).await?.ok_or(Error::GrantRevoked);
+        let member = in_transaction!(self.pool, |tx| -> Result<_> {
+            store::share_project(&tx, project).await?.ok_or(Error::NotFound("project"))?;
+            match store::grant(&tx, invitation_id).await? {
+                Some(existing) if existing == (target.clone(), account) => {
+                    return store::project_member(&tx, project, account).await?.ok_or(Error::GrantRevoked);
+                }
+                Some(_) => return Err(Error::InvitationConflict(invitation_id.to_owned())),
+                None => {}
             }
-            Some(_) => return Err(Error::InvitationConflict(invitation_id.to_owned())),
-            None => {}
-        }
-        let now = self.now();
-        // A person who is a member already keeps their membership as it is; the grant records
-        // that it made nothing, so revoking the invitation's access later removes nothing.
-        let created = store::insert_project_member(&tx, project, account, role, now).await?;
-        store::insert_grant(&tx, invitation_id, &target, account, role.as_str(), created, now).await?;
-        if created {
-            self.audit(&tx, ctx, project, None, "project_member.add", &format!("{target}/members/{account}")).await?;
-        }
-        let member = store::project_member(&tx, project, account).await?.ok_or(Error::NotFound("member"))?;
-        tx.commit().await?;
+            let now = self.now();
+            // A person who is a member already keeps their membership as it is; the grant records
+            // that it made nothing, so revoking the invitation's access later removes nothing.
+            let created = store::insert_project_member(&tx, project, account, role, now).await?;
+            store::insert_grant(&tx, invitation_id, &target, account, role.as_str(), created, now).await?;
+            if created {
+                self.audit(&tx, ctx, project, None, "project_member.add", &format!("{target}/members/{account}"))
+                    .await?;
+            }
+            let member = store::project_member(&tx, project, account).await?.ok_or(Error::NotFound("member"))?;
+            Ok(member)
+        })?;
         Ok(member)
     }
 
@@ -202,17 +220,17 @@ impl Keyring {
             return Err(Error::NotFound("service account"));
         }
         let now = self.now();
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        store::lock_project(&tx, project).await?.ok_or(Error::NotFound("project"))?;
-        store::record_service_account(&tx, sa, org).await?;
-        if !store::insert_project_member(&tx, project, sa, role, now).await? {
-            return Err(Error::AlreadyMember);
-        }
-        let name = format!("projects/{project}/members/{sa}");
-        self.audit(&tx, ctx, project, None, "project_member.add", &name).await?;
-        let member = store::project_member(&tx, project, sa).await?.ok_or(Error::NotFound("member"))?;
-        tx.commit().await?;
+        let member = in_transaction!(self.pool, |tx| -> Result<_> {
+            store::lock_project(&tx, project).await?.ok_or(Error::NotFound("project"))?;
+            store::record_service_account(&tx, sa, org).await?;
+            if !store::insert_project_member(&tx, project, sa, role, now).await? {
+                return Err(Error::AlreadyMember);
+            }
+            let name = format!("projects/{project}/members/{sa}");
+            self.audit(&tx, ctx, project, None, "project_member.add", &name).await?;
+            let member = store::project_member(&tx, project, sa).await?.ok_or(Error::NotFound("member"))?;
+            Ok(member)
+        })?;
         Ok(member)
     }
 
@@ -231,18 +249,18 @@ impl Keyring {
 
     pub async fn set_key_role(&self, ctx: &Ctx, key: KeyRef, account: Uuid, role: KeyRole) -> Result<KeyMember> {
         self.key_access(ctx.account()?, key, KeyAction::Manage).await?;
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        store::key_row(&tx, key, true).await?.ok_or(Error::NotFound("key"))?;
-        let current = store::key_role(&tx, key.key, account).await?.ok_or(Error::NotFound("member"))?;
-        if current == KeyRole::Owner {
-            return Err(Error::OwnerImmutable);
-        }
-        store::set_key_role(&tx, key.key, account, role).await?;
-        let target = format!("{}/members/{account}", key.name());
-        self.audit(&tx, ctx, key.project, Some(key.key), "key_member.update", &target).await?;
-        let member = store::key_member(&tx, key, account).await?.ok_or(Error::NotFound("member"))?;
-        tx.commit().await?;
+        let member = in_transaction!(self.pool, |tx| -> Result<_> {
+            store::key_row(&tx, key, true).await?.ok_or(Error::NotFound("key"))?;
+            let current = store::key_role(&tx, key.key, account).await?.ok_or(Error::NotFound("member"))?;
+            if current == KeyRole::Owner {
+                return Err(Error::OwnerImmutable);
+            }
+            store::set_key_role(&tx, key.key, account, role).await?;
+            let target = format!("{}/members/{account}", key.name());
+            self.audit(&tx, ctx, key.project, Some(key.key), "key_member.update", &target).await?;
+            let member = store::key_member(&tx, key, account).await?.ok_or(Error::NotFound("member"))?;
+            Ok(member)
+        })?;
         Ok(member)
     }
 
@@ -260,26 +278,28 @@ impl Keyring {
         if !on_behalf {
             self.key_access(ctx.account()?, key, KeyAction::Manage).await?;
         }
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        store::key_row(&tx, key, true).await?.ok_or(Error::NotFound("key"))?;
-        if let Some(invitation) = invitation.filter(|_| by_invitation)
-            && !self.granted_by(&tx, invitation, &key.name(), account).await?
-        {
-            return Ok(());
+        let removed = in_transaction!(self.pool, |tx| -> Result<bool> {
+            store::key_row(&tx, key, true).await?.ok_or(Error::NotFound("key"))?;
+            if let Some(invitation) = invitation.filter(|_| by_invitation)
+                && !self.granted_by(&tx, invitation, &key.name(), account).await?
+            {
+                return Ok(false);
+            }
+            let current = store::key_role(&tx, key.key, account).await?.ok_or(Error::NotFound("member"))?;
+            if current == KeyRole::Owner {
+                return Err(Error::OwnerImmutable);
+            }
+            store::delete_key_member(&tx, key.key, account).await?;
+            let target = format!("{}/members/{account}", key.name());
+            self.audit(&tx, ctx, key.project, Some(key.key), "key_member.delete", &target).await?;
+            if !by_invitation {
+                store::queue_member_call(&tx, "end_invitations", &key.name(), account).await?;
+            }
+            Ok(true)
+        })?;
+        if removed {
+            self.invitations.run_now(&self.pool).await;
         }
-        let current = store::key_role(&tx, key.key, account).await?.ok_or(Error::NotFound("member"))?;
-        if current == KeyRole::Owner {
-            return Err(Error::OwnerImmutable);
-        }
-        store::delete_key_member(&tx, key.key, account).await?;
-        let target = format!("{}/members/{account}", key.name());
-        self.audit(&tx, ctx, key.project, Some(key.key), "key_member.delete", &target).await?;
-        if !by_invitation {
-            store::queue_member_call(&tx, "end_invitations", &key.name(), account).await?;
-        }
-        tx.commit().await?;
-        self.invitations.run_now(&self.pool).await;
         Ok(())
     }
 
@@ -293,27 +313,34 @@ impl Keyring {
     ) -> Result<KeyMember> {
         ctx.require(Scope::MembershipsWrite)?;
         let target = key.name();
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        store::key_row(&tx, key, true).await?.ok_or(Error::NotFound("key"))?;
-        match store::grant(&tx, invitation_id).await? {
-            Some(existing) if existing == (target.clone(), account) => {
-                return store::key_member(&tx, key, account).await?.ok_or(Error::GrantRevoked);
+        let member = in_transaction!(self.pool, |tx| -> Result<_> {
+            store::key_row(&tx, key, true).await?.ok_or(Error::NotFound("key"))?;
+            match store::grant(&tx, invitation_id).await? {
+                Some(existing) if existing == (target.clone(), account) => {
+                    return store::key_member(&tx, key, account).await?.ok_or(Error::GrantRevoked);
+                }
+                Some(_) => return Err(Error::InvitationConflict(invitation_id.to_owned())),
+                None => {}
             }
-            Some(_) => return Err(Error::InvitationConflict(invitation_id.to_owned())),
-            None => {}
-        }
-        let now = self.now();
-        // As for projects: an existing member keeps their role, and the grant records that it
-        // made nothing.
-        let created = store::insert_key_member(&tx, key.key, account, role, now).await?;
-        store::insert_grant(&tx, invitation_id, &target, account, role.as_str(), created, now).await?;
-        if created {
-            self.audit(&tx, ctx, key.project, Some(key.key), "key_member.add", &format!("{target}/members/{account}"))
+            let now = self.now();
+            // As for projects: an existing member keeps their role, and the grant records that it
+            // made nothing.
+            let created = store::insert_key_member(&tx, key.key, account, role, now).await?;
+            store::insert_grant(&tx, invitation_id, &target, account, role.as_str(), created, now).await?;
+            if created {
+                self.audit(
+                    &tx,
+                    ctx,
+                    key.project,
+                    Some(key.key),
+                    "key_member.add",
+                    &format!("{target}/members/{account}"),
+                )
                 .await?;
-        }
-        let member = store::key_member(&tx, key, account).await?.ok_or(Error::NotFound("member"))?;
-        tx.commit().await?;
+            }
+            let member = store::key_member(&tx, key, account).await?.ok_or(Error::NotFound("member"))?;
+            Ok(member)
+        })?;
         Ok(member)
     }
 }

@@ -1,5 +1,6 @@
 //! Projects: create, get, list, update (name and limits) and delete.
 
+use keyshare_runtime::in_transaction;
 use keyshare_runtime::page::{self, PageRequest};
 use uuid::Uuid;
 
@@ -37,13 +38,13 @@ impl Keyring {
             created_at: now,
             caller_role: Some(ProjectRole::Owner),
         };
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        store::insert_project(&tx, &project).await?;
-        store::insert_project_member(&tx, project.id, account, ProjectRole::Owner, now).await?;
-        self.audit(&tx, ctx, project.id, None, "project.create", &format!("projects/{}", project.id)).await?;
-        feed::record_project(&tx, project.id).await?;
-        tx.commit().await?;
+        in_transaction!(self.pool, |tx| -> Result<()> {
+            store::insert_project(&tx, &project).await?;
+            store::insert_project_member(&tx, project.id, account, ProjectRole::Owner, now).await?;
+            self.audit(&tx, ctx, project.id, None, "project.create", &format!("projects/{}", project.id)).await?;
+            feed::record_project(&tx, project.id).await?;
+            Ok(())
+        })?;
         Ok(project)
     }
 
@@ -70,51 +71,51 @@ impl Keyring {
 
     pub async fn update_project(&self, ctx: &Ctx, project: Uuid, change: ProjectChange) -> Result<Project> {
         let access = self.project_access(ctx.account()?, project, true).await?;
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        let mut p = store::lock_project(&tx, project).await?.ok_or(Error::NotFound("project"))?;
-        if let Some(name) = change.display_name {
-            p.display_name = name;
-        }
-        let limits_before = (p.sandbox, p.production);
-        p.sandbox.rate_limit = change.sandbox_rate_limit.unwrap_or(p.sandbox.rate_limit);
-        p.sandbox.monthly_quota = change.sandbox_monthly_quota.unwrap_or(p.sandbox.monthly_quota);
-        p.production.rate_limit = change.production_rate_limit.unwrap_or(p.production.rate_limit);
-        p.production.monthly_quota = change.production_monthly_quota.unwrap_or(p.production.monthly_quota);
-        store::update_project(&tx, &p, self.now()).await?;
-        self.audit(&tx, ctx, project, None, "project.update", &format!("projects/{project}")).await?;
-        if limits_before != (p.sandbox, p.production) {
-            feed::record_project(&tx, project).await?;
-        }
-        tx.commit().await?;
+        let p = in_transaction!(self.pool, |tx| -> Result<_> {
+            let mut p = store::lock_project(&tx, project).await?.ok_or(Error::NotFound("project"))?;
+            if let Some(name) = change.display_name.clone() {
+                p.display_name = name;
+            }
+            let limits_before = (p.sandbox, p.production);
+            p.sandbox.rate_limit = change.sandbox_rate_limit.unwrap_or(p.sandbox.rate_limit);
+            p.sandbox.monthly_quota = change.sandbox_monthly_quota.unwrap_or(p.sandbox.monthly_quota);
+            p.production.rate_limit = change.production_rate_limit.unwrap_or(p.production.rate_limit);
+            p.production.monthly_quota = change.production_monthly_quota.unwrap_or(p.production.monthly_quota);
+            store::update_project(&tx, &p, self.now()).await?;
+            self.audit(&tx, ctx, project, None, "project.update", &format!("projects/{project}")).await?;
+            if limits_before != (p.sandbox, p.production) {
+                feed::record_project(&tx, project).await?;
+            }
+            Ok(p)
+        })?;
         Ok(Project { caller_role: access.role, ..p })
     }
 
     pub async fn delete_project(&self, ctx: &Ctx, project: Uuid, force: bool) -> Result<()> {
         self.project_access(ctx.account()?, project, true).await?;
         let now = self.now();
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        store::lock_project(&tx, project).await?.ok_or(Error::NotFound("project"))?;
-        let keys = store::live_keys(&tx, project).await?;
-        if !keys.is_empty() && !force {
-            return Err(Error::ProjectHasKeys);
-        }
-        for key in &keys {
-            let key = KeyRef { project, key: *key };
-            store::delete_key(&tx, key.key, now).await?;
-            store::queue_call(&tx, "revoke_invitations", &key.name()).await?;
-        }
-        // Invitations to the project itself end with it, whether or not it had keys.
-        store::queue_call(&tx, "revoke_invitations", &format!("projects/{project}")).await?;
-        store::delete_project(&tx, project).await?;
-        // The project's audit events stay (they reference it by id only).
-        self.audit(&tx, ctx, project, None, "project.delete", &format!("projects/{project}")).await?;
-        for key in keys {
-            feed::record(&tx, &FeedEvent::KeyRemoved { project, key }).await?;
-        }
-        feed::record(&tx, &FeedEvent::ProjectRemoved { project }).await?;
-        tx.commit().await?;
+        in_transaction!(self.pool, |tx| -> Result<()> {
+            store::lock_project(&tx, project).await?.ok_or(Error::NotFound("project"))?;
+            let keys = store::live_keys(&tx, project).await?;
+            if !keys.is_empty() && !force {
+                return Err(Error::ProjectHasKeys);
+            }
+            for key in &keys {
+                let key = KeyRef { project, key: *key };
+                store::delete_key(&tx, key.key, now).await?;
+                store::queue_call(&tx, "revoke_invitations", &key.name()).await?;
+            }
+            // Invitations to the project itself end with it, whether or not it had keys.
+            store::queue_call(&tx, "revoke_invitations", &format!("projects/{project}")).await?;
+            store::delete_project(&tx, project).await?;
+            // The project's audit events stay (they reference it by id only).
+            self.audit(&tx, ctx, project, None, "project.delete", &format!("projects/{project}")).await?;
+            for key in keys {
+                feed::record(&tx, &FeedEvent::KeyRemoved { project, key }).await?;
+            }
+            feed::record(&tx, &FeedEvent::ProjectRemoved { project }).await?;
+            Ok(())
+        })?;
         self.invitations.run_now(&self.pool).await;
         Ok(())
     }
