@@ -38,6 +38,22 @@ const SQL_OUTSIDE_STORES: &[(&str, &str)] = &[
     ("keyring/feed", "the change feed's table, written under the advisory lock that makes sequence order commit order"),
 ];
 
+/// Modules outside a `store` that open a transaction by hand rather than with `in_transaction!`,
+/// each with the reason ARCHITECTURE.md gives.
+const TRANSACTIONS_BY_HAND: &[(&str, &str)] = &[
+    ("runtime/db", "in_transaction! itself"),
+    ("keyring/feed", "the snapshot: one read-only REPEATABLE READ transaction, streamed as it is read"),
+    ("invitation/app/calls", "it holds an invitation's call rows while it calls the peers, so its calls run in order"),
+    (
+        "keyring/invitations",
+        "it holds a queued call's row while it makes the call, so replicas never make one together",
+    ),
+    (
+        "identity/app/keyring_calls",
+        "it holds a queued call's row while it makes the call, so replicas never make one together",
+    ),
+];
+
 /// A source file's code without comments and without its `#[cfg(test)]` modules.
 fn code(text: &str) -> Vec<(usize, String)> {
     let mut kept = Vec::new();
@@ -358,6 +374,28 @@ fn sql_states_are_read_only_where_failures_are_classified() {
     );
 }
 
+/// Whether a line opens a transaction itself.
+fn opens_transaction(line: &str) -> bool {
+    line.contains(".transaction()") || line.contains(".build_transaction()")
+}
+
+#[test]
+fn transactions_are_opened_with_in_transaction() {
+    let problems = lines_breaking(
+        |krate, module| {
+            module.split('/').any(|part| part == "store")
+                || TRANSACTIONS_BY_HAND.iter().any(|(m, _)| *m == format!("{krate}/{module}"))
+        },
+        opens_transaction,
+    );
+    assert!(
+        problems.is_empty(),
+        "a transaction opened by hand (use keyshare_runtime::in_transaction!, which runs it again when \
+         it loses a race; or list the module, with its reason, in tests/tests/tidy.rs and ARCHITECTURE.md):\n{}",
+        problems.join("\n")
+    );
+}
+
 #[test]
 fn the_checks_themselves_find_what_they_look_for() {
     // A rule that cannot fail is no rule: each detector on a line it must catch and one it must not.
@@ -371,6 +409,9 @@ fn the_checks_themselves_find_what_they_look_for() {
     ));
     assert!(reads_sql_state("    if e.code() == Some(&SqlState::T_R_DEADLOCK_DETECTED) {"));
     assert!(!reads_sql_state("    store::update_key_text(&tx, key, &name, &description).await?.map_err(|_| taken)?;"));
+    assert!(opens_transaction("        let tx = client.transaction().await?;"));
+    assert!(opens_transaction("        .build_transaction()"));
+    assert!(!opens_transaction("        in_transaction!(self.pool, |tx| -> Result<()> {"));
     assert!(is_adapter(&["grpc", "stats/access"], "grpc/convert"));
     assert!(is_adapter(&["grpc", "stats/access"], "stats/access"));
     assert!(!is_adapter(&["grpc", "stats/access"], "grpcx"));

@@ -1,6 +1,7 @@
 //! Identity's use cases. Each write is one transaction; mails are queued in it (outbox).
 
 mod accounts;
+mod keyring_calls;
 mod organizations;
 mod service_accounts;
 

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use keyshare_runtime::db::{Contention, DbError};
+use keyshare_runtime::db::DbError;
 use keyshare_runtime::error::{self, InvalidInput};
 use tonic::{Code, Status};
 
@@ -71,13 +71,7 @@ impl From<DbError> for Error {
     }
 }
 
-impl Contention for Error {
-    fn is_contention(&self) -> bool {
-        matches!(self, Error::Contended(_))
-    }
-}
-
-keyshare_runtime::from_database_errors!(Error);
+keyshare_runtime::from_database_errors!(Error, contended: Contended);
 
 impl From<Error> for Status {
     fn from(e: Error) -> Self {

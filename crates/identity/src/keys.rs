@@ -18,6 +18,7 @@ use keyshare_runtime::auth::{CLOCK_SKEW, KeySource, PublicKeyMaterial, TokenSign
 use keyshare_runtime::clock::SharedClock;
 use keyshare_runtime::crypto::{Sealer, random_token};
 use keyshare_runtime::db::GenericClient;
+use keyshare_runtime::in_transaction;
 use rand::rngs::OsRng;
 
 use crate::error::{Error, Result};
@@ -40,14 +41,16 @@ impl SigningKeys {
 
     /// Creates the first signing key if there is none. Safe when replicas start together.
     pub async fn ensure_initial(&self, clock: &SharedClock) -> Result<()> {
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        store::lock_signing_keys(&tx).await?;
-        if !store::has_signing_key(&tx).await? {
-            let kid = insert_new_key(&tx, &self.sealer, clock.now()).await?;
+        let created = in_transaction!(self.pool, |tx| -> Result<Option<String>> {
+            store::lock_signing_keys(&tx).await?;
+            if store::has_signing_key(&tx).await? {
+                return Ok(None);
+            }
+            Ok(Some(insert_new_key(&tx, &self.sealer, clock.now()).await?))
+        })?;
+        if let Some(kid) = created {
             tracing::info!(kid = %kid, "created the first token signing key");
         }
-        tx.commit().await?;
         Ok(())
     }
 
@@ -74,17 +77,16 @@ impl SigningKeys {
 /// Makes a new key the signer; the previous one keeps verifying for `access_token_ttl` plus the
 /// time replicas may still sign with it. Returns the new key id.
 pub async fn rotate(pool: &Pool, sealer: &Sealer, clock: &SharedClock, access_token_ttl: Duration) -> Result<String> {
-    let mut client = pool.get().await?;
-    let tx = client.transaction().await?;
-    store::lock_signing_keys(&tx).await?;
     let now = clock.now();
     let overlap = access_token_ttl + SIGNER_CACHE + CLOCK_SKEW * 2;
     let retire_at = now + chrono::Duration::from_std(overlap).map_err(|e| Error::Internal(e.to_string()))?;
-    store::retire_signing_key(&tx, retire_at).await?;
-    let kid = insert_new_key(&tx, sealer, now).await?;
-    store::delete_retired_signing_keys(&tx, now).await?;
-    tx.commit().await?;
-    Ok(kid)
+    in_transaction!(pool, |tx| -> Result<String> {
+        store::lock_signing_keys(&tx).await?;
+        store::retire_signing_key(&tx, retire_at).await?;
+        let kid = insert_new_key(&tx, sealer, now).await?;
+        store::delete_retired_signing_keys(&tx, now).await?;
+        Ok(kid)
+    })
 }
 
 async fn insert_new_key(client: &impl GenericClient, sealer: &Sealer, now: DateTime<Utc>) -> Result<String> {

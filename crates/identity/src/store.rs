@@ -679,24 +679,35 @@ pub async fn queue_keyring_call(
     Ok(())
 }
 
-pub async fn due_keyring_calls(c: &impl GenericClient) -> Result<Vec<KeyringCall>> {
+/// The ids of the calls due now, oldest first, at most 50. Read without locks: each is locked
+/// when it runs ([`lock_keyring_call`]).
+pub async fn due_keyring_calls(c: &impl GenericClient) -> Result<Vec<i64>> {
     let rows = c
         .query(
-            "SELECT id, organization_id, account_id, removed_at, attempts FROM identity.keyring_calls
+            "SELECT id FROM identity.keyring_calls
              WHERE done_at IS NULL AND next_attempt_at <= now() ORDER BY id LIMIT 50",
             &[],
         )
         .await?;
-    Ok(rows
-        .iter()
-        .map(|r| KeyringCall {
-            id: r.get(0),
-            org: r.get(1),
-            account: r.get(2),
-            removed_at: r.get(3),
-            attempts: r.get(4),
-        })
-        .collect())
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// Locks a due call for the caller to make, in the caller's transaction: the row stays locked
+/// while the call runs, so no other runner makes it at once. `None` when it is done or waiting
+/// for a retry by the time the lock is held, or, with `skip_held`, when another runner holds it.
+pub async fn lock_keyring_call(c: &impl GenericClient, id: i64, skip_held: bool) -> Result<Option<KeyringCall>> {
+    const WAIT: &str = "SELECT id, organization_id, account_id, removed_at, attempts FROM identity.keyring_calls
+         WHERE id = $1 AND done_at IS NULL AND next_attempt_at <= now() FOR UPDATE";
+    const SKIP: &str = "SELECT id, organization_id, account_id, removed_at, attempts FROM identity.keyring_calls
+         WHERE id = $1 AND done_at IS NULL AND next_attempt_at <= now() FOR UPDATE SKIP LOCKED";
+    let row = c.query_opt(if skip_held { SKIP } else { WAIT }, &[&id]).await?;
+    Ok(row.map(|r| KeyringCall {
+        id: r.get(0),
+        org: r.get(1),
+        account: r.get(2),
+        removed_at: r.get(3),
+        attempts: r.get(4),
+    }))
 }
 
 /// Marks a call done: carried out, or (with `refused`) refused by keyring for good.

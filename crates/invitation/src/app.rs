@@ -5,7 +5,9 @@
 //! invitation id) right away and, if a peer is down, from the retry worker until they succeed.
 //! So an accepted invitation always ends up with its membership, and a revoked one without.
 //! Each call keeps the trace context of the request that queued it, so a retried grant still
-//! shows in the acceptance's trace.
+//! shows in the acceptance's trace. The calls' runner is `calls`.
+
+mod calls;
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -13,26 +15,19 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
 use keyshare_runtime::auth::{Caller, Principal, Scope};
-use keyshare_runtime::client::PeerError;
 use keyshare_runtime::clock::SharedClock;
 use keyshare_runtime::crypto::{random_token, sha256};
 use keyshare_runtime::email::Email;
 use keyshare_runtime::in_transaction;
-use keyshare_runtime::jobs::{Backoff, Round, Waker, spawn_rounds};
 use keyshare_runtime::mail::{self, Mail, OutboxWaker};
 use keyshare_runtime::page::{self, PageRequest};
-use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::domain::{Invitation, NotInvited, Role, Status, Target};
 use crate::error::{Error, Result};
 use crate::peers::{Grantable, Peers, Standing};
 use crate::store;
-use crate::trace::{self, TraceContext};
-
-/// A grant or removal a peer did not take waits 1 s, then 2 s, 4 s … at most a minute: someone
-/// who just accepted is waiting for it.
-const CALL_BACKOFF: Backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+use crate::trace::TraceContext;
 
 /// The most emails one CreateInvitations call may carry.
 pub const MAX_INVITEES: usize = 100;
@@ -302,50 +297,49 @@ impl Invitations {
             _ => None,
         };
         let now = self.now();
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        let Some(id) = store::lock_by_token(&tx, &hash).await? else {
-            return Err(if store::is_superseded(&tx, &hash).await? {
-                Error::Superseded
-            } else {
-                Error::NotFound("invitation")
-            });
-        };
-        let (_, stored, expires_at) = store::lock(&tx, id).await?.ok_or(Error::NotFound("invitation"))?;
-        let invitation = store::get(&tx, id, now).await?.ok_or(Error::NotFound("invitation"))?;
-        match Status::of(&stored, expires_at, now) {
-            Status::Pending => {}
-            Status::Accepted => return Err(Error::AlreadyAccepted),
-            Status::Revoked => return Err(Error::Revoked),
-            Status::Expired => return Err(Error::Expired),
-        }
-        let invited = Email::parse(&invitation.email, "email").map(|e| e.normalized()).unwrap_or_default();
-        let mine = Email::parse(&person.email, "email").map(|e| e.normalized()).unwrap_or_default();
-        if invited != mine {
-            return Err(Error::WrongAccount);
-        }
-        if !person.email_verified {
-            return Err(Error::EmailNotVerified);
-        }
-        match grantable {
-            Some(Grantable::Yes) => {}
-            Some(refused) => {
-                store::mark_revoked(&tx, id, now).await?;
-                tx.commit().await?;
-                tracing::info!(invitation = %id, ?refused, "invitation can no longer be accepted; revoked");
-                return Err(if refused == Grantable::InviterLostRole {
-                    Error::InviterLostRole
+        // (id, Err(refused)): the inviter may no longer grant it, or its target is gone; this
+        // transaction revokes it.
+        let (id, accepted) = in_transaction!(self.pool, |tx| -> Result<(Uuid, Result<(), Grantable>)> {
+            let Some(id) = store::lock_by_token(&tx, &hash).await? else {
+                return Err(if store::is_superseded(&tx, &hash).await? {
+                    Error::Superseded
                 } else {
-                    Error::TargetGone
+                    Error::NotFound("invitation")
                 });
+            };
+            let (_, stored, expires_at) = store::lock(&tx, id).await?.ok_or(Error::NotFound("invitation"))?;
+            let invitation = store::get(&tx, id, now).await?.ok_or(Error::NotFound("invitation"))?;
+            match Status::of(&stored, expires_at, now) {
+                Status::Pending => {}
+                Status::Accepted => return Err(Error::AlreadyAccepted),
+                Status::Revoked => return Err(Error::Revoked),
+                Status::Expired => return Err(Error::Expired),
             }
-            // It became pending again between the two reads (a resend): ask again.
-            None => return Err(Error::Unavailable("the invitation changed meanwhile; try again".into())),
+            let invited = Email::parse(&invitation.email, "email").map(|e| e.normalized()).unwrap_or_default();
+            let mine = Email::parse(&person.email, "email").map(|e| e.normalized()).unwrap_or_default();
+            if invited != mine {
+                return Err(Error::WrongAccount);
+            }
+            if !person.email_verified {
+                return Err(Error::EmailNotVerified);
+            }
+            match grantable {
+                Some(Grantable::Yes) => {}
+                Some(refused) => {
+                    store::mark_revoked(&tx, id, now).await?;
+                    return Ok((id, Err(refused)));
+                }
+                // It became pending again between the two reads (a resend): ask again.
+                None => return Err(Error::Unavailable("the invitation changed meanwhile; try again".into())),
+            }
+            store::mark_accepted(&tx, id, person.id, now).await?;
+            store::queue_call(&tx, id, "grant", &TraceContext::current()).await?;
+            Ok((id, Ok(())))
+        })?;
+        if let Err(refused) = accepted {
+            tracing::info!(invitation = %id, ?refused, "invitation can no longer be accepted; revoked");
+            return Err(if refused == Grantable::InviterLostRole { Error::InviterLostRole } else { Error::TargetGone });
         }
-        store::mark_accepted(&tx, id, person.id, now).await?;
-        store::queue_call(&tx, id, "grant", &TraceContext::current()).await?;
-        tx.commit().await?;
-        drop(client);
         tracing::info!(invitation = %id, account = %person.id, "invitation accepted");
         self.drain(id).await?;
         let accepted = self.load(id).await?;
@@ -443,73 +437,6 @@ impl Invitations {
         ctx.require(Scope::InvitationsRevoke)?;
         let client = self.pool.get().await?;
         Ok(store::revoke_target(&client, &target.name(), self.now()).await?)
-    }
-
-    /// Runs an invitation's queued calls in order. Row locks on the calls make concurrent
-    /// drainers of one invitation take turns; a failure stops the run (later calls must not
-    /// overtake it) and leaves the rest to the retry worker.
-    pub async fn drain(&self, invitation: Uuid) -> Result<()> {
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        let calls = store::lock_calls(&tx, invitation).await?;
-        if calls.is_empty() {
-            return Ok(());
-        }
-        let (target, account, role) =
-            store::grant_facts(&tx, invitation).await?.ok_or(Error::NotFound("invitation"))?;
-        let account = account.ok_or_else(|| Error::Internal("a call for an invitation nobody accepted".into()))?;
-        let mut outcome = Ok(());
-        for call in calls {
-            let (id, kind) = (call.id, call.kind.as_str());
-            let result = async {
-                match kind {
-                    "grant" => self.peers.grant(invitation, &target, account, role).await,
-                    _ => self.peers.remove(invitation, &target, account).await,
-                }
-            }
-            .instrument(trace::call_span(invitation, kind, &call.trace))
-            .await;
-            match result {
-                Ok(()) => store::call_done(&tx, id, None).await?,
-                Err(PeerError::Permanent(why)) => {
-                    tracing::warn!(invitation = %invitation, call = %kind, error = %why, "call to a peer refused for good");
-                    store::call_done(&tx, id, Some(&why)).await?;
-                    // A grant that can never happen must not leave the invitation ACCEPTED.
-                    if kind == "grant" {
-                        store::mark_revoked(&tx, invitation, self.now()).await?;
-                    }
-                }
-                Err(PeerError::Retry(why)) => {
-                    tracing::warn!(invitation = %invitation, call = %kind, error = %why, "call to a peer failed; will retry");
-                    store::call_failed(&tx, id, &why, CALL_BACKOFF.secs_after(call.attempts + 1)).await?;
-                    outcome = Err(Error::Unavailable(why));
-                    break;
-                }
-            }
-        }
-        tx.commit().await?;
-        outcome
-    }
-
-    /// Retries due calls until the process ends, each invitation's in order.
-    pub fn spawn_retries(self: &std::sync::Arc<Self>, every: Duration) {
-        let app = std::sync::Arc::downgrade(self);
-        spawn_rounds("calls", every, Waker::default(), move || {
-            let app = app.upgrade()?;
-            Some(async move {
-                let due = {
-                    let client = app.pool.get().await.map_err(|e| e.to_string())?;
-                    store::due_calls(&client).await.map_err(|e| e.to_string())?
-                };
-                for invitation in due {
-                    if let Err(e) = app.drain(invitation).await {
-                        tracing::debug!(invitation = %invitation, error = %e, "retry did not go through yet");
-                    }
-                }
-                // A call that failed again waits for its backoff, so the tick is soon enough.
-                Ok(Round::Idle)
-            })
-        });
     }
 }
 

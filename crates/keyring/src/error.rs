@@ -1,6 +1,6 @@
 //! Keyring's errors, each mapped to one gRPC code with an `ErrorInfo` reason.
 
-use keyshare_runtime::db::{Contention, DbError};
+use keyshare_runtime::db::DbError;
 use keyshare_runtime::error::{self, InvalidInput};
 use tonic::{Code, Status};
 
@@ -53,13 +53,7 @@ impl From<DbError> for Error {
     }
 }
 
-impl Contention for Error {
-    fn is_contention(&self) -> bool {
-        matches!(self, Error::Contended(_))
-    }
-}
-
-keyshare_runtime::from_database_errors!(Error);
+keyshare_runtime::from_database_errors!(Error, contended: Contended);
 
 impl From<Error> for Status {
     fn from(e: Error) -> Self {

@@ -85,49 +85,76 @@ impl InvitationClient {
     }
 
     /// Runs the due calls now, so a change's effect on invitations shows from the very next
-    /// call; whatever fails or takes too long is left to the worker.
+    /// call: a call another runner holds is waited for, not skipped. Whatever fails or takes too
+    /// long is left to the worker.
     pub async fn run_now(&self, pool: &Pool) {
-        match tokio::time::timeout(RUN_NOW_TIMEOUT, self.run_due(pool)).await {
+        match tokio::time::timeout(RUN_NOW_TIMEOUT, self.run_due(pool, Held::Wait)).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => tracing::debug!(error = %e, "pending calls left to the worker"),
             Err(_) => tracing::debug!("pending calls took too long; left to the worker"),
         }
     }
 
-    /// Carries out queued calls until the process ends.
+    /// Carries out queued calls until the process ends, passing over those another replica is
+    /// running.
     pub fn spawn_worker(self, pool: Pool, every: Duration) {
         let this = Arc::new(self);
         spawn_rounds("pending_calls", every, Waker::default(), move || {
             let (this, pool) = (this.clone(), pool.clone());
-            Some(async move { this.run_due(&pool).await })
+            Some(async move { this.run_due(&pool, Held::Skip).await })
         });
     }
 
-    /// One round of due calls: a call the invitation service refuses for good is recorded as
-    /// such, any other failure is tried again with [`Backoff::PEER_CALL`].
-    async fn run_due(&self, pool: &Pool) -> Result<Round, String> {
-        let client = pool.get().await.map_err(|e| e.to_string())?;
-        let due = store::due_pending_calls(&client).await.map_err(|e| e.to_string())?;
-        for call in &due {
+    /// One round of due calls, each in a transaction of its own that holds the call's row while
+    /// the call runs, so replicas never make one call together. A call the invitation service
+    /// refuses for good is recorded as such, any other failure is tried again with
+    /// [`Backoff::PEER_CALL`].
+    async fn run_due(&self, pool: &Pool, held: Held) -> Result<Round, String> {
+        let due = {
+            let client = pool.get().await.map_err(|e| e.to_string())?;
+            store::due_pending_calls(&client).await.map_err(|e| e.to_string())?
+        };
+        let mut ran = 0;
+        for id in due {
+            let mut client = pool.get().await.map_err(|e| e.to_string())?;
+            let tx = client.transaction().await.map_err(|e| e.to_string())?;
+            let Some(call) = store::lock_pending_call(&tx, id, held == Held::Skip).await.map_err(|e| e.to_string())?
+            else {
+                continue;
+            };
             let result = match call.kind.as_str() {
                 "revoke_invitations" => self.revoke_target(&call.target).await,
                 "end_invitations" => self.end_invitations(&call.target, call.account).await,
                 other => Err(PeerError::Permanent(format!("unknown call kind {other}"))),
             };
             let recorded = match result {
-                Ok(()) => store::pending_call_done(&client, call.id, None).await,
+                Ok(()) => store::pending_call_done(&tx, call.id, None).await,
                 Err(PeerError::Permanent(why)) => {
                     tracing::warn!(call = %call.kind, target = %call.target, error = %why,
                         "the invitation service refused a call for good");
-                    store::pending_call_done(&client, call.id, Some(&why)).await
+                    store::pending_call_done(&tx, call.id, Some(&why)).await
                 }
                 Err(PeerError::Retry(why)) => {
                     let wait = Backoff::PEER_CALL.secs_after(call.attempts + 1);
-                    store::pending_call_failed(&client, call.id, &why, wait).await
+                    store::pending_call_failed(&tx, call.id, &why, wait).await
                 }
             };
             recorded.map_err(|e| e.to_string())?;
+            tx.commit().await.map_err(|e| e.to_string())?;
+            ran += 1;
         }
-        Ok(if due.is_empty() { Round::Idle } else { Round::More })
+        // Only a round that carried something out may find more at once; calls held elsewhere
+        // wait for the next tick.
+        Ok(if ran == 0 { Round::Idle } else { Round::More })
     }
+}
+
+/// What a round does with a call another runner holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Held {
+    /// Pass it over (the worker: the holder will finish it).
+    Skip,
+    /// Wait for the holder, then run it if it is still due (a change's own run, which promises
+    /// the effect by the time it answers).
+    Wait,
 }

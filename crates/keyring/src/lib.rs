@@ -39,6 +39,12 @@ mod migrations {
     refinery::embed_migrations!("migrations");
 }
 
+/// Creates or upgrades keyring's schema in the database at `database_url`, as `start` does
+/// first (tests use it to read the store without a service running).
+pub async fn migrate(database_url: &str) -> Result<(), db::DbError> {
+    db::migrate(database_url, "keyring", migrations::migrations::runner()).await
+}
+
 /// A service that is listening.
 #[derive(Debug)]
 pub struct Started {
@@ -56,7 +62,7 @@ pub async fn start(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<Started, StartError> {
     let common = config.common.clone();
-    db::migrate(&common.database_url, "keyring", migrations::migrations::runner()).await?;
+    migrate(&common.database_url).await?;
     let pool = db::pool(&common.database_url, common.db_pool_size)?;
 
     let identity = lazy_channel("KEYSHARE_IDENTITY_URL", &config.identity_url, &common.tls)?;

@@ -803,25 +803,36 @@ pub struct PendingCall {
     pub account: Option<Uuid>,
 }
 
-/// The calls due now, oldest first, at most 50.
-pub async fn due_pending_calls(c: &impl GenericClient) -> Result<Vec<PendingCall>> {
+/// The ids of the calls due now, oldest first, at most 50. Read without locks: each is locked
+/// when it runs ([`lock_pending_call`]).
+pub async fn due_pending_calls(c: &impl GenericClient) -> Result<Vec<i64>> {
     let rows = c
         .query(
-            "SELECT id, kind, target, attempts, account_id FROM keyring.pending_calls
+            "SELECT id FROM keyring.pending_calls
              WHERE done_at IS NULL AND next_attempt_at <= now() ORDER BY id LIMIT 50",
             &[],
         )
         .await?;
-    Ok(rows
-        .iter()
-        .map(|row| PendingCall {
-            id: row.get(0),
-            kind: row.get(1),
-            target: row.get(2),
-            attempts: row.get(3),
-            account: row.get(4),
-        })
-        .collect())
+    Ok(rows.iter().map(|row| row.get(0)).collect())
+}
+
+/// Locks a due call for the caller to carry out, in the caller's transaction: the row stays
+/// locked while the call runs, so no other runner makes the same call at once. `None` when it
+/// is done or waiting for a retry by the time the lock is held, or, with `skip_held`, when
+/// another runner holds it (a worker moves on; a change's own run waits for it instead).
+pub async fn lock_pending_call(c: &impl GenericClient, id: i64, skip_held: bool) -> Result<Option<PendingCall>> {
+    const WAIT: &str = "SELECT id, kind, target, attempts, account_id FROM keyring.pending_calls
+         WHERE id = $1 AND done_at IS NULL AND next_attempt_at <= now() FOR UPDATE";
+    const SKIP: &str = "SELECT id, kind, target, attempts, account_id FROM keyring.pending_calls
+         WHERE id = $1 AND done_at IS NULL AND next_attempt_at <= now() FOR UPDATE SKIP LOCKED";
+    let row = c.query_opt(if skip_held { SKIP } else { WAIT }, &[&id]).await?;
+    Ok(row.map(|row| PendingCall {
+        id: row.get(0),
+        kind: row.get(1),
+        target: row.get(2),
+        attempts: row.get(3),
+        account: row.get(4),
+    }))
 }
 
 /// Marks a call done: carried out, or (with `refused`) refused by the invitation service for good.

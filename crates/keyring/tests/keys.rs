@@ -393,3 +393,69 @@ async fn sealed_credentials_survive_kek_rotation() {
     assert_eq!(err.code(), Code::Internal);
     assert_eq!(err.message(), "internal error");
 }
+
+/// A call queued for the invitation service is made by one runner at a time: a worker passes
+/// over a call another runner holds, and a change's own run waits for the holder, then finds the
+/// call done instead of making it again.
+#[tokio::test]
+async fn a_queued_call_is_made_by_one_runner_at_a_time() {
+    use keyshare_keyring::store;
+    // A database of its own with no keyring running, so only this test's runners take calls.
+    let db = keyshare_runtime::testkit::TestDatabase::create().await;
+    keyshare_keyring::migrate(&db.url).await.unwrap();
+    let pool = keyshare_runtime::db::pool(&db.url, 8).unwrap();
+    store::queue_call(&pool.get().await.unwrap(), "revoke_invitations", "projects/p/keys/k").await.unwrap();
+    let due = store::due_pending_calls(&pool.get().await.unwrap()).await.unwrap();
+    assert_eq!(due.len(), 1);
+    let id = due[0];
+
+    // One runner takes the call and holds it while it makes the call.
+    let mut first = pool.get().await.unwrap();
+    let first_tx = first.transaction().await.unwrap();
+    let taken = store::lock_pending_call(&first_tx, id, true).await.unwrap().expect("the call is due");
+    assert_eq!((taken.kind.as_str(), taken.target.as_str()), ("revoke_invitations", "projects/p/keys/k"));
+
+    // A worker on another replica passes it over.
+    {
+        let mut worker = pool.get().await.unwrap();
+        let worker_tx = worker.transaction().await.unwrap();
+        assert!(
+            store::lock_pending_call(&worker_tx, id, true).await.unwrap().is_none(),
+            "a worker must not make a call another runner is making"
+        );
+    }
+
+    // A change's own run waits for the holder.
+    let waiting = tokio::spawn({
+        let pool = pool.clone();
+        async move {
+            let mut client = pool.get().await.unwrap();
+            let tx = client.transaction().await.unwrap();
+            store::lock_pending_call(&tx, id, false).await.unwrap().map(|call| call.id)
+        }
+    });
+    keyshare_runtime::testkit::eventually(
+        "the change's run to wait for the call's row",
+        std::time::Duration::from_secs(30),
+        || async {
+            let client = pool.get().await.unwrap();
+            let waiting: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+            (waiting == 1).then_some(())
+        },
+    )
+    .await;
+    assert!(!waiting.is_finished());
+
+    // The holder finishes the call; the waiting run finds it done.
+    store::pending_call_done(&first_tx, id, None).await.unwrap();
+    first_tx.commit().await.unwrap();
+    assert_eq!(waiting.await.unwrap(), None, "the waiting run must not make the call again");
+    assert!(store::due_pending_calls(&pool.get().await.unwrap()).await.unwrap().is_empty());
+}

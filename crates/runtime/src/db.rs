@@ -63,8 +63,21 @@ pub fn unless_taken<T>(result: Result<T, PostgresError>) -> Result<Result<T, Tak
 /// service's error enum that has `From<DbError>`: both go through [`DbError`], so each service
 /// decides in one place what a database failure means to its callers, and `?` works on pool and
 /// statement results alike.
+///
+/// With `contended: Variant`, it also implements [`Contention`] for the enum: an error is
+/// contention when it is that variant, which its `From<DbError>` makes of a
+/// [`DbError::is_contention`] failure.
 #[macro_export]
 macro_rules! from_database_errors {
+    ($error:ty, contended: $variant:ident) => {
+        $crate::from_database_errors!($error);
+
+        impl $crate::db::Contention for $error {
+            fn is_contention(&self) -> bool {
+                matches!(self, Self::$variant(_))
+            }
+        }
+    };
     ($error:ty) => {
         impl From<$crate::db::PoolError> for $error {
             fn from(e: $crate::db::PoolError) -> Self {

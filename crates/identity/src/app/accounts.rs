@@ -289,23 +289,24 @@ impl Identity {
     pub async fn refresh(&self, refresh_token: &str) -> Result<TokenGrant> {
         let now = self.now();
         let hash = sha256(refresh_token.trim().as_bytes());
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        let token = store::lock_refresh_token(&tx, &hash).await?.ok_or(Error::RefreshTokenInvalid)?;
-        if token.used {
-            // A used token presented again means two holders: end the session for both.
-            store::revoke_session(&tx, token.session_id, now, "refresh token reuse").await?;
-            tx.commit().await?;
-            tracing::warn!(session = %token.session_id, "refresh token reused; session ended");
-            return Err(Error::RefreshTokenReused);
-        }
-        if token.session_revoked || token.expires_at <= now {
-            return Err(Error::RefreshTokenInvalid);
-        }
-        store::use_refresh_token(&tx, &hash, now).await?;
-        let grant = self.issue_account_grant(&tx, token.account_id, token.session_id, now).await?;
-        tx.commit().await?;
-        Ok(grant)
+        // Ok(Err(session)): a used token presented again, whose session this transaction ends.
+        let outcome = in_transaction!(self.pool, |tx| -> Result<Result<TokenGrant, Uuid>> {
+            let token = store::lock_refresh_token(&tx, &hash).await?.ok_or(Error::RefreshTokenInvalid)?;
+            if token.used {
+                // A used token presented again means two holders: end the session for both.
+                store::revoke_session(&tx, token.session_id, now, "refresh token reuse").await?;
+                return Ok(Err(token.session_id));
+            }
+            if token.session_revoked || token.expires_at <= now {
+                return Err(Error::RefreshTokenInvalid);
+            }
+            store::use_refresh_token(&tx, &hash, now).await?;
+            Ok(Ok(self.issue_account_grant(&tx, token.account_id, token.session_id, now).await?))
+        })?;
+        outcome.map_err(|session| {
+            tracing::warn!(session = %session, "refresh token reused; session ended");
+            Error::RefreshTokenReused
+        })
     }
 
     pub async fn logout(&self, refresh_token: &str) -> Result<()> {

@@ -1,15 +1,11 @@
-//! Organizations and their members, and telling keyring when someone leaves.
-
-use std::sync::Arc;
+//! Organizations and their members (`keyring_calls` tells keyring when someone leaves).
 
 use keyshare_runtime::auth::{Caller, Principal, Scope};
-use keyshare_runtime::client::PeerError;
 use keyshare_runtime::in_transaction;
-use keyshare_runtime::jobs::{Backoff, Round, Waker};
 use keyshare_runtime::page::{self, PageRequest};
 use uuid::Uuid;
 
-use super::{Identity, SELF_CLIENT, require};
+use super::{Identity, require};
 use crate::domain::{DisplayName, Member, OrgRole, Organization, Page};
 use crate::error::{Error, Result};
 use crate::store;
@@ -156,64 +152,6 @@ impl Identity {
             self.tell_keyring().await;
         }
         Ok(())
-    }
-
-    /// Tells keyring of the removals it has not confirmed yet: a call keyring refuses for good is
-    /// recorded as such, any other failure is tried again with [`Backoff::PEER_CALL`].
-    pub async fn tell_keyring(&self) {
-        if let Err(e) = self.keyring_round().await {
-            tracing::debug!(error = %e, "keyring calls wait for the database");
-        }
-    }
-
-    pub(super) async fn keyring_round(&self) -> Result<Round> {
-        let client = self.pool.get().await?;
-        let due = store::due_keyring_calls(&client).await?;
-        for call in &due {
-            match self.end_in_keyring(call).await {
-                Ok(()) => store::keyring_call_done(&client, call.id, None).await?,
-                Err(PeerError::Permanent(why)) => {
-                    tracing::warn!(organization = %call.org, account = %call.account, error = %why,
-                        "keyring refused the end of a membership for good");
-                    store::keyring_call_done(&client, call.id, Some(&why)).await?;
-                }
-                Err(PeerError::Retry(why)) => {
-                    tracing::warn!(organization = %call.org, account = %call.account, error = %why,
-                        "keyring did not take the end of a membership yet; will retry");
-                    let wait = Backoff::PEER_CALL.secs_after(call.attempts + 1);
-                    store::keyring_call_failed(&client, call.id, &why, wait).await?;
-                }
-            }
-        }
-        Ok(if due.is_empty() { Round::Idle } else { Round::More })
-    }
-
-    pub(super) async fn end_in_keyring(&self, call: &store::KeyringCall) -> std::result::Result<(), PeerError> {
-        let token = self.self_token().await.map_err(|e| PeerError::Retry(e.to_string()))?;
-        self.keyring.end_membership(&token, call.org, call.account, call.removed_at).await
-    }
-
-    /// An access token of identity's own internal client, signed here.
-    pub(super) async fn self_token(&self) -> Result<String> {
-        let client = self.pool.get().await?;
-        let (account, _, _) = store::service_account_by_client_id(&client, SELF_CLIENT)
-            .await?
-            .ok_or_else(|| Error::Internal("identity's own internal client is missing".into()))?;
-        drop(client);
-        let scopes = [Scope::MembershipsEnd].into_iter().collect();
-        Ok(self
-            .sign(format!("serviceAccounts/{}", account.id), None, None, scopes, Some(SELF_CLIENT), self.now())
-            .await?
-            .access_token)
-    }
-
-    /// Retries keyring calls until the process ends.
-    pub fn spawn_keyring_calls(self: &Arc<Self>, every: std::time::Duration) {
-        let app = Arc::downgrade(self);
-        keyshare_runtime::jobs::spawn_rounds("keyring_calls", every, Waker::default(), move || {
-            let app = app.upgrade()?;
-            Some(async move { app.keyring_round().await.map_err(|e| e.to_string()) })
-        });
     }
 
     /// Internal: grants a membership for an accepted invitation, once per invitation.
