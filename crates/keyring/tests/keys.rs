@@ -459,3 +459,41 @@ async fn a_queued_call_is_made_by_one_runner_at_a_time() {
     assert_eq!(waiting.await.unwrap(), None, "the waiting run must not make the call again");
     assert!(store::due_pending_calls(&pool.get().await.unwrap()).await.unwrap().is_empty());
 }
+
+/// Retries of one CreateKey that arrive together (a client that timed out and retried at once)
+/// make one key, and every one of them is answered with it and its credentials: the ones that
+/// lose the race to insert are answered as the winner was.
+#[tokio::test]
+async fn concurrent_retries_of_one_create_key_make_one_key() {
+    let h = Harness::start().await;
+    let (_, owner) = h.account("owner@example.com").await;
+    let org = h.organization(&owner, "Acme").await;
+    let mut keyring = h.keyring().await;
+    let project = create_project(&mut keyring, &owner, &org, "Payments API").await;
+    let request = pb::CreateKeyRequest {
+        parent: project.name.clone(),
+        key: Some(pb::Key { display_name: "Retried".into(), ..Default::default() }),
+        request_id: "retried-at-once".into(),
+        ..Default::default()
+    };
+    let calls = (0..8).map(|_| {
+        let (mut keyring, request, owner) = (keyring.clone(), request.clone(), owner.clone());
+        tokio::spawn(async move { keyring.create_key(authed(&owner, request)).await.map(|r| r.into_inner()) })
+    });
+    let mut answers = Vec::new();
+    for call in calls.collect::<Vec<_>>() {
+        answers.push(call.await.unwrap().expect("every retry is answered with the key"));
+    }
+    let first = &answers[0];
+    for answer in &answers {
+        assert_eq!(answer.key.as_ref().unwrap().name, first.key.as_ref().unwrap().name);
+        assert_eq!(answer.sandbox_credential, first.sandbox_credential);
+        assert_eq!(answer.production_credential, first.production_credential);
+    }
+    let list = keyring
+        .list_keys(authed(&owner, pb::ListKeysRequest { parent: project.name.clone(), ..Default::default() }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.keys.len(), 1, "one key, however many retries");
+}

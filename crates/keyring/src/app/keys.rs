@@ -49,15 +49,11 @@ impl Keyring {
             request_id: request_id.as_deref(),
             now,
         };
-        let made = in_transaction!(self.pool, |tx| -> Result<bool> {
+        // Some(taken): a unique constraint refused the key. The refused insert leaves nothing
+        // to commit (PostgreSQL ends the failed transaction as a rollback).
+        let refused = in_transaction!(self.pool, |tx| -> Result<Option<store::KeyTaken>> {
             if let Err(taken) = store::insert_key(&tx, &new_key).await? {
-                return match taken {
-                    store::KeyTaken::Name => Err(Error::KeyNameTaken),
-                    // A concurrent retry with the same request id won the race. The refused
-                    // insert leaves nothing to commit: PostgreSQL ends this transaction as a
-                    // rollback.
-                    store::KeyTaken::Request => Ok(false),
-                };
+                return Ok(Some(taken));
             }
             for (env, credential) in [(Environment::Sandbox, &sandbox), (Environment::Production, &production)] {
                 store::insert_environment(&tx, key.key, env, permissions).await?;
@@ -66,16 +62,25 @@ impl Keyring {
             store::insert_key_member(&tx, key.key, account, KeyRole::Owner, now).await?;
             self.audit(&tx, ctx, project, Some(key.key), "key.create", &key.name()).await?;
             feed::record_key(&tx, key, now).await?;
-            Ok(true)
+            Ok(None)
         })?;
-        if !made {
-            // Answer as the winner did.
-            let client = self.pool.get().await?;
-            let existing = store::key_by_request(&client, account, request_id.as_deref().unwrap_or_default())
-                .await?
-                .ok_or(Error::Internal("request id conflict without a key".into()))?;
-            drop(client);
-            return self.created_again(ctx, existing).await;
+        if let Some(taken) = refused {
+            // A concurrent retry with the same request id made the key first. Its insert may
+            // refuse this one on the request id or on the name (it has the same name), whichever
+            // index PostgreSQL checks first: either way, answer as the winner did. It has
+            // committed by now, since PostgreSQL waits for a conflicting insert to end.
+            if let Some(request_id) = request_id.as_deref() {
+                let client = self.pool.get().await?;
+                let existing = store::key_by_request(&client, account, request_id).await?;
+                drop(client);
+                if let Some(existing) = existing {
+                    return self.created_again(ctx, existing).await;
+                }
+            }
+            return Err(match taken {
+                store::KeyTaken::Name => Error::KeyNameTaken,
+                store::KeyTaken::Request => Error::Internal("request id conflict without a key".into()),
+            });
         }
         let key = self.load(key, Some(KeyRole::Owner)).await?;
         Ok(CreatedKey { key, sandbox: sandbox.expose().to_owned(), production: production.expose().to_owned() })
