@@ -497,3 +497,53 @@ async fn concurrent_retries_of_one_create_key_make_one_key() {
         .into_inner();
     assert_eq!(list.keys.len(), 1, "one key, however many retries");
 }
+
+/// A key created while its project is being deleted is answered NOT_FOUND, as if the deletion
+/// had come first, rather than failing on the project's foreign key.
+#[tokio::test]
+async fn a_key_created_while_its_project_is_deleted_is_not_found() {
+    let h = Harness::start().await;
+    let (_, owner) = h.account("owner@example.com").await;
+    let org = h.organization(&owner, "Acme").await;
+    let mut keyring = h.keyring().await;
+    let project = create_project(&mut keyring, &owner, &org, "Payments API").await;
+    let project_id: uuid::Uuid = project.name.strip_prefix("projects/").unwrap().parse().unwrap();
+
+    // A deletion under way holds the project's row until it commits.
+    let pool = keyshare_runtime::db::pool(&h.db.url, 2).unwrap();
+    let mut deleter = pool.get().await.unwrap();
+    let deletion = deleter.transaction().await.unwrap();
+    deletion.execute("SELECT 1 FROM keyring.projects WHERE id = $1 FOR UPDATE", &[&project_id]).await.unwrap();
+
+    let creating = tokio::spawn({
+        let (mut keyring, owner, parent) = (keyring.clone(), owner.clone(), project.name.clone());
+        async move {
+            let key = pb::Key { display_name: "Late".into(), ..Default::default() };
+            keyring
+                .create_key(authed(&owner, pb::CreateKeyRequest { parent, key: Some(key), ..Default::default() }))
+                .await
+        }
+    });
+    keyshare_runtime::testkit::eventually(
+        "CreateKey to wait for the deletion",
+        std::time::Duration::from_secs(30),
+        || async {
+            let client = pool.get().await.unwrap();
+            let waiting: i64 = client
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            (waiting >= 1).then_some(())
+        },
+    )
+    .await;
+    deletion.execute("DELETE FROM keyring.projects WHERE id = $1", &[&project_id]).await.unwrap();
+    deletion.commit().await.unwrap();
+
+    let status = creating.await.unwrap().expect_err("the project is gone");
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+}

@@ -52,6 +52,9 @@ impl Keyring {
         // Some(taken): a unique constraint refused the key. The refused insert leaves nothing
         // to commit (PostgreSQL ends the failed transaction as a rollback).
         let refused = in_transaction!(self.pool, |tx| -> Result<Option<store::KeyTaken>> {
+            // A project deleted meanwhile is not found, rather than refusing the insert on its
+            // foreign key; a deletion under way waits for this key, and then deletes it too.
+            store::share_project(&tx, project).await?.ok_or(Error::NotFound("project"))?;
             if let Err(taken) = store::insert_key(&tx, &new_key).await? {
                 return Ok(Some(taken));
             }
