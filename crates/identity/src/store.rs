@@ -222,7 +222,11 @@ pub async fn throttle_hit(
         )
         .await?;
     let locked_until: Option<DateTime<Utc>> = row.get(0);
-    Ok(locked_until.filter(|until| *until > now))
+    // Concurrent hits each bring their own `now`, and the row may hold a window another one
+    // started a moment later: seen from this hit, a lockout never lasts longer than it is set
+    // to (the lockout, or else the window).
+    let longest = limit.lockout.unwrap_or(limit.window);
+    Ok(locked_until.filter(|until| *until > now).map(|until| until.min(now + longest)))
 }
 
 fn seconds(d: chrono::Duration) -> f64 {

@@ -467,3 +467,28 @@ async fn pending_mails(h: &Harness) -> i64 {
         .unwrap()
         .get(0)
 }
+
+/// Concurrent hits on one throttle each bring their own time, and the one that starts the window
+/// may be a moment later than one counted after it: the refused hit is still told to wait no
+/// longer than the window.
+#[tokio::test]
+async fn a_throttled_hit_never_waits_longer_than_the_window() {
+    use keyshare_identity::store::{self, Bucket, Limit};
+    let h = Harness::start().await;
+    let pool = keyshare_runtime::db::pool(&h.db.url, 1).unwrap();
+    let client = pool.get().await.unwrap();
+    let window = chrono::Duration::hours(1);
+    let limit = Limit { max_hits: 1, window, lockout: None };
+    let earlier = chrono::Utc::now();
+    let later = earlier + chrono::Duration::milliseconds(5);
+    // The later hit reaches the row first and starts the window; the earlier one is refused.
+    assert_eq!(
+        store::throttle_hit(&client, Bucket::MailAddress, "race@example.com", later, limit).await.unwrap(),
+        None
+    );
+    let until = store::throttle_hit(&client, Bucket::MailAddress, "race@example.com", earlier, limit)
+        .await
+        .unwrap()
+        .expect("the second hit is over the limit");
+    assert!(until > earlier && until <= earlier + window, "told to wait {:?}", until - earlier);
+}
