@@ -434,23 +434,7 @@ async fn a_queued_call_is_made_by_one_runner_at_a_time() {
             store::lock_pending_call(&tx, id, false).await.unwrap().map(|call| call.id)
         }
     });
-    keyshare_runtime::testkit::eventually(
-        "the change's run to wait for the call's row",
-        std::time::Duration::from_secs(30),
-        || async {
-            let client = pool.get().await.unwrap();
-            let waiting: i64 = client
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-            (waiting == 1).then_some(())
-        },
-    )
-    .await;
+    until_a_statement_waits_on_a_lock(&pool, "the change's run to wait for the call's row").await;
     assert!(!waiting.is_finished());
 
     // The holder finishes the call; the waiting run finds it done.
@@ -524,23 +508,7 @@ async fn a_key_created_while_its_project_is_deleted_is_not_found() {
                 .await
         }
     });
-    keyshare_runtime::testkit::eventually(
-        "CreateKey to wait for the deletion",
-        std::time::Duration::from_secs(30),
-        || async {
-            let client = pool.get().await.unwrap();
-            let waiting: i64 = client
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
-                    &[],
-                )
-                .await
-                .unwrap()
-                .get(0);
-            (waiting >= 1).then_some(())
-        },
-    )
-    .await;
+    until_a_statement_waits_on_a_lock(&pool, "CreateKey to wait for the deletion").await;
     deletion.execute("DELETE FROM keyring.projects WHERE id = $1", &[&project_id]).await.unwrap();
     deletion.commit().await.unwrap();
 

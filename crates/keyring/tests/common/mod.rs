@@ -246,3 +246,20 @@ pub async fn create_key(keyring: &mut Keyring, token: &str, project: &str, name:
         .unwrap()
         .into_inner()
 }
+
+/// Waits until a statement on the pool's database waits for a row lock (a test holds one on
+/// purpose), or fails naming `what` after 30 s.
+pub async fn until_a_statement_waits_on_a_lock(pool: &deadpool_postgres::Pool, what: &str) {
+    testkit::eventually(what, std::time::Duration::from_secs(30), || async {
+        let client = pool.get().await.unwrap();
+        let row = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get::<_, i64>(0) >= 1).then_some(())
+    })
+    .await;
+}
