@@ -11,7 +11,7 @@ use deadpool_postgres::Pool;
 use keyshare_proto::invitation::v1 as pb;
 use keyshare_proto::invitation::v1::invitation_service_client::InvitationServiceClient;
 use keyshare_runtime::client::{PeerError, ServiceToken};
-use keyshare_runtime::jobs::{Backoff, Round, Waker, spawn_rounds};
+use keyshare_runtime::jobs::{Backoff, Held, Round, Waker, spawn_rounds};
 use tonic::transport::Channel;
 
 use crate::domain::InvitationCounts;
@@ -118,8 +118,7 @@ impl InvitationClient {
         for id in due {
             let mut client = pool.get().await.map_err(|e| e.to_string())?;
             let tx = client.transaction().await.map_err(|e| e.to_string())?;
-            let Some(call) = store::lock_pending_call(&tx, id, held == Held::Skip).await.map_err(|e| e.to_string())?
-            else {
+            let Some(call) = store::lock_pending_call(&tx, id, held.skips()).await.map_err(|e| e.to_string())? else {
                 continue;
             };
             let result = match call.kind.as_str() {
@@ -147,14 +146,4 @@ impl InvitationClient {
         // wait for the next tick.
         Ok(if ran == 0 { Round::Idle } else { Round::More })
     }
-}
-
-/// What a round does with a call another runner holds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Held {
-    /// Pass it over (the worker: the holder will finish it).
-    Skip,
-    /// Wait for the holder, then run it if it is still due (a change's own run, which promises
-    /// the effect by the time it answers).
-    Wait,
 }

@@ -49,6 +49,24 @@ pub enum Round {
     More,
 }
 
+/// What a runner of queued calls does with a call another runner holds (its row is locked while
+/// the call is made, so replicas never make one call together).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Held {
+    /// Pass it over (`SKIP LOCKED`): the workers, since the holder will finish it.
+    Skip,
+    /// Wait for the holder, then run the call if it is still due: a change's own run, which
+    /// promises the change's effect by the time the change answers.
+    Wait,
+}
+
+impl Held {
+    /// Whether a call held elsewhere is passed over.
+    pub fn skips(self) -> bool {
+        self == Held::Skip
+    }
+}
+
 /// Wakes a queue's worker after a commit added work, so the work does not wait for the tick.
 #[derive(Clone, Debug, Default)]
 pub struct Waker(Arc<Notify>);

@@ -10,24 +10,15 @@ use std::sync::Arc;
 
 use keyshare_runtime::auth::Scope;
 use keyshare_runtime::client::PeerError;
-use keyshare_runtime::jobs::{Backoff, Round, Waker};
+use keyshare_runtime::jobs::{Backoff, Held, Round, Waker};
 
 use super::{Identity, SELF_CLIENT};
 use crate::error::{Error, Result};
 use crate::store;
 
-/// What a round does with a call another runner holds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Held {
-    /// Pass it over (the worker: the holder will finish it).
-    Skip,
-    /// Wait for the holder, then run it if it is still due (a change's own run).
-    Wait,
-}
-
 impl Identity {
-    /// Tells keyring of the removals it has not confirmed yet, waiting for any another replica
-    /// is making: a call keyring refuses for good is recorded as such, any other failure is
+    /// Tells keyring of the removals it has not confirmed yet, waiting for any call another
+    /// replica is making: a call keyring refuses for good is recorded as such, any other failure is
     /// tried again with [`Backoff::PEER_CALL`].
     pub async fn tell_keyring(&self) {
         if let Err(e) = self.keyring_round(Held::Wait).await {
@@ -41,7 +32,7 @@ impl Identity {
         for id in due {
             let mut client = self.pool.get().await?;
             let tx = client.transaction().await?;
-            let Some(call) = store::lock_keyring_call(&tx, id, held == Held::Skip).await? else {
+            let Some(call) = store::lock_keyring_call(&tx, id, held.skips()).await? else {
                 continue;
             };
             match self.end_in_keyring(&call).await {

@@ -30,12 +30,8 @@ impl Keyring {
     ) -> Result<CreatedKey> {
         let account = ctx.account()?;
         self.project_access(account, project, false).await?;
-        if let Some(request_id) = &request_id {
-            let client = self.pool.get().await?;
-            if let Some(existing) = store::key_by_request(&client, account, request_id).await? {
-                drop(client);
-                return self.created_again(ctx, existing).await;
-            }
+        if let Some(again) = self.replayed(ctx, account, request_id.as_deref()).await? {
+            return Ok(again);
         }
         let now = self.now();
         let key = KeyRef { project, key: Uuid::now_v7() };
@@ -72,13 +68,8 @@ impl Keyring {
             // refuse this one on the request id or on the name (it has the same name), whichever
             // index PostgreSQL checks first: either way, answer as the winner did. It has
             // committed by now, since PostgreSQL waits for a conflicting insert to end.
-            if let Some(request_id) = request_id.as_deref() {
-                let client = self.pool.get().await?;
-                let existing = store::key_by_request(&client, account, request_id).await?;
-                drop(client);
-                if let Some(existing) = existing {
-                    return self.created_again(ctx, existing).await;
-                }
+            if let Some(again) = self.replayed(ctx, account, request_id.as_deref()).await? {
+                return Ok(again);
             }
             return Err(match taken {
                 store::KeyTaken::Name => Error::KeyNameTaken,
@@ -87,6 +78,16 @@ impl Keyring {
         }
         let key = self.load(key, Some(KeyRole::Owner)).await?;
         Ok(CreatedKey { key, sandbox: sandbox.expose().to_owned(), production: production.expose().to_owned() })
+    }
+
+    /// The answer to a CreateKey whose request id made a key already, if it did.
+    async fn replayed(&self, ctx: &Ctx, account: Uuid, request_id: Option<&str>) -> Result<Option<CreatedKey>> {
+        let Some(request_id) = request_id else { return Ok(None) };
+        let existing = store::key_by_request(&self.pool.get().await?, account, request_id).await?;
+        match existing {
+            Some(key) => Ok(Some(self.created_again(ctx, key).await?)),
+            None => Ok(None),
+        }
     }
 
     /// The answer to a retried CreateKey: the same key and its current credentials.
