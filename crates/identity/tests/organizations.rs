@@ -438,3 +438,40 @@ async fn bad_input_names_the_field_and_writes_nothing() {
     assert_eq!(count(&h, "accounts").await, accounts);
     assert_eq!(count(&h, "outbox").await, outbox);
 }
+
+/// keyring takes the connection and never answers: deleting a service account still answers
+/// once the change's own run gives up (after two seconds, where keyring's client would wait
+/// ten), and the call stays queued for the worker, which tells keyring when it answers.
+#[tokio::test]
+async fn a_keyring_that_never_answers_does_not_hold_the_change() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let keyring_url = format!("http://{}", silent.local_addr().unwrap());
+    let holding = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((connection, _)) = silent.accept().await {
+            open.push(connection);
+        }
+    });
+    let h = Harness::start_with(&[("KEYSHARE_KEYRING_URL", &keyring_url)]).await;
+    let (_, owner_token, _) = verified_account(&h, "ops@example.com").await;
+    let mut client = h.client().await;
+    let org = create_org(&mut client, &owner_token, "Ops").await;
+    let request = pb::CreateServiceAccountRequest {
+        parent: org,
+        service_account: Some(pb::ServiceAccount { display_name: "gateway".into(), ..Default::default() }),
+    };
+    let created = client.create_service_account(authed(&owner_token, request)).await.unwrap().into_inner();
+
+    let started = std::time::Instant::now();
+    let name = created.service_account.unwrap().name;
+    client.delete_service_account(authed(&owner_token, pb::DeleteServiceAccountRequest { name })).await.unwrap();
+    let took = started.elapsed();
+    assert!(took < std::time::Duration::from_secs(8), "the deletion waited {took:?} for a keyring that never answers");
+
+    let (db, connection) = tokio_postgres::connect(&h.db.url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let queued: i64 =
+        db.query_one("SELECT count(*) FROM identity.keyring_calls WHERE done_at IS NULL", &[]).await.unwrap().get(0);
+    assert_eq!(queued, 1, "the call to keyring stays queued for the worker");
+    holding.abort();
+}

@@ -11,7 +11,7 @@ use deadpool_postgres::Pool;
 use keyshare_proto::invitation::v1 as pb;
 use keyshare_proto::invitation::v1::invitation_service_client::InvitationServiceClient;
 use keyshare_runtime::client::{PeerError, ServiceToken};
-use keyshare_runtime::jobs::{Backoff, Held, Round, Waker, spawn_rounds};
+use keyshare_runtime::jobs::{self, Backoff, Held, Round, Waker, spawn_rounds};
 use tonic::transport::Channel;
 
 use crate::domain::InvitationCounts;
@@ -19,8 +19,6 @@ use crate::store;
 
 /// The key list answers without counts rather than wait longer than this.
 const COUNT_TIMEOUT: Duration = Duration::from_millis(500);
-/// A change waits at most this long for its queued calls before answering; the worker retries.
-const RUN_NOW_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Clone, Debug)]
 pub struct InvitationClient {
@@ -88,11 +86,7 @@ impl InvitationClient {
     /// call: a call another runner holds is waited for, not skipped. Whatever fails or takes too
     /// long is left to the worker.
     pub async fn run_now(&self, pool: &Pool) {
-        match tokio::time::timeout(RUN_NOW_TIMEOUT, self.run_due(pool, Held::Wait)).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::debug!(error = %e, "pending calls left to the worker"),
-            Err(_) => tracing::debug!("pending calls took too long; left to the worker"),
-        }
+        jobs::run_now("pending_calls", self.run_due(pool, Held::Wait)).await;
     }
 
     /// Carries out queued calls until the process ends, passing over those another replica is

@@ -67,6 +67,22 @@ impl Held {
     }
 }
 
+/// How long a change waits for its own queued calls before it answers; the queue's worker makes
+/// whatever is left.
+pub const RUN_NOW_DEADLINE: Duration = Duration::from_secs(2);
+
+/// Runs `round` right after a change committed work to `queue`, so its effect shows from the
+/// very next call, but for [`RUN_NOW_DEADLINE`] at most: a peer that hangs or a call another
+/// runner holds for long never holds the change's answer. A round cut short rolls back what it
+/// had not recorded, and the worker makes those calls again (they are idempotent).
+pub async fn run_now<E: std::fmt::Display>(queue: &'static str, round: impl Future<Output = Result<Round, E>>) {
+    match tokio::time::timeout(RUN_NOW_DEADLINE, round).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(error)) => tracing::debug!(queue, error = %error, "queued calls left to the worker"),
+        Err(_) => tracing::debug!(queue, "queued calls took too long; left to the worker"),
+    }
+}
+
 /// Wakes a queue's worker after a commit added work, so the work does not wait for the tick.
 #[derive(Clone, Debug, Default)]
 pub struct Waker(Arc<Notify>);

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use keyshare_runtime::auth::Scope;
 use keyshare_runtime::client::PeerError;
-use keyshare_runtime::jobs::{Backoff, Held, Round, Waker};
+use keyshare_runtime::jobs::{self, Backoff, Held, Round, Waker};
 
 use super::{Identity, SELF_CLIENT};
 use crate::error::{Error, Result};
@@ -18,12 +18,11 @@ use crate::store;
 
 impl Identity {
     /// Tells keyring of the removals it has not confirmed yet, waiting for any call another
-    /// replica is making: a call keyring refuses for good is recorded as such, any other failure is
-    /// tried again with [`Backoff::PEER_CALL`].
+    /// replica is making, for [`jobs::RUN_NOW_DEADLINE`] at most: a call keyring refuses for good
+    /// is recorded as such, any other failure (or a keyring that does not answer in time) is
+    /// tried again by the worker with [`Backoff::PEER_CALL`].
     pub async fn tell_keyring(&self) {
-        if let Err(e) = self.keyring_round(Held::Wait).await {
-            tracing::debug!(error = %e, "keyring calls wait for the database");
-        }
+        jobs::run_now("keyring_calls", self.keyring_round(Held::Wait)).await;
     }
 
     async fn keyring_round(&self, held: Held) -> Result<Round> {
