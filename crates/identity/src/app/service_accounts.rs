@@ -63,7 +63,8 @@ impl Identity {
     }
 
     /// Deletes a service account. Keyring is told in the same transaction's queue, as for a
-    /// person leaving, so its project memberships and key roles end before this answers.
+    /// person leaving, so its project memberships and key roles end before this answers (unless
+    /// keyring takes longer than [`keyshare_runtime::jobs::RUN_NOW_DEADLINE`]; the worker then ends them).
     pub async fn delete_service_account(&self, caller: &Caller, org: Uuid, id: Uuid) -> Result<()> {
         self.require_owner(caller, org).await?;
         let now = self.now();
