@@ -34,7 +34,7 @@ use std::time::Duration;
 use keyshare_proto::authorizer::v1 as pb;
 use keyshare_proto::authorizer::v1::authorizer_service_server::{AuthorizerService, AuthorizerServiceServer};
 use keyshare_runtime::testkit::{self, H2loadRun, free_ports, workspace_root};
-use keyshare_system_tests::Stack;
+use keyshare_system_tests::{Kind, Stack, channel, serving};
 use prost::Message;
 
 /// The baseline: a HashMap lookup of the credential, answering the real answer.
@@ -83,7 +83,7 @@ fn spawn_authorizer(stack: &Stack, wrapper: &[String]) -> (Child, u16) {
         }
         None => Command::new(binary()),
     };
-    for (name, value) in stack.authorizer_env() {
+    for (name, value) in stack.settings(Kind::Authorizer).pairs() {
         command.env(name, value);
     }
     command
@@ -223,13 +223,13 @@ async fn main() {
     let rounds = setting("CHECK_BENCH_ROUNDS", 3).max(1);
     let callgrind_checks = setting("CHECK_BENCH_CALLGRIND_CHECKS", 2000);
     let dir = tempfile::tempdir().unwrap();
-    let stack = Stack::start().await;
-    let token = stack.account("check-bench@example.com").await;
-    let (_keyring, created) = stack.key(&token).await;
-    let key = created.key.unwrap().name;
+    let stack = keyshare_system_tests::stack().await;
+    let token = stack.account("check-bench@example.com").await.token;
+    let created = stack.key(&token).await;
+    let key = created.name;
     let project = key.split("/keys/").next().unwrap().to_owned();
     let request = pb::CheckKeyRequest {
-        key: created.production_credential.clone(),
+        key: created.production.clone(),
         project,
         method: "GET".into(),
         path: "/v1/things".into(),
@@ -240,8 +240,8 @@ async fn main() {
 
     let (mut authorizer, port) = spawn_authorizer(&stack, &[]);
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    Stack::serving(addr, Duration::from_secs(60)).await;
-    let answer = pb::authorizer_service_client::AuthorizerServiceClient::new(Stack::channel(addr).await)
+    serving(addr, Duration::from_secs(60)).await;
+    let answer = pb::authorizer_service_client::AuthorizerServiceClient::new(channel(addr).await)
         .check_key(request.clone())
         .await
         .unwrap()
@@ -282,13 +282,12 @@ async fn main() {
     // Envoy's ext_authz Check against CheckKey, on the same binary.
     let envoy_request = envoy_check_request(&request.key, &request.project);
     let envoy_body = testkit::grpc_body(dir.path(), "ext_authz.bin", &envoy_request.encode_to_vec());
-    let answer = envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient::new(
-        Stack::channel(addr).await,
-    )
-    .check(envoy_request)
-    .await
-    .unwrap()
-    .into_inner();
+    let answer =
+        envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient::new(channel(addr).await)
+            .check(envoy_request)
+            .await
+            .unwrap()
+            .into_inner();
     assert_eq!(answer.status.map(|s| s.code), Some(0), "the benchmark's ext_authz check is allowed");
     let envoy_loads: [(&str, &[&str]); 2] =
         [("saturation, 16 connections × 8 streams", SATURATION), ("one at a time", ONE_AT_A_TIME)];
@@ -355,7 +354,7 @@ async fn instructions_per_call(
     ];
     let (mut child, port) = spawn_authorizer(stack, &wrapper);
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    Stack::serving(addr, Duration::from_secs(300)).await;
+    serving(addr, Duration::from_secs(300)).await;
     let pid = child.id().to_string();
     let send = |n: u64| {
         let body = body.to_owned();

@@ -11,7 +11,7 @@
 
 use std::time::{Duration, Instant};
 
-use keyshare_system_tests::Stack;
+use keyshare_system_tests::{Kind, Stack, serving};
 
 /// The allocator of the service binaries, whose work this process does.
 #[global_allocator]
@@ -22,21 +22,21 @@ const CHUNK: i64 = 100_000;
 
 async fn cold_start(stack: &mut Stack) -> Duration {
     let start = Instant::now();
-    let addr = stack.start_authorizer().await;
-    Stack::serving(addr, Duration::from_secs(1800)).await;
+    let addr = stack.add(Kind::Authorizer, []).await.addr;
+    serving(addr, Duration::from_secs(1800)).await;
     start.elapsed()
 }
 
 #[tokio::main]
 async fn main() {
     let keys: i64 = std::env::var("COLD_START_BENCH_KEYS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
-    let mut stack = Stack::start().await;
-    let token = stack.account("cold@example.com").await;
-    let (_, created) = stack.key(&token).await;
-    let project = created.key.unwrap().name.split("/keys/").next().unwrap().trim_start_matches("projects/").to_owned();
+    let mut stack = keyshare_system_tests::stack().await;
+    let token = stack.account("cold@example.com").await.token;
+    let created = stack.key(&token).await;
+    let project = created.project.trim_start_matches("projects/").to_owned();
     let baseline = cold_start(&mut stack).await;
 
-    let (client, connection) = tokio_postgres::connect(&stack.db.url, tokio_postgres::NoTls).await.unwrap();
+    let (client, connection) = tokio_postgres::connect(&stack.db_url(), tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(connection);
     let inserting = Instant::now();
     let mut first = 0;

@@ -28,7 +28,7 @@ use hyper::body::{Bytes, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use keyshare_runtime::testkit::{Envoy, EnvoySite, envoy_config, free_port, http_call, shipped_envoy_yaml};
-use keyshare_system_tests::{Stack, percentile};
+use keyshare_system_tests::{Kind, percentile};
 
 /// Connections of the moderate load; each sends at `rate / CLIENTS` requests per second.
 const CLIENTS: u32 = 4;
@@ -44,16 +44,16 @@ async fn main() {
     let saturate_secs: u32 = setting("ENVOY_BENCH_SATURATE_SECS", 4);
     let dir = tempfile::tempdir().unwrap();
 
-    let stack = Stack::start().await;
-    let token = stack.account("envoy-bench@example.com").await;
-    let (_keyring, created) = stack.key(&token).await;
-    let key = created.key.unwrap().name;
+    let stack = keyshare_system_tests::stack().await;
+    let token = stack.account("envoy-bench@example.com").await.token;
+    let created = stack.key(&token).await;
+    let key = created.name;
     let project = key.split("/keys/").next().unwrap().to_owned();
-    let credential = created.production_credential;
+    let credential = created.production;
     let upstream = serve_upstream().await;
 
     let shipped = shipped_envoy_yaml();
-    let authorizers = [(stack.authorizer.port(), 1)];
+    let authorizers = [(stack.addr(Kind::Authorizer).port(), 1)];
     let site =
         |listen| EnvoySite { listen, admin: free_port(), upstream, authorizers: &authorizers, project: &project };
     let (with_port, without_port) = (free_port(), free_port());

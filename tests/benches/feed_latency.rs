@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use keyshare_proto::keyring::v1 as pb;
 use keyshare_proto::keyring::v1::watch_keys_response::Event;
-use keyshare_system_tests::{Stack, authed, percentile};
+use keyshare_system_tests::{authed, percentile};
 
 fn report(name: &str, mut samples: Vec<Duration>) -> Duration {
     samples.sort();
@@ -30,10 +30,10 @@ fn report(name: &str, mut samples: Vec<Duration>) -> Duration {
 #[tokio::main]
 async fn main() {
     let changes: usize = std::env::var("FEED_BENCH_CHANGES").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
-    let stack = Stack::start().await;
-    let token = stack.account("bench@example.com").await;
-    let (mut keyring, created) = stack.key(&token).await;
-    let key = created.key.unwrap().name;
+    let stack = keyshare_system_tests::stack().await;
+    let token = stack.account("bench@example.com").await.token;
+    let key = stack.key(&token).await.name;
+    let mut keyring = keyshare_system_tests::keyring(&stack).await;
     let key_ref = keyshare_keyring::domain::parse_key(&key, "key").unwrap();
 
     // The watcher: a real gRPC stream, past its snapshot.
@@ -46,10 +46,10 @@ async fn main() {
         }
     }
 
-    let pool = keyshare_runtime::db::pool(&stack.db.url, 2).unwrap();
+    let pool = keyshare_runtime::db::pool(&stack.db_url(), 2).unwrap();
 
     // Baseline: NOTIFY committed on one connection, received by a listener on another.
-    let (listener, mut connection) = tokio_postgres::connect(&stack.db.url, tokio_postgres::NoTls).await.unwrap();
+    let (listener, mut connection) = tokio_postgres::connect(&stack.db_url(), tokio_postgres::NoTls).await.unwrap();
     let (notes_tx, mut notes) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));

@@ -24,7 +24,7 @@ use keyshare_proto::keyring::v1 as krpb;
 use keyshare_runtime::testkit::{
     Envoy, EnvoySite, RedisServer, envoy_config, free_port, http_call, scrape, shipped_envoy_yaml,
 };
-use keyshare_system_tests::{Stack, authed};
+use keyshare_system_tests::{Kind, Setting, authed};
 use prost::Message;
 
 const REPLICAS: usize = 3;
@@ -33,14 +33,15 @@ const REPLICAS: usize = 3;
 async fn main() {
     let secs: u64 = setting("FLEET_BENCH_SECS", 20);
     let dir = tempfile::tempdir().unwrap();
-    let stack = Stack::start().await;
-    let token = stack.account("fleet-bench@example.com").await;
+    let stack = keyshare_system_tests::stack().await;
+    let token = stack.account("fleet-bench@example.com").await.token;
     let redis = RedisServer::start();
 
     // One project behind the gateway, a key per run; a second project for the monthly quota.
-    let (mut keyring, probe) = stack.key(&token).await;
-    let project = probe.key.as_ref().unwrap().name.split("/keys/").next().unwrap().to_owned();
-    let probe = probe.production_credential;
+    let probe = stack.key(&token).await;
+    let mut keyring = keyshare_system_tests::keyring(&stack).await;
+    let project = probe.project;
+    let probe = probe.production;
     let mut rate_runs = Vec::new();
     for limit in [10, 1_000] {
         for weights in [[1, 1, 1], [90, 5, 5]] {
@@ -58,8 +59,8 @@ async fn main() {
     }
     let mut monthly_runs = Vec::new();
     for weights in [[1, 1, 1], [90, 5, 5]] {
-        let (_, created) = stack.key(&token).await;
-        let name = created.key.unwrap().name;
+        let created = stack.key(&token).await;
+        let name = created.name;
         let monthly_project = name.split("/keys/").next().unwrap().to_owned();
         let limits = krpb::ProjectEnvironmentLimits { rate_limit_per_second: 0, monthly_quota: 2_000 };
         let update = krpb::UpdateProjectRequest {
@@ -71,7 +72,7 @@ async fn main() {
             update_mask: Some(prost_types::FieldMask { paths: vec!["production.monthly_quota".into()] }),
         };
         keyring.update_project(authed(&token, update)).await.unwrap();
-        monthly_runs.push((weights, monthly_project, created.production_credential));
+        monthly_runs.push((weights, monthly_project, created.production));
     }
     let throughput_key = key(&mut keyring, &token, &project, |e| {
         e.rate_limit_per_second = 1_000_000;
@@ -80,10 +81,9 @@ async fn main() {
     .await;
 
     // The replicas start after every limit is set, so their first snapshot has them all.
-    let shared = [("KEYSHARE_REDIS_URL", redis.url())];
     let mut replicas = Vec::new();
     for _ in 0..REPLICAS {
-        replicas.push(stack.authorizer_replica(&shared).await);
+        replicas.push(stack.launch(Kind::Authorizer, [Setting::RedisUrl(redis.url())]).await);
     }
     for replica in &replicas {
         wait_for_metric(replica.metrics_addr, "keyshare_limits_replicas", REPLICAS as f64).await;
@@ -123,7 +123,7 @@ async fn main() {
     }
 
     // Throughput with shared limits on (replica 1) and off (a replica without Redis).
-    let local = stack.authorizer_replica(&[]).await;
+    let local = stack.launch(Kind::Authorizer, []).await;
     let body = grpc_body(dir.path(), &throughput_key);
     let saturate = ["-c", "4", "-m", "32", "-D", "5"];
     for port in [replicas[0].addr.port(), local.addr.port()] {
@@ -355,7 +355,7 @@ fn grpc_body(dir: &Path, credential: &str) -> PathBuf {
 async fn wait_until_valid(port: u16, body: &Path) {
     let framed = std::fs::read(body).unwrap();
     let request = pb::CheckKeyRequest::decode(&framed[5..]).unwrap();
-    let channel = Stack::channel(std::net::SocketAddr::from(([127, 0, 0, 1], port))).await;
+    let channel = keyshare_system_tests::channel(std::net::SocketAddr::from(([127, 0, 0, 1], port))).await;
     let mut client = pb::authorizer_service_client::AuthorizerServiceClient::new(channel);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use keyshare_proto::authorizer::v1 as apb;
 use keyshare_proto::keyring::v1 as pb;
-use keyshare_system_tests::{Stack, authed, percentile};
+use keyshare_system_tests::{Kind, authed, channel, percentile, serving};
 use tonic::transport::Channel;
 
 type Authorizer = apb::authorizer_service_client::AuthorizerServiceClient<Channel>;
@@ -78,22 +78,23 @@ async fn main() {
     let changes: usize = std::env::var("REVOCATION_BENCH_CHANGES").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
     let replica_count: usize =
         std::env::var("REVOCATION_BENCH_REPLICAS").ok().and_then(|v| v.parse().ok()).unwrap_or(3).max(1);
-    let mut stack = Stack::start().await;
-    let mut addrs = vec![stack.authorizer];
+    let mut stack = keyshare_system_tests::stack().await;
+    let mut addrs = vec![stack.addr(Kind::Authorizer)];
     while addrs.len() < replica_count {
-        addrs.push(stack.start_authorizer().await);
+        addrs.push(stack.add(Kind::Authorizer, []).await.addr);
     }
-    let token = stack.account("revoke@example.com").await;
-    let (mut keyring, created) = stack.key(&token).await;
-    let key = created.key.unwrap().name;
+    let token = stack.account("revoke@example.com").await.token;
+    let created = stack.key(&token).await;
+    let mut keyring = keyshare_system_tests::keyring(&stack).await;
+    let key = created.name;
     let env = format!("{key}/environments/production");
     let mut replicas = Vec::new();
     for addr in &addrs {
-        Stack::serving(*addr, Duration::from_secs(60)).await;
-        replicas.push(Authorizer::new(Stack::channel(*addr).await));
+        serving(*addr, Duration::from_secs(60)).await;
+        replicas.push(Authorizer::new(channel(*addr).await));
     }
     // Every replica knows the key.
-    let mut credential = created.production_credential;
+    let mut credential = created.production;
     tokio::time::timeout(Duration::from_secs(30), until_every_replica(&replicas, &credential, true, Instant::now()))
         .await
         .expect("a replica never loaded the key");

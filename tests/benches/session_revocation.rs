@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use keyshare_proto::identity::v1 as idpb;
 use keyshare_proto::keyring::v1 as pb;
-use keyshare_system_tests::{Stack, authed, percentile};
+use keyshare_system_tests::{Kind, authed, percentile};
 use tonic::Code;
 
 fn report(name: &str, mut samples: Vec<Duration>) {
@@ -28,12 +28,13 @@ fn report(name: &str, mut samples: Vec<Duration>) {
 #[tokio::main]
 async fn main() {
     let logouts: usize = std::env::var("SESSION_BENCH_LOGOUTS").ok().and_then(|v| v.parse().ok()).unwrap_or(100);
-    let stack = Stack::start().await;
+    let stack = keyshare_system_tests::stack().await;
     let email = "logout@example.com";
-    let owner = stack.account(email).await;
-    let (mut keyring, created) = stack.key(&owner).await;
-    let project = created.key.unwrap().name.split("/keys/").next().unwrap().to_owned();
-    let mut identity = idpb::identity_service_client::IdentityServiceClient::new(Stack::channel(stack.identity).await);
+    let owner = stack.account(email).await.token;
+    let created = stack.key(&owner).await;
+    let mut keyring = keyshare_system_tests::keyring(&stack).await;
+    let project = created.project;
+    let mut identity = idpb::identity_service_client::IdentityServiceClient::new(stack.channel(Kind::Identity).await);
     let get = |token: &str| authed(token, pb::GetProjectRequest { name: project.clone() });
 
     let mut baseline = Vec::new();
@@ -47,7 +48,7 @@ async fn main() {
     let mut polls = 0usize;
     for _ in 0..logouts {
         let grant = identity
-            .login(idpb::LoginRequest { email: email.into(), password: "benchmark password 123".into() })
+            .login(idpb::LoginRequest { email: email.into(), password: keyshare_system_tests::PASSWORD.into() })
             .await
             .unwrap()
             .into_inner()

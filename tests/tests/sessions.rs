@@ -11,7 +11,7 @@ use keyshare_proto::authorizer::v1 as azpb;
 use keyshare_proto::identity::v1 as idpb;
 use keyshare_proto::invitation::v1 as ivpb;
 use keyshare_proto::keyring::v1 as krpb;
-use keyshare_system_tests::{Stack, authed};
+use keyshare_system_tests::{Kind, Setting, Stack, authed};
 use tonic::Code;
 use tonic::transport::Channel;
 use tonic_types::StatusExt as _;
@@ -42,10 +42,14 @@ struct Session {
 
 impl World {
     async fn start() -> Self {
-        let mut stack = Stack::start().await;
-        let invitation = stack.start_invitation().await;
+        let stack = Stack::builder()
+            .invitation()
+            .authorizer()
+            .with(Kind::Identity, Setting::RequireVerifiedEmail(false))
+            .start()
+            .await;
         let email = "ada@example.com".to_owned();
-        let mut identity = Identity::new(Stack::channel(stack.identity).await);
+        let mut identity = Identity::new(stack.channel(Kind::Identity).await);
         identity
             .create_account(idpb::CreateAccountRequest {
                 email: email.clone(),
@@ -55,12 +59,15 @@ impl World {
             .await
             .unwrap();
         let first = login(&mut identity, &email, PASSWORD).await;
-        let (keyring, created) = stack.key(&first.access).await;
-        let key = created.key.unwrap().name;
-        let project = key.split("/keys/").next().unwrap().to_owned();
+        let created = stack.key(&first.access).await;
+        let (key, project) = (created.name, created.project);
+        let keyring = keyshare_system_tests::keyring(&stack).await;
+        let usage = stack.service(Kind::Authorizer).management_addr.unwrap();
         Self {
-            invitation: ivpb::invitation_service_client::InvitationServiceClient::new(Stack::channel(invitation).await),
-            usage: azpb::usage_service_client::UsageServiceClient::new(Stack::channel(stack.usage).await),
+            invitation: ivpb::invitation_service_client::InvitationServiceClient::new(
+                stack.channel(Kind::Invitation).await,
+            ),
+            usage: azpb::usage_service_client::UsageServiceClient::new(keyshare_system_tests::channel(usage).await),
             stack,
             identity,
             keyring,
@@ -237,7 +244,7 @@ async fn a_logout_after_identity_restarts_is_still_refused_by_keyring_within_5s(
     let session = world.login(PASSWORD).await;
     world.accepted_everywhere(&session.access, "before identity restarts").await;
 
-    world.stack.restart_identity().await;
+    world.stack.service_mut(Kind::Identity).restart().await;
     let logged_out = Instant::now();
     world.identity.logout(idpb::LogoutRequest { refresh_token: session.refresh.clone() }).await.unwrap();
     world.refused_everywhere(&session.access, logged_out).await;
@@ -245,9 +252,9 @@ async fn a_logout_after_identity_restarts_is_still_refused_by_keyring_within_5s(
 
 #[tokio::test]
 async fn only_keyshare_services_may_watch_session_revocations() {
-    let stack = Stack::start().await;
-    let person = stack.account("eve@example.com").await;
-    let mut identity = Identity::new(Stack::channel(stack.identity).await);
+    let stack = keyshare_system_tests::stack().await;
+    let person = stack.account("eve@example.com").await.token;
+    let mut identity = Identity::new(stack.channel(Kind::Identity).await);
     let refused = identity
         .watch_session_revocations(authed(&person, idpb::WatchSessionRevocationsRequest {}))
         .await
@@ -268,7 +275,7 @@ async fn only_keyshare_services_may_watch_session_revocations() {
         message.unwrap().unwrap().event.unwrap()
     }
     assert!(matches!(next(&mut feed).await, Event::SnapshotEnd(_)), "the snapshot is empty before any logout");
-    let session = login(&mut identity, "eve@example.com", "benchmark password 123").await;
+    let session = login(&mut identity, "eve@example.com", keyshare_system_tests::PASSWORD).await;
     identity.logout(idpb::LogoutRequest { refresh_token: session.refresh }).await.unwrap();
     let Event::Revocation(revocation) = next(&mut feed).await else { panic!("a logout sent no revocation") };
     assert!(revocation.account.starts_with("accounts/"));

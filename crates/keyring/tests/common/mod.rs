@@ -9,114 +9,61 @@ use keyshare_proto::identity::v1::identity_service_client::IdentityServiceClient
 use keyshare_proto::keyring::v1 as pb;
 use keyshare_proto::keyring::v1::keyring_service_client::KeyringServiceClient;
 use keyshare_runtime::clock::ManualClock;
-use keyshare_runtime::config::Env;
-use keyshare_runtime::crypto::Sealer;
-use keyshare_runtime::testkit::{self, SmtpServer, TestDatabase, free_port};
+use keyshare_testkit::{Kind, Service, Setting, SmtpServer, Stack, Store, TestDatabase};
 #[allow(unused_imports)] // each test binary uses some of them
-pub use keyshare_runtime::testkit::{authed, bad_fields, reason};
+pub use keyshare_testkit::{PASSWORD, authed, bad_fields, reason};
 use tonic::transport::Channel;
 
 pub type Keyring = KeyringServiceClient<Channel>;
 pub type Identity = IdentityServiceClient<Channel>;
 
-pub const PASSWORD: &str = "correct horse battery staple";
-pub const KEYRING_SECRET: &str = "keyring-secret-for-tests-0123456789abcdef";
-pub const INVITATION_SECRET: &str = "invitation-secret-for-tests-0123456789abcd";
-pub const AUTHORIZER_SECRET: &str = "authorizer-secret-for-tests-0123456789abcd";
-
 pub struct Harness {
+    pub stack: Stack,
     pub db: TestDatabase,
     pub smtp: SmtpServer,
     pub clock: Arc<ManualClock>,
     pub kek: String,
     pub identity_addr: std::net::SocketAddr,
     pub keyring_addr: std::net::SocketAddr,
-    stops: Vec<tokio::sync::oneshot::Sender<()>>,
-}
-
-fn pairs(list: &[(&str, String)]) -> Env {
-    Env::from_pairs(list.iter().map(|(k, v)| ((*k).to_owned(), v.clone())))
+    /// More keyrings, stopped with the harness.
+    others: Vec<Service>,
 }
 
 impl Harness {
     pub async fn start() -> Self {
         let db = TestDatabase::create().await;
         let smtp = SmtpServer::start().await;
-        let (_, kek) = Sealer::generate("kek1");
         let clock = ManualClock::new();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        // The first keyring's port is chosen first so identity can tell it when someone leaves
-        // an organization.
-        let keyring_port = free_port();
-        let identity_env = pairs(&[
-            ("KEYSHARE_KEYRING_URL", format!("http://127.0.0.1:{keyring_port}")),
-            ("DATABASE_URL", db.url.clone()),
-            ("KEYSHARE_LISTEN_ADDR", "127.0.0.1:0".into()),
-            ("KEYSHARE_METRICS_ADDR", "127.0.0.1:0".into()),
-            ("KEYSHARE_KEY_ENCRYPTION_KEYS", kek.clone()),
-            ("KEYSHARE_SMTP_URL", smtp.url()),
-            (
-                "KEYSHARE_INTERNAL_CLIENTS",
-                format!("keyring:{KEYRING_SECRET},invitation:{INVITATION_SECRET},authorizer:{AUTHORIZER_SECRET}"),
-            ),
-            ("KEYSHARE_DB_POOL_SIZE", "4".into()),
-        ]);
-        let identity = keyshare_identity::start(
-            keyshare_identity::Config::from_env(&identity_env).unwrap(),
-            clock.clone(),
-            async move {
-                let _ = rx.await;
-            },
-        )
-        .await
-        .unwrap();
-        let mut harness =
-            Self { db, smtp, clock, kek, identity_addr: identity.addr, keyring_addr: identity.addr, stops: vec![tx] };
-        harness.keyring_addr =
-            harness.start_keyring_at(&harness.kek.clone(), &format!("127.0.0.1:{keyring_port}")).await;
-        harness
+        let stack = Stack::builder()
+            .keyring()
+            .on(Store::Given(db.url.clone()))
+            .smtp_url(smtp.url())
+            .clock(clock.clone())
+            .with(Kind::Identity, Setting::PoolSize(4))
+            .with(Kind::Keyring, Setting::PoolSize(8))
+            .start()
+            .await;
+        let (kek, identity_addr, keyring_addr) =
+            (stack.kek.clone(), stack.addr(Kind::Identity), stack.addr(Kind::Keyring));
+        Self { stack, db, smtp, clock, kek, identity_addr, keyring_addr, others: Vec::new() }
     }
 
     /// Starts (another) keyring on the same database with the given key-encryption keys.
     pub async fn start_keyring(&mut self, kek: &str) -> std::net::SocketAddr {
-        self.start_keyring_at(kek, "127.0.0.1:0").await
+        self.launch_keyring(Setting::KeyEncryptionKeys(kek.to_owned())).await
     }
 
     /// Starts another keyring that authenticates to identity with `client_secret` (a wrong one
     /// leaves it without its internal client's token).
     pub async fn start_keyring_with_secret(&mut self, client_secret: &str) -> std::net::SocketAddr {
-        self.launch_keyring(&self.kek.clone(), "127.0.0.1:0", client_secret).await
+        self.launch_keyring(Setting::Client { id: "keyring".into(), secret: client_secret.into() }).await
     }
 
-    async fn start_keyring_at(&mut self, kek: &str, listen: &str) -> std::net::SocketAddr {
-        self.launch_keyring(kek, listen, KEYRING_SECRET).await
-    }
-
-    async fn launch_keyring(&mut self, kek: &str, listen: &str, client_secret: &str) -> std::net::SocketAddr {
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let env = pairs(&[
-            ("DATABASE_URL", self.db.url.clone()),
-            ("KEYSHARE_LISTEN_ADDR", listen.into()),
-            ("KEYSHARE_METRICS_ADDR", "127.0.0.1:0".into()),
-            ("KEYSHARE_KEY_ENCRYPTION_KEYS", kek.to_owned()),
-            ("KEYSHARE_IDENTITY_URL", format!("http://{}", self.identity_addr)),
-            // No invitation service in these tests: counts are unknown, revocations stay queued.
-            ("KEYSHARE_INVITATION_URL", "http://127.0.0.1:1".into()),
-            ("KEYSHARE_CLIENT_ID", "keyring".into()),
-            ("KEYSHARE_CLIENT_SECRET", client_secret.into()),
-            ("KEYSHARE_DB_POOL_SIZE", "8".into()),
-        ]);
-        let started = keyshare_keyring::start(
-            keyshare_keyring::Config::from_env(&env).unwrap(),
-            self.clock.clone(),
-            async move {
-                let _ = rx.await;
-            },
-        )
-        .await
-        .unwrap();
-        self.stops.push(tx);
-        started.addr
+    async fn launch_keyring(&mut self, setting: Setting) -> std::net::SocketAddr {
+        let keyring = self.stack.launch(Kind::Keyring, [setting]).await;
+        let addr = keyring.addr;
+        self.others.push(keyring);
+        addr
     }
 
     pub async fn keyring(&self) -> Keyring {
@@ -131,22 +78,23 @@ impl Harness {
     /// A verified, logged-in account: (account id as `accounts/{id}`, access token).
     pub async fn account(&self, email: &str) -> (String, String) {
         let account =
-            testkit::sign_up(testkit::channel(self.identity_addr).await, email, PASSWORD, Some(&self.smtp)).await;
+            keyshare_testkit::sign_up(self.stack.channel(Kind::Identity).await, email, PASSWORD, Some(&self.smtp))
+                .await;
         (account.name, account.token)
     }
 
     /// An access token of the authorizer's internal client, the one that follows the feed.
     pub async fn feed_token(&self) -> String {
-        self.client_token("authorizer", AUTHORIZER_SECRET).await
+        self.stack.authorizer_token().await
     }
 
     /// An access token of invitation's internal client, the one that grants memberships.
     pub async fn internal_token(&self) -> String {
-        self.client_token("invitation", INVITATION_SECRET).await
+        self.stack.invitation_token().await
     }
 
     async fn client_token(&self, client_id: &str, client_secret: &str) -> String {
-        testkit::client_token(testkit::channel(self.identity_addr).await, client_id, client_secret).await
+        self.stack.client_token(client_id, client_secret).await
     }
 
     /// A new service account of `org` (created by its owner), made a member of `project` with
@@ -203,14 +151,6 @@ impl Harness {
     }
 }
 
-impl Drop for Harness {
-    fn drop(&mut self) {
-        for stop in self.stops.drain(..) {
-            let _ = stop.send(());
-        }
-    }
-}
-
 pub async fn keyring_at(addr: std::net::SocketAddr) -> Keyring {
     let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
     KeyringServiceClient::new(channel)
@@ -250,7 +190,7 @@ pub async fn create_key(keyring: &mut Keyring, token: &str, project: &str, name:
 /// Waits until a statement on the pool's database waits for a row lock (a test holds one on
 /// purpose), or fails naming `what` after 30 s.
 pub async fn until_a_statement_waits_on_a_lock(pool: &deadpool_postgres::Pool, what: &str) {
-    testkit::eventually(what, std::time::Duration::from_secs(30), || async {
+    keyshare_testkit::eventually(what, std::time::Duration::from_secs(30), || async {
         let client = pool.get().await.unwrap();
         let row = client
             .query_one(
