@@ -127,7 +127,7 @@ async fn every_service_exports_the_documented_metrics() {
         assert!(documented.contains_key(service), "ARCHITECTURE.md lists no metrics for {service}");
     }
 
-    let keyshare = Keyshare::start(&SERVICES, &[]).await;
+    let keyshare = Keyshare::start(&SERVICES, []).await;
     // A call or two into each service, so the per-call metrics have series.
     let ada = keyshare.account("ada@example.com").await;
     let created = keyshare.key(&ada).await;

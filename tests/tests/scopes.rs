@@ -231,7 +231,7 @@ async fn org_service_account(world: &World) -> String {
 }
 
 async fn world() -> World {
-    let keyshare = Keyshare::start(&SERVICES, &[]).await;
+    let keyshare = Keyshare::start(&SERVICES, []).await;
     let owner_token = keyshare.account("owner@scopes.test").await;
     let stranger_email = "stranger@scopes.test".to_owned();
     let stranger_token = keyshare.account(&stranger_email).await;

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{Keyshare, SERVICES, authed};
+use common::{Keyshare, SERVICES, Setting, authed};
 use keyshare_proto::authorizer::v1 as azpb;
 use keyshare_proto::authorizer::v1::usage_service_client::UsageServiceClient;
 use keyshare_proto::identity::v1 as idpb;
@@ -43,7 +43,7 @@ impl ServiceAccount {
 
 async fn world() -> World {
     let management = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let keyshare = Keyshare::start(&SERVICES, &[("KEYSHARE_MANAGEMENT_ADDR", management.to_string())]).await;
+    let keyshare = Keyshare::start(&SERVICES, [Setting::Management(management)]).await;
     let owner = keyshare.account("owner@automation.test").await;
     let key = keyshare.key(&owner).await.key.unwrap().name;
     let project = key.split("/keys/").next().unwrap().to_owned();

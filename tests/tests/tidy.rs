@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 
 use keyshare_runtime::testkit::workspace_root;
 
-/// The workspace's crates, by directory under `crates/`.
-const CRATES: &[&str] = &["runtime", "proto", "identity", "keyring", "invitation", "authorizer"];
+/// The workspace's crates, by directory under `crates/` (every one of them: a test checks).
+const CRATES: &[&str] = &["runtime", "proto", "identity", "keyring", "invitation", "authorizer", "testkit"];
 
 /// Per crate, the modules (paths under `src/`, without `.rs`) that may name wire types: the
 /// servers, the clients of other services, the error mapping and the wiring in `lib`/`main`.
@@ -28,6 +28,8 @@ const ADAPTERS: &[(&str, &[&str])] = &[
     ("keyring", &["lib", "main", "error", "grpc", "directory", "invitations"]),
     ("invitation", &["lib", "main", "error", "grpc", "peers"]),
     ("authorizer", &["lib", "main", "error", "grpc", "ext_authz", "usage_grpc", "follower", "stats/access"]),
+    // The test kit starts services and calls them; only its typed settings stay off the wire.
+    ("testkit", &["lib", "stack", "process"]),
 ];
 
 /// Modules outside a `store` that hold SQL, each with the reason ARCHITECTURE.md gives.
@@ -243,6 +245,14 @@ fn every_crate_forbids_unsafe_code() {
         lints.lines().any(|l| l.replace(' ', "") == "unsafe_code=\"forbid\""),
         "[workspace.lints.rust] must say unsafe_code = \"forbid\""
     );
+    let mut on_disk: Vec<String> = std::fs::read_dir(root.join("crates"))
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    on_disk.sort();
+    let mut listed: Vec<String> = CRATES.iter().map(|c| (*c).to_owned()).collect();
+    listed.sort();
+    assert_eq!(on_disk, listed, "tests/tests/tidy.rs's CRATES must list every crate under crates/");
     let members = CRATES.iter().map(|c| format!("crates/{c}")).chain(["tests".to_owned()]);
     for member in members {
         let manifest = std::fs::read_to_string(root.join(&member).join("Cargo.toml")).unwrap();

@@ -16,7 +16,7 @@ use keyshare_runtime::testkit::{eventually, tool};
 
 #[tokio::test]
 async fn every_service_works_over_mutual_tls() {
-    let keyshare = Keyshare::start_with_mtls(&SERVICES, &[]).await;
+    let keyshare = Keyshare::start_with_mtls(&SERVICES, []).await;
 
     // identity → keyring and keyring → identity (organization roles).
     let ada = keyshare.account("ada@example.com").await;
@@ -51,7 +51,7 @@ async fn every_service_works_over_mutual_tls() {
 
 #[tokio::test]
 async fn without_a_client_certificate_no_service_answers() {
-    let keyshare = Keyshare::start_with_mtls(&["identity"], &[]).await;
+    let keyshare = Keyshare::start_with_mtls(&["identity"], []).await;
     let (pki, _) = keyshare.tls.as_ref().unwrap();
     let settings = keyshare_runtime::tls::TlsSettings { identity: None, client_ca: None, ca: Some(pki.ca_path()) };
     let url = format!("https://{}", keyshare.grpc("identity"));
@@ -65,7 +65,7 @@ async fn without_a_client_certificate_no_service_answers() {
 /// identity at 127.0.0.1, which its certificate names.
 #[tokio::test]
 async fn grpcurl_reaches_a_service_over_mutual_tls() {
-    let keyshare = Keyshare::start_with_mtls(&["identity"], &[]).await;
+    let keyshare = Keyshare::start_with_mtls(&["identity"], []).await;
     let (pki, console) = keyshare.tls.as_ref().unwrap();
     let addr = keyshare.grpc("identity").to_string();
     let grpcurl = |args: &[&str]| {

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Keyshare, authed, token_in};
+use common::{Keyshare, Setting, authed, token_in};
 use keyshare_proto::invitation::v1 as pb;
 use keyshare_proto::invitation::v1::invitation_service_client::InvitationServiceClient;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
@@ -74,18 +74,18 @@ impl TraceService for Receiver {
 
 impl Receiver {
     /// Listens on a free port; returns the environment that points a service at it.
-    async fn start() -> (Self, Vec<(&'static str, String)>) {
+    async fn start() -> (Self, Vec<Setting>) {
         let receiver = Self::default();
         let incoming = tonic::transport::server::TcpIncoming::bind(([127, 0, 0, 1], 0).into()).unwrap();
         let addr = incoming.local_addr().unwrap();
         let server = tonic::transport::Server::builder().add_service(TraceServiceServer::new(receiver.clone()));
         tokio::spawn(server.serve_with_incoming(incoming));
-        let env = vec![
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{addr}")),
+        let settings = vec![
+            Setting::TraceEndpoint(format!("http://{addr}")),
             // Export every 100 ms rather than every 5 s, so the test need not wait long.
-            ("OTEL_BSP_SCHEDULE_DELAY", "100".to_owned()),
+            Setting::TraceBatchDelay(Duration::from_millis(100)),
         ];
-        (receiver, env)
+        (receiver, settings)
     }
 
     /// Waits for the trace whose root is the server span `root` until `complete` says it has
@@ -202,7 +202,7 @@ async fn invited_bob(keyshare: &Keyshare) -> (InvitationServiceClient<tonic::tra
 #[tokio::test]
 async fn accepting_an_invitation_is_one_trace_across_the_services() {
     let (receiver, otlp) = Receiver::start().await;
-    let keyshare = Keyshare::start(&["identity", "keyring", "invitation"], &otlp).await;
+    let keyshare = Keyshare::start(&["identity", "keyring", "invitation"], otlp).await;
     let (mut invitations, bob, token) = invited_bob(&keyshare).await;
 
     invitations.accept_invitation(authed(&bob, pb::AcceptInvitationRequest { token })).await.unwrap();
@@ -236,7 +236,7 @@ async fn accepting_an_invitation_is_one_trace_across_the_services() {
 #[tokio::test]
 async fn an_acceptance_refused_while_keyring_was_down_is_one_trace_when_retried() {
     let (receiver, otlp) = Receiver::start().await;
-    let mut keyshare = Keyshare::start(&["identity", "keyring", "invitation"], &otlp).await;
+    let mut keyshare = Keyshare::start(&["identity", "keyring", "invitation"], otlp).await;
     let (mut invitations, bob, token) = invited_bob(&keyshare).await;
 
     // Keyring is down when Bob accepts: whether the inviter may still grant the role cannot be

@@ -38,7 +38,7 @@ async fn long_paths_while_postgres_is_down_keep_memory_bounded() {
     w.set(&format!("{key}/environments/production"), "active", |e| e.active = false).await;
     // A small line budget, so that even a slow machine reaches it within the outage: what is
     // dropped beyond it must be counted, and the checks go on.
-    let authorizer = AuthorizerProcess::start(&w, &[("KEYSHARE_USAGE_BUFFER_BYTES", (256 << 10).to_string())]).await;
+    let authorizer = AuthorizerProcess::start(&w, [Setting::UsageBufferBytes(256 << 10)]).await;
     let upstream = echo_upstream().await;
     let (_envoy, port) = start_envoy_at(&project, upstream, &[authorizer.addr.port()]).await;
     let path = format!("/{}", "a".repeat(PATH_BYTES - 1));

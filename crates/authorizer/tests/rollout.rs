@@ -71,9 +71,9 @@ async fn answers_checks(replica: &AuthorizerProcess, before: f64) -> f64 {
 async fn a_replica_restarted_under_load_fails_no_call_at_the_gateway() {
     let (w, project, _key, _, production) = world().await;
     // Envoy checks health each second: 3 s of answering after NOT_SERVING is a wide margin.
-    let drain = [("KEYSHARE_DRAIN_DELAY_SECS", "3".to_owned())];
-    let mut restarted = AuthorizerProcess::start(&w, &drain).await;
-    let steady = AuthorizerProcess::start(&w, &drain).await;
+    let drain = [Setting::DrainDelay(Duration::from_secs(3))];
+    let mut restarted = AuthorizerProcess::start(&w, drain.clone()).await;
+    let steady = AuthorizerProcess::start(&w, drain).await;
     let upstream = echo_upstream().await;
     let (_envoy, port) = start_envoy_at(&project, upstream, &[restarted.addr.port(), steady.addr.port()]).await;
     eventually("the gateway to admit the key", Duration::from_secs(30), || {

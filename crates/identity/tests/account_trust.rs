@@ -50,7 +50,7 @@ const OWNER_PASSWORD: &str = "the owner's real passphrase";
 
 #[tokio::test]
 async fn squatted_unverified_signup_is_replaced_by_the_owners() {
-    let h = Harness::start_with(&[("KEYSHARE_REQUIRE_VERIFIED_EMAIL", "false")]).await;
+    let h = Harness::start_with([Setting::RequireVerifiedEmail(false)]).await;
     let mut client = h.client().await;
     let email = "victim@example.com";
     // The attacker signs up first with the victim's address (and, as login does not need a
@@ -188,7 +188,7 @@ async fn password_reset_by_mail_is_single_use_short_lived_and_ends_every_session
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn simultaneous_wrong_passwords_cannot_outrun_the_limit() {
     // A queue that holds every guess, so that only the throttle decides which are checked.
-    let h = Harness::start_with(&[("KEYSHARE_PASSWORD_HASH_QUEUE", "64")]).await;
+    let h = Harness::start_with([Setting::PasswordHashQueue(64)]).await;
     let email = "target@example.com";
     verified_account(&h, email).await;
     let client = h.client().await;
@@ -207,7 +207,7 @@ async fn simultaneous_wrong_passwords_cannot_outrun_the_limit() {
 
 #[tokio::test]
 async fn one_client_address_cannot_spread_guesses_over_many_emails() {
-    let h = Harness::start_with(&[("KEYSHARE_LOGIN_MAX_FAILURES_PER_ADDRESS", "8")]).await;
+    let h = Harness::start_with([Setting::LoginMaxFailuresPerAddress(8)]).await;
     let mut client = h.client().await;
     for i in 0..8 {
         let err = login_with(&mut client, &format!("spray{i}@example.com"), "some guessed password").await.unwrap_err();
@@ -225,11 +225,8 @@ async fn one_client_address_cannot_spread_guesses_over_many_emails() {
 
     // Behind a trusted proxy, the address is the last x-forwarded-for entry: entries the caller
     // wrote before it do not choose the bucket.
-    let proxied = Harness::start_with(&[
-        ("KEYSHARE_LOGIN_MAX_FAILURES_PER_ADDRESS", "2"),
-        ("KEYSHARE_LOGIN_TRUST_FORWARDED_FOR", "true"),
-    ])
-    .await;
+    let proxied =
+        Harness::start_with([Setting::LoginMaxFailuresPerAddress(2), Setting::LoginTrustForwardedFor(true)]).await;
     let mut client = proxied.client().await;
     let attempt = |email: String, chain: &'static str| {
         let mut request = tonic::Request::new(pb::LoginRequest { email, password: "some guessed password".into() });
@@ -313,9 +310,7 @@ async fn login_flood_leaves_internal_and_management_calls_answering() {
     // The per-address limit would stop this flood from one address almost at once; it is
     // lifted so that the flood reaches password hashing, the resource under attack. The
     // database pool is the default one, not the harness's small one.
-    let h =
-        Harness::start_with(&[("KEYSHARE_LOGIN_MAX_FAILURES_PER_ADDRESS", "1000000"), ("KEYSHARE_DB_POOL_SIZE", "16")])
-            .await;
+    let h = Harness::start_with([Setting::LoginMaxFailuresPerAddress(1_000_000), Setting::PoolSize(16)]).await;
     let (account, owner_token, _) = verified_account(&h, "owner@example.com").await;
     let mut client = h.client().await;
     let internal = internal_token(&h).await;

@@ -452,7 +452,7 @@ async fn a_keyring_that_never_answers_does_not_hold_the_change() {
             open.push(connection);
         }
     });
-    let h = Harness::start_with(&[("KEYSHARE_KEYRING_URL", &keyring_url)]).await;
+    let h = Harness::start_with([Setting::KeyringUrl(keyring_url.clone())]).await;
     let (_, owner_token, _) = verified_account(&h, "ops@example.com").await;
     let mut client = h.client().await;
     let org = create_org(&mut client, &owner_token, "Ops").await;

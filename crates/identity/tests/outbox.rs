@@ -31,8 +31,11 @@ async fn slow_smtp_server_cannot_make_two_replicas_send_one_mail_twice() {
     // Each mail takes the server a second; twelve of them take twice a 6-second lease, so a
     // worker that leased them together would see the later ones taken over and sent again.
     let smtp = SmtpServer::start_slow(Duration::from_secs(1)).await;
-    let h =
-        Harness::start_with_smtp(smtp, &[("KEYSHARE_MAIL_LEASE_SECS", "6"), ("KEYSHARE_MAIL_POLL_SECS", "1")]).await;
+    let h = Harness::start_with_smtp(
+        smtp,
+        [Setting::MailLease(Duration::from_secs(6)), Setting::MailPoll(Duration::from_secs(1))],
+    )
+    .await;
     let (_, _, _second_replica) = h.spawn_instance().await;
     let mut client = h.client().await;
     let addresses: Vec<String> = (0..12).map(|i| format!("slow{i}@example.com")).collect();

@@ -5,16 +5,16 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::Duration;
 
 use common::{PASSWORD, connect};
 use keyshare_proto::identity::v1 as pb;
 use keyshare_runtime::crypto::Sealer;
-use keyshare_runtime::testkit::{TestDatabase, eventually, free_port, tool};
+use keyshare_testkit::{Kind, Setting, Settings, TestDatabase, eventually, free_port, tool};
 
 struct Process {
-    child: Child,
+    process: keyshare_testkit::Process,
     port: u16,
     metrics_port: u16,
     spool: tempfile::TempDir,
@@ -29,20 +29,19 @@ impl Process {
         let (port, metrics_port) = (free_port(), free_port());
         let log = spool.path().join("identity.log");
         let (_, kek) = Sealer::generate("k1");
-        let child = Command::new(env!("CARGO_BIN_EXE_identity"))
-            .env_clear()
-            .env("DATABASE_URL", &db.url)
-            .env("KEYSHARE_LISTEN_ADDR", format!("127.0.0.1:{port}"))
-            .env("KEYSHARE_METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
-            .env("KEYSHARE_KEY_ENCRYPTION_KEYS", kek)
-            .env("KEYSHARE_MAIL_SPOOL_DIR", spool.path().join("mail"))
-            .env("KEYSHARE_MAIL_POLL_SECS", "1")
-            .env("RUST_LOG", "debug")
-            .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let process = Self { child, port, metrics_port, spool, log, _db: db };
+        let loopback = |port: u16| std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let settings = Settings::from([
+            Setting::DatabaseUrl(db.url.clone()),
+            Setting::Listen(loopback(port)),
+            Setting::Metrics(loopback(metrics_port)),
+            Setting::KeyEncryptionKeys(kek),
+            Setting::MailSpool(spool.path().join("mail")),
+            Setting::MailPoll(Duration::from_secs(1)),
+            Setting::Log("debug".into()),
+        ]);
+        let output = keyshare_testkit::Output::File(log.clone());
+        let process = keyshare_testkit::Process::spawn(Kind::Identity, settings, output);
+        let process = Self { process, port, metrics_port, spool, log, _db: db };
         eventually("identity to report SERVING", Duration::from_secs(60), || async {
             let out = process.grpcurl(&["grpc.health.v1.Health/Check"], None);
             String::from_utf8_lossy(&out.stdout).contains("SERVING").then_some(())
@@ -74,18 +73,11 @@ impl Process {
     }
 
     fn terminate(&self) {
-        Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        self.process.signal_terminate();
     }
 
     fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -239,7 +231,7 @@ async fn sigterm_lets_in_flight_calls_finish_and_exits_zero() {
             "{result:?}"
         );
     }
-    let status = tokio::task::spawn_blocking(move || p.child.wait().unwrap()).await.unwrap();
+    let status = p.process.wait(Duration::from_secs(60)).await;
     assert_eq!(status.code(), Some(0));
 }
 

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Harness, INTERNAL_SECRET, authed, reason};
+use common::{Harness, INTERNAL_SECRET, Setting, authed, reason};
 use keyshare_proto::identity::v1 as pb;
 use keyshare_proto::identity::v1::identity_service_client::IdentityServiceClient;
 use keyshare_runtime::client::lazy_channel;
@@ -33,12 +33,9 @@ impl std::ops::Deref for TlsHarness {
 
 async fn start_tls(pki: &TestPki, server: &CertFiles, mtls: bool) -> TlsHarness {
     let health_addr = std::net::SocketAddr::from(([127, 0, 0, 1], keyshare_runtime::testkit::free_port()));
-    let mut settings = pki.settings(server, mtls);
-    settings.push(("KEYSHARE_HEALTH_ADDR".into(), health_addr.to_string()));
-    settings
-        .push(("KEYSHARE_INTERNAL_CLIENTS".into(), format!("invitation:{INTERNAL_SECRET},keyring:{INTERNAL_SECRET}")));
-    let settings: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    TlsHarness { harness: Harness::start_with(&settings).await, health_addr }
+    let mut settings = Setting::tls(pki, server, mtls);
+    settings.push(Setting::Health(health_addr));
+    TlsHarness { harness: Harness::start_with(settings).await, health_addr }
 }
 
 /// A client of the harness's identity as a service makes one: verifying the server against

@@ -8,6 +8,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use keyshare_runtime::config::Env;
+use keyshare_runtime::testkit::TestPki;
+use keyshare_runtime::tls::CertFiles;
 
 /// One setting of a Keyshare service. Durations are rendered in the unit the variable takes
 /// (whole seconds for `…_SECS`, milliseconds for `…_MILLIS`).
@@ -63,6 +65,26 @@ pub enum Setting {
     DatabaseCa(PathBuf),
     /// The log filter (`RUST_LOG`), for a service run as a process.
     Log(String),
+    /// Where traces are exported (OTLP over gRPC).
+    TraceEndpoint(String),
+    /// How long the trace exporter batches spans before it sends them.
+    TraceBatchDelay(Duration),
+}
+
+impl Setting {
+    /// TLS on a service's listener with `files` (a certificate of `pki`), and on its calls to
+    /// the others (trusting `pki`'s CA); with `require_client_certs`, mutual TLS.
+    pub fn tls(pki: &TestPki, files: &CertFiles, require_client_certs: bool) -> Vec<Setting> {
+        let mut settings = vec![
+            Setting::TlsCert(files.cert.clone()),
+            Setting::TlsKey(files.key.clone()),
+            Setting::TlsCa(pki.ca_path()),
+        ];
+        if require_client_certs {
+            settings.push(Setting::TlsClientCa(pki.ca_path()));
+        }
+        settings
+    }
 }
 
 fn secs(duration: &Duration) -> String {
@@ -115,6 +137,8 @@ impl Setting {
             TlsCa(path) => one("KEYSHARE_TLS_CA", path.display().to_string()),
             DatabaseCa(path) => one("KEYSHARE_DATABASE_CA", path.display().to_string()),
             Log(filter) => one("RUST_LOG", filter.clone()),
+            TraceEndpoint(url) => one("OTEL_EXPORTER_OTLP_ENDPOINT", url.clone()),
+            TraceBatchDelay(delay) => one("OTEL_BSP_SCHEDULE_DELAY", delay.as_millis().to_string()),
         }
     }
 }

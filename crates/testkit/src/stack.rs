@@ -91,8 +91,11 @@ pub struct Service {
     pub management_addr: Option<SocketAddr>,
     /// What the authorizer's follower fills and its checks read.
     pub shared: Option<Arc<keyshare_authorizer::state::Shared>>,
-    running: Option<(oneshot::Sender<()>, JoinHandle<Result<(), ServeError>>)>,
+    running: Option<Running>,
 }
+
+/// How to stop a running instance, and the task that ends when it has.
+type Running = (oneshot::Sender<()>, JoinHandle<Result<(), ServeError>>);
 
 impl std::fmt::Debug for Service {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

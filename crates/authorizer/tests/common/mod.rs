@@ -11,50 +11,20 @@ use keyshare_proto::authorizer::v1::authorizer_service_client::AuthorizerService
 use keyshare_proto::identity::v1 as idpb;
 use keyshare_proto::keyring::v1 as krpb;
 use keyshare_runtime::clock::{FrozenClock, ManualClock};
-use keyshare_runtime::config::Env;
-use keyshare_runtime::crypto::Sealer;
-use keyshare_runtime::testkit::{self, PrivateCluster, TestDatabase, eventually};
+use keyshare_testkit::{Kind, Stack, eventually};
 #[allow(unused_imports)] // each test binary uses some of them
-pub use keyshare_runtime::testkit::{authed, channel, scrape};
+pub use keyshare_testkit::{PrivateCluster, Setting, Store, TestDatabase, authed, channel, scrape};
 use prost_types::FieldMask;
 use tonic::transport::Channel;
-use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 pub mod envoy;
 pub mod process;
 
-const KEYRING_SECRET: &str = "keyring-secret-for-tests-0123456789abcdef";
-pub const AUTHORIZER_SECRET: &str = "authorizer-secret-for-tests-0123456789abc";
-const INVITATION_SECRET: &str = "invitation-secret-for-tests-0123456789abc";
-
-pub fn env(pairs: Vec<(&str, String)>) -> Env {
-    Env::from_pairs(pairs.into_iter().map(|(k, v)| (k.to_owned(), v)))
-}
-
-/// Starts keyring; returns its stop switch, its server task and its address.
-pub async fn start_keyring(
-    config: keyshare_keyring::Config,
-    clock: Arc<ManualClock>,
-) -> (
-    tokio::sync::oneshot::Sender<()>,
-    tokio::task::JoinHandle<Result<(), keyshare_runtime::server::ServeError>>,
-    std::net::SocketAddr,
-) {
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let started = keyshare_keyring::start(config, clock, async move {
-        let _ = rx.await;
-    })
-    .await
-    .unwrap();
-    (tx, started.server, started.addr)
-}
-
 pub struct World {
+    /// identity and keyring, on a clock of their own.
+    pub stack: Stack,
     pub keyring_config: keyshare_keyring::Config,
     pub keyring_clock: Arc<ManualClock>,
-    pub keyring_stop: Option<tokio::sync::oneshot::Sender<()>>,
-    pub keyring_server: Option<tokio::task::JoinHandle<Result<(), keyshare_runtime::server::ServeError>>>,
     /// The database every service uses.
     pub db_url: String,
     pub store: Store,
@@ -72,28 +42,17 @@ pub struct World {
     pub authorizer_addr: std::net::SocketAddr,
     /// The authorizer's management port (UsageService).
     pub management_addr: std::net::SocketAddr,
-    _stops: Vec<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl World {
     /// Stops keyring gracefully and waits until it has stopped.
     pub async fn stop_keyring(&mut self) {
-        if let Some(stop) = self.keyring_stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(server) = self.keyring_server.take() {
-            tokio::time::timeout(Duration::from_secs(10), server)
-                .await
-                .expect("keyring stops promptly")
-                .unwrap()
-                .unwrap();
-        }
+        self.stack.service_mut(Kind::Keyring).stop().await;
     }
 
     /// Starts keyring again at the same address.
     pub async fn restart_keyring(&mut self) {
-        let (stop, server, _) = start_keyring(self.keyring_config.clone(), self.keyring_clock.clone()).await;
-        (self.keyring_stop, self.keyring_server) = (Some(stop), Some(server));
+        self.stack.service_mut(Kind::Keyring).start().await;
     }
 
     /// Stops the authorizer gracefully (it writes the usage it holds) and starts it again on
@@ -201,27 +160,9 @@ pub async fn metric_at(metrics: std::net::SocketAddr, name: &str) -> Option<f64>
     (!values.is_empty()).then(|| values.iter().sum())
 }
 
-/// The database a world runs on.
-#[derive(Debug)]
-pub enum Store {
-    /// A database of its own on the shared test server.
-    Fresh(TestDatabase),
-    /// A server of its own, which the test may stop and start.
-    Cluster(PrivateCluster),
-}
-
 /// Waits until a server's health says SERVING.
 pub async fn serving(addr: std::net::SocketAddr) {
-    // Lazily: a process may not be listening yet.
-    let health = HealthClient::new(Channel::from_shared(format!("http://{addr}")).unwrap().connect_lazy());
-    eventually("the authorizer to report SERVING", Duration::from_secs(20), || {
-        let mut health = health.clone();
-        async move {
-            let status = health.check(HealthCheckRequest { service: String::new() }).await.ok()?.into_inner().status;
-            (status == ServingStatus::Serving as i32).then_some(())
-        }
-    })
-    .await;
+    keyshare_testkit::serving(addr, Duration::from_secs(20)).await;
 }
 
 pub async fn world() -> (World, String, String, String, String) {
@@ -242,121 +183,29 @@ pub async fn create_key(
 
 /// A world on the given database: (world, project, key, sandbox credential, production credential).
 pub async fn world_on(store: Store) -> (World, String, String, String, String) {
-    let db_url = match &store {
-        Store::Fresh(db) => db.url.clone(),
-        Store::Cluster(cluster) => cluster.url(),
-    };
-    let (_, kek) = Sealer::generate("k1");
+    let db_url = store.url();
     let clock = ManualClock::new();
-    let spool = std::env::temp_dir().join(format!("authorizer-test-{}", std::process::id()));
-    let base = |extra: Vec<(&'static str, String)>| {
-        let mut all = vec![
-            ("DATABASE_URL", db_url.clone()),
-            ("KEYSHARE_LISTEN_ADDR", "127.0.0.1:0".to_owned()),
-            ("KEYSHARE_METRICS_ADDR", "127.0.0.1:0".to_owned()),
-            ("KEYSHARE_KEY_ENCRYPTION_KEYS", kek.clone()),
-            ("KEYSHARE_MAIL_SPOOL_DIR", spool.display().to_string()),
-            // Nothing balances load here: a stopping service need not wait for anyone to notice.
-            ("KEYSHARE_DRAIN_DELAY_SECS", "0".to_owned()),
-        ];
-        all.extend(extra);
-        env(all)
-    };
-    let mut stops = Vec::new();
-    let mut stopper = || {
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        stops.push(tx);
-        async move {
-            let _ = rx.await;
-        }
-    };
-    // keyring listens on a fixed port, so a test can stop it and start it again at one address
-    // (and identity knows where to find it).
-    let keyring_port = keyshare_runtime::testkit::free_port();
-    let identity = keyshare_identity::start(
-        keyshare_identity::Config::from_env(&base(vec![
-            ("KEYSHARE_KEYRING_URL", format!("http://127.0.0.1:{keyring_port}")),
-            (
-                "KEYSHARE_INTERNAL_CLIENTS",
-                format!("keyring:{KEYRING_SECRET},authorizer:{AUTHORIZER_SECRET},invitation:{INVITATION_SECRET}"),
-            ),
-            ("KEYSHARE_REQUIRE_VERIFIED_EMAIL", "false".into()),
-        ]))
-        .unwrap(),
-        clock.clone(),
-        stopper(),
-    )
-    .await
-    .unwrap()
-    .addr;
-    let keyring_config = keyshare_keyring::Config::from_env(&base(vec![
-        ("KEYSHARE_LISTEN_ADDR", format!("127.0.0.1:{keyring_port}")),
-        ("KEYSHARE_IDENTITY_URL", format!("http://{identity}")),
-        ("KEYSHARE_INVITATION_URL", "http://127.0.0.1:1".into()),
-        ("KEYSHARE_CLIENT_ID", "keyring".into()),
-        ("KEYSHARE_CLIENT_SECRET", KEYRING_SECRET.into()),
-    ]))
-    .unwrap();
-    let (keyring_stop, keyring_server, keyring) = start_keyring(keyring_config.clone(), clock.clone()).await;
+    let stack = Stack::builder()
+        .keyring()
+        .on(Store::Given(db_url.clone()))
+        .clock(clock.clone())
+        .with(Kind::Identity, Setting::RequireVerifiedEmail(false))
+        .start()
+        .await;
+    let keyring_settings = stack.service(Kind::Keyring).settings.env();
+    let keyring_config = keyshare_keyring::Config::from_env(&keyring_settings).unwrap();
 
     // An account, an organization, a project and a key, before the authorizer starts.
-    let mut id = idpb::identity_service_client::IdentityServiceClient::new(channel(identity).await);
-    let password = "authorizer test password";
-    id.create_account(idpb::CreateAccountRequest {
-        email: "o@example.com".into(),
-        display_name: "O".into(),
-        password: password.into(),
-    })
-    .await
-    .unwrap();
-    let token = id
-        .login(idpb::LoginRequest { email: "o@example.com".into(), password: password.into() })
-        .await
-        .unwrap()
-        .into_inner()
-        .grant
-        .unwrap()
-        .access_token;
-    let org = id
-        .create_organization(authed(
-            &token,
-            idpb::CreateOrganizationRequest {
-                organization: Some(idpb::Organization { display_name: "O".into(), ..Default::default() }),
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .organization
-        .unwrap()
-        .name;
-    let mut kr = krpb::keyring_service_client::KeyringServiceClient::new(channel(keyring).await);
-    let project = kr
-        .create_project(authed(
-            &token,
-            krpb::CreateProjectRequest {
-                parent: org,
-                project: Some(krpb::Project { display_name: "P".into(), ..Default::default() }),
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .project
-        .unwrap()
-        .name;
-    let created = create_key(&mut kr, &token, &project, "K").await;
+    let token = stack.unverified_account("o@example.com").await.token;
+    let org = stack.organization(&token, "O").await;
+    let project = stack.project(&token, &org, "P").await;
+    let created = stack.key_in(&token, &project, "K").await;
+    let kr = krpb::keyring_service_client::KeyringServiceClient::new(stack.channel(Kind::Keyring).await);
 
     let frozen = FrozenClock::new();
-    let authorizer_config = keyshare_authorizer::Config::from_env(&base(vec![
-        ("KEYSHARE_IDENTITY_URL", format!("http://{identity}")),
-        ("KEYSHARE_KEYRING_URL", format!("http://{keyring}")),
-        ("KEYSHARE_CLIENT_ID", "authorizer".into()),
-        ("KEYSHARE_CLIENT_SECRET", AUTHORIZER_SECRET.into()),
-        ("KEYSHARE_USAGE_FLUSH_MILLIS", "100".into()),
-        ("KEYSHARE_MANAGEMENT_ADDR", "127.0.0.1:0".into()),
-    ]))
-    .unwrap();
+    let mut authorizer_settings = stack.settings(Kind::Authorizer);
+    authorizer_settings.push(Setting::UsageFlush(Duration::from_millis(100)));
+    let authorizer_config = keyshare_authorizer::Config::from_env(&authorizer_settings.env()).unwrap();
     let (authorizer_stop, rx) = tokio::sync::oneshot::channel::<()>();
     let started = keyshare_authorizer::start(authorizer_config.clone(), frozen.clone(), async move {
         let _ = rx.await;
@@ -368,10 +217,9 @@ pub async fn world_on(store: Store) -> (World, String, String, String, String) {
     let shared = started.shared.clone();
     assert!(shared.index.read().unwrap().credentials() >= 2, "SERVING means the snapshot is loaded");
     let world = World {
+        stack,
         keyring_config,
-        keyring_clock: clock.clone(),
-        keyring_stop: Some(keyring_stop),
-        keyring_server: Some(keyring_server),
+        keyring_clock: clock,
         db_url,
         store,
         authorizer_config,
@@ -385,10 +233,8 @@ pub async fn world_on(store: Store) -> (World, String, String, String, String) {
         management_addr: started.management_addr,
         shared,
         token,
-        _stops: stops,
     };
-    let key = created.key.unwrap().name;
-    (world, project, key, created.sandbox_credential, created.production_credential)
+    (world, project, created.name, created.sandbox, created.production)
 }
 
 // --- The usage API (UsageService) and the people around a key ---
@@ -400,23 +246,19 @@ impl World {
     }
 
     pub async fn identity(&self) -> idpb::identity_service_client::IdentityServiceClient<Channel> {
-        idpb::identity_service_client::IdentityServiceClient::new(self.identity_channel().await)
-    }
-
-    async fn identity_channel(&self) -> Channel {
-        Channel::from_shared(self.keyring_config.identity_url.clone()).unwrap().connect().await.unwrap()
+        idpb::identity_service_client::IdentityServiceClient::new(self.stack.channel(Kind::Identity).await)
     }
 
     /// A new, logged-in account: (`accounts/{id}`, access token).
     pub async fn account(&self, email: &str) -> (String, String) {
-        let account = testkit::sign_up(self.identity_channel().await, email, "usage test password", None).await;
+        let account = self.stack.unverified_account(email).await;
         (account.name, account.token)
     }
 
     /// An access token of invitation's internal client, the one that grants memberships for
     /// accepted invitations (the authorizer's own client may not).
     pub async fn internal_token(&self) -> String {
-        testkit::client_token(self.identity_channel().await, "invitation", INVITATION_SECRET).await
+        self.stack.invitation_token().await
     }
 
     /// Makes `account` a member of `key` with `role`.

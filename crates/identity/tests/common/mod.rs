@@ -2,113 +2,79 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use keyshare_identity::Config;
 use keyshare_proto::identity::v1 as pb;
 use keyshare_proto::identity::v1::identity_service_client::IdentityServiceClient;
 use keyshare_runtime::clock::ManualClock;
-use keyshare_runtime::config::Env;
-use keyshare_runtime::crypto::Sealer;
-use keyshare_runtime::testkit::{self, SmtpServer, TestDatabase};
+use keyshare_testkit::{Kind, Service, SmtpServer, Stack, Store, TestDatabase};
 #[allow(unused_imports)] // each test binary uses some of them
-pub use keyshare_runtime::testkit::{authed, bad_fields, reason, token_from_mail};
+pub use keyshare_testkit::{PASSWORD, Setting, authed, bad_fields, reason, token_from_mail};
 use tonic::transport::Channel;
 
 pub type Client = IdentityServiceClient<Channel>;
 
-pub const PASSWORD: &str = "correct horse battery staple";
-pub const INTERNAL_SECRET: &str = "internal-secret-for-tests-0123456789abcdef";
+/// The secret of invitation's internal client, the one these tests act as.
+pub const INTERNAL_SECRET: &str = keyshare_testkit::secrets::INVITATION;
 
 pub struct Harness {
+    pub stack: Stack,
     pub db: TestDatabase,
     pub smtp: SmtpServer,
     pub clock: Arc<ManualClock>,
     pub kek: String,
     pub addr: std::net::SocketAddr,
     pub metrics_addr: std::net::SocketAddr,
-    /// Settings on top of [`Harness::env`]'s.
-    extra_env: Vec<(String, String)>,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl Harness {
     pub async fn start() -> Self {
-        Self::start_with(&[]).await
+        Self::start_with([]).await
     }
 
     /// Starts with these settings added (or overriding the defaults).
-    pub async fn start_with(settings: &[(&str, &str)]) -> Self {
+    pub async fn start_with(settings: impl IntoIterator<Item = Setting>) -> Self {
         Self::start_with_smtp(SmtpServer::start().await, settings).await
     }
 
     /// Starts against a given SMTP server, with these settings.
-    pub async fn start_with_smtp(smtp: SmtpServer, settings: &[(&str, &str)]) -> Self {
+    pub async fn start_with_smtp(smtp: SmtpServer, settings: impl IntoIterator<Item = Setting>) -> Self {
         let db = TestDatabase::create().await;
-        let (_, kek) = Sealer::generate("test1");
         let clock = ManualClock::new();
-        let mut harness = Self {
-            db,
-            smtp,
-            clock,
-            kek,
-            addr: "127.0.0.1:0".parse().unwrap(),
-            metrics_addr: "127.0.0.1:0".parse().unwrap(),
-            extra_env: settings.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
-            shutdown: None,
-        };
-        let (addr, metrics_addr, shutdown) = harness.spawn_instance().await;
-        harness.addr = addr;
-        harness.metrics_addr = metrics_addr;
-        harness.shutdown = Some(shutdown);
-        harness
+        // No keyring here: removals from organizations stay queued for it.
+        let mut builder = Stack::builder()
+            .on(Store::Given(db.url.clone()))
+            .smtp_url(smtp.url())
+            .clock(clock.clone())
+            .with(Kind::Identity, Setting::MailRetryMax(Duration::from_secs(1)))
+            .with(Kind::Identity, Setting::PoolSize(4));
+        for setting in settings {
+            builder = builder.with(Kind::Identity, setting);
+        }
+        let stack = builder.start().await;
+        let identity = stack.service(Kind::Identity);
+        let (kek, addr, metrics_addr) = (stack.kek.clone(), identity.addr, identity.metrics_addr);
+        Self { stack, db, smtp, clock, kek, addr, metrics_addr }
     }
 
+    /// The settings a new replica gets, as the environment variables they stand for.
     pub fn env(&self) -> Vec<(String, String)> {
-        [
-            ("DATABASE_URL", self.db.url.clone()),
-            ("KEYSHARE_LISTEN_ADDR", "127.0.0.1:0".into()),
-            ("KEYSHARE_METRICS_ADDR", "127.0.0.1:0".into()),
-            ("KEYSHARE_KEY_ENCRYPTION_KEYS", self.kek.clone()),
-            ("KEYSHARE_SMTP_URL", self.smtp.url()),
-            ("KEYSHARE_MAIL_RETRY_MAX_SECS", "1".into()),
-            ("KEYSHARE_INTERNAL_CLIENTS", format!("invitation:{INTERNAL_SECRET}")),
-            ("KEYSHARE_DB_POOL_SIZE", "4".into()),
-            // No keyring here: removals from organizations stay queued for it.
-            ("KEYSHARE_KEYRING_URL", "http://127.0.0.1:1".into()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
-        .chain(self.extra_env.iter().cloned())
-        .collect()
+        self.stack.settings(Kind::Identity).pairs().into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
     }
 
     pub fn config(&self) -> Config {
-        Config::from_env(&Env::from_pairs(self.env())).unwrap()
+        Config::from_env(&self.stack.settings(Kind::Identity).env()).unwrap()
     }
 
-    /// Starts another replica on the same database and clock.
-    pub async fn spawn_instance(
-        &self,
-    ) -> (std::net::SocketAddr, std::net::SocketAddr, tokio::sync::oneshot::Sender<()>) {
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let started = keyshare_identity::start(self.config(), self.clock.clone(), async move {
-            let _ = rx.await;
-        })
-        .await
-        .unwrap();
-        (started.addr, started.metrics_addr, tx)
+    /// Starts another replica on the same database and clock; it stops when dropped.
+    pub async fn spawn_instance(&self) -> (std::net::SocketAddr, std::net::SocketAddr, Service) {
+        let replica = self.stack.launch(Kind::Identity, []).await;
+        (replica.addr, replica.metrics_addr, replica)
     }
 
     pub async fn client(&self) -> Client {
         connect(self.addr).await
-    }
-}
-
-impl Drop for Harness {
-    fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
     }
 }
 
@@ -119,7 +85,8 @@ pub async fn connect(addr: std::net::SocketAddr) -> Client {
 
 /// A verified, logged-in account: (account name, access token, refresh token).
 pub async fn verified_account(h: &Harness, email: &str) -> (String, String, String) {
-    let account = testkit::sign_up(testkit::channel(h.addr).await, email, PASSWORD, Some(&h.smtp)).await;
+    let account =
+        keyshare_testkit::sign_up(keyshare_testkit::channel(h.addr).await, email, PASSWORD, Some(&h.smtp)).await;
     (account.name, account.token, account.refresh_token)
 }
 
@@ -132,7 +99,7 @@ pub async fn login(client: &mut Client, email: &str) -> Result<pb::TokenGrant, t
 
 /// An access token of invitation's internal client.
 pub async fn internal_token(h: &Harness) -> String {
-    testkit::client_token(testkit::channel(h.addr).await, "invitation", INTERNAL_SECRET).await
+    h.stack.invitation_token().await
 }
 
 /// Row count of an identity table, to prove nothing was written.
