@@ -34,7 +34,7 @@ use std::time::Duration;
 use keyshare_proto::authorizer::v1 as pb;
 use keyshare_proto::authorizer::v1::authorizer_service_server::{AuthorizerService, AuthorizerServiceServer};
 use keyshare_runtime::testkit::{self, H2loadRun, free_ports, workspace_root};
-use keyshare_system_tests::{Kind, Stack, channel, serving};
+use keyshare_system_tests::{Kind, Setting, Stack, channel, serving};
 use prost::Message;
 
 /// The baseline: a HashMap lookup of the credential, answering the real answer.
@@ -83,18 +83,17 @@ fn spawn_authorizer(stack: &Stack, wrapper: &[String]) -> (Child, u16) {
         }
         None => Command::new(binary()),
     };
-    for (name, value) in stack.settings(Kind::Authorizer).pairs() {
-        command.env(name, value);
-    }
-    command
-        .env("KEYSHARE_LISTEN_ADDR", format!("127.0.0.1:{base}"))
-        .env("KEYSHARE_MANAGEMENT_ADDR", format!("127.0.0.1:{}", base + 1))
-        .env("KEYSHARE_METRICS_ADDR", format!("127.0.0.1:{}", base + 2))
+    let port = |offset: u16| std::net::SocketAddr::from(([127, 0, 0, 1], base + offset));
+    let mut settings = stack.settings(Kind::Authorizer);
+    settings.extend([
+        Setting::Listen(port(0)),
+        Setting::Management(port(1)),
+        Setting::Metrics(port(2)),
         // What a deployment runs with: info, JSON logs, no trace export.
-        .env("RUST_LOG", "info")
-        .env("KEYSHARE_LOG_FORMAT", "json")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        Setting::Log("info".into()),
+        Setting::JsonLogs,
+    ]);
+    command.envs(settings.pairs()).stdout(Stdio::null()).stderr(Stdio::null());
     (command.spawn().expect("start the authorizer binary"), base)
 }
 

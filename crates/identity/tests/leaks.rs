@@ -49,10 +49,12 @@ async fn oversized_or_unprintable_request_ids_are_replaced() {
 #[tokio::test]
 async fn printed_configuration_shows_no_secret() {
     let h = Harness::start().await;
-    let mut env = h.env();
-    env.push(("DATABASE_URL".into(), "postgres://keyshare:db-password-1234@127.0.0.1/keyshare".into()));
-    env.push(("KEYSHARE_SMTP_URL".into(), "smtp://mailer:smtp-password-5678@127.0.0.1:2525".into()));
-    let config = keyshare_identity::Config::from_env(&keyshare_runtime::config::Env::from_pairs(env)).unwrap();
+    let settings = h
+        .stack
+        .settings(keyshare_testkit::Kind::Identity)
+        .with(Setting::DatabaseUrl("postgres://keyshare:db-password-1234@127.0.0.1/keyshare".into()))
+        .with(Setting::SmtpUrl("smtp://mailer:smtp-password-5678@127.0.0.1:2525".into()));
+    let config = keyshare_identity::Config::from_env(&settings.env()).unwrap();
     let printed = format!("{config:?}");
     let kek = h.kek.split_once(':').unwrap().1.to_owned();
     for secret in ["db-password-1234", "smtp-password-5678", INTERNAL_SECRET, kek.as_str()] {

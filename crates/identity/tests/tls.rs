@@ -11,7 +11,6 @@ use common::{Harness, INTERNAL_SECRET, Setting, authed, reason};
 use keyshare_proto::identity::v1 as pb;
 use keyshare_proto::identity::v1::identity_service_client::IdentityServiceClient;
 use keyshare_runtime::client::lazy_channel;
-use keyshare_runtime::config::Env;
 use keyshare_runtime::testkit::{PrivateCluster, SmtpServer, TestPki, eventually, served_certificate};
 use keyshare_runtime::tls::{CertFiles, TlsSettings};
 
@@ -227,29 +226,31 @@ async fn postgres_over_tls_verifies_the_server_as_sslmode_says() {
 async fn identity_runs_on_a_database_over_verified_tls_and_refuses_a_wrong_ca() {
     let db = TlsDatabase::start();
     let smtp = SmtpServer::start().await;
-    let env = |url: String, ca: String| {
-        Env::from_pairs([
-            ("DATABASE_URL".to_owned(), url),
-            ("KEYSHARE_DATABASE_CA".to_owned(), ca),
-            ("KEYSHARE_LISTEN_ADDR".to_owned(), "127.0.0.1:0".to_owned()),
-            ("KEYSHARE_METRICS_ADDR".to_owned(), "127.0.0.1:0".to_owned()),
-            ("KEYSHARE_KEY_ENCRYPTION_KEYS".to_owned(), keyshare_runtime::crypto::Sealer::generate("k1").1),
-            ("KEYSHARE_SMTP_URL".to_owned(), smtp.url()),
-            ("KEYSHARE_KEYRING_URL".to_owned(), "http://127.0.0.1:1".to_owned()),
-            ("KEYSHARE_DB_POOL_SIZE".to_owned(), "2".to_owned()),
+    let env = |url: String, ca: std::path::PathBuf| {
+        let any_port = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        keyshare_testkit::Settings::from([
+            Setting::DatabaseUrl(url),
+            Setting::DatabaseCa(ca),
+            Setting::Listen(any_port),
+            Setting::Metrics(any_port),
+            Setting::KeyEncryptionKeys(keyshare_runtime::crypto::Sealer::generate("k1").1),
+            Setting::SmtpUrl(smtp.url()),
+            Setting::KeyringUrl("http://127.0.0.1:1".into()),
+            Setting::PoolSize(2),
         ])
+        .env()
     };
     let clock = keyshare_runtime::clock::ManualClock::new();
     let url = db.url("localhost", "sslmode=verify-full");
 
     let stranger = TestPki::new("Another CA");
-    let config = keyshare_identity::Config::from_env(&env(url.clone(), stranger.ca_path().display().to_string()));
+    let config = keyshare_identity::Config::from_env(&env(url.clone(), stranger.ca_path()));
     let refused = keyshare_identity::start(config.unwrap(), clock.clone(), std::future::pending::<()>()).await;
     let Err(err) = refused.map(|_| ()) else { panic!("a database with a certificate of another CA is refused") };
     let err = err.to_string();
     assert!(err.contains("DATABASE_URL"), "{err}");
 
-    let config = keyshare_identity::Config::from_env(&env(url, db.pki.ca_path().display().to_string())).unwrap();
+    let config = keyshare_identity::Config::from_env(&env(url, db.pki.ca_path())).unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let started = keyshare_identity::start(config, clock, async move {
         let _ = stopped.await;

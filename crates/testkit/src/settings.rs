@@ -65,6 +65,8 @@ pub enum Setting {
     DatabaseCa(PathBuf),
     /// The log filter (`RUST_LOG`), for a service run as a process.
     Log(String),
+    /// Logs as JSON lines rather than text.
+    JsonLogs,
     /// Where traces are exported (OTLP over gRPC).
     TraceEndpoint(String),
     /// How long the trace exporter batches spans before it sends them.
@@ -137,6 +139,7 @@ impl Setting {
             TlsCa(path) => one("KEYSHARE_TLS_CA", path.display().to_string()),
             DatabaseCa(path) => one("KEYSHARE_DATABASE_CA", path.display().to_string()),
             Log(filter) => one("RUST_LOG", filter.clone()),
+            JsonLogs => one("KEYSHARE_LOG_FORMAT", "json".into()),
             TraceEndpoint(url) => one("OTEL_EXPORTER_OTLP_ENDPOINT", url.clone()),
             TraceBatchDelay(delay) => one("OTEL_BSP_SCHEDULE_DELAY", delay.as_millis().to_string()),
         }

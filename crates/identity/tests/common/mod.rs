@@ -58,11 +58,6 @@ impl Harness {
         Self { stack, db, smtp, clock, kek, addr, metrics_addr }
     }
 
-    /// The settings a new replica gets, as the environment variables they stand for.
-    pub fn env(&self) -> Vec<(String, String)> {
-        self.stack.settings(Kind::Identity).pairs().into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
-    }
-
     pub fn config(&self) -> Config {
         Config::from_env(&self.stack.settings(Kind::Identity).env()).unwrap()
     }
