@@ -6,11 +6,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use keyshare_proto::identity::v1 as idpb;
 use keyshare_proto::identity::v1::identity_service_client::IdentityServiceClient;
 use keyshare_proto::invitation::v1 as pb;
 use keyshare_proto::invitation::v1::invitation_service_client::InvitationServiceClient;
-use keyshare_proto::keyring::v1 as krpb;
 use keyshare_proto::keyring::v1::keyring_service_client::KeyringServiceClient;
 use keyshare_runtime::clock::ManualClock;
 use keyshare_testkit::{Kind, Setting, SmtpServer, Stack, Store, TestDatabase};
@@ -90,51 +88,9 @@ impl Harness {
     /// An owner with an organization, a project and a key: (owner token, org, project, key).
     pub async fn key_with_owner(&self, owner_email: &str) -> (String, String, String, String) {
         let (_, owner) = self.account(owner_email, true).await;
-        let org = self
-            .identity()
-            .await
-            .create_organization(authed(
-                &owner,
-                idpb::CreateOrganizationRequest {
-                    organization: Some(idpb::Organization { display_name: "Org".into(), ..Default::default() }),
-                },
-            ))
-            .await
-            .unwrap()
-            .into_inner()
-            .organization
-            .unwrap()
-            .name;
-        let mut keyring = self.keyring().await;
-        let project = keyring
-            .create_project(authed(
-                &owner,
-                krpb::CreateProjectRequest {
-                    parent: org.clone(),
-                    project: Some(krpb::Project { display_name: "API".into(), ..Default::default() }),
-                },
-            ))
-            .await
-            .unwrap()
-            .into_inner()
-            .project
-            .unwrap()
-            .name;
-        let key = keyring
-            .create_key(authed(
-                &owner,
-                krpb::CreateKeyRequest {
-                    parent: project.clone(),
-                    key: Some(krpb::Key { display_name: "Partner".into(), ..Default::default() }),
-                    ..Default::default()
-                },
-            ))
-            .await
-            .unwrap()
-            .into_inner()
-            .key
-            .unwrap()
-            .name;
+        let org = self.stack.organization(&owner, "Org").await;
+        let project = self.stack.project(&owner, &org, "API").await;
+        let key = self.stack.key_in(&owner, &project, "Partner").await.name;
         (owner, org, project, key)
     }
 

@@ -127,20 +127,7 @@ impl Harness {
     }
 
     pub async fn organization(&self, owner_token: &str, name: &str) -> String {
-        self.identity()
-            .await
-            .create_organization(authed(
-                owner_token,
-                idpb::CreateOrganizationRequest {
-                    organization: Some(idpb::Organization { display_name: name.into(), ..Default::default() }),
-                },
-            ))
-            .await
-            .unwrap()
-            .into_inner()
-            .organization
-            .unwrap()
-            .name
+        self.stack.organization(owner_token, name).await
     }
 
     /// Row count of a keyring table, to prove nothing was written.
