@@ -51,8 +51,7 @@ fn finish<T>(errors: InvalidInput, value: Option<T>) -> Result<T, Error> {
 
 /// The caller's verified bearer token, to forward to keyring (UNAUTHENTICATED without one).
 fn caller_token<T>(request: &Request<T>) -> Result<String, Status> {
-    auth::caller(request)?;
-    Ok(auth::bearer_token(request))
+    Ok(auth::CallContext::of(request)?.token)
 }
 
 #[tonic::async_trait]

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
-use keyshare_runtime::auth::{Caller, Principal, Scope};
+use keyshare_runtime::auth::{Principal, Scope};
 use keyshare_runtime::clock::SharedClock;
 use keyshare_runtime::crypto::{random_token, sha256};
 use keyshare_runtime::email::Email;
@@ -32,20 +32,19 @@ use crate::trace::TraceContext;
 /// The most emails one CreateInvitations call may carry.
 pub const MAX_INVITEES: usize = 100;
 
-/// Who is calling, with their bearer token for questions asked on their behalf.
-#[derive(Clone)]
-pub struct Ctx {
-    pub caller: Caller,
-    pub token: String,
+/// Who is calling, with their bearer token for questions asked on their behalf: runtime's one
+/// call context.
+pub use keyshare_runtime::auth::CallContext as Ctx;
+
+/// What invitation asks of the caller in a call's context.
+trait CallerChecks {
+    /// The caller, who must be a person.
+    fn account(&self) -> Result<Uuid>;
+    /// Internal RPCs answer only the Keyshare service whose scopes name them.
+    fn require(&self, scope: Scope) -> Result<()>;
 }
 
-impl std::fmt::Debug for Ctx {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Ctx").field("caller", &self.caller).finish_non_exhaustive()
-    }
-}
-
-impl Ctx {
+impl CallerChecks for Ctx {
     fn account(&self) -> Result<Uuid> {
         match self.caller.principal {
             Principal::Account { id } => Ok(id),
@@ -53,7 +52,6 @@ impl Ctx {
         }
     }
 
-    /// Internal RPCs answer only the Keyshare service whose scopes name them.
     fn require(&self, scope: Scope) -> Result<()> {
         if self.caller.has_scope(scope) { Ok(()) } else { Err(Error::PermissionDenied(scope.denial())) }
     }

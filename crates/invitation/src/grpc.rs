@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use keyshare_proto::invitation::v1 as pb;
-use keyshare_runtime::auth::{self, Authentication};
+use keyshare_runtime::auth::Authentication;
 use keyshare_runtime::email::Email;
 use keyshare_runtime::error::{FieldViolation, InvalidInput, Reply};
 use keyshare_runtime::page::PageRequest;
@@ -31,15 +31,11 @@ async fn handle<T>(name: &'static str, body: impl std::future::Future<Output = R
     keyshare_runtime::error::handle(name, body).await
 }
 
-fn ctx<T>(request: &Request<T>) -> Result<Ctx, GrpcStatus> {
-    Ok(Ctx { caller: auth::caller(request)?, token: auth::bearer_token(request) })
-}
-
 /// The caller if the request carried a valid token; `None` without one.
 fn optional_ctx<T>(request: &Request<T>) -> Result<Option<Ctx>, GrpcStatus> {
     match request.extensions().get::<Authentication>() {
         None => Ok(None),
-        Some(_) => ctx(request).map(Some),
+        Some(_) => Ctx::of(request).map(Some),
     }
 }
 
@@ -49,7 +45,7 @@ impl pb::invitation_service_server::InvitationService for InvitationGrpc {
         &self,
         request: Request<pb::CreateInvitationsRequest>,
     ) -> Reply<pb::CreateInvitationsResponse> {
-        let ctx = ctx(&request)?;
+        let ctx = Ctx::of(&request)?;
         let r = request.into_inner();
         handle("invitation.create_invitations", async {
             let mut errors = InvalidInput::default();
@@ -126,7 +122,7 @@ impl pb::invitation_service_server::InvitationService for InvitationGrpc {
     }
 
     async fn get_invitation(&self, request: Request<pb::GetInvitationRequest>) -> Reply<pb::GetInvitationResponse> {
-        let ctx = ctx(&request)?;
+        let ctx = Ctx::of(&request)?;
         let r = request.into_inner();
         handle("invitation.get_invitation", async {
             let invitation = self.app.get(&ctx, domain::parse_invitation(&r.name, "name")?).await?;
@@ -139,7 +135,7 @@ impl pb::invitation_service_server::InvitationService for InvitationGrpc {
         &self,
         request: Request<pb::ListInvitationsRequest>,
     ) -> Reply<pb::ListInvitationsResponse> {
-        let ctx = ctx(&request)?;
+        let ctx = Ctx::of(&request)?;
         let r = request.into_inner();
         handle("invitation.list_invitations", async {
             let mut errors = InvalidInput::default();
@@ -173,7 +169,7 @@ impl pb::invitation_service_server::InvitationService for InvitationGrpc {
         &self,
         request: Request<pb::ListMyInvitationsRequest>,
     ) -> Reply<pb::ListMyInvitationsResponse> {
-        let ctx = ctx(&request)?;
+        let ctx = Ctx::of(&request)?;
         let r = request.into_inner();
         handle("invitation.list_my_invitations", async {
             let (invitations, next_page_token) = self.app.list_mine(&ctx, r.page_size, &r.page_token).await?;
@@ -216,7 +212,7 @@ impl pb::invitation_service_server::InvitationService for InvitationGrpc {
         &self,
         request: Request<pb::ResendInvitationRequest>,
     ) -> Reply<pb::ResendInvitationResponse> {
-        let ctx = ctx(&request)?;
+        let ctx = Ctx::of(&request)?;
         let r = request.into_inner();
         handle("invitation.resend_invitation", async {
             let invitation = self.app.resend(&ctx, domain::parse_invitation(&r.name, "name")?).await?;
@@ -229,7 +225,7 @@ impl pb::invitation_service_server::InvitationService for InvitationGrpc {
         &self,
         request: Request<pb::RevokeInvitationRequest>,
     ) -> Reply<pb::RevokeInvitationResponse> {
-        let ctx = ctx(&request)?;
+        let ctx = Ctx::of(&request)?;
         let r = request.into_inner();
         handle("invitation.revoke_invitation", async {
             let invitation = self.app.revoke(&ctx, domain::parse_invitation(&r.name, "name")?).await?;
@@ -239,7 +235,7 @@ impl pb::invitation_service_server::InvitationService for InvitationGrpc {
     }
 
     async fn revoke_access(&self, request: Request<pb::RevokeAccessRequest>) -> Reply<pb::RevokeAccessResponse> {
-        let ctx = ctx(&request)?;
+        let ctx = Ctx::of(&request)?;
         let r = request.into_inner();
         handle("invitation.revoke_access", async {
             let invitation = self.app.revoke_access(&ctx, domain::parse_invitation(&r.name, "name")?).await?;
@@ -252,7 +248,7 @@ impl pb::invitation_service_server::InvitationService for InvitationGrpc {
         &self,
         request: Request<pb::CountInvitationsRequest>,
     ) -> Reply<pb::CountInvitationsResponse> {
-        let ctx = ctx(&request)?;
+        let ctx = Ctx::of(&request)?;
         let r = request.into_inner();
         handle("invitation.count_invitations", async {
             if r.targets.len() > 1000 {
@@ -277,7 +273,7 @@ impl pb::invitation_service_server::InvitationService for InvitationGrpc {
         &self,
         request: Request<pb::RevokeTargetInvitationsRequest>,
     ) -> Reply<pb::RevokeTargetInvitationsResponse> {
-        let ctx = ctx(&request)?;
+        let ctx = Ctx::of(&request)?;
         let r = request.into_inner();
         handle("invitation.revoke_target_invitations", async {
             let revoked = self.app.revoke_target(&ctx, Target::parse(&r.target, "target")?).await?;
@@ -290,7 +286,7 @@ impl pb::invitation_service_server::InvitationService for InvitationGrpc {
         &self,
         request: Request<pb::EndAcceptedInvitationsRequest>,
     ) -> Reply<pb::EndAcceptedInvitationsResponse> {
-        let ctx = ctx(&request)?;
+        let ctx = Ctx::of(&request)?;
         let r = request.into_inner();
         handle("invitation.end_accepted_invitations", async {
             let mut errors = InvalidInput::default();

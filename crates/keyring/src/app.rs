@@ -8,7 +8,7 @@
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
-use keyshare_runtime::auth::{Caller, Principal, Scope};
+use keyshare_runtime::auth::{Principal, Scope};
 use keyshare_runtime::clock::SharedClock;
 use keyshare_runtime::crypto::Sealer;
 use uuid::Uuid;
@@ -24,14 +24,21 @@ mod keys;
 mod members;
 mod projects;
 
-/// Who is calling and the request id, for authorisation and the audit log.
-#[derive(Clone, Debug)]
-pub struct Ctx {
-    pub caller: Caller,
-    pub request_id: String,
+/// Who is calling and the request id, for authorisation and the audit log: runtime's one
+/// call context.
+pub use keyshare_runtime::auth::CallContext as Ctx;
+
+/// What keyring asks of the caller in a call's context.
+pub(crate) trait CallerChecks {
+    /// The account acting: a person, or an organization's service account.
+    fn account(&self) -> Result<Uuid>;
+    /// The caller, who must be a person (not a service account of any kind).
+    fn person(&self) -> Result<Uuid>;
+    /// Internal RPCs answer only the Keyshare service whose scopes name them.
+    fn require(&self, scope: Scope) -> Result<()>;
 }
 
-impl Ctx {
+impl CallerChecks for Ctx {
     fn account(&self) -> Result<Uuid> {
         match self.caller.principal {
             Principal::Account { id } => Ok(id),
@@ -45,7 +52,6 @@ impl Ctx {
         }
     }
 
-    /// The caller, who must be a person (not a service account of any kind).
     fn person(&self) -> Result<Uuid> {
         match self.caller.principal {
             Principal::Account { id } => Ok(id),
@@ -53,8 +59,7 @@ impl Ctx {
         }
     }
 
-    /// Internal RPCs answer only the Keyshare service whose scopes name them.
-    pub fn require(&self, scope: Scope) -> Result<()> {
+    fn require(&self, scope: Scope) -> Result<()> {
         if self.caller.has_scope(scope) { Ok(()) } else { Err(Error::PermissionDenied(scope.denial())) }
     }
 }

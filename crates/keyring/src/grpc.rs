@@ -12,9 +12,9 @@ use keyshare_runtime::auth;
 use keyshare_runtime::error::{InvalidInput, Reply};
 use keyshare_runtime::page::PageRequest;
 use tokio::sync::watch;
-use tonic::{Request, Status};
+use tonic::Request;
 
-use crate::app::{Ctx, Keyring};
+use crate::app::{CallerChecks, Ctx, Keyring};
 use crate::error::Error;
 
 mod access;
@@ -43,13 +43,6 @@ async fn handle<T>(name: &'static str, body: impl std::future::Future<Output = R
     keyshare_runtime::error::handle(name, body).await
 }
 
-fn ctx<T>(request: &Request<T>) -> Result<Ctx, Status> {
-    let caller = auth::caller(request)?;
-    let request_id =
-        request.metadata().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
-    Ok(Ctx { caller, request_id })
-}
-
 /// Collects parse results: `field!(errors, expr)` records a violation and yields `Option`.
 fn finish<T>(errors: InvalidInput, value: Option<T>) -> Result<T, Error> {
     errors.finish()?;
@@ -63,27 +56,27 @@ fn page(size: i32, token: &str, scope: &str) -> Result<PageRequest, InvalidInput
 #[tonic::async_trait]
 impl pb::keyring_service_server::KeyringService for KeyringGrpc {
     async fn create_project(&self, request: Request<pb::CreateProjectRequest>) -> Reply<pb::CreateProjectResponse> {
-        let ctx = ctx(&request)?;
+        let ctx = Ctx::of(&request)?;
         handle("keyring.create_project", projects::create_project(&self.app, ctx, request.into_inner())).await
     }
 
     async fn get_project(&self, request: Request<pb::GetProjectRequest>) -> Reply<pb::GetProjectResponse> {
-        let ctx = ctx(&request)?;
+        let ctx = Ctx::of(&request)?;
         handle("keyring.get_project", projects::get_project(&self.app, ctx, request.into_inner())).await
     }
 
     async fn list_projects(&self, request: Request<pb::ListProjectsRequest>) -> Reply<pb::ListProjectsResponse> {
-        let ctx = ctx(&request)?;
+        let ctx = Ctx::of(&request)?;
         handle("keyring.list_projects", projects::list_projects(&self.app, ctx, request.into_inner())).await
     }
 
     async fn update_project(&self, request: Request<pb::UpdateProjectRequest>) -> Reply<pb::UpdateProjectResponse> {
-        let ctx = ctx(&request)?;
+        let ctx = Ctx::of(&request)?;
         handle("keyring.update_project", projects::update_project(&self.app, ctx, request.into_inner())).await
     }
 
     async fn delete_project(&self, request: Request<pb::DeleteProjectRequest>) -> Reply<pb::DeleteProjectResponse> {
-        let ctx = ctx(&request)?;
+        let ctx = Ctx::of(&request)?;
         handle("keyring.delete_project", projects::delete_project(&self.app, ctx, request.into_inner())).await
     }
 
@@ -91,7 +84,7 @@ impl pb::keyring_service_server::KeyringService for KeyringGrpc {
         &self,
         request: Request<pb::ListProjectMembersRequest>,
     ) -> Reply<pb::ListProjectMembersResponse> {
-        let ctx = ctx(&request)?;
+        let ctx = Ctx::of(&request)?;
         handle("keyring.list_project_members", members::list_project_members(&self.app, ctx, request.into_inner()))
             .await
     }
@@ -100,7 +93,7 @@ impl pb::keyring_service_server::KeyringService for KeyringGrpc {
         &self,
         request: Request<pb::UpdateProjectMemberRequest>,
     ) -> Reply<pb::UpdateProjectMemberResponse> {
-        let ctx = ctx(&request)?;
+        let ctx = Ctx::of(&request)?;
         handle("keyring.update_project_member", members::update_project_member(&self.app, ctx, request.into_inner()))
             .await
     }
@@ -109,7 +102,7 @@ impl pb::keyring_service_server::KeyringService for KeyringGrpc {
         &self,
         request: Request<pb::DeleteProjectMemberRequest>,
     ) -> Reply<pb::DeleteProjectMemberResponse> {
-        let ctx = ctx(&request)?;
+        let ctx = Ctx::of(&request)?;
         handle("keyring.delete_project_member", members::delete_project_member(&self.app, ctx, request.into_inner()))
             .await
     }
@@ -118,7 +111,7 @@ impl pb::keyring_service_server::KeyringService for KeyringGrpc {
         &self,
         request: Request<pb::CreateProjectMemberRequest>,
     ) -> Reply<pb::CreateProjectMemberResponse> {
-        let ctx = ctx(&request)?;
+        let ctx = Ctx::of(&request)?;
         handle("keyring.create_project_member", members::create_project_member(&self.app, ctx, request.into_inner()))
             .await
     }
@@ -127,27 +120,27 @@ impl pb::keyring_service_server::KeyringService for KeyringGrpc {
         &self,
         request: Request<pb::AddProjectMemberRequest>,
     ) -> Reply<pb::AddProjectMemberResponse> {
-        let ctx = ctx(&request)?;
+        let ctx = Ctx::of(&request)?;
         handle("keyring.add_project_member", members::add_project_member(&self.app, ctx, request.into_inner())).await
     }
 
     async fn create_key(&self, request: Request<pb::CreateKeyRequest>) -> Reply<pb::CreateKeyResponse> {
-        let ctx = ctx(&request)?;
+        let ctx = Ctx::of(&request)?;
         handle("keyring.create_key", keys::create_key(&self.app, ctx, request.into_inner())).await
     }
 
     async fn get_key(&self, request: Request<pb::GetKeyRequest>) -> Reply<pb::GetKeyResponse> {
-        let ctx = ctx(&request)?;
+        let ctx = Ctx::of(&request)?;
         handle("keyring.get_key", keys::get_key(&self.app, ctx, request.into_inner())).await
     }
 
     async fn list_keys(&self, request: Request<pb::ListKeysRequest>) -> Reply<pb::ListKeysResponse> {
-        let ctx = ctx(&request)?;
+        let ctx = Ctx::of(&request)?;
         handle("keyring.list_keys", keys::list_keys(&self.app, ctx, request.into_inner())).await
     }
 
     async fn update_key(&self, request: Request<pb::UpdateKeyRequest>) -> Reply<pb::UpdateKeyResponse> {
-        let ctx = ctx(&request)?;
+        let ctx = Ctx::of(&request)?;
         handle("keyring.update_key", keys::update_key(&self.app, ctx, request.into_inner())).await
     }
 
@@ -155,7 +148,7 @@ impl pb::keyring_service_server::KeyringService for KeyringGrpc {
         &self,
         request: Request<pb::UpdateKeyEnvironmentRequest>,
     ) -> Reply<pb::UpdateKeyEnvironmentResponse> {
-        let ctx = ctx(&request)?;
+        let ctx = Ctx::of(&request)?;
         handle("keyring.update_key_environment", keys::update_key_environment(&self.app, ctx, request.into_inner()))
             .await
     }
@@ -164,7 +157,7 @@ impl pb::keyring_service_server::KeyringService for KeyringGrpc {
         &self,
         request: Request<pb::RevealCredentialRequest>,
     ) -> Reply<pb::RevealCredentialResponse> {
-        let ctx = ctx(&request)?;
+        let ctx = Ctx::of(&request)?;
         handle("keyring.reveal_credential", keys::reveal_credential(&self.app, ctx, request.into_inner())).await
     }
 
@@ -172,17 +165,17 @@ impl pb::keyring_service_server::KeyringService for KeyringGrpc {
         &self,
         request: Request<pb::RegenerateCredentialRequest>,
     ) -> Reply<pb::RegenerateCredentialResponse> {
-        let ctx = ctx(&request)?;
+        let ctx = Ctx::of(&request)?;
         handle("keyring.regenerate_credential", keys::regenerate_credential(&self.app, ctx, request.into_inner())).await
     }
 
     async fn delete_key(&self, request: Request<pb::DeleteKeyRequest>) -> Reply<pb::DeleteKeyResponse> {
-        let ctx = ctx(&request)?;
+        let ctx = Ctx::of(&request)?;
         handle("keyring.delete_key", keys::delete_key(&self.app, ctx, request.into_inner())).await
     }
 
     async fn list_key_members(&self, request: Request<pb::ListKeyMembersRequest>) -> Reply<pb::ListKeyMembersResponse> {
-        let ctx = ctx(&request)?;
+        let ctx = Ctx::of(&request)?;
         handle("keyring.list_key_members", members::list_key_members(&self.app, ctx, request.into_inner())).await
     }
 
@@ -190,7 +183,7 @@ impl pb::keyring_service_server::KeyringService for KeyringGrpc {
         &self,
         request: Request<pb::UpdateKeyMemberRequest>,
     ) -> Reply<pb::UpdateKeyMemberResponse> {
-        let ctx = ctx(&request)?;
+        let ctx = Ctx::of(&request)?;
         handle("keyring.update_key_member", members::update_key_member(&self.app, ctx, request.into_inner())).await
     }
 
@@ -198,17 +191,17 @@ impl pb::keyring_service_server::KeyringService for KeyringGrpc {
         &self,
         request: Request<pb::DeleteKeyMemberRequest>,
     ) -> Reply<pb::DeleteKeyMemberResponse> {
-        let ctx = ctx(&request)?;
+        let ctx = Ctx::of(&request)?;
         handle("keyring.delete_key_member", members::delete_key_member(&self.app, ctx, request.into_inner())).await
     }
 
     async fn add_key_member(&self, request: Request<pb::AddKeyMemberRequest>) -> Reply<pb::AddKeyMemberResponse> {
-        let ctx = ctx(&request)?;
+        let ctx = Ctx::of(&request)?;
         handle("keyring.add_key_member", members::add_key_member(&self.app, ctx, request.into_inner())).await
     }
 
     async fn list_shared_keys(&self, request: Request<pb::ListSharedKeysRequest>) -> Reply<pb::ListSharedKeysResponse> {
-        let ctx = ctx(&request)?;
+        let ctx = Ctx::of(&request)?;
         handle("keyring.list_shared_keys", keys::list_shared_keys(&self.app, ctx, request.into_inner())).await
     }
 
@@ -216,7 +209,7 @@ impl pb::keyring_service_server::KeyringService for KeyringGrpc {
         &self,
         request: Request<pb::ListAuditEventsRequest>,
     ) -> Reply<pb::ListAuditEventsResponse> {
-        let ctx = ctx(&request)?;
+        let ctx = Ctx::of(&request)?;
         handle("keyring.list_audit_events", audit::list_audit_events(&self.app, ctx, request.into_inner())).await
     }
 
@@ -224,7 +217,7 @@ impl pb::keyring_service_server::KeyringService for KeyringGrpc {
         &self,
         request: Request<pb::TestPermissionsRequest>,
     ) -> Reply<pb::TestPermissionsResponse> {
-        let ctx = ctx(&request)?;
+        let ctx = Ctx::of(&request)?;
         handle("keyring.test_permissions", access::test_permissions(&self.app, ctx, request.into_inner())).await
     }
 
@@ -238,7 +231,7 @@ impl pb::keyring_service_server::KeyringService for KeyringGrpc {
         &self,
         request: Request<pb::EndOrganizationMembershipRequest>,
     ) -> Reply<pb::EndOrganizationMembershipResponse> {
-        let ctx = ctx(&request)?;
+        let ctx = Ctx::of(&request)?;
         // Who may ask comes before what is asked (AIP-211).
         ctx.require(auth::Scope::MembershipsEnd)?;
         handle(

@@ -561,6 +561,35 @@ pub fn bearer_token<T>(request: &tonic::Request<T>) -> String {
         .to_owned()
 }
 
+/// What a use case knows of the call it serves, taken from the request by the server adapter:
+/// the verified caller, the request id (for audit logs) and the caller's bearer token (to ask
+/// another service on the caller's behalf). Its `Debug` never shows the token.
+#[derive(Clone)]
+pub struct CallContext {
+    pub caller: Caller,
+    pub request_id: String,
+    pub token: String,
+}
+
+impl std::fmt::Debug for CallContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallContext")
+            .field("caller", &self.caller)
+            .field("request_id", &self.request_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CallContext {
+    /// The context of an authenticated call; UNAUTHENTICATED (as [`caller`] says) otherwise.
+    pub fn of<T>(request: &tonic::Request<T>) -> Result<Self, Status> {
+        let caller = caller(request)?;
+        let request_id =
+            request.metadata().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+        Ok(Self { caller, request_id, token: bearer_token(request) })
+    }
+}
+
 /// The authenticated caller of a request, or UNAUTHENTICATED.
 pub fn caller<T>(request: &tonic::Request<T>) -> Result<Caller, Status> {
     match request.extensions().get::<Authentication>() {

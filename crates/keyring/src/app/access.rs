@@ -4,7 +4,7 @@
 use keyshare_runtime::auth::Scope;
 use uuid::Uuid;
 
-use super::{Ctx, Keyring, Permission};
+use super::{CallerChecks, Ctx, Keyring, Permission};
 use crate::directory::OrgRole;
 use crate::domain::{KeyAccess, KeyAction, KeyRef, KeyRole, Project, ProjectRole};
 use crate::error::{Error, Result};

@@ -5,7 +5,7 @@ use deadpool_postgres::Transaction;
 use keyshare_runtime::page::{self, PageRequest};
 use uuid::Uuid;
 
-use super::{Ctx, Keyring};
+use super::{CallerChecks, Ctx, Keyring};
 use crate::domain::{AuditEvent, KeyAction, KeyRef, Page};
 use crate::error::Result;
 use crate::store;

@@ -9,7 +9,7 @@ use keyshare_runtime::in_transaction;
 use keyshare_runtime::page::{self, PageRequest};
 use uuid::Uuid;
 
-use super::{CreatedKey, Ctx, EnvironmentChange, Keyring};
+use super::{CallerChecks, CreatedKey, Ctx, EnvironmentChange, Keyring};
 use crate::domain::{
     Environment, InvitationSummary, Key, KeyAccess, KeyAction, KeyEnvironment, KeyRef, KeyRole, Page, Permissions,
     ProjectRole,

@@ -8,7 +8,7 @@ use keyshare_runtime::in_transaction;
 use keyshare_runtime::page::{self, PageRequest};
 use uuid::Uuid;
 
-use super::{Ctx, Keyring};
+use super::{CallerChecks, Ctx, Keyring};
 use crate::domain::{KeyAction, KeyMember, KeyRef, KeyRole, Page, ProjectMember, ProjectRole};
 use crate::error::{Error, Result};
 use crate::store;

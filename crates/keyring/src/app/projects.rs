@@ -4,7 +4,7 @@ use keyshare_runtime::in_transaction;
 use keyshare_runtime::page::{self, PageRequest};
 use uuid::Uuid;
 
-use super::{Ctx, Keyring, ProjectChange};
+use super::{CallerChecks, Ctx, Keyring, ProjectChange};
 use crate::directory::OrgRole;
 use crate::domain::{KeyRef, Page, Project, ProjectLimits, ProjectRole};
 use crate::error::{Error, Result};

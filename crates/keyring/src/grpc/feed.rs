@@ -13,7 +13,8 @@ use tonic::{Request, Response, Status};
 use super::convert::{limits_pb, permissions_pb};
 use keyshare_runtime::error::Reply;
 
-use super::{KeyringGrpc, ctx};
+use super::KeyringGrpc;
+use crate::app::Ctx;
 use crate::domain::Environment;
 use crate::error::Error;
 use crate::feed::{self, FeedEvent, FeedMessage};
@@ -23,7 +24,7 @@ pub(super) type WatchKeysStream = Pin<Box<dyn Stream<Item = Result<pb::WatchKeys
 /// WatchKeys: checks the caller and the starting point, then streams the change feed from a task
 /// of its own.
 pub(super) fn watch_keys(grpc: &KeyringGrpc, request: Request<pb::WatchKeysRequest>) -> Reply<WatchKeysStream> {
-    let ctx = ctx(&request)?;
+    let ctx = Ctx::of(&request)?;
     if !ctx.caller.has_scope(auth::Scope::KeysWatch) {
         return Err(Error::PermissionDenied(auth::Scope::KeysWatch.denial()).into());
     }
