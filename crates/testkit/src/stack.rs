@@ -1,7 +1,8 @@
 //! A stack of Keyshare's services started in this process, on a database made for the test:
 //! `Stack::builder().keyring().invitation().authorizer().smtp().clock(..).start()`. Every
-//! listener is on a port the system chose; each service can be stopped, started again on the
-//! same address, or joined by more replicas.
+//! listener binds port 0, except keyring's and invitation's first instances, whose ports are
+//! reserved beforehand with `free_port` (their peers must know them before they start); each
+//! service can be stopped, started again on the same address, or joined by more replicas.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
