@@ -12,9 +12,10 @@
 //! instruction counts repeat on a noisy machine where times do not.
 //!
 //! Then Envoy's ext_authz `Check` against CheckKey on the same binary, the authorizer's side of
-//! every request behind Envoy: a `CheckRequest` shaped as Envoy sends it (peers, request time,
-//! twelve HTTP headers, the route's context extensions), throughput at saturation and one at a
-//! time, and instructions per call under callgrind.
+//! every request behind Envoy: a `CheckRequest` shaped as Envoy sends it with the shipped
+//! `deploy/envoy/envoy.yaml` (peers, request time, the headers it lets through, the route's
+//! context extensions), throughput at saturation and one at a time, and instructions per call
+//! under callgrind.
 //!
 //! identity and keyring run in this process (they are idle once the key is loaded).
 //!
@@ -28,13 +29,13 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use keyshare_proto::authorizer::v1 as pb;
 use keyshare_proto::authorizer::v1::authorizer_service_server::{AuthorizerService, AuthorizerServiceServer};
-use keyshare_runtime::testkit::{self, H2loadRun, free_ports, workspace_root};
-use keyshare_system_tests::{Kind, Setting, Stack, channel, serving};
+use keyshare_runtime::testkit::{self, H2loadRun};
+use keyshare_system_tests::{Stack, authorizer_binary, channel, serving};
 use prost::Message;
 
 /// The baseline: a HashMap lookup of the credential, answering the real answer.
@@ -60,42 +61,6 @@ fn setting(name: &str, default: u64) -> u64 {
 const SATURATION: &[&str] = &["-n", "200000", "-c", "16", "-m", "8", "-t", "1"];
 const TEN_STREAMS: &[&str] = &["-n", "100000", "-c", "1", "-m", "10", "-t", "1"];
 const ONE_AT_A_TIME: &[&str] = &["-n", "20000", "-c", "1", "-m", "1", "-t", "1"];
-
-fn binary() -> PathBuf {
-    let path = workspace_root().join("target/release/authorizer");
-    assert!(
-        path.exists(),
-        "{} is missing: cargo build --release -p keyshare-authorizer --bin authorizer (scripts/bench check does)",
-        path.display()
-    );
-    path
-}
-
-/// Starts the authorizer binary (under `wrapper`, e.g. valgrind, when given) with the stack's
-/// settings; returns it and its check port.
-fn spawn_authorizer(stack: &Stack, wrapper: &[String]) -> (Child, u16) {
-    let base = free_ports(3);
-    let mut command = match wrapper.split_first() {
-        Some((program, args)) => {
-            let mut command = Command::new(program);
-            command.args(args).arg(binary());
-            command
-        }
-        None => Command::new(binary()),
-    };
-    let port = |offset: u16| std::net::SocketAddr::from(([127, 0, 0, 1], base + offset));
-    let mut settings = stack.settings(Kind::Authorizer);
-    settings.extend([
-        Setting::Listen(port(0)),
-        Setting::Management(port(1)),
-        Setting::Metrics(port(2)),
-        // What a deployment runs with: info, JSON logs, no trace export.
-        Setting::Log("info".into()),
-        Setting::JsonLogs,
-    ]);
-    command.envs(settings.pairs()).stdout(Stdio::null()).stderr(Stdio::null());
-    (command.spawn().expect("start the authorizer binary"), base)
-}
 
 async fn serve_bare(answers: HashMap<String, pb::CheckKeyResponse>) -> u16 {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -132,20 +97,8 @@ fn envoy_check_request(credential: &str, project: &str) -> envoy_types::ext_auth
         }),
         ..Default::default()
     };
-    let headers = [
-        (":authority", "api.example.com"),
-        (":method", "GET"),
-        (":path", "/v1/things"),
-        (":scheme", "https"),
-        ("accept", "application/json"),
-        ("user-agent", "curl/8.5.0"),
-        ("x-api-key", credential),
-        ("x-forwarded-for", "198.51.100.7"),
-        ("x-forwarded-proto", "https"),
-        ("x-request-id", "6f1c1d1e-5a3b-4c2d-9e8f-0a1b2c3d4e5f"),
-        ("x-envoy-expected-rq-timeout-ms", "15000"),
-        ("content-length", "0"),
-    ];
+    // The shipped configuration lets through only the headers a check reads (`allowed_headers`).
+    let headers = [("x-api-key", credential), ("x-forwarded-for", "198.51.100.7")];
     let http = HttpRequest {
         id: "6f1c1d1e-5a3b-4c2d-9e8f-0a1b2c3d4e5f".into(),
         method: "GET".into(),
@@ -237,7 +190,7 @@ async fn main() {
     };
     let body = testkit::grpc_body(dir.path(), "check.bin", &request.encode_to_vec());
 
-    let (mut authorizer, port) = spawn_authorizer(&stack, &[]);
+    let (mut authorizer, port) = authorizer_binary(&stack, &[]);
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     serving(addr, Duration::from_secs(60)).await;
     let answer = pb::authorizer_service_client::AuthorizerServiceClient::new(channel(addr).await)
@@ -351,7 +304,7 @@ async fn instructions_per_call(
         "--dump-instr=no".to_owned(),
         "--collect-atstart=yes".to_owned(),
     ];
-    let (mut child, port) = spawn_authorizer(stack, &wrapper);
+    let (mut child, port) = authorizer_binary(stack, &wrapper);
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     serving(addr, Duration::from_secs(300)).await;
     let pid = child.id().to_string();

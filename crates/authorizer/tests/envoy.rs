@@ -220,3 +220,65 @@ async fn envoy_checks_over_mutual_tls() {
     let (status, _, body) = call(listen, "GET", &[("x-api-key", &production)]).await.unwrap();
     assert_eq!(status, 503, "{body}");
 }
+
+/// The shipped configuration tells the authorizer only what a check reads: the credential's
+/// headers and `x-forwarded-for`. A cookie, or any other header of the caller's, never reaches
+/// it. The authorization server here records the headers of every check and allows it.
+#[tokio::test]
+async fn envoy_sends_the_authorizer_only_the_headers_a_check_reads() {
+    use envoy_types::ext_authz::v3::CheckResponseExt;
+    use envoy_types::ext_authz::v3::pb::{CheckRequest, CheckResponse};
+    use envoy_types::pb::envoy::service::auth::v3::authorization_server::{Authorization, AuthorizationServer};
+
+    struct Recording(tokio::sync::mpsc::UnboundedSender<Vec<String>>);
+
+    #[tonic::async_trait]
+    impl Authorization for Recording {
+        async fn check(
+            &self,
+            request: tonic::Request<CheckRequest>,
+        ) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
+            let http = request.into_inner().attributes.and_then(|a| a.request).and_then(|r| r.http);
+            let mut names: Vec<String> = http.map(|h| h.headers.into_keys().collect()).unwrap_or_default();
+            names.sort();
+            let _ = self.0.send(names);
+            let mut response = CheckResponse::new();
+            response.set_status(tonic::Status::ok(""));
+            Ok(tonic::Response::new(response))
+        }
+    }
+
+    let (sender, mut checks) = tokio::sync::mpsc::unbounded_channel();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let authorizer = listener.local_addr().unwrap().port();
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_service_status("", tonic_health::ServingStatus::Serving).await;
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(AuthorizationServer::new(Recording(sender)))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    let upstream = echo_upstream().await;
+    let (_envoy, port) = start_envoy_at("projects/any", upstream, &[authorizer]).await;
+
+    let headers = [
+        ("x-api-key", "ks_live_recorded"),
+        ("authorization", "Bearer ks_live_recorded"),
+        ("x-forwarded-for", "198.51.100.7"),
+        ("cookie", "session=secret"),
+        ("x-internal-token", "secret"),
+        ("user-agent", "test"),
+    ];
+    let (status, _, body) = call(port, "GET", &headers).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let seen = loop {
+        let names = tokio::time::timeout_at(deadline, checks.recv()).await.unwrap().unwrap();
+        // Envoy's own first calls (start_envoy_at waits for an answer) carry no credential.
+        if names.iter().any(|name| name == "x-api-key") {
+            break names;
+        }
+    };
+    assert_eq!(seen, ["authorization", "x-api-key", "x-forwarded-for"]);
+}
