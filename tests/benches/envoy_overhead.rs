@@ -31,13 +31,13 @@ use std::time::Duration;
 
 use envoy_types::ext_authz::v3::pb::{CheckRequest, CheckResponse};
 use envoy_types::ext_authz::v3::{CheckResponseExt, OkHttpResponseBuilder};
-use envoy_types::pb::envoy::service::auth::v3::authorization_server::{Authorization, AuthorizationServer};
+use envoy_types::pb::envoy::service::auth::v3::authorization_server::Authorization;
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use keyshare_runtime::testkit::{Envoy, EnvoySite, envoy_config, free_port, http_call, shipped_envoy_yaml};
-use keyshare_system_tests::{Kind, Setting, Stack, authorizer_binary, percentile, serving};
+use keyshare_system_tests::{Kind, Setting, Stack, authorizer_binary, percentile, serve_authorization, serving};
 
 /// Connections of the moderate load; each sends at `rate / CLIENTS` requests per second.
 const CLIENTS: u32 = 4;
@@ -203,17 +203,7 @@ async fn serve_allow_all(key: String) -> u16 {
         }
     }
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_service_status("", tonic_health::ServingStatus::Serving).await;
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(health_service)
-            .add_service(AuthorizationServer::new(AllowAll(key)))
-            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))),
-    );
-    port
+    serve_authorization(AllowAll(key)).await
 }
 
 fn setting(name: &str, default: u32) -> u32 {

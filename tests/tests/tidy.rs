@@ -29,7 +29,7 @@ const ADAPTERS: &[(&str, &[&str])] = &[
     ("invitation", &["lib", "main", "error", "grpc", "peers"]),
     ("authorizer", &["lib", "main", "error", "grpc", "ext_authz", "usage_grpc", "follower", "stats/access"]),
     // The test kit starts services and calls them; only its typed settings stay off the wire.
-    ("testkit", &["lib", "stack", "process"]),
+    ("testkit", &["lib", "stack", "process", "authorization"]),
 ];
 
 /// Modules outside a `store` that hold SQL, each with the reason ARCHITECTURE.md gives.

@@ -228,7 +228,7 @@ async fn envoy_checks_over_mutual_tls() {
 async fn envoy_sends_the_authorizer_only_the_headers_a_check_reads() {
     use envoy_types::ext_authz::v3::CheckResponseExt;
     use envoy_types::ext_authz::v3::pb::{CheckRequest, CheckResponse};
-    use envoy_types::pb::envoy::service::auth::v3::authorization_server::{Authorization, AuthorizationServer};
+    use envoy_types::pb::envoy::service::auth::v3::authorization_server::Authorization;
 
     struct Recording(tokio::sync::mpsc::UnboundedSender<Vec<String>>);
 
@@ -249,16 +249,7 @@ async fn envoy_sends_the_authorizer_only_the_headers_a_check_reads() {
     }
 
     let (sender, mut checks) = tokio::sync::mpsc::unbounded_channel();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let authorizer = listener.local_addr().unwrap().port();
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_service_status("", tonic_health::ServingStatus::Serving).await;
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(health_service)
-            .add_service(AuthorizationServer::new(Recording(sender)))
-            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
-    );
+    let authorizer = keyshare_testkit::serve_authorization(Recording(sender)).await;
     let upstream = echo_upstream().await;
     let (_envoy, port) = start_envoy_at("projects/any", upstream, &[authorizer]).await;
 

@@ -5,10 +5,12 @@
 //! request helpers) is `keyshare_runtime::testkit`, re-exported here.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod authorization;
 pub mod process;
 pub mod settings;
 pub mod stack;
 
+pub use authorization::serve_authorization;
 pub use keyshare_runtime::testkit::*;
 pub use process::{Output, Process};
 pub use settings::{Setting, Settings};
