@@ -6,10 +6,12 @@
 //! | load | bare tonic | CheckKey | ratio |
 //!
 //! for saturation (16 connections × 8 streams), one connection × 10 streams (throughput and
-//! p99) and one request at a time (p50, p99). Then, when valgrind is installed, the
-//! instructions the binary executes per check (all its threads: the check, the server stack,
-//! the usage writer), counted by callgrind over a fixed number of checks after a warm-up —
-//! instruction counts repeat on a noisy machine where times do not.
+//! p99) and one request at a time (p50, p99); and the CPU time each call costs at saturation,
+//! from `/proc`: the bare server's process, against the authorizer's plus PostgreSQL's (every
+//! check's call log and counts). Then, when valgrind is installed, the instructions the binary
+//! executes per check (all its threads: the check, the server stack, the usage writer), counted
+//! by callgrind over a fixed number of checks after a warm-up — instruction counts repeat on a
+//! noisy machine where times do not.
 //!
 //! Then Envoy's ext_authz `Check` against CheckKey on the same binary, the authorizer's side of
 //! every request behind Envoy: a `CheckRequest` shaped as Envoy sends it with the shipped
@@ -135,6 +137,9 @@ struct Rounds {
     rps: Vec<f64>,
     p50: Vec<f64>,
     p99: Vec<f64>,
+    /// CPU time per call of the server's process and of PostgreSQL's, µs.
+    server_cpu: Vec<f64>,
+    postgres_cpu: Vec<f64>,
 }
 
 impl Rounds {
@@ -148,22 +153,73 @@ impl Rounds {
     fn medians(&self) -> (f64, f64, f64) {
         (median(self.rps.clone()), median(self.p50.clone()), median(self.p99.clone()))
     }
+
+    /// Median CPU per call over the rounds: the server's process, PostgreSQL.
+    fn cpu(&self) -> (f64, f64) {
+        (median(self.server_cpu.clone()), median(self.postgres_cpu.clone()))
+    }
+}
+
+/// CPU time (user and system) used so far by process `pid`, and by every PostgreSQL server
+/// process on this machine, in clock ticks, from `/proc`.
+fn cpu_ticks(pid: u32) -> (u64, u64) {
+    // utime and stime: fields 14 and 15 of /proc/PID/stat, counted after the command's
+    // parenthesis (a command may contain spaces).
+    let read = |path: std::path::PathBuf| -> Option<(String, u64)> {
+        let stat = std::fs::read_to_string(path).ok()?;
+        let (head, tail) = stat.rsplit_once(')')?;
+        let comm = head.split_once('(')?.1.to_owned();
+        let fields: Vec<&str> = tail.split_whitespace().collect();
+        Some((comm, fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?))
+    };
+    let own = read(format!("/proc/{pid}/stat").into()).map_or(0, |(_, ticks)| ticks);
+    let postgres = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(|entry| entry.ok())
+        .filter(|entry| entry.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
+        .filter_map(|entry| read(entry.path().join("stat")))
+        .filter(|(comm, _)| comm == "postgres")
+        .map(|(_, ticks)| ticks)
+        .sum();
+    (own, postgres)
+}
+
+/// Clock ticks per second of `/proc`'s CPU times.
+fn ticks_per_second() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|out| String::from_utf8_lossy(&out.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
 }
 
 /// `rounds` rounds of every load against two targets (URL and request body each), driven in
 /// turn so that drift on a noisy machine hits both alike.
+///
+/// Each target names the process that serves it, whose CPU time per call is counted with
+/// PostgreSQL's over the run and the second after it, in which the authorizer's usage writer
+/// writes what the run recorded.
 async fn in_turn(
     rounds: u64,
     loads: &[(&str, &'static [&'static str])],
-    targets: [(String, PathBuf); 2],
+    targets: [(String, PathBuf, u32); 2],
 ) -> Vec<(Rounds, Rounds)> {
+    let tick_us = 1e6 / ticks_per_second();
     let mut results: Vec<(Rounds, Rounds)> = loads.iter().map(|_| Default::default()).collect();
     for _ in 0..rounds {
         for ((_, args), (first, second)) in loads.iter().zip(results.iter_mut()) {
-            for ((url, body), rounds) in targets.iter().zip([first, second]) {
-                let (url, body, args) = (url.clone(), body.clone(), args.to_vec());
+            for ((url, body, pid), rounds) in targets.iter().zip([first, second]) {
+                let (url, body, args, pid) = (url.clone(), body.clone(), args.to_vec(), *pid);
+                let before = cpu_ticks(pid);
                 let run = tokio::task::spawn_blocking(move || testkit::h2load(&url, &body, &args, true)).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(1200)).await;
+                let after = cpu_ticks(pid);
                 rounds.add(&run);
+                let calls = run.latencies_us.len().max(1) as f64;
+                rounds.server_cpu.push((after.0 - before.0) as f64 * tick_us / calls);
+                rounds.postgres_cpu.push((after.1 - before.1) as f64 * tick_us / calls);
             }
         }
     }
@@ -216,7 +272,8 @@ async fn main() {
         ("1 connection × 10 streams", TEN_STREAMS),
         ("one at a time", ONE_AT_A_TIME),
     ];
-    let results = in_turn(rounds, &loads, [(url(bare), body.clone()), (url(port), body.clone())]).await;
+    let (this, real) = (std::process::id(), authorizer.id());
+    let results = in_turn(rounds, &loads, [(url(bare), body.clone(), this), (url(port), body.clone(), real)]).await;
     println!("\n| load | bare tonic | CheckKey | ratio |\n|---|---|---|---|");
     for ((what, _), (bare_rounds, real_rounds)) in loads.iter().zip(&results) {
         let ((b, bp50, bp99), (r, rp50, rp99)) = (bare_rounds.medians(), real_rounds.medians());
@@ -230,6 +287,13 @@ async fn main() {
         );
     }
     println!("targets: saturation ≥ 0.90×; p99 at 1 × 10 streams ≤ 1.3× bare tonic's");
+    let (bare_rounds, real_rounds) = &results[0];
+    let ((bare_cpu, bare_postgres), (real_cpu, real_postgres)) = (bare_rounds.cpu(), real_rounds.cpu());
+    println!(
+        "CPU per call at saturation (median of rounds): bare tonic's process {bare_cpu:.2} µs (PostgreSQL \
+         {bare_postgres:.2} µs); the authorizer {real_cpu:.2} µs + PostgreSQL {real_postgres:.2} µs (the call log \
+         and counts of every call)"
+    );
 
     // Envoy's ext_authz Check against CheckKey, on the same binary.
     let envoy_request = envoy_check_request(&request.key, &request.project);
@@ -243,8 +307,12 @@ async fn main() {
     assert_eq!(answer.status.map(|s| s.code), Some(0), "the benchmark's ext_authz check is allowed");
     let envoy_loads: [(&str, &[&str]); 2] =
         [("saturation, 16 connections × 8 streams", SATURATION), ("one at a time", ONE_AT_A_TIME)];
-    let envoy_results =
-        in_turn(rounds, &envoy_loads, [(url(port), body.clone()), (ext_authz_url(port), envoy_body.clone())]).await;
+    let envoy_results = in_turn(
+        rounds,
+        &envoy_loads,
+        [(url(port), body.clone(), real), (ext_authz_url(port), envoy_body.clone(), real)],
+    )
+    .await;
     println!("\n| load, the same binary | CheckKey | ext_authz Check | ratio |\n|---|---|---|---|");
     for ((what, _), (check_rounds, envoy_rounds)) in envoy_loads.iter().zip(&envoy_results) {
         let ((c, cp50, cp99), (e, ep50, ep99)) = (check_rounds.medians(), envoy_rounds.medians());
