@@ -27,30 +27,20 @@ pub fn percentile(sorted: &[std::time::Duration], p: f64) -> std::time::Duration
     sorted[rank.min(sorted.len() - 1)]
 }
 
-/// The release `authorizer` binary, as a deployment runs it.
-pub fn release_authorizer() -> std::path::PathBuf {
-    let path = keyshare_runtime::testkit::workspace_root().join("target/release/authorizer");
-    assert!(
-        path.exists(),
-        "{} is missing: cargo build --release -p keyshare-authorizer --bin authorizer (scripts/bench does)",
-        path.display()
-    );
-    path
-}
-
-/// Starts the release authorizer binary (under `wrapper`, e.g. valgrind, when given) with
-/// `stack`'s settings, logging as a deployment does (info, JSON, no trace export), on three
-/// consecutive reserved ports: the check port (returned), management, metrics.
+/// Starts the authorizer binary of this build's profile (the release one under `cargo bench`;
+/// `scripts/bench` builds it), under `wrapper` (e.g. valgrind) when given, with `stack`'s
+/// settings, logging as a deployment does (info, JSON, no trace export), on three consecutive
+/// reserved ports: the check port (returned), management, metrics.
 pub fn authorizer_binary(stack: &Stack, wrapper: &[String]) -> (std::process::Child, u16) {
     use std::process::{Command, Stdio};
     let base = keyshare_runtime::testkit::free_ports(3);
     let mut command = match wrapper.split_first() {
         Some((program, args)) => {
             let mut command = Command::new(program);
-            command.args(args).arg(release_authorizer());
+            command.args(args).arg(keyshare_testkit::process::binary(Kind::Authorizer));
             command
         }
-        None => Command::new(release_authorizer()),
+        None => Command::new(keyshare_testkit::process::binary(Kind::Authorizer)),
     };
     let port = |offset: u16| std::net::SocketAddr::from(([127, 0, 0, 1], base + offset));
     let mut settings = stack.settings(Kind::Authorizer);

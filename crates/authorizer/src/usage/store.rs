@@ -259,7 +259,8 @@ impl CopyRows {
         // inet: family (PostgreSQL's own numbers), prefix bits, not a cidr, address length.
         match log.client_ip {
             Some(std::net::IpAddr::V4(ip)) => {
-                self.field(&[2, 32, 0, 4, ip.octets()[0], ip.octets()[1], ip.octets()[2], ip.octets()[3]])
+                let [a, b, c, d] = ip.octets();
+                self.field(&[2, 32, 0, 4, a, b, c, d]);
             }
             Some(std::net::IpAddr::V6(ip)) => {
                 let mut inet = [0u8; 20];
